@@ -1,0 +1,86 @@
+"""``homespec generate [MODEL] PROMPT``: one-shot generation, streamed to stdout; ``--json`` for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from homespec.cli.common import quiet_libraries, user_errors
+from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
+from homespec.errors import ConfigError
+from homespec.model.drafts import DRAFT_SPECS
+
+
+def generate(
+    args: Annotated[list[str], typer.Argument(help="[MODEL] PROMPT: MODEL is a folder, .gguf or repo id")],
+    mode: Annotated[str, typer.Option(help="decoding mode (ar: one process)")] = "ar",
+    draft: Annotated[str, typer.Option(help=f"draft source: {DRAFT_SPECS}")] = "ngram",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="0 = off")] = 0,
+    seed: Annotated[int, typer.Option(help="sampling seed (keyed per position)")] = 0,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="apply the chat template")] = None,
+    tree_budget: Annotated[
+        int, typer.Option("--tree-budget", help="draft nodes per step")
+    ] = TreeConfig.budget,
+    tree_depth: Annotated[int, typer.Option("--tree-depth", help="draft levels per step")] = TreeConfig.depth,
+    tree_width: Annotated[int, typer.Option("--tree-width", help="branches per level")] = TreeConfig.width,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
+    max_context: Annotated[int, typer.Option("--max-context")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object at the end")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="print stats to stderr at the end")] = False,
+) -> None:
+    """Generate a reply to PROMPT and stream it to stdout."""
+    quiet_libraries()
+    with user_errors():
+        if len(args) not in (1, 2):
+            raise ConfigError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
+        model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
+        config = GenerationConfig(
+            max_tokens=max_tokens,
+            sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+            tree=TreeConfig(budget=tree_budget, depth=tree_depth, width=tree_width),
+        )
+        from homespec.engine import Engine, EngineOptions
+        from homespec.events import GenerationFinished, TokensCommitted
+
+        engine = Engine(
+            EngineOptions(
+                model=model,
+                draft=draft,
+                mode=mode,  # type: ignore[arg-type]  # validated by Engine
+                dtype=dtype,
+                device=device,
+                max_context=max_context,
+                tree=config.tree,
+            )
+        )
+        ids = engine.encode(prompt, chat)
+        for event in engine.generate(ids, config):
+            if isinstance(event, TokensCommitted) and not as_json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, GenerationFinished):
+                finished = event
+        if as_json:
+            payload = {
+                "text": finished.text,
+                "tokens": list(finished.tokens),
+                "finish_reason": finished.reason,
+            }
+            payload["stats"] = finished.stats.as_dict()
+            typer.echo(json.dumps(payload))
+        else:
+            typer.echo("")
+        if stats:
+            s = finished.stats
+            typer.echo(
+                f"{s.tokens} tokens in {s.wall_s:.2f}s ({s.tokens_per_s:.1f} tok/s), {s.target_forwards} target "
+                f"forwards, {s.tokens_per_forward:.2f} tokens/forward, draft {s.draft}",
+                err=True,
+            )

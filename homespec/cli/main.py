@@ -1,0 +1,28 @@
+"""The ``homespec`` command: each command lives in its own module and is registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from homespec import __version__
+from homespec.cli.generate import generate
+from homespec.cli.prepare import prepare
+
+app = typer.Typer(
+    name="homespec",
+    help="Run a language model across the devices you own, with lossless pipelined speculative decoding.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command()(generate)
+app.command()(prepare)
+
+
+@app.command()
+def version() -> None:
+    """Print HomeSpec's version."""
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

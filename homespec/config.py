@@ -1,0 +1,80 @@
+"""Configuration as frozen dataclasses, validated once on construction.
+
+Precedence (lowest first): these defaults < profile files < ``HOMESPEC_*`` environment < flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from homespec.errors import ConfigError
+
+Mode = Literal["ar", "pp", "tree", "specpipe"]
+MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
+
+
+def cache_dir() -> Path:
+    """HomeSpec's cache root: ``$HOMESPEC_CACHE`` or ``~/.cache/homespec``."""
+    env = os.environ.get("HOMESPEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "homespec"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the target's next token is chosen (DESIGN §4.4). ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.temperature <= 100.0):
+            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Shape of the speculative token tree a draft source grows each step.
+
+    ``budget``: most draft nodes added per step; ``depth``: most draft levels per step;
+    ``width``: nodes kept per level (model drafts) or branches per match (n-gram).
+    Defaults were measured on the bundled model (BENCHMARKS.md).
+    """
+
+    budget: int = 24
+    depth: int = 6
+    width: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "depth", "width"):
+            value = getattr(self, name)
+            if not (1 <= value <= 1024):
+                raise ConfigError(f"tree {name} must be in [1, 1024], got {value}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One request's knobs."""
+
+    max_tokens: int = 256
+    sampling: SamplingConfig = SamplingConfig()
+    tree: TreeConfig = TreeConfig()
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.max_tokens <= 1_000_000):
+            raise ConfigError(f"max_tokens must be in [1, 1000000], got {self.max_tokens}")

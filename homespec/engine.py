@@ -1,0 +1,169 @@
+"""The one public API that ``cli/``, ``server/`` and ``tui/`` use: load a model once, then
+``generate(prompt_ids, config)`` yields typed events (``homespec.events``) as tokens are committed.
+
+The engine owns the tokenizer, the draft source and the stop rules (EOS, max tokens); decoding itself is done by a
+decoder from ``pipeline/``. It reads the clock only to report wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from homespec.config import GenerationConfig, Mode, TreeConfig
+from homespec.errors import ConfigError
+from homespec.events import (
+    Event,
+    FinishReason,
+    GenerationFinished,
+    GenerationStats,
+    StepCompleted,
+    TokensCommitted,
+)
+
+IMPLEMENTED_MODES: tuple[Mode, ...] = ("ar",)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    draft: str = "none"
+    mode: Mode = "ar"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    max_context: int = 4096
+    tree: TreeConfig = TreeConfig()
+    split: int = 1  # in-process stages (same math, for tests of stage equivalence)
+
+
+class Engine:
+    def __init__(self, options: EngineOptions = EngineOptions()) -> None:
+        import torch
+
+        from homespec.model.drafts import build_draft
+        from homespec.model.loader import resolve
+        from homespec.model.stage import Stage, parse_dtype
+        from homespec.pipeline.inprocess import InProcessDecoder
+
+        if options.mode not in IMPLEMENTED_MODES:
+            raise ConfigError(f"mode {options.mode!r} is not available here", hint=f"use {IMPLEMENTED_MODES}")
+        torch.set_grad_enabled(False)
+        self.options = options
+        dtype = parse_dtype(options.dtype)
+        self.source = resolve(options.model)
+        self.tokenizer = self.source.tokenizer()
+        total = self.source.num_layers
+        if not (1 <= options.split <= total):
+            raise ConfigError(f"split must be in [1, {total}], got {options.split}")
+        bounds = [round(i * total / options.split) for i in range(options.split + 1)]
+        stages = [
+            Stage(self.source, a, b, dtype=dtype, device=options.device) for a, b in zip(bounds, bounds[1:])
+        ]
+        self.decoder = InProcessDecoder(stages, max_context=options.max_context)
+        self.draft = build_draft(
+            options.draft,
+            self.source,
+            self.tokenizer,
+            options.tree,
+            dtype,
+            options.device,
+            options.max_context,
+        )
+        self.eos_ids = _eos_ids(self.source, self.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt; with ``chat`` (default: when the tokenizer has a template) as a user turn."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if use_chat:
+            if not self.has_chat_template:
+                raise ConfigError("this model's tokenizer has no chat template", hint="use --no-chat")
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        return ids
+
+    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(
+        self, prompt_ids: Sequence[int], config: GenerationConfig = GenerationConfig()
+    ) -> Iterator[Event]:
+        """Stream events until EOS or ``max_tokens``; the last event is a GenerationFinished."""
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if len(prompt_ids) + config.max_tokens > self.options.max_context:
+            raise ConfigError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({config.max_tokens}) exceeds the context of "
+                f"{self.options.max_context} tokens",
+                hint="lower --max-tokens or raise --max-context",
+            )
+        start = time.perf_counter()
+        out: list[int] = []
+        text = ""
+        steps = accepted = 0
+        reason: FinishReason = "length"
+        draft_forwards0 = getattr(self.draft, "forwards", 0)
+        for step in self.decoder.decode(prompt_ids, self.draft, config.sampling, config.tree):
+            steps += 1
+            v = step.verification
+            new = list(v.emitted[: config.max_tokens - len(out)])
+            if config.stop_on_eos:
+                for i, t in enumerate(new):
+                    if t in self.eos_ids:
+                        new, reason = new[: i + 1], "eos"
+                        break
+            accepted += min(v.accepted_drafts, len(new))
+            out.extend(new)
+            full = self.tokenizer.decode(out, skip_special_tokens=True)
+            stable = full[: len(full) - 1] if full.endswith("\ufffd") else full
+            yield StepCompleted(steps, step.wave_size, len(new), v.accepted_drafts, v.flushed)
+            yield TokensCommitted(tuple(new), stable[len(text) :], steps)
+            text = stable
+            if reason == "eos" or len(out) >= config.max_tokens:
+                break
+        wall = time.perf_counter() - start
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        stats = GenerationStats(
+            mode=self.options.mode,
+            draft=self.draft.name,
+            prompt_tokens=len(prompt_ids),
+            tokens=len(out),
+            target_forwards=steps,
+            tokens_per_forward=len(out) / steps if steps else 0.0,
+            accepted_per_step=accepted / steps if steps else 0.0,
+            draft_forwards=getattr(self.draft, "forwards", 0) - draft_forwards0,
+            wall_s=wall,
+            tokens_per_s=len(out) / wall if wall > 0 else 0.0,
+        )
+        yield GenerationFinished(reason, text, tuple(out), stats)
+
+
+def _eos_ids(source: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(source.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    gen = source.folder / "generation_config.json"
+    if gen.is_file():
+        import json
+
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

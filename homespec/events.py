@@ -1,0 +1,56 @@
+"""Typed engine events: what ``engine.generate`` yields and every face (CLI, server, TUI) consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["eos", "length", "stop"]
+
+
+@dataclass(frozen=True)
+class TokensCommitted:
+    """Tokens the target committed this step, and the text they add to the output."""
+
+    tokens: tuple[int, ...]
+    text: str
+    step: int
+
+
+@dataclass(frozen=True)
+class StepCompleted:
+    """One target forward (one wave through every stage) and what verification made of it."""
+
+    step: int
+    wave_size: int  # nodes the target computed
+    emitted: int  # tokens committed (accepted drafts + the bonus token)
+    accepted: int  # draft nodes accepted
+    flushed: bool
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    mode: str
+    draft: str
+    prompt_tokens: int
+    tokens: int
+    target_forwards: int
+    tokens_per_forward: float
+    accepted_per_step: float
+    draft_forwards: int
+    wall_s: float
+    tokens_per_s: float
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class GenerationFinished:
+    reason: FinishReason
+    text: str
+    tokens: tuple[int, ...]
+    stats: GenerationStats
+
+
+Event = TokensCommitted | StepCompleted | GenerationFinished

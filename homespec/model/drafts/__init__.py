@@ -1,0 +1,69 @@
+"""Draft sources behind one interface (``base.DraftSource``), and ``build_draft`` to make one from a spec.
+
+Specs: ``none``, ``ngram``, ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
+``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from homespec.config import TreeConfig
+from homespec.errors import DraftError
+from homespec.model.drafts.base import DraftSource, NoDraft
+from homespec.model.drafts.model import ModelDraft
+from homespec.model.drafts.ngram import NgramDraft
+from homespec.model.loader import ModelSource
+
+__all__ = ["DRAFT_SPECS", "DraftSource", "ModelDraft", "NgramDraft", "NoDraft", "build_draft"]
+
+DRAFT_SPECS = "none | ngram | early-exit[:K] | model:PATH"
+
+
+def build_draft(
+    spec: str,
+    target: ModelSource,
+    target_tokenizer: Any,
+    tree: TreeConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    max_context: int = 4096,
+) -> DraftSource:
+    from homespec.model.stage import Stage
+
+    kind, _, arg = spec.partition(":")
+    if kind == "none" and not arg:
+        return NoDraft()
+    if kind == "ngram" and not arg:
+        return NgramDraft(depth=max(tree.depth, 8), width=tree.width)
+    if kind == "early-exit":
+        layers = _early_exit_layers(arg, target.num_layers)
+        stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device)
+        return ModelDraft(stage, f"early-exit:{layers}", tree.depth, tree.width, max_context)
+    if kind == "model" and arg:
+        from homespec.model.loader import resolve
+
+        source = resolve(arg)
+        _check_same_tokenizer(target_tokenizer, source.tokenizer(), arg)
+        stage = Stage(source, 0, source.num_layers, dtype=dtype, device=device)
+        return ModelDraft(stage, f"model:{arg}", tree.depth, tree.width, max_context)
+    raise DraftError(f"unknown draft source {spec!r}", hint=f"one of: {DRAFT_SPECS}")
+
+
+def _early_exit_layers(arg: str, total: int) -> int:
+    if not arg:
+        return max(1, total // 4)
+    if not arg.isdigit() or not (1 <= int(arg) < total):
+        raise DraftError(f"early-exit needs a layer count in [1, {total - 1}], got {arg!r}")
+    return int(arg)
+
+
+def _check_same_tokenizer(target: Any, draft: Any, name: str) -> None:
+    if target.get_vocab() != draft.get_vocab():
+        raise DraftError(
+            f"draft model {name!r} has a different tokenizer ({len(draft.get_vocab())} tokens vs "
+            f"{len(target.get_vocab())} in the target)",
+            hint="a draft model must share the target's tokenizer (e.g. SmolLM2-135M for SmolLM2-1.7B)",
+        )

@@ -1,0 +1,36 @@
+"""The draft-source interface: propose children for the tree, learn from what the target accepted.
+
+A draft source runs on the head, beside the pipeline. ``propose`` grows the request's TokenTree by at most
+``budget`` nodes; ``observe`` is told every verification so the source can update its state (KV, tables).
+``committed`` is the whole committed token sequence (prompt + output); its last token is the tree's root.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from homespec.core.tree import TokenTree, Verification
+
+
+class DraftSource(ABC):
+    name: str = "draft"
+
+    def start(self, prompt: Sequence[int]) -> None:  # noqa: B027 (optional hook)
+        """A new request begins with this prompt."""
+
+    @abstractmethod
+    def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
+        """Add at most ``budget`` draft nodes to ``tree``; return how many were added."""
+
+    def observe(self, verification: Verification, committed: Sequence[int]) -> None:  # noqa: B027
+        """The target verified the tree; ``committed`` already includes the emitted tokens."""
+
+
+class NoDraft(DraftSource):
+    """Plain decoding: the tree is only its root."""
+
+    name = "none"
+
+    def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
+        return 0

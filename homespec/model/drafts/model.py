@@ -1,0 +1,109 @@
+"""Model drafts: a small causal LM (``model:PATH``) or the target's own first k layers (``early-exit``).
+
+Both are a ``Stage`` with embeddings and a head, with a tree-aware KV cache of their own that mirrors the
+request's token tree. Each ``propose`` runs up to ``depth`` rounds, EAGLE-2 style: run the frontier nodes
+through the draft, take each one's top ``width`` next tokens, keep the ``width`` best children overall by
+cumulative log-prob, and make them the next frontier. After a verification the draft keeps the KV of the accepted
+nodes it computed, drops the rest, and catches its prefix up with the committed tokens it never saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from homespec.core.tree import NodeId, TokenTree, Verification
+from homespec.model.drafts.base import DraftSource
+from homespec.model.kv import TreeKVCache
+from homespec.model.stage import Stage
+
+_PREFIX_CHUNK = 256
+
+
+class ModelDraft(DraftSource):
+    def __init__(
+        self, stage: Stage, name: str, depth: int = 6, width: int = 4, max_context: int = 4096
+    ) -> None:
+        if not (stage.has_embed and stage.has_head):
+            raise ValueError("a draft stage needs embeddings and a head")
+        self.stage, self.name, self.depth, self.width = stage, name, depth, width
+        self.max_context = max_context
+        self.cache: TreeKVCache | None = None
+        self.forwards = 0  # draft forward passes (waves and prefix chunks), for stats
+
+    def start(self, prompt: Sequence[int]) -> None:
+        if self.cache is None or self.cache.max_prefix < self.max_context:
+            self.cache = self.stage.new_cache(self.max_context, max_tree=512)
+        else:
+            self.cache.reset()
+
+    def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
+        cache = self._catch_up(committed)
+        frontier = self._frontier(tree)
+        added = 0
+        for _ in range(self.depth):
+            if not frontier or added >= budget:
+                break
+            logp = self._run(cache, tree, frontier)  # [len(frontier), vocab]
+            top_lp, top_tok = torch.topk(logp, self.width, dim=-1)  # [f, width] each
+            candidates = [
+                (tree.node(f).score + float(top_lp[i, j]), float(top_lp[i, j]), f, int(top_tok[i, j]))
+                for i, f in enumerate(frontier)
+                for j in range(self.width)
+            ]
+            candidates.sort(key=lambda c: -c[0])
+            frontier = []
+            for _, lp, parent, token in candidates[: min(self.width, budget - added)]:
+                node, created = tree.add(parent, token, lp, self.name)
+                added += int(created)
+                frontier.append(node)
+        return added
+
+    def observe(self, verification: Verification, committed: Sequence[int]) -> None:
+        assert self.cache is not None
+        cache = self.cache
+        path: list[int] = []
+        for node in verification.committed:
+            if node not in cache.slot_of:
+                break
+            path.append(node)
+        cache.commit(path, dead=[i for i in cache.tree_ids if i not in path])
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _catch_up(self, committed: Sequence[int]) -> TreeKVCache:
+        """Make the draft's prefix hold every committed token but the root."""
+        if self.cache is None:
+            self.start(committed)
+        assert self.cache is not None
+        cache = self.cache
+        if cache.tree_len:
+            cache.drop(list(cache.tree_ids))
+        target = len(committed) - 1
+        while cache.prefix_len < target:
+            a = cache.prefix_len
+            b = min(target, a + _PREFIX_CHUNK)
+            self.stage.forward_prefix(cache, torch.tensor(committed[a:b]), range(a, b))
+            self.forwards += 1
+        return cache
+
+    def _frontier(self, tree: TokenTree) -> list[NodeId]:
+        """The best leaves not yet run through this draft (just the root for a fresh tree)."""
+        assert self.cache is not None
+        leaves = [tree.node(i) for i in tree.leaves() if i not in self.cache.slot_of]
+        leaves.sort(key=lambda n: (-n.score, n.id))
+        return [n.id for n in leaves[: self.width]]
+
+    def _run(self, cache: TreeKVCache, tree: TokenTree, nodes: list[NodeId]) -> torch.Tensor:
+        """Draft log-probs for nodes; ancestors the draft has not computed are run in the same wave."""
+        need: list[NodeId] = []
+        for node in nodes:
+            chain = [node, *tree.ancestors(node)]
+            need.extend(n for n in chain if n not in cache.slot_of and n not in need)
+        need.sort(key=lambda i: (tree.node(i).position, i))
+        rows = tree.rows(need)
+        logits = self.stage.forward_tree(cache, rows, torch.tensor([r.token for r in rows]))
+        self.forwards += 1
+        index = {n: i for i, n in enumerate(need)}
+        picked = logits[[index[n] for n in nodes]]  # [len(nodes), vocab]
+        return torch.log_softmax(picked.float(), dim=-1)

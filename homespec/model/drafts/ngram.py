@@ -1,0 +1,97 @@
+"""Prompt lookup (n-gram) drafting: match the last n tokens in prompt + output and propose what followed.
+
+Strong where the output repeats its input: summaries, RAG, translation, code edits. All matching continuations
+for the longest matching n are merged into a trie; a branch's log-prob is log(count(child) / count(parent)),
+so frequent continuations rank first; the trie is added best-first within the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+from homespec.core.tree import NodeId, TokenTree, Verification
+from homespec.model.drafts.base import DraftSource
+
+_CONTINUATION_DECAY = math.log(0.9)  # a single continuation's later tokens: mildly less sure
+
+
+def find_continuations(
+    tokens: Sequence[int], max_n: int, min_n: int, length: int, limit: int
+) -> list[list[int]]:
+    """Continuations (up to ``length`` tokens, most recent match first, at most ``limit``) that followed
+    earlier occurrences of the longest suffix n-gram (max_n down to min_n) of ``tokens``."""
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        suffix = list(tokens[size - n :])
+        last = suffix[-1]
+        found: list[list[int]] = []
+        for end in range(size - 2, n - 2, -1):  # end: index of the match's last token, before the suffix
+            if tokens[end] == last and list(tokens[end - n + 1 : end + 1]) == suffix:
+                found.append(list(tokens[end + 1 : end + 1 + length]))
+                if len(found) >= limit:
+                    break
+        if found:
+            return found
+    return []
+
+
+class NgramDraft(DraftSource):
+    name = "ngram"
+
+    def __init__(self, max_n: int = 3, min_n: int = 1, depth: int = 8, width: int = 4) -> None:
+        self.max_n, self.min_n, self.depth, self.width = max_n, min_n, depth, width
+        self._expanded: set[NodeId] = set()
+
+    def start(self, prompt: Sequence[int]) -> None:
+        self._expanded = set()
+
+    def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
+        added = 0
+        leaves = [tree.node(i) for i in tree.leaves() if i not in self._expanded]
+        leaves.sort(key=lambda n: (-n.score, n.id))
+        for leaf in leaves[: self.width]:
+            if added >= budget:
+                break
+            self._expanded.add(leaf.id)
+            context = [*committed, *tree.path_tokens(leaf.id)[1:]]
+            continuations = find_continuations(context, self.max_n, self.min_n, self.depth, 2 * self.width)
+            added += _add_trie(tree, leaf.id, continuations, budget - added, self.name)
+        return added
+
+    def observe(self, verification: Verification, committed: Sequence[int]) -> None:
+        gone = set(verification.dead) | set(verification.committed)
+        self._expanded -= gone
+
+
+def _add_trie(
+    tree: TokenTree, parent: NodeId, continuations: list[list[int]], budget: int, source: str
+) -> int:
+    """Merge continuations into a trie under ``parent`` and add its nodes best-first, at most ``budget``."""
+    trie: dict[tuple[int, ...], int] = {}
+    for cont in continuations:
+        for d in range(1, len(cont) + 1):
+            trie[tuple(cont[:d])] = trie.get(tuple(cont[:d]), 0) + 1
+    total = len(continuations)
+    heap: list[tuple[float, tuple[int, ...]]] = []
+
+    def push(prefix: tuple[int, ...], parent_score: float, parent_count: int) -> None:
+        for key, count in trie.items():
+            if len(key) == len(prefix) + 1 and key[:-1] == prefix:
+                logp = math.log(count / parent_count) + (
+                    _CONTINUATION_DECAY if parent_count == count else 0.0
+                )
+                heapq.heappush(heap, (-(parent_score + logp), key))
+
+    push((), 0.0, max(total, 1))
+    ids: dict[tuple[int, ...], NodeId] = {(): parent}
+    scores: dict[tuple[int, ...], float] = {(): 0.0}
+    added = 0
+    while heap and added < budget:
+        neg, key = heapq.heappop(heap)
+        node, created = tree.add(ids[key[:-1]], key[-1], -neg - scores[key[:-1]], source)
+        ids[key], scores[key] = node, -neg
+        added += int(created)
+        push(key, -neg, trie[key])
+    return added

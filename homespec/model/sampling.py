@@ -1,0 +1,67 @@
+"""The target's next token per node: greedy, or a draw keyed on (request seed, absolute position) (DESIGN §4.4).
+
+A keyed draw maps ``(seed, position)`` to a uniform u in [0, 1) with a counter-based hash (SplitMix64), then
+takes the inverse CDF of the filtered target distribution (temperature, top-k, top-p) in token-id order. Every
+node at the same position with the same prefix draws with the same u, so speculative output equals plain
+sampling with the same seed, token for token, whatever the tree, the stage count or the mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from homespec.config import SamplingConfig
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def keyed_uniform(seed: int, position: int) -> float:
+    """A uniform in [0, 1) that depends only on (seed, position): 53 random bits."""
+    return (_splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) >> 11) / float(1 << 53)
+
+
+def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution a keyed draw samples from: [n, vocab] float64, rows sum to 1."""
+    x = logits.double() / cfg.temperature  # [n, vocab]
+    if cfg.top_k and cfg.top_k < x.shape[-1]:
+        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]  # [n, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each entry
+        drop_sorted = before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def next_tokens(logits: torch.Tensor, positions: Sequence[int], cfg: SamplingConfig) -> list[int]:
+    """Per row of logits [n, vocab] for the node at ``positions[i]``: the token at ``positions[i] + 1``."""
+    if cfg.greedy:
+        return [int(t) for t in torch.argmax(logits, dim=-1)]
+    probs = filtered_probs(logits, cfg)  # [n, vocab]
+    cdf = torch.cumsum(probs, dim=-1)  # [n, vocab]
+    u = torch.tensor(
+        [keyed_uniform(cfg.seed, p + 1) for p in positions], dtype=torch.float64, device=cdf.device
+    )  # [n]
+    target = (u * cdf[:, -1]).unsqueeze(-1)  # [n, 1]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [n]
+    return [int(i) for i in idx.clamp(max=cdf.shape[-1] - 1)]
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k tokens [n, k] and their log-probs [n, k] (for display and token recycling)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, tokens = torch.topk(logp, k, dim=-1)
+    return tokens, values

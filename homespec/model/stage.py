@@ -1,0 +1,210 @@
+"""A pipeline stage: decoder layers ``[start, end)`` of a Llama-family model, built from only those tensors.
+
+A stage optionally owns the token embeddings (the first stage) and the final norm + LM head (the last stage, or a
+draft that exits early). It runs a **wave** of tree nodes over a ``TreeKVCache`` with the tree attention mask and
+explicit positions (DESIGN §4.3), or a causal chunk of committed prefix tokens.
+
+The math is a compact implementation of the Llama family (RMSNorm, RoPE with the config's scaling via
+transformers' rotary module, grouped-query attention via SDPA with an explicit boolean mask, SwiGLU, optional
+q/k/v/o and MLP biases as in Qwen2), checked against transformers' logits in the tests.
+
+This module computes; it never decides which nodes to run, and knows nothing of sockets or drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from homespec.core.tree import WaveRow
+from homespec.errors import ConfigError
+from homespec.model.kv import TreeKVCache
+from homespec.model.loader import ModelSource
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor  # [hidden]
+    ln2: torch.Tensor  # [hidden]
+    wq: torch.Tensor  # [heads * d, hidden]
+    wk: torch.Tensor  # [kv_heads * d, hidden]
+    wv: torch.Tensor  # [kv_heads * d, hidden]
+    wo: torch.Tensor  # [hidden, heads * d]
+    wg: torch.Tensor  # [inter, hidden]
+    wu: torch.Tensor  # [inter, hidden]
+    wd: torch.Tensor  # [hidden, inter]
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    bg: torch.Tensor | None = None
+    bu: torch.Tensor | None = None
+    bd: torch.Tensor | None = None
+
+
+_LAYER_TENSORS = {
+    "ln1": "input_layernorm.weight",
+    "ln2": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "wg": "mlp.gate_proj.weight",
+    "wu": "mlp.up_proj.weight",
+    "wd": "mlp.down_proj.weight",
+}
+_LAYER_BIASES = {
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "bo": "self_attn.o_proj.bias",
+    "bg": "mlp.gate_proj.bias",
+    "bu": "mlp.up_proj.bias",
+    "bd": "mlp.down_proj.bias",
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}", hint=f"one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class Stage:
+    """Layers ``[start, end)`` of ``source``; ``embed``/``head`` default to first/last stage."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        start: int,
+        end: int,
+        *,
+        embed: bool | None = None,
+        head: bool | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> None:
+        cfg = source.config
+        total = source.num_layers
+        if not (0 <= start <= end <= total):
+            raise ConfigError(f"layer range [{start}, {end}) is outside the model's {total} layers")
+        self.source, self.start, self.end = source, start, end
+        self.has_embed = start == 0 if embed is None else embed
+        self.has_head = end == total if head is None else head
+        self.dtype, self.device = dtype, device
+        self.hidden = int(cfg.hidden_size)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden // self.heads)
+        self.eps = float(cfg.rms_norm_eps)
+        self.vocab = int(cfg.vocab_size)
+        self.layers = [self._load_layer(i) for i in range(start, end)]
+        self.embed_w, self.norm_w, self.head_w = self._load_ends()
+        self.rotary = self._rotary()
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def _load_layer(self, i: int) -> _Layer:
+        prefix = f"model.layers.{i}."
+        names = {k: prefix + v for k, v in _LAYER_TENSORS.items()}
+        names.update({k: prefix + v for k, v in _LAYER_BIASES.items() if self.source.has(prefix + v)})
+        t = self.source.read(list(names.values()), self.dtype, self.device)
+        return _Layer(**{k: t[v] for k, v in names.items()})
+
+    def _load_ends(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        want = []
+        if self.has_embed or (self.has_head and self.source.tied_embeddings):
+            want.append("model.embed_tokens.weight")
+        if self.has_head:
+            want.append("model.norm.weight")
+            if not self.source.tied_embeddings:
+                want.append("lm_head.weight")
+        t = self.source.read(want, self.dtype, self.device)
+        embed = t.get("model.embed_tokens.weight")
+        head = t.get("lm_head.weight", embed) if self.has_head else None
+        return (embed if self.has_embed else None), t.get("model.norm.weight"), head
+
+    def _rotary(self) -> torch.nn.Module:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        return LlamaRotaryEmbedding(config=self.source.config).to(self.device)
+
+    # -- caches --------------------------------------------------------------------------------------------
+    def new_cache(self, max_context: int = 4096, max_tree: int = 256) -> TreeKVCache:
+        return TreeKVCache(
+            len(self.layers), self.kv_heads, self.head_dim, max_context, max_tree, self.dtype, self.device
+        )
+
+    # -- running -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_prefix(self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Append committed tokens (a causal chunk). x: token ids [n] or hidden [n, hidden]."""
+        start, mask = cache.reserve_prefix(len(positions))
+        return self._run(cache, x, positions, start, mask)
+
+    @torch.inference_mode()
+    def forward_tree(self, cache: TreeKVCache, rows: Sequence[WaveRow], x: torch.Tensor) -> torch.Tensor:
+        """Run a wave of tree nodes. Returns hidden [n, hidden], or logits [n, vocab] if this stage has a head."""
+        start, mask = cache.reserve_tree([r.node for r in rows], [r.parent for r in rows])
+        return self._run(cache, x, [r.position for r in rows], start, mask)
+
+    def _run(
+        self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int], start: int, mask: torch.Tensor
+    ) -> torch.Tensor:
+        n = len(positions)
+        if self.has_embed:
+            h = F.embedding(x.to(self.device), self.embed_w)  # [n, hidden]
+        else:
+            h = x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
+        pos = torch.tensor([list(positions)], device=self.device)  # [1, n]
+        cos, sin = self.rotary(h, pos)  # [1, n, d] each
+        cos, sin = cos[0], sin[0]
+        for li, layer in enumerate(self.layers):
+            h = self._layer(layer, li, h, cache, cos, sin, start, n, mask)
+        if self.has_head:
+            return F.linear(self._rms(h, self.norm_w), self.head_w)  # [n, vocab]
+        return h
+
+    def _layer(
+        self,
+        w: _Layer,
+        li: int,
+        h: torch.Tensor,  # [n, hidden]
+        cache: TreeKVCache,
+        cos: torch.Tensor,  # [n, d]
+        sin: torch.Tensor,  # [n, d]
+        start: int,
+        n: int,
+        mask: torch.Tensor,  # [n, start + n]
+    ) -> torch.Tensor:
+        r = self._rms(h, w.ln1)
+        q = F.linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
+        k = F.linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        v = F.linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.k[li, :, start : start + n] = k
+        cache.v[li, :, start : start + n] = v
+        keys = cache.k[li, :, : start + n]  # [kvh, T, d]
+        values = cache.v[li, :, : start + n]  # [kvh, T, d]
+        attn = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
+        )  # [1, H, n, d]
+        h = h + F.linear(attn[0].transpose(0, 1).reshape(n, -1), w.wo, w.bo)
+        r = self._rms(h, w.ln2)
+        return h + F.linear(F.silu(F.linear(r, w.wg, w.bg)) * F.linear(r, w.wu, w.bu), w.wd, w.bd)
+
+    def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        assert weight is not None
+        x = h.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x.to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

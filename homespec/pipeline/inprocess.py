@@ -1,0 +1,75 @@
+"""Tree speculative decoding with the whole target in this process (mode ``ar``; with S in-process stages it is
+the single-host form of mode ``tree``): draft a tree, run it through the stages as one wave, verify, commit.
+
+This is a shell: the tree, the wave and the verification walk are ``core.tree``'s; the math is ``model``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from homespec.config import SamplingConfig, TreeConfig
+from homespec.core.tree import NodeState, TokenTree, Verification
+from homespec.model.drafts.base import DraftSource
+from homespec.model.kv import TreeKVCache
+from homespec.model.sampling import next_tokens
+from homespec.model.stage import Stage
+
+PREFIX_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    verification: Verification
+    wave_size: int
+
+
+class InProcessDecoder:
+    """Runs requests one at a time over a chain of in-process stages (the last one has the head)."""
+
+    def __init__(self, stages: Sequence[Stage], max_context: int = 4096, max_tree: int = 256) -> None:
+        if not stages or not stages[0].has_embed or not stages[-1].has_head:
+            raise ValueError("the stage chain must start with embeddings and end with a head")
+        self.stages = list(stages)
+        self.max_tree = max_tree
+        self.caches: list[TreeKVCache] = [s.new_cache(max_context, max_tree) for s in self.stages]
+
+    def decode(
+        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
+    ) -> Iterator[DecodeStep]:
+        """Yield one DecodeStep per target forward, forever; the caller stops when it has enough."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        for cache in self.caches:
+            cache.reset()
+        self._prefill(prompt[:-1])
+        tree = TokenTree(prompt[-1], len(prompt) - 1)
+        committed = list(prompt)
+        draft.start(prompt)
+        budget = min(tree_cfg.budget, self.max_tree - 1)
+        while True:
+            draft.propose(tree, committed, budget)
+            wave = tree.in_state(NodeState.DRAFTED)
+            tree.mark_sent(wave)
+            rows = tree.rows(wave)
+            x: torch.Tensor = torch.tensor([r.token for r in rows])
+            for stage, cache in zip(self.stages, self.caches, strict=True):
+                x = stage.forward_tree(cache, rows, x)
+            for row, token in zip(rows, next_tokens(x, [r.position for r in rows], sampling), strict=True):
+                tree.set_result(row.node, token)
+            v = tree.verify()
+            for cache in self.caches:
+                cache.commit(v.committed, v.dead)
+            committed.extend(v.emitted)
+            draft.observe(v, committed)
+            yield DecodeStep(v, len(wave))
+
+    def _prefill(self, tokens: Sequence[int]) -> None:
+        for a in range(0, len(tokens), PREFIX_CHUNK):
+            chunk = tokens[a : a + PREFIX_CHUNK]
+            x: torch.Tensor = torch.tensor(list(chunk))
+            for stage, cache in zip(self.stages, self.caches, strict=True):
+                x = stage.forward_prefix(cache, x, range(a, a + len(chunk)))
