@@ -7,6 +7,7 @@ decoder from ``pipeline/``. It reads the clock only to report wall time.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,9 +59,7 @@ class Engine:
         if not (1 <= options.split <= total):
             raise ConfigError(f"split must be in [1, {total}], got {options.split}")
         bounds = [round(i * total / options.split) for i in range(options.split + 1)]
-        stages = [
-            Stage(self.source, a, b, dtype=dtype, device=options.device) for a, b in zip(bounds, bounds[1:])
-        ]
+        stages = [Stage(self.source, a, b, dtype=dtype, device=options.device) for a, b in itertools.pairwise(bounds)]
         self.decoder = InProcessDecoder(stages, max_context=options.max_context)
         self.draft = build_draft(
             options.draft,
@@ -97,10 +96,9 @@ class Engine:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(
-        self, prompt_ids: Sequence[int], config: GenerationConfig = GenerationConfig()
-    ) -> Iterator[Event]:
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None) -> Iterator[Event]:
         """Stream events until EOS or ``max_tokens``; the last event is a GenerationFinished."""
+        config = config or GenerationConfig()
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
         if len(prompt_ids) + config.max_tokens > self.options.max_context:

@@ -21,9 +21,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(
-        level=os.environ.get("HOMESPEC_LOG", "WARNING").upper(), format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=os.environ.get("HOMESPEC_LOG", "WARNING").upper(), format="%(levelname)s %(message)s")
 
 
 @contextmanager

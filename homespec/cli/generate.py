@@ -24,9 +24,7 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="0 = off")] = 0,
     seed: Annotated[int, typer.Option(help="sampling seed (keyed per position)")] = 0,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="apply the chat template")] = None,
-    tree_budget: Annotated[
-        int, typer.Option("--tree-budget", help="draft nodes per step")
-    ] = TreeConfig.budget,
+    tree_budget: Annotated[int, typer.Option("--tree-budget", help="draft nodes per step")] = TreeConfig.budget,
     tree_depth: Annotated[int, typer.Option("--tree-depth", help="draft levels per step")] = TreeConfig.depth,
     tree_width: Annotated[int, typer.Option("--tree-width", help="branches per level")] = TreeConfig.width,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",

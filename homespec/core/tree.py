@@ -162,9 +162,7 @@ class TokenTree:
         p.children[node.token] = node.id
         return node.id, True
 
-    def _new_node(
-        self, parent: NodeId | None, token: TokenId, position: int, score: float, source: str
-    ) -> Node:
+    def _new_node(self, parent: NodeId | None, token: TokenId, position: int, score: float, source: str) -> Node:
         node = Node(NodeId(self._next_id), parent, token, position, score, source)
         self._next_id += 1
         self._nodes[node.id] = node

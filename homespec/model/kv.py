@@ -30,9 +30,7 @@ class TreeKVCache:
         device: str | torch.device = "cpu",
     ) -> None:
         size = max_prefix + max_tree
-        self.k = torch.zeros(
-            num_layers, kv_heads, size, head_dim, dtype=dtype, device=device
-        )  # [L, kvh, T, d]
+        self.k = torch.zeros(num_layers, kv_heads, size, head_dim, dtype=dtype, device=device)  # [L, kvh, T, d]
         self.v = torch.zeros_like(self.k)  # [L, kvh, T, d]
         self.max_prefix = max_prefix
         self.max_tree = max_tree
@@ -102,9 +100,7 @@ class TreeKVCache:
         gone = set(path) | dead_set
         survivors = [s for s, node in enumerate(self.tree_ids) if node not in gone]
         if self.prefix_len + len(path_slots) > self.max_prefix:
-            raise CapacityError(
-                f"context of {self.prefix_len + len(path_slots)} tokens exceeds {self.max_prefix}"
-            )
+            raise CapacityError(f"context of {self.prefix_len + len(path_slots)} tokens exceeds {self.max_prefix}")
         order = path_slots + survivors
         if order != list(range(len(order))):
             idx = torch.tensor(order, device=self._device) + self.prefix_len

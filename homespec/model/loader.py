@@ -124,9 +124,7 @@ def open_folder(folder: Path, name: str) -> ModelSource:
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
-        raise ModelError(
-            f"{folder} has no config.json", hint="a model folder needs config.json + *.safetensors"
-        )
+        raise ModelError(f"{folder} has no config.json", hint="a model folder needs config.json + *.safetensors")
     raw = json.loads((folder / "config.json").read_text())
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -201,16 +199,12 @@ def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # gguf/transformers raise many types for a bad file
         raise ModelError(f"cannot read GGUF {gguf}: {type(exc).__name__}: {exc}") from exc
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
-        state.pop(
-            "lm_head.weight", None
-        )  # tied to model.embed_tokens.weight; safetensors refuses shared memory
+        state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight; safetensors refuses shared memory
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
     config = model.config.to_dict()
     config.pop("quantization_config", None)

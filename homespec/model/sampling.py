@@ -52,9 +52,7 @@ def next_tokens(logits: torch.Tensor, positions: Sequence[int], cfg: SamplingCon
         return [int(t) for t in torch.argmax(logits, dim=-1)]
     probs = filtered_probs(logits, cfg)  # [n, vocab]
     cdf = torch.cumsum(probs, dim=-1)  # [n, vocab]
-    u = torch.tensor(
-        [keyed_uniform(cfg.seed, p + 1) for p in positions], dtype=torch.float64, device=cdf.device
-    )  # [n]
+    u = torch.tensor([keyed_uniform(cfg.seed, p + 1) for p in positions], dtype=torch.float64, device=cdf.device)  # [n]
     target = (u * cdf[:, -1]).unsqueeze(-1)  # [n, 1]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [n]
     return [int(i) for i in idx.clamp(max=cdf.shape[-1] - 1)]

@@ -3,12 +3,14 @@
 Both are a ``Stage`` with embeddings and a head, with a tree-aware KV cache of their own that mirrors the
 request's token tree. Each ``propose`` runs up to ``depth`` rounds, EAGLE-2 style: run the frontier nodes
 through the draft, take each one's top ``width`` next tokens, keep the ``width`` best children overall by
-cumulative log-prob, and make them the next frontier. After a verification the draft keeps the KV of the accepted
+cumulative log-prob (the draft's own greedy child always among them), and make them the next frontier; stop
+early when the draft's greedy path falls below ``min_prob``. After a verification the draft keeps the KV of the accepted
 nodes it computed, drops the rest, and catches its prefix up with the committed tokens it never saw.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,12 +25,19 @@ _PREFIX_CHUNK = 256
 
 class ModelDraft(DraftSource):
     def __init__(
-        self, stage: Stage, name: str, depth: int = 6, width: int = 4, max_context: int = 4096
+        self,
+        stage: Stage,
+        name: str,
+        depth: int = 6,
+        width: int = 4,
+        max_context: int = 4096,
+        min_prob: float = 0.0,
     ) -> None:
         if not (stage.has_embed and stage.has_head):
             raise ValueError("a draft stage needs embeddings and a head")
         self.stage, self.name, self.depth, self.width = stage, name, depth, width
         self.max_context = max_context
+        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.cache: TreeKVCache | None = None
         self.forwards = 0  # draft forward passes (waves and prefix chunks), for stats
 
@@ -41,6 +50,7 @@ class ModelDraft(DraftSource):
     def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
         cache = self._catch_up(committed)
         frontier = self._frontier(tree)
+        chain = frontier[0] if frontier else None  # the draft's own greedy path: always extended first
         added = 0
         for _ in range(self.depth):
             if not frontier or added >= budget:
@@ -52,11 +62,18 @@ class ModelDraft(DraftSource):
                 for i, f in enumerate(frontier)
                 for j in range(self.width)
             ]
-            candidates.sort(key=lambda c: -c[0])
+            best = candidates[frontier.index(chain) * self.width] if chain in frontier else None
+            if best is not None and best[0] < self.min_logp:
+                break  # even the draft's own best path is too unlikely to be worth a wave row
+            rest = sorted((c for c in candidates if c is not best), key=lambda c: -c[0])
             frontier = []
-            for _, lp, parent, token in candidates[: min(self.width, budget - added)]:
+            for _, lp, parent, token in ([best] if best else [])[: budget - added] + rest[: self.width - 1]:
+                if added >= budget:
+                    break
                 node, created = tree.add(parent, token, lp, self.name)
                 added += int(created)
+                if parent == chain and best is not None and token == best[3]:
+                    chain = node
                 frontier.append(node)
         return added
 

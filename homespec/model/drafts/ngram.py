@@ -17,9 +17,7 @@ from homespec.model.drafts.base import DraftSource
 _CONTINUATION_DECAY = math.log(0.9)  # a single continuation's later tokens: mildly less sure
 
 
-def find_continuations(
-    tokens: Sequence[int], max_n: int, min_n: int, length: int, limit: int
-) -> list[list[int]]:
+def find_continuations(tokens: Sequence[int], max_n: int, min_n: int, length: int, limit: int) -> list[list[int]]:
     """Continuations (up to ``length`` tokens, most recent match first, at most ``limit``) that followed
     earlier occurrences of the longest suffix n-gram (max_n down to min_n) of ``tokens``."""
     size = len(tokens)
@@ -65,9 +63,7 @@ class NgramDraft(DraftSource):
         self._expanded -= gone
 
 
-def _add_trie(
-    tree: TokenTree, parent: NodeId, continuations: list[list[int]], budget: int, source: str
-) -> int:
+def _add_trie(tree: TokenTree, parent: NodeId, continuations: list[list[int]], budget: int, source: str) -> int:
     """Merge continuations into a trie under ``parent`` and add its nodes best-first, at most ``budget``."""
     trie: dict[tuple[int, ...], int] = {}
     for cont in continuations:
@@ -79,9 +75,7 @@ def _add_trie(
     def push(prefix: tuple[int, ...], parent_score: float, parent_count: int) -> None:
         for key, count in trie.items():
             if len(key) == len(prefix) + 1 and key[:-1] == prefix:
-                logp = math.log(count / parent_count) + (
-                    _CONTINUATION_DECAY if parent_count == count else 0.0
-                )
+                logp = math.log(count / parent_count) + (_CONTINUATION_DECAY if parent_count == count else 0.0)
                 heapq.heappush(heap, (-(parent_score + logp), key))
 
     push((), 0.0, max(total, 1))

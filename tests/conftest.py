@@ -1,0 +1,152 @@
+"""Shared fixtures: the real bundled model (dequantized once into a session cache), its transformers reference,
+engines per draft source, and a truncated safetensors copy used as a second, smaller draft model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# Varied prompts for equivalence tests: chat, summarization of a given paragraph, code rewrite, math, QA.
+EQUIVALENCE_PROMPTS = [
+    "Write a haiku about GPUs.",
+    "Summarize in two sentences: The James Webb Space Telescope is the largest optical telescope in space. Its "
+    "high resolution and sensitivity allow it to view objects too old, distant, or faint for the Hubble Space "
+    "Telescope. This enables investigations across many fields of astronomy and cosmology, such as observation "
+    "of the first stars and the formation of the first galaxies.",
+    "Rewrite this Python function to use a list comprehension:\n\ndef squares(xs):\n    out = []\n    for x in xs:\n"
+    "        out.append(x * x)\n    return out",
+    "What is 17 times 23? Show your steps.",
+    "Explain what a hash table is to a beginner.",
+    "Translate to French: The weather is nice today and I want to go for a walk in the park.",
+    "List three tips for staying focused while studying.",
+    "If a train travels 60 miles per hour for 2.5 hours, how far does it go?",
+]
+
+
+@pytest.fixture(scope="session")
+def bundled() -> Any:
+    from homespec.model.loader import resolve
+
+    return resolve(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled: Any) -> Any:
+    return bundled.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def reference_model(bundled: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(bundled.folder), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def chat_ids(tokenizer: Any) -> Callable[[str], list[int]]:
+    def encode(prompt: str) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return encode
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(reference_model: Any) -> Callable[[Sequence[int], int], list[int]]:
+    """transformers' own greedy ``generate`` (cached per prompt)."""
+    import torch
+
+    cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def run(prompt_ids: Sequence[int], n: int) -> list[int]:
+        key = (tuple(prompt_ids), n)
+        if key not in cache:
+            ids = torch.tensor([list(prompt_ids)])
+            with torch.no_grad():
+                out = reference_model.generate(
+                    ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids)
+                )
+            cache[key] = [int(t) for t in out[0, ids.shape[1] :]]
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def assert_lossless(reference_model: Any) -> Callable[[Sequence[int], Sequence[int], Sequence[int]], None]:
+    """Tokens must equal the reference; a divergence passes only at a numeric tie of the target (top-two logit
+    gap under 1e-4 there, with our token one of the two), which this check proves with the reference model."""
+    import torch
+
+    def check(prompt_ids: Sequence[int], ours: Sequence[int], ref: Sequence[int]) -> None:
+        for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
+            if a == b:
+                continue
+            with torch.no_grad():
+                logits = reference_model(torch.tensor([[*prompt_ids, *ref[:i]]])).logits[0, -1]
+            top = torch.topk(logits, 2)
+            gap = float(top.values[0] - top.values[1])
+            assert gap < 1e-4 and a in top.indices.tolist(), (
+                f"diverged at token {i}: ours {a}, reference {b}, top-two gap {gap:.3g} (not a tie)"
+            )
+            return
+        assert len(ours) == len(ref) or (ours and ours[-1] == ref[len(ours) - 1]), (
+            f"lengths differ: {len(ours)} vs {len(ref)}"
+        )
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def truncated_copy(bundled: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, smaller model with the same tokenizer: the bundled model's first 10 layers, as safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    keep = 10
+    out = tmp_path_factory.mktemp("smollm2-10layers")
+    tensors = {}
+    with safe_open(str(bundled.folder / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            if name.startswith("model.layers.") and int(name.split(".")[2]) >= keep:
+                continue
+            tensors[name] = f.get_tensor(name)
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((bundled.folder / "config.json").read_text())
+    config["num_hidden_layers"] = keep
+    (out / "config.json").write_text(json.dumps(config))
+    for file in bundled.folder.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy(file, out / file.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engines(truncated_copy: Path) -> Callable[..., Any]:
+    """Engines on the bundled model, built once per (draft, split)."""
+    from homespec.engine import Engine, EngineOptions
+
+    built: dict[tuple[str, int], Any] = {}
+
+    def get(draft: str = "none", split: int = 1) -> Any:
+        spec = draft.replace("{truncated}", str(truncated_copy))
+        if (spec, split) not in built:
+            built[(spec, split)] = Engine(EngineOptions(draft=spec, split=split))
+        return built[(spec, split)]
+
+    return get

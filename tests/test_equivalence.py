@@ -1,0 +1,105 @@
+"""Lossless on the real bundled model (fp32): every draft source gives transformers' greedy tokens, and seeded
+sampling gives the same tokens as the non-speculative run with the same seed (DESIGN §4.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from homespec.config import GenerationConfig, SamplingConfig
+from homespec.events import GenerationFinished, StepCompleted
+from tests.conftest import EQUIVALENCE_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 64
+DRAFTS = ["none", "ngram", "early-exit", "early-exit:8", "model:{truncated}"]
+
+
+def finish(engine: Any, ids: list[int], config: GenerationConfig) -> GenerationFinished:
+    events = list(engine.generate(ids, config))
+    last = events[-1]
+    assert isinstance(last, GenerationFinished)
+    return last
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_greedy_equals_transformers_generate(
+    draft: str,
+    engines: Callable[..., Any],
+    chat_ids: Callable[[str], list[int]],
+    reference_greedy: Callable[..., list[int]],
+    assert_lossless: Callable[..., None],
+) -> None:
+    engine = engines(draft)
+    accepted = 0
+    for prompt in EQUIVALENCE_PROMPTS:
+        ids = chat_ids(prompt)
+        done = finish(engine, ids, GenerationConfig(max_tokens=NEW_TOKENS))
+        assert_lossless(ids, list(done.tokens), reference_greedy(ids, NEW_TOKENS))
+        accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
+    if draft != "none":
+        assert accepted > 0, f"draft {draft} never had a token accepted on {len(EQUIVALENCE_PROMPTS)} prompts"
+
+
+def test_split_stages_equal_one_stage(
+    engines: Callable[..., Any],
+    chat_ids: Callable[[str], list[int]],
+    reference_greedy: Callable[..., list[int]],
+    assert_lossless: Callable[..., None],
+) -> None:
+    engine = engines("ngram", split=3)
+    for prompt in EQUIVALENCE_PROMPTS[:3]:
+        ids = chat_ids(prompt)
+        done = finish(engine, ids, GenerationConfig(max_tokens=NEW_TOKENS))
+        assert_lossless(ids, list(done.tokens), reference_greedy(ids, NEW_TOKENS))
+
+
+def test_same_model_draft_accepts_everything(
+    bundled: Any, engines: Callable[..., Any], chat_ids: Callable[[str], list[int]], reference_greedy: Any
+) -> None:
+    """The 'same model as assistant' check: a draft identical to the target is always right."""
+    engine = engines(f"model:{bundled.folder}")
+    depth = engine.options.tree.depth
+    for prompt in EQUIVALENCE_PROMPTS[:3]:
+        ids = chat_ids(prompt)
+        events = list(engine.generate(ids, GenerationConfig(max_tokens=NEW_TOKENS)))
+        done = events[-1]
+        assert isinstance(done, GenerationFinished)
+        assert list(done.tokens) == reference_greedy(ids, NEW_TOKENS)
+        steps = [e for e in events if isinstance(e, StepCompleted)]
+        # every step but the last (cut by EOS or max_tokens) accepts the whole draft chain plus the bonus token
+        assert [s.accepted for s in steps[:-1]] == [depth] * (len(steps) - 1)
+        assert [s.emitted for s in steps[:-1]] == [depth + 1] * (len(steps) - 1)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "early-exit", "model:{truncated}"])
+def test_seeded_sampling_equals_plain_sampling(
+    draft: str, engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]
+) -> None:
+    plain, spec = engines("none"), engines(draft)
+    for seed, prompt in enumerate(EQUIVALENCE_PROMPTS[:4]):
+        ids = chat_ids(prompt)
+        config = GenerationConfig(max_tokens=48, sampling=SamplingConfig(temperature=0.8, seed=1234 + seed))
+        want = finish(plain, ids, config).tokens
+        got = finish(spec, ids, config)
+        assert got.tokens == want, f"seed {1234 + seed}: speculative sampling diverged from plain sampling"
+
+
+def test_top_p_top_k_sampling_is_lossless(engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]) -> None:
+    ids = chat_ids(EQUIVALENCE_PROMPTS[5])
+    config = GenerationConfig(max_tokens=48, sampling=SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    assert finish(engines("ngram"), ids, config).tokens == finish(engines("none"), ids, config).tokens
+
+
+def test_different_seeds_give_different_samples(
+    engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]
+) -> None:
+    ids = chat_ids(EQUIVALENCE_PROMPTS[4])
+    outs = {
+        finish(engines("none"), ids, GenerationConfig(max_tokens=24, sampling=SamplingConfig(1.0, seed=s))).tokens
+        for s in range(4)
+    }
+    assert len(outs) > 1
