@@ -37,13 +37,25 @@ def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
     if cfg.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each entry
-        drop_sorted = before >= cfg.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(~_nucleus(probs, cfg.top_p), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, head: int = 1024) -> torch.Tensor:
+    """Keep-mask [n, vocab]: the most probable tokens whose preceding mass is below top_p. Sorts only the top
+    ``head`` tokens of each row, and the whole row only where those hold less than top_p."""
+    k = min(head, probs.shape[-1])
+    values, order = torch.topk(probs, k, dim=-1)  # [n, k], descending
+    keep_sorted = (torch.cumsum(values, dim=-1) - values) < top_p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    short = values.sum(-1) < top_p  # [n]: the head is not enough
+    if k < probs.shape[-1] and bool(short.any()):
+        rows = probs[short]
+        values, order = torch.sort(rows, dim=-1, descending=True, stable=True)
+        keep_sorted = (torch.cumsum(values, dim=-1) - values) < top_p
+        keep[short] = torch.zeros_like(rows, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return keep
 
 
 def next_tokens(logits: torch.Tensor, positions: Sequence[int], cfg: SamplingConfig) -> list[int]:

@@ -1,0 +1,87 @@
+"""The command line: help, exit codes and one-line errors, and ``generate --json`` as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from homespec.cli.main import app
+
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench-dev.jsonl"
+runner = CliRunner()
+
+
+def homespec(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "homespec"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "generate" in result.output and "prepare" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "/no/such/model", "hi"], "model not found"),
+        (["generate", "a", "b", "c"], "expected [MODEL] PROMPT"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be"),
+        (["generate", "hi", "--top-p", "0"], "top_p must be"),
+        (["generate", "hi", "--max-tokens", "0"], "max_tokens must be"),
+        (["generate", "hi", "--draft", "bogus"], "unknown draft source"),
+        (["generate", "hi", "--draft", "early-exit:99"], "early-exit needs a layer count"),
+        (["generate", "hi", "--mode", "warp"], "mode 'warp' is not available"),
+        (["generate", "hi", "--dtype", "fp8"], "unknown dtype"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line_error(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"error: {message}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = runner.invoke(app, ["generate", str(tmp_path), "hi"])
+    assert result.exit_code == 2
+    assert "unsupported architecture 'gpt2'" in result.output and "llama, mistral, qwen2" in result.output
+
+
+@pytest.mark.slow
+def test_generate_json_on_summarization_with_ngram_reports_real_acceptance() -> None:
+    """Spec-Bench summarization prompt, prompt lookup: tokens per forward >= 1.5, from real acceptance."""
+    prompts = [json.loads(line) for line in BENCH.read_text().splitlines()]
+    prompt = next(p for p in prompts if p["question_id"] == 251)["turns"][0]
+    out = homespec("generate", prompt, "--draft", "ngram", "--max-tokens", "64", "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout.strip().splitlines()[-1])
+    stats = payload["stats"]
+    assert set(stats) >= {"tokens", "target_forwards", "tokens_per_forward", "accepted_per_step", "wall_s",
+                          "tokens_per_s", "draft", "mode"}  # fmt: skip
+    assert stats["tokens"] == len(payload["tokens"]) == 64
+    assert stats["tokens_per_forward"] >= 1.5
+    forwards = stats["target_forwards"]
+    assert stats["tokens_per_forward"] * forwards == pytest.approx(64)
+    # every token is an accepted draft or one bonus token per forward
+    assert round(stats["accepted_per_step"] * forwards) >= 64 - forwards
+    # the same tokens as plain decoding
+    plain = homespec("generate", prompt, "--draft", "none", "--max-tokens", "64", "--json")
+    assert json.loads(plain.stdout.strip().splitlines()[-1])["tokens"] == payload["tokens"]
+
+
+@pytest.mark.slow
+def test_generate_streams_text_to_stdout() -> None:
+    out = homespec("generate", "Write a haiku about GPUs", "--max-tokens", "16", "--stats")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip()) > 10
+    assert "tokens/forward" in out.stderr

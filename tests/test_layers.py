@@ -1,0 +1,42 @@
+"""Import rules of STYLE.md, checked in fresh interpreters."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "homespec"
+
+
+def test_import_homespec_loads_no_heavy_modules() -> None:
+    code = (
+        "import sys, homespec; print(','.join(m for m in ('torch','zmq','textual','transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_core_is_stdlib_only() -> None:
+    allowed = set(sys.stdlib_module_names) | {"homespec"}
+    for file in (PACKAGE / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in allowed, f"{file.name} imports {root}"
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("homespec."):
+                assert node.module.startswith("homespec.core"), f"{file.name} imports {node.module}"
+
+
+def test_model_layer_never_imports_transport_pipeline_or_faces() -> None:
+    banned = ("homespec.transport", "homespec.pipeline", "homespec.server", "homespec.cli", "homespec.engine", "zmq")
+    for file in (PACKAGE / "model").rglob("*.py"):
+        source = file.read_text()
+        for name in banned:
+            assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"

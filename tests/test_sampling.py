@@ -1,0 +1,133 @@
+"""Keyed sampling (DESIGN §4.4): deterministic per (seed, position), and distributed as the target says."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from homespec.config import SamplingConfig
+from homespec.errors import ConfigError
+from homespec.model.sampling import filtered_probs, keyed_uniform, next_tokens
+
+
+@given(st.integers(0, 2**63 - 1), st.integers(0, 10**6))
+def test_keyed_uniform_is_deterministic_and_in_range(seed: int, position: int) -> None:
+    u = keyed_uniform(seed, position)
+    assert 0.0 <= u < 1.0 and u == keyed_uniform(seed, position)
+
+
+def test_keyed_uniform_decorrelates_neighbours() -> None:
+    us = [keyed_uniform(1, p) for p in range(20000)]
+    mean = sum(us) / len(us)
+    assert abs(mean - 0.5) < 0.01
+    corr = sum((a - mean) * (b - mean) for a, b in itertools.pairwise(us)) / len(us) / (1 / 12)
+    assert abs(corr) < 0.03
+    assert keyed_uniform(1, 5) != keyed_uniform(2, 5)
+
+
+def brute_force_probs(logits: list[float], cfg: SamplingConfig) -> list[float]:
+    x = [v / cfg.temperature for v in logits]
+    if cfg.top_k and cfg.top_k < len(x):
+        kth = sorted(x, reverse=True)[cfg.top_k - 1]
+        x = [v if v >= kth else -math.inf for v in x]
+    m = max(x)
+    e = [math.exp(v - m) for v in x]
+    p = [v / sum(e) for v in e]
+    if cfg.top_p < 1.0:
+        order = sorted(range(len(p)), key=lambda i: -p[i])
+        kept, mass = set(), 0.0
+        for i in order:
+            if mass >= cfg.top_p:
+                break
+            kept.add(i)
+            mass += p[i]
+        p = [v if i in kept else 0.0 for i, v in enumerate(p)]
+        p = [v / sum(p) for v in p]
+    return p
+
+
+@given(
+    st.lists(st.floats(-10, 10), min_size=2, max_size=12),
+    st.floats(0.1, 2.0),
+    st.floats(0.05, 1.0),
+    st.integers(0, 5),
+)
+def test_filtered_probs_match_brute_force(logits: list[float], temp: float, top_p: float, top_k: int) -> None:
+    cfg = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k)
+    got = filtered_probs(torch.tensor([logits], dtype=torch.float64), cfg)[0].tolist()
+    want = brute_force_probs(logits, cfg)
+    assert sum(got) == pytest.approx(1.0)
+    # ties at the top-p / top-k boundary may keep either member: compare only where unambiguous
+    for g, w in zip(got, want, strict=True):
+        if (g == 0) == (w == 0):
+            assert g == pytest.approx(w, rel=1e-6, abs=1e-9) or len(set(logits)) < len(logits)
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    assert next_tokens(logits, [0, 1], SamplingConfig()) == [1, 0]
+
+
+def test_same_key_same_draw_whatever_the_batch() -> None:
+    cfg = SamplingConfig(temperature=1.0, seed=42)
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    alone = [next_tokens(logits[i : i + 1], [10 + i], cfg)[0] for i in range(6)]
+    assert next_tokens(logits, [10 + i for i in range(6)], cfg) == alone
+
+
+def test_bad_sampling_values_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        SamplingConfig(temperature=-1)
+    with pytest.raises(ConfigError):
+        SamplingConfig(temperature=1, top_p=0)
+
+
+def chi_square_critical(dof: int, z: float = 3.09) -> float:
+    """Wilson–Hilferty approximation of the chi-square quantile (z = 3.09: p = 0.001)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.8, top_p=0.9), SamplingConfig(0.7, top_k=20)],
+    ids=["t1", "t0.8-p0.9", "t0.7-k20"],
+)
+def test_keyed_sampler_matches_target_distribution(cfg: SamplingConfig, reference_model: Any, chat_ids: Any) -> None:
+    """Draws over many keys of the real model's next-token distribution pass a chi-square test."""
+    ids = chat_ids("Tell me a story about a dragon.")
+    with torch.no_grad():
+        logits = reference_model(torch.tensor([ids])).logits[0, -1:]  # [1, vocab]
+    probs = filtered_probs(logits, cfg)[0]
+    n, batch = 6000, 1000
+    counts: dict[int, int] = {}
+    for start in range(0, n, batch):
+        for t in next_tokens(logits.expand(batch, -1), list(range(start, start + batch)), cfg):
+            counts[t] = counts.get(t, 0) + 1
+    assert all(probs[t] > 0 for t in counts), "drew a token the filters exclude"
+    # bins: tokens expected >= 10 times each; the rest pooled
+    big = [int(t) for t in torch.nonzero(probs * n >= 10).flatten()]
+    expected = [float(probs[t]) * n for t in big]
+    observed = [counts.get(t, 0) for t in big]
+    rest_e, rest_o = n - sum(expected), n - sum(observed)
+    if rest_e >= 10:
+        expected.append(rest_e)
+        observed.append(rest_o)
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    dof = len(expected) - 1
+    assert dof >= 2
+    assert chi2 < chi_square_critical(dof), f"chi2 {chi2:.1f} over {dof} dof"
+
+
+def test_nucleus_head_shortcut_equals_full_sort() -> None:
+    from homespec.model.sampling import _nucleus
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(8, 5000, generator=g, dtype=torch.float64) * 3, dim=-1)
+    for p in (0.1, 0.5, 0.9, 0.999):
+        assert torch.equal(_nucleus(probs, p, head=64), _nucleus(probs, p, head=5000))

@@ -1,0 +1,89 @@
+"""Stages: a split equals the whole model; a stage reads only its own tensors; Llama-family variants (tiny random
+models for plumbing, the real bundled model for equivalence)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from homespec.core.tree import TokenTree
+from homespec.model.loader import open_folder
+from homespec.model.stage import Stage
+
+
+def tiny_model(tmp_path: Path, kind: str) -> Path:
+    """A tiny random Llama-family model written as safetensors (plumbing only, never for losslessness)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    config = {
+        "llama": LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "qwen2": Qwen2Config(**common),
+        "mistral": MistralConfig(**common),
+    }[kind]  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    folder = tmp_path / kind
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_split_stages_match_transformers_logits(tmp_path: Path, kind: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model(tmp_path, kind)
+    source = open_folder(folder, kind)
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    with torch.no_grad():
+        want = ref(ids).logits[0]  # [8, vocab]
+    stages = [Stage(source, 0, 1), Stage(source, 1, 3), Stage(source, 3, 4)]
+    caches = [s.new_cache(64, 16) for s in stages]
+    x: torch.Tensor = ids[0]
+    for s, c in zip(stages, caches, strict=True):
+        x = s.forward_prefix(c, x, range(8))
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tree_wave_equals_sequential_decoding(tmp_path: Path) -> None:
+    """Siblings in one wave must not see each other: each branch's logits equal decoding that branch alone."""
+    source = open_folder(tiny_model(tmp_path, "qwen2"), "tiny")
+    stage = Stage(source, 0, 4)
+    prompt = [5, 6, 7, 8]
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    a, _ = tree.add(tree.root.id, 11, 0.0)
+    b, _ = tree.add(tree.root.id, 12, 0.0)
+    c, _ = tree.add(a, 13, 0.0)
+    cache = stage.new_cache(64, 16)
+    stage.forward_prefix(cache, torch.tensor(prompt[:-1]), range(3))
+    ids = [tree.root.id, a, b, c]
+    rows = tree.rows(ids)
+    got = stage.forward_tree(cache, rows, torch.tensor([r.token for r in rows]))
+    for i, node in enumerate(ids):
+        seq = [*prompt[:-1], *tree.path_tokens(node)]
+        fresh = stage.new_cache(64, 16)
+        want = stage.forward_prefix(fresh, torch.tensor(seq), range(len(seq)))[-1]
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
+
+
+def test_stage_reads_only_its_layers_and_matches_full_model(bundled: Any, reference_model: Any) -> None:
+    from homespec.model.loader import ModelSource
+
+    source = ModelSource(bundled.folder, "bundled", bundled.config, bundled.weight_map)
+    middle = Stage(source, 10, 20)
+    assert source.tensors_read, "nothing was read"
+    assert all(name.startswith(tuple(f"model.layers.{i}." for i in range(10, 20))) for name in source.tensors_read)
+    assert len(source.tensors_read) == 10 * 9
+    ids = torch.tensor([[1, 504, 3458, 5069, 25, 260, 4438, 282]])
+    with torch.no_grad():
+        hidden = reference_model(ids, output_hidden_states=True).hidden_states  # [layers + 1] x [1, n, hidden]
+    out = middle.forward_prefix(middle.new_cache(64, 8), hidden[10][0], range(8))
+    torch.testing.assert_close(out, hidden[20][0], rtol=1e-4, atol=1e-4)
