@@ -40,3 +40,10 @@ def test_model_layer_never_imports_transport_pipeline_or_faces() -> None:
         source = file.read_text()
         for name in banned:
             assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"
+
+
+def test_core_passes_mypy_strict() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", str(PACKAGE / "core")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

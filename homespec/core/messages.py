@@ -1,0 +1,236 @@
+"""Every wire message as a frozen dataclass with a ``kind`` literal and the protocol version (DESIGN §7).
+
+Pure: stdlib only. Tensors travel as ``RawTensor`` (dtype *name*, shape, bytes); converting them to framework
+tensors is the receiver's business. ``from_fields`` validates a decoded header against the dataclass's field
+types before anything is built, so a malformed header raises ``ValueError`` and never reaches a stage's logic.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+#: dtype name -> bytes per element. The name, never the element size alone, says how to read the bytes.
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        check_tensor_spec(self.dtype, self.shape)
+        if len(self.data) != nbytes(self.dtype, self.shape):
+            raise ValueError(
+                f"tensor {self.dtype}{list(self.shape)} needs {nbytes(self.dtype, self.shape)} bytes, "
+                f"got {len(self.data)}"
+            )
+
+
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return DTYPE_SIZES[dtype] * math.prod(shape)
+
+
+def check_tensor_spec(dtype: object, shape: object) -> None:
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, tuple) or not all(type(d) is int and 0 <= d < 2**31 for d in shape) or len(shape) > 8:
+        raise ValueError(f"bad shape {shape!r}")
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: ClassVar[str] = ""
+
+    def tensors(self) -> tuple[RawTensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if _is_tensor_field(type(self), f.name))
+
+
+@dataclass(frozen=True)
+class Assign(Message):
+    """Head -> stage: which layers to load and how to run them."""
+
+    kind: ClassVar[str] = "assign"
+    stage: int
+    num_stages: int
+    model: str  # a path or repo id on the stage's own disk; never weights over the wire
+    layer_start: int
+    layer_end: int
+    dtype: str
+    device: str
+    max_context: int
+    max_tree: int
+    stage_time_ms: float = 0.0  # emulation: pad each step to this modeled time (0 = off)
+    link_latency_ms: float = 0.0  # emulation: modeled latency of the outgoing link
+    link_mb_per_s: float = 0.0  # emulation: modeled bandwidth of the outgoing link (0 = infinite)
+
+
+@dataclass(frozen=True)
+class Wave(Message):
+    """A micro-batch of tree nodes (or of committed prefix tokens) moving through the stages."""
+
+    kind: ClassVar[str] = "wave"
+    request: int
+    step: int
+    prefix: bool  # True: committed prompt tokens (causal chunk); False: tree nodes
+    nodes: tuple[int, ...]
+    parents: tuple[int, ...]
+    positions: tuple[int, ...]
+    data: RawTensor  # int64 [n] token ids into the first stage; hidden [n, hidden] after it
+
+
+@dataclass(frozen=True)
+class Prune(Message):
+    """Head -> every stage: committed nodes join the prefix (in order); dead nodes are dropped."""
+
+    kind: ClassVar[str] = "prune"
+    request: int
+    step: int
+    committed: tuple[int, ...]
+    dead: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """Last stage -> head: per node, the target's next token and its top log-probs."""
+
+    kind: ClassVar[str] = "result"
+    request: int
+    step: int
+    nodes: tuple[int, ...]
+    next_tokens: tuple[int, ...]
+    top_tokens: RawTensor  # int64 [n, k]
+    top_logprobs: RawTensor  # float32 [n, k]
+
+
+@dataclass(frozen=True)
+class Start(Message):
+    """Head -> every stage: a request begins (its sampling key lives on the last stage)."""
+
+    kind: ClassVar[str] = "start"
+    request: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    kind: ClassVar[str] = "abort"
+    request: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    kind: ClassVar[str] = "heartbeat"
+    sender: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class StageStats(Message):
+    kind: ClassVar[str] = "stats"
+    stage: int
+    steps: int
+    busy_s: float
+    rows: int
+    dropped_rows: int
+    bad_messages: int
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    kind: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Failure(Message):
+    """Stage -> head: a request failed on a stage (the stage itself keeps running)."""
+
+    kind: ClassVar[str] = "failure"
+    stage: int
+    request: int
+    message: str
+
+
+REGISTRY: dict[str, type[Message]] = {
+    cls.kind: cls
+    for cls in (Assign, Wave, Prune, Result, Start, Abort, Heartbeat, StageStats, Shutdown, Failure)
+}
+
+
+def _hints(cls: type[Message]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_tensor_field(cls: type[Message], name: str) -> bool:
+    return _hints(cls)[name] is RawTensor
+
+
+def header_fields(msg: Message) -> dict[str, Any]:
+    """The non-tensor fields of a message, as plain values (tuples become lists)."""
+    out: dict[str, Any] = {}
+    for f in fields(msg):
+        if not _is_tensor_field(type(msg), f.name):
+            value = getattr(msg, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def tensor_names(cls: type[Message]) -> list[str]:
+    return [f.name for f in fields(cls) if _is_tensor_field(cls, f.name)]
+
+
+_SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (float, int), str: (str,), bool: (bool,)}
+
+
+def from_fields(cls: type[Message], values: dict[str, Any], tensors: list[RawTensor]) -> Message:
+    """Build a message from decoded header values, checking every field's type first."""
+    hints = _hints(cls)
+    names = tensor_names(cls)
+    if len(tensors) != len(names):
+        raise ValueError(f"{cls.kind}: expected {len(names)} tensors, got {len(tensors)}")
+    expected = {f.name for f in fields(cls)} - set(names)
+    unknown = set(values) - expected
+    if unknown:
+        raise ValueError(f"{cls.kind}: unknown fields {sorted(unknown)}")
+    kwargs: dict[str, Any] = dict(zip(names, tensors, strict=True))
+    for f in fields(cls):
+        if f.name in names:
+            continue
+        if f.name not in values:
+            if f.default is not MISSING:
+                continue
+            raise ValueError(f"{cls.kind}: missing field {f.name!r}")
+        kwargs[f.name] = _check(cls.kind, f.name, hints[f.name], values[f.name])
+    return cls(**kwargs)
+
+
+def _check(kind: str, name: str, hint: Any, value: Any) -> Any:
+    if hint in _SCALARS:
+        if type(value) not in _SCALARS[hint] or (hint is not bool and isinstance(value, bool)):
+            raise ValueError(f"{kind}.{name}: expected {hint.__name__}, got {type(value).__name__}")
+        return float(value) if hint is float else value
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{kind}.{name}: expected a list")
+        return tuple(_check(kind, name, item, v) for v in value)
+    raise ValueError(f"{kind}.{name}: unsupported field type {hint!r}")

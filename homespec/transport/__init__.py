@@ -1,0 +1,1 @@
+"""Bytes, frames, sockets and keys. Never imports transformers, torch or ``homespec.model``."""
