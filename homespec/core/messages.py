@@ -171,8 +171,7 @@ class Failure(Message):
 
 
 REGISTRY: dict[str, type[Message]] = {
-    cls.kind: cls
-    for cls in (Assign, Wave, Prune, Result, Start, Abort, Heartbeat, StageStats, Shutdown, Failure)
+    cls.kind: cls for cls in (Assign, Wave, Prune, Result, Start, Abort, Heartbeat, StageStats, Shutdown, Failure)
 }
 
 
