@@ -24,7 +24,7 @@ from homespec.events import (
     TokensCommitted,
 )
 
-IMPLEMENTED_MODES: tuple[Mode, ...] = ("ar",)
+IMPLEMENTED_MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class EngineOptions:
     max_context: int = 4096
     tree: TreeConfig = TreeConfig()
     split: int = 1  # in-process stages (same math, for tests of stage equivalence)
+    stages: int = 1  # stage processes for the pipelined modes
+    wave_size: int = 4  # specpipe: nodes injected per step
+    by_score: bool = False  # specpipe: FlowSpec score-ordered waves instead of depth layers
 
 
 class Engine:
@@ -52,15 +55,21 @@ class Engine:
             raise ConfigError(f"mode {options.mode!r} is not available here", hint=f"use {IMPLEMENTED_MODES}")
         torch.set_grad_enabled(False)
         self.options = options
+        self.cluster: Any = None
         dtype = parse_dtype(options.dtype)
         self.source = resolve(options.model)
         self.tokenizer = self.source.tokenizer()
         total = self.source.num_layers
-        if not (1 <= options.split <= total):
-            raise ConfigError(f"split must be in [1, {total}], got {options.split}")
-        bounds = [round(i * total / options.split) for i in range(options.split + 1)]
-        stages = [Stage(self.source, a, b, dtype=dtype, device=options.device) for a, b in itertools.pairwise(bounds)]
-        self.decoder = InProcessDecoder(stages, max_context=options.max_context)
+        if options.mode == "ar":
+            if not (1 <= options.split <= total):
+                raise ConfigError(f"split must be in [1, {total}], got {options.split}")
+            bounds = [round(i * total / options.split) for i in range(options.split + 1)]
+            stages = [
+                Stage(self.source, a, b, dtype=dtype, device=options.device) for a, b in itertools.pairwise(bounds)
+            ]
+            self.decoder: Any = InProcessDecoder(stages, max_context=options.max_context)
+        else:
+            self.decoder = self._pipeline(options, total)
         self.draft = build_draft(
             options.draft,
             self.source,
@@ -71,6 +80,35 @@ class Engine:
             options.max_context,
         )
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
+
+    def _pipeline(self, options: EngineOptions, total: int) -> Any:
+        from homespec.core.messages import Assign
+        from homespec.pipeline.cluster import LocalCluster, even_split
+        from homespec.pipeline.coordinator import PipelineDecoder
+
+        if not (1 <= options.stages <= total):
+            raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")
+        if not (1 <= options.wave_size <= 64):
+            raise ConfigError(f"wave size must be in [1, 64], got {options.wave_size}")
+        model = "" if options.model is None else str(self.source.folder)
+        assigns = [
+            Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512)
+            for i, (a, b) in enumerate(even_split(total, options.stages))
+        ]
+        self.cluster = LocalCluster(assigns)
+        return PipelineDecoder(self.cluster, options.mode, options.wave_size, options.by_score)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Stop the stage processes (pipelined modes); the engine cannot generate afterwards."""
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def model_name(self) -> str:
@@ -110,11 +148,12 @@ class Engine:
         start = time.perf_counter()
         out: list[int] = []
         text = ""
-        steps = accepted = 0
+        steps = forwards = accepted = 0
         reason: FinishReason = "length"
         draft_forwards0 = getattr(self.draft, "forwards", 0)
         for step in self.decoder.decode(prompt_ids, self.draft, config.sampling, config.tree):
-            steps += 1
+            forwards += 1
+            steps = step.tick
             v = step.verification
             new = list(v.emitted[: config.max_tokens - len(out)])
             if config.stop_on_eos:
@@ -127,7 +166,8 @@ class Engine:
             full = self.tokenizer.decode(out, skip_special_tokens=True)
             stable = full[: len(full) - 1] if full.endswith("\ufffd") else full
             yield StepCompleted(steps, step.wave_size, len(new), v.accepted_drafts, v.flushed)
-            yield TokensCommitted(tuple(new), stable[len(text) :], steps)
+            if new:
+                yield TokensCommitted(tuple(new), stable[len(text) :], steps)
             text = stable
             if reason == "eos" or len(out) >= config.max_tokens:
                 break
@@ -138,9 +178,12 @@ class Engine:
             draft=self.draft.name,
             prompt_tokens=len(prompt_ids),
             tokens=len(out),
-            target_forwards=steps,
-            tokens_per_forward=len(out) / steps if steps else 0.0,
-            accepted_per_step=accepted / steps if steps else 0.0,
+            target_forwards=forwards,
+            tokens_per_forward=len(out) / forwards if forwards else 0.0,
+            steps=steps,
+            tokens_per_step=len(out) / steps if steps else 0.0,
+            stages=self.options.stages if self.options.mode != "ar" else self.options.split,
+            accepted_per_step=accepted / forwards if forwards else 0.0,
             draft_forwards=getattr(self.draft, "forwards", 0) - draft_forwards0,
             wall_s=wall,
             tokens_per_s=len(out) / wall if wall > 0 else 0.0,

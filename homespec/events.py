@@ -36,6 +36,9 @@ class GenerationStats:
     tokens: int
     target_forwards: int
     tokens_per_forward: float
+    steps: int  # pipeline steps (in process: target forwards)
+    tokens_per_step: float
+    stages: int
     accepted_per_step: float
     draft_forwards: int
     wall_s: float

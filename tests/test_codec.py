@@ -32,9 +32,9 @@ def raw(dtype: str, shape: tuple[int, ...], fill: int = 7) -> RawTensor:
 
 SAMPLES = [
     Assign(0, 2, "/models/x", 0, 15, "float32", "cpu", 4096, 256, 12.5, 0.4, 117.0),
-    Wave(3, 9, False, (5, 6), (-1, 5), (40, 41), raw("float32", (2, 576))),
-    Wave(3, 0, True, (), (), (), raw("int64", (0,))),
-    Prune(3, 9, (5, 6), (7, 8, 9)),
+    Wave(3, 9, False, 1, (5, 6), (-1, 5), (40, 41), raw("float32", (2, 576))),
+    Wave(3, 0, True, 0, (), (), (), raw("int64", (0,))),
+    Prune(3, 9, 1, (5, 6), (7, 8, 9)),
     Result(3, 9, (5,), (11,), raw("int64", (1, 4)), raw("float32", (1, 4))),
     Abort(3, "client went away"),
     Heartbeat(1, 2**40),
@@ -57,19 +57,19 @@ def _norm(msg: object) -> dict[str, object]:
 @settings(max_examples=100)
 def test_every_dtype_and_shape_round_trips(dtype: str, dims: list[int]) -> None:
     shape = tuple(dims)
-    msg = Wave(1, 2, False, (), (), (), raw(dtype, shape, fill=3))
+    msg = Wave(1, 2, False, 0, (), (), (), raw(dtype, shape, fill=3))
     back = decode(encode(msg))
     assert isinstance(back, Wave) and back.data.dtype == dtype and back.data.shape == shape
     assert bytes(back.data.data) == bytes(msg.data.data)
 
 
 def test_zero_dim_tensor_round_trips() -> None:
-    msg = Wave(1, 2, False, (), (), (), RawTensor("float32", (), struct.pack("<f", 1.5)))
+    msg = Wave(1, 2, False, 0, (), (), (), RawTensor("float32", (), struct.pack("<f", 1.5)))
     assert struct.unpack("<f", bytes(decode(encode(msg)).data.data))[0] == 1.5  # type: ignore[attr-defined]
 
 
 def header(**over: object) -> bytes:
-    h = {"v": 1, "type": "prune", "fields": {"request": 1, "step": 2, "committed": [1], "dead": []}, "tensors": []}
+    h = {"v": 1, "type": "prune", "fields": {"request": 1, "step": 2, "seq": 1, "committed": [1], "dead": []}, "tensors": []}
     h.update(over)
     return msgpack.packb(h)
 
@@ -82,11 +82,11 @@ def header(**over: object) -> bytes:
         ([msgpack.packb([1, 2])], "must be a map"),
         ([header(v=99)], "protocol version"),
         ([header(type="pickle")], "unknown message type"),
-        ([header(fields={"request": "1", "step": 2, "committed": [], "dead": []})], "expected int"),
-        ([header(fields={"request": True, "step": 2, "committed": [], "dead": []})], "expected int"),
-        ([header(fields={"request": 1, "step": 2, "committed": [], "dead": [], "x": 1})], "unknown fields"),
-        ([header(fields={"request": 1, "step": 2, "committed": []})], "missing field"),
-        ([header(fields={"request": 1, "step": 2, "committed": 5, "dead": []})], "expected a list"),
+        ([header(fields={"request": "1", "step": 2, "seq": 1, "committed": [], "dead": []})], "expected int"),
+        ([header(fields={"request": True, "step": 2, "seq": 1, "committed": [], "dead": []})], "expected int"),
+        ([header(fields={"request": 1, "step": 2, "seq": 1, "committed": [], "dead": [], "x": 1})], "unknown fields"),
+        ([header(fields={"request": 1, "step": 2, "seq": 1, "committed": []})], "missing field"),
+        ([header(fields={"request": 1, "step": 2, "seq": 1, "committed": 5, "dead": []})], "expected a list"),
         ([header(), b"extra"], "declares 0 tensors"),
     ],
 )
@@ -96,7 +96,7 @@ def test_malformed_headers_are_rejected(frames: list[bytes], why: str) -> None:
 
 
 def wave_frames(spec: dict[str, object], data: bytes) -> list[bytes]:
-    fields = {"request": 1, "step": 1, "prefix": False, "nodes": [], "parents": [], "positions": []}
+    fields = {"request": 1, "step": 1, "prefix": False, "prune_seq": 0, "nodes": [], "parents": [], "positions": []}
     return [msgpack.packb({"v": 1, "type": "wave", "fields": fields, "tensors": [spec]}), data]
 
 

@@ -87,6 +87,7 @@ class Wave(Message):
     request: int
     step: int
     prefix: bool  # True: committed prompt tokens (causal chunk); False: tree nodes
+    prune_seq: int  # the stage must have applied every Prune up to this seq before computing the wave
     nodes: tuple[int, ...]
     parents: tuple[int, ...]
     positions: tuple[int, ...]
@@ -100,6 +101,7 @@ class Prune(Message):
     kind: ClassVar[str] = "prune"
     request: int
     step: int
+    seq: int  # per request, from 1, in the order the head sent them
     committed: tuple[int, ...]
     dead: tuple[int, ...]
 

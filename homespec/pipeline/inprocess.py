@@ -24,7 +24,8 @@ PREFIX_CHUNK = 256
 @dataclass(frozen=True)
 class DecodeStep:
     verification: Verification
-    wave_size: int
+    wave_size: int  # nodes in the wave these results belong to
+    tick: int  # pipeline steps elapsed when the results were verified (in process: target forwards)
 
 
 class InProcessDecoder:
@@ -50,6 +51,7 @@ class InProcessDecoder:
         committed = list(prompt)
         draft.start(prompt)
         budget = min(tree_cfg.budget, self.max_tree - 1)
+        forwards = 0
         while True:
             draft.propose(tree, committed, budget)
             wave = tree.in_state(NodeState.DRAFTED)
@@ -65,7 +67,8 @@ class InProcessDecoder:
                 cache.commit(v.committed, v.dead)
             committed.extend(v.emitted)
             draft.observe(v, committed)
-            yield DecodeStep(v, len(wave))
+            forwards += 1
+            yield DecodeStep(v, len(wave), forwards)
 
     def _prefill(self, tokens: Sequence[int]) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):

@@ -1,0 +1,39 @@
+"""What the head injects at each pipeline step, per decoding mode (DESIGN §4). Pure: stdlib only.
+
+The head runs in lockstep ticks: at tick t it first collects the wave injected at tick t - S (S stages, so the
+pipeline holds up to S waves), verifies and prunes, then asks ``plan_injection`` for the next wave.
+
+- ``pp``: only the root, and only when nothing is in flight: one token per S steps.
+- ``tree``: the whole drafted tree, only when nothing is in flight: (accepted + 1) tokens per S steps.
+- ``specpipe``: every tick, the next depth layer of the tree (top-k by score), or with ``by_score`` the k best
+  nodes whose parents were sent (FlowSpec order): up to one token per step when the true token is always there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from homespec.core.tree import NodeId, NodeState, TokenTree
+
+PipelineMode = Literal["pp", "tree", "specpipe"]
+
+
+def draft_budget(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size: int, tree_budget: int) -> int:
+    """How many draft nodes to add this tick."""
+    if mode == "pp":
+        return 0
+    if mode == "tree":
+        return tree_budget if in_flight == 0 else 0
+    drafted = len(tree.in_state(NodeState.DRAFTED))
+    return max(0, 2 * wave_size - drafted)
+
+
+def choose_wave(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size: int, by_score: bool) -> list[NodeId]:
+    """The nodes to inject this tick (possibly none: a bubble)."""
+    if mode in ("pp", "tree"):
+        if in_flight:
+            return []
+        if mode == "pp":
+            return [tree.root.id] if tree.root.state is NodeState.DRAFTED else []
+        return tree.in_state(NodeState.DRAFTED)
+    return tree.wave_by_score(wave_size) if by_score else tree.wave_by_depth(wave_size)

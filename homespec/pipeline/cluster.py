@@ -1,0 +1,169 @@
+"""A local cluster: S stage processes on this machine, wired over ``ipc://`` sockets in a private folder.
+
+The head binds ``results`` (PULL: Results from the last stage), ``report`` (PULL: pongs, stats, failures from every
+stage) and ``control`` (PUB: Start, Prune, Abort, Heartbeat, Shutdown); each stage binds its ``in`` (PULL). The
+cluster owns the processes: ``close()`` (also on exit, Ctrl-C or a crash of any stage) shuts them down, kills what
+does not stop, and removes the sockets' folder, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import zmq
+
+from homespec.core.messages import Assign, Failure, Heartbeat, Message, Shutdown
+from homespec.errors import PeerLostError
+from homespec.transport.codec import decode, encode
+
+READY_TIMEOUT_S = 120.0
+
+
+def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+class LocalCluster:
+    def __init__(self, assigns: Sequence[Assign]) -> None:
+        self.assigns = list(assigns)
+        self.size = len(assigns)
+        self._dir = tempfile.mkdtemp(prefix="homespec-")
+        self.ctx = zmq.Context.instance()
+        addr = {name: f"ipc://{self._dir}/{name}" for name in ("results", "report", "control")}
+        self.results = self._bind(zmq.PULL, addr["results"])
+        self.report = self._bind(zmq.PULL, addr["report"])
+        self.control = self._bind(zmq.PUB, addr["control"])
+        ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
+        self.first = self.ctx.socket(zmq.PUSH)
+        self.first.setsockopt(zmq.LINGER, 0)
+        self.first.connect(ins[0])
+        self.procs: list[subprocess.Popen[bytes]] = []
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        for i, a in enumerate(self.assigns):
+            addresses = {
+                "in": ins[i],
+                "out": ins[i + 1] if i + 1 < self.size else addr["results"],
+                "control": addr["control"],
+                "report": addr["report"],
+            }
+            cmd = [sys.executable, "-m", "homespec.pipeline.worker", "--assign", json.dumps(asdict(a))]
+            self.procs.append(subprocess.Popen([*cmd, "--addresses", json.dumps(addresses)], env=env))
+        atexit.register(self.close)
+        self._wait_ready()
+
+    def _bind(self, kind: int, address: str) -> Any:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address)
+        return sock
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def _wait_ready(self) -> None:
+        """Every stage said it loaded; then ping on control until every stage answers (SUB is connected)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        ready: set[int] = set()
+        while len(ready) < self.size:
+            msg = self.recv_report(deadline)
+            if isinstance(msg, Heartbeat):
+                ready.add(msg.sender)
+        self.sync(seq=-1, deadline=deadline)
+
+    def sync(self, seq: int, deadline: float) -> None:
+        """Broadcast a ping until every stage echoes ``seq``."""
+        answered: set[int] = set()
+        while len(answered) < self.size:
+            self.broadcast(Heartbeat(sender=-1, seq=seq))
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end and len(answered) < self.size:
+                msg = self.recv_report(deadline, wait_s=0.05)
+                if isinstance(msg, Heartbeat) and msg.seq == seq:
+                    answered.add(msg.sender)
+
+    def close(self) -> None:
+        if not self.procs:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.broadcast(Shutdown("head closing"))
+        deadline = time.monotonic() + 3.0
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        self.procs = []
+        for s in (self.results, self.report, self.control, self.first):
+            s.close(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            code = p.poll()
+            if code is not None:
+                raise PeerLostError(
+                    f"stage {i} (pid {p.pid}, layers {self.assigns[i].layer_start}-{self.assigns[i].layer_end}) "
+                    f"exited with code {code}",
+                    hint="see the stage's log above; the request was cancelled",
+                )
+
+    # -- messaging -----------------------------------------------------------------------------------------
+    def send_first(self, msg: Message) -> None:
+        self.first.send_multipart(encode(msg), copy=False)
+
+    def broadcast(self, msg: Message) -> None:
+        self.control.send_multipart(encode(msg), copy=False)
+
+    def recv_result(self, deadline: float) -> Message:
+        """The next message from the last stage; PeerLostError if a stage dies, fails or the deadline passes."""
+        msg = self._recv(self.results, deadline)
+        if msg is None:
+            raise PeerLostError("no result from the pipeline in time", hint="a stage may be hung or overloaded")
+        return msg
+
+    def recv_report(self, deadline: float, wait_s: float | None = None) -> Message | None:
+        """The next pong/stats message from any stage, or None once ``wait_s`` (or the deadline) passes."""
+        end = deadline if wait_s is None else min(deadline, time.monotonic() + wait_s)
+        msg = self._recv(self.report, end)
+        if msg is None and wait_s is None:
+            raise PeerLostError("the stages did not answer in time", hint="a stage may be hung or still loading")
+        return msg
+
+    def _recv(self, sock: Any, deadline: float) -> Message | None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if sock is not self.report:
+            poller.register(self.report, zmq.POLLIN)
+        while True:
+            timeout = max(0.0, min(0.1, deadline - time.monotonic()))
+            events = dict(poller.poll(int(timeout * 1000)))
+            if self.report in events:
+                msg = decode(self.report.recv_multipart(copy=False))
+                if isinstance(msg, Failure):
+                    raise PeerLostError(f"stage {msg.stage} failed request {msg.request}: {msg.message}")
+                if sock is self.report:
+                    return msg
+            if sock in events and sock is not self.report:
+                return decode(sock.recv_multipart(copy=False))
+            self.check_alive()
+            if time.monotonic() >= deadline:
+                return None

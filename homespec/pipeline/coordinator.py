@@ -1,0 +1,96 @@
+"""The head of a pipeline: performs ``core.schedule``'s decisions across stage processes (DESIGN §4.1).
+
+Lockstep ticks: at tick t the head collects the Result of the wave injected at tick t - S, verifies, broadcasts a
+Prune (pruning propagation), lets the draft source expand the tree, and injects the next wave into stage 1. Step
+counts are therefore deterministic for a given prompt, seed, mode and S; wall time is whatever the stages take.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from homespec.config import SamplingConfig, TreeConfig
+from homespec.core.messages import Abort, Prune, Result, Start, Wave
+from homespec.core.schedule import PipelineMode, choose_wave, draft_budget
+from homespec.core.tree import NodeId, TokenTree
+from homespec.errors import PeerLostError
+from homespec.model.drafts.base import DraftSource
+from homespec.pipeline.cluster import LocalCluster
+from homespec.pipeline.frames import to_raw
+from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep
+
+RESULT_TIMEOUT_S = 10.0
+
+
+class PipelineDecoder:
+    def __init__(self, cluster: LocalCluster, mode: PipelineMode, wave_size: int = 4, by_score: bool = False) -> None:
+        self.cluster, self.mode, self.wave_size, self.by_score = cluster, mode, wave_size, by_score
+        self.stages = cluster.size
+        self._ids = itertools.count(1)
+
+    def decode(
+        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
+    ) -> Iterator[DecodeStep]:
+        """Yield a DecodeStep each time a wave's results are verified; the caller stops when it has enough."""
+        req = next(self._ids)
+        c = self.cluster
+        c.broadcast(Start(req, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed))
+        try:
+            c.sync(seq=req, deadline=time.monotonic() + RESULT_TIMEOUT_S)
+            self._prefill(req, prompt[:-1])
+            yield from self._ticks(req, prompt, draft, tree_cfg)
+        finally:
+            c.broadcast(Abort(req, "finished"))
+
+    def _prefill(self, req: int, tokens: Sequence[int]) -> None:
+        for a in range(0, len(tokens), PREFIX_CHUNK):
+            chunk = list(tokens[a : a + PREFIX_CHUNK])
+            data = to_raw(torch.tensor(chunk, dtype=torch.int64))
+            positions = tuple(range(a, a + len(chunk)))
+            self.cluster.send_first(Wave(req, -1, True, 0, (), (), positions, data))
+
+    def _ticks(self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig) -> Iterator[DecodeStep]:
+        tree = TokenTree(prompt[-1], len(prompt) - 1)
+        committed = list(prompt)
+        draft.start(prompt)
+        in_flight: deque[tuple[int, list[NodeId]]] = deque()
+        prune_seq = 0
+        for tick in itertools.count():
+            if in_flight and in_flight[0][0] <= tick - self.stages:
+                sent_at, wave = in_flight.popleft()
+                self._collect(req, sent_at, tree)
+                v = tree.verify()
+                if v.committed or v.dead:
+                    prune_seq += 1
+                    self.cluster.broadcast(Prune(req, tick, prune_seq, v.committed, v.dead))
+                committed.extend(v.emitted)
+                draft.observe(v, committed)
+                yield DecodeStep(v, len(wave), tick)
+            budget = draft_budget(self.mode, tree, len(in_flight), self.wave_size, tree_cfg.budget)
+            if budget:
+                draft.propose(tree, committed, budget)
+            wave = choose_wave(self.mode, tree, len(in_flight), self.wave_size, self.by_score)
+            if wave:
+                tree.mark_sent(wave)
+                rows = tree.rows(wave)
+                data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
+                parents = tuple(r.parent for r in rows)
+                positions = tuple(r.position for r in rows)
+                self.cluster.send_first(Wave(req, tick, False, prune_seq, tuple(wave), parents, positions, data))
+                in_flight.append((tick, wave))
+
+    def _collect(self, req: int, sent_at: int, tree: TokenTree) -> None:
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while True:
+            msg = self.cluster.recv_result(deadline)
+            if isinstance(msg, Result) and msg.request == req:
+                break  # results of an earlier, abandoned request are skipped
+        if msg.step != sent_at:
+            raise PeerLostError(f"pipeline out of order: result of step {msg.step}, expected {sent_at}")
+        for node, token in zip(msg.nodes, msg.next_tokens, strict=True):
+            tree.set_result(node, token)

@@ -1,0 +1,254 @@
+"""A stage process: layers [a, b) of the target behind ZeroMQ sockets (DESIGN §4.1, §7).
+
+Sockets: ``in`` (PULL, bound) receives waves from the previous stage or the head; ``out`` (PUSH) sends hidden
+states to the next stage, or Results to the head from the last stage; ``control`` (SUB) receives Start, Prune,
+Abort, Heartbeat and Shutdown broadcast by the head; ``report`` (PUSH to the head) carries pongs, stats and
+failures.
+
+Every step: receive a wave -> apply every prune it depends on (``prune_seq``) -> drop rows that are dead -> run the
+surviving rows with the tree mask -> send on. The loop survives anything a peer sends: a malformed message is
+logged, counted and dropped, and a failure inside one request becomes a ``Failure`` message for the head, not a
+crash. The stage exits on Shutdown, or when its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("homespec.worker")
+
+POLL_MS = 200
+
+
+@dataclass
+class _Request:
+    cache: Any  # TreeKVCache
+    sampling: Any  # SamplingConfig
+    pruned_seq: int = 0
+    dead: set[int] = field(default_factory=set)
+
+
+class StageWorker:
+    def __init__(self, assign: Any, addresses: dict[str, str]) -> None:
+        import torch
+        import zmq
+
+        from homespec.model.loader import resolve
+        from homespec.model.stage import Stage, parse_dtype
+
+        torch.set_num_threads(int(os.environ.get("HOMESPEC_STAGE_THREADS", "1")))
+        torch.set_grad_enabled(False)
+        self.assign = assign
+        source = resolve(assign.model or None)
+        self.stage = Stage(
+            source, assign.layer_start, assign.layer_end, dtype=parse_dtype(assign.dtype), device=assign.device
+        )
+        self.first = assign.stage == 0
+        self.last = assign.stage == assign.num_stages - 1
+        self.requests: dict[int, _Request] = {}
+        self.bad_messages = self.steps = self.rows = self.dropped = 0
+        self.busy_s = 0.0
+        ctx = zmq.Context.instance()
+        self.inp = ctx.socket(zmq.PULL)
+        self.inp.bind(addresses["in"])
+        self.out = ctx.socket(zmq.PUSH)
+        self.out.connect(addresses["out"])
+        self.control = ctx.socket(zmq.SUB)
+        self.control.setsockopt(zmq.SUBSCRIBE, b"")
+        self.control.connect(addresses["control"])
+        self.report = ctx.socket(zmq.PUSH)
+        self.report.connect(addresses["report"])
+        for s in (self.out, self.report):
+            s.setsockopt(zmq.LINGER, 2000)
+            s.setsockopt(zmq.SNDHWM, 64)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.inp, zmq.POLLIN)
+        self._parent = os.getppid()
+        self._running = True
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        from homespec.core.messages import Heartbeat
+
+        self._send(self.report, Heartbeat(sender=self.assign.stage, seq=0))  # ready
+        while self._running:
+            events = dict(self.poller.poll(POLL_MS))
+            if not events and os.getppid() != self._parent:
+                log.warning("stage %d: head process is gone; exiting", self.assign.stage)
+                break
+            if self.control in events:
+                self._drain_control()
+            if self.inp in events and self._running:
+                msg = self._recv(self.inp)
+                if msg is not None:
+                    self._on_data(msg)
+
+    def _recv(self, sock: Any) -> Any:
+        from homespec.errors import TransportError
+        from homespec.transport.codec import decode
+
+        frames = sock.recv_multipart(copy=False)
+        try:
+            return decode(frames)
+        except TransportError as exc:
+            self.bad_messages += 1
+            log.warning("stage %d: dropped a malformed message: %s", self.assign.stage, exc)
+            return None
+
+    def _send(self, sock: Any, msg: Any) -> None:
+        from homespec.transport.codec import encode
+
+        sock.send_multipart(encode(msg), copy=False)
+
+    def _drain_control(self) -> None:
+        import zmq
+
+        while self.control.poll(0, zmq.POLLIN):
+            msg = self._recv(self.control)
+            if msg is not None:
+                self._on_control(msg)
+
+    def _on_control(self, msg: Any) -> None:
+        from homespec.config import SamplingConfig
+        from homespec.core import messages as m
+
+        if isinstance(msg, m.Start):
+            sampling = SamplingConfig(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+            cache = self.stage.new_cache(self.assign.max_context, self.assign.max_tree)
+            self.requests[msg.request] = _Request(cache, sampling)
+        elif isinstance(msg, m.Prune):
+            req = self.requests.get(msg.request)
+            if req is not None:
+                self._guarded(msg.request, lambda: self._apply_prune(req, msg))
+        elif isinstance(msg, m.Abort):
+            self.requests.pop(msg.request, None)
+        elif isinstance(msg, m.Heartbeat):
+            self._send(self.report, m.Heartbeat(sender=self.assign.stage, seq=msg.seq))
+        elif isinstance(msg, m.Shutdown):
+            self._running = False
+        else:
+            self.bad_messages += 1
+
+    def _apply_prune(self, req: _Request, msg: Any) -> None:
+        req.dead.update(msg.dead)
+        req.cache.commit(msg.committed, msg.dead)
+        req.pruned_seq = max(req.pruned_seq, msg.seq)
+
+    def _on_data(self, msg: Any) -> None:
+        from homespec.core.messages import Wave
+
+        if not isinstance(msg, Wave):
+            self.bad_messages += 1
+            return
+        req = self.requests.get(msg.request)
+        if req is None:
+            return  # aborted or finished: drop quietly
+        while req.pruned_seq < msg.prune_seq and self._running and msg.request in self.requests:
+            if self.control.poll(POLL_MS):
+                self._drain_control()
+        if msg.request in self.requests:
+            self._guarded(msg.request, lambda: self._compute(req, msg))
+
+    def _guarded(self, request: int, fn: Any) -> None:
+        from homespec.core.messages import Failure
+
+        try:
+            fn()
+        except Exception as exc:  # one request's failure must not kill the stage
+            log.exception("stage %d: request %d failed", self.assign.stage, request)
+            self.requests.pop(request, None)
+            self._send(self.report, Failure(self.assign.stage, request, f"{type(exc).__name__}: {exc}"))
+
+    # -- computing -----------------------------------------------------------------------------------------
+    def _compute(self, req: _Request, msg: Any) -> None:
+        from homespec.core.tree import WaveRow
+        from homespec.pipeline.frames import from_raw
+
+        started = time.perf_counter()
+        x = from_raw(msg.data, self.stage.device)  # [n] tokens or [n, hidden]
+        if msg.prefix:
+            out = self.stage.forward_prefix(req.cache, x, msg.positions)
+            nodes: tuple[int, ...] = ()
+            rows = []
+        else:
+            keep = []
+            for i, (node, parent) in enumerate(zip(msg.nodes, msg.parents, strict=True)):
+                if node in req.dead or parent in req.dead:
+                    req.dead.add(node)
+                else:
+                    keep.append(i)
+            self.dropped += len(msg.nodes) - len(keep)
+            if len(keep) < len(msg.nodes):
+                x = x[keep]
+            rows = [WaveRow(msg.nodes[i], msg.parents[i], 0, msg.positions[i]) for i in keep]  # type: ignore[arg-type]
+            nodes = tuple(r.node for r in rows)
+            out = self.stage.forward_tree(req.cache, rows, x) if rows else x
+        self.steps += 1
+        self.rows += len(msg.positions)
+        self._emulate_stage(started)
+        self.busy_s += time.perf_counter() - started
+        self._forward(req, msg, out, nodes, rows)
+
+    def _forward(self, req: _Request, msg: Any, out: Any, nodes: tuple[int, ...], rows: list[Any]) -> None:
+        from homespec.core.messages import Result, Wave
+        from homespec.model.sampling import next_tokens, top_logprobs
+        from homespec.pipeline.frames import to_raw
+
+        if not self.last:
+            data = to_raw(out)
+            self._emulate_link(len(data.data))
+            parents = tuple(r.parent for r in rows) if not msg.prefix else msg.parents
+            positions = tuple(r.position for r in rows) if not msg.prefix else msg.positions
+            nodes_out = nodes if not msg.prefix else msg.nodes
+            self._send(
+                self.out, Wave(msg.request, msg.step, msg.prefix, msg.prune_seq, nodes_out, parents, positions, data)
+            )
+            return
+        if msg.prefix:
+            return
+        tokens = next_tokens(out, [r.position for r in rows], req.sampling) if rows else []
+        top_t, top_lp = top_logprobs(out, 4) if rows else (out.new_zeros((0, 4)).long(), out.new_zeros((0, 4)))
+        self._emulate_link(64 * max(len(rows), 1))
+        self._send(
+            self.out, Result(msg.request, msg.step, nodes, tuple(tokens), to_raw(top_t.long()), to_raw(top_lp.float()))
+        )
+
+    def _emulate_stage(self, started: float) -> None:
+        if self.assign.stage_time_ms > 0:
+            left = self.assign.stage_time_ms / 1000 - (time.perf_counter() - started)
+            if left > 0:
+                time.sleep(left)
+
+    def _emulate_link(self, nbytes: int) -> None:
+        delay = self.assign.link_latency_ms / 1000
+        if self.assign.link_mb_per_s > 0:
+            delay += nbytes / (self.assign.link_mb_per_s * 1e6)
+        if delay > 0:
+            time.sleep(delay)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a local stage process: ``python -m homespec.pipeline.worker --assign JSON --addresses JSON``."""
+    from homespec.core.messages import Assign
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--assign", required=True)
+    parser.add_argument("--addresses", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HOMESPEC_LOG", "WARNING").upper(), format="%(levelname)s %(message)s")
+    assign = Assign(**json.loads(args.assign))
+    worker = StageWorker(assign, json.loads(args.addresses))
+    worker.run()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
