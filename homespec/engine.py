@@ -40,6 +40,7 @@ class EngineOptions:
     stages: int = 1  # stage processes for the pipelined modes
     wave_size: int = 4  # specpipe: nodes injected per step
     by_score: bool = False  # specpipe: FlowSpec score-ordered waves instead of depth layers
+    emulate: str | None = None  # a profile (profiles/*.json): pad stages and links to its modeled times
 
 
 class Engine:
@@ -48,8 +49,7 @@ class Engine:
 
         from homespec.model.drafts import build_draft
         from homespec.model.loader import resolve
-        from homespec.model.stage import Stage, parse_dtype
-        from homespec.pipeline.inprocess import InProcessDecoder
+        from homespec.model.stage import parse_dtype
 
         if options.mode not in IMPLEMENTED_MODES:
             raise ConfigError(f"mode {options.mode!r} is not available here", hint=f"use {IMPLEMENTED_MODES}")
@@ -63,40 +63,59 @@ class Engine:
         if options.mode == "ar":
             if not (1 <= options.split <= total):
                 raise ConfigError(f"split must be in [1, {total}], got {options.split}")
-            bounds = [round(i * total / options.split) for i in range(options.split + 1)]
-            stages = [
-                Stage(self.source, a, b, dtype=dtype, device=options.device) for a, b in itertools.pairwise(bounds)
-            ]
-            self.decoder: Any = InProcessDecoder(stages, max_context=options.max_context)
+            self.decoder: Any = self._in_process(options.split)
         else:
             self.decoder = self._pipeline(options, total)
-        self.draft = build_draft(
-            options.draft,
-            self.source,
-            self.tokenizer,
-            options.tree,
-            dtype,
-            options.device,
-            options.max_context,
+        self._build_draft = lambda spec: build_draft(
+            spec, self.source, self.tokenizer, options.tree, dtype, options.device, options.max_context
         )
+        self._drafts = {options.draft: self._build_draft(options.draft)}
+        self._decoders = {options.mode: self.decoder}
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
+
+    def _in_process(self, split: int) -> Any:
+        from homespec.model.stage import Stage, parse_dtype
+        from homespec.pipeline.inprocess import InProcessDecoder
+
+        o = self.options
+        bounds = [round(i * self.source.num_layers / split) for i in range(split + 1)]
+        stages = [
+            Stage(self.source, a, b, dtype=parse_dtype(o.dtype), device=o.device) for a, b in itertools.pairwise(bounds)
+        ]
+        return InProcessDecoder(stages, max_context=o.max_context)
 
     def _pipeline(self, options: EngineOptions, total: int) -> Any:
         from homespec.core.messages import Assign
         from homespec.pipeline.cluster import LocalCluster, even_split
-        from homespec.pipeline.coordinator import PipelineDecoder
 
         if not (1 <= options.stages <= total):
             raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")
         if not (1 <= options.wave_size <= 64):
             raise ConfigError(f"wave size must be in [1, 64], got {options.wave_size}")
         model = "" if options.model is None else str(self.source.folder)
-        assigns = [
-            Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512)
-            for i, (a, b) in enumerate(even_split(total, options.stages))
-        ]
+        self.timings: list[Any] = []
+        if options.emulate:
+            from homespec.pipeline.emulate import load_profile, stage_timings
+
+            self.timings = stage_timings(load_profile(options.emulate), options.stages)
+        assigns = []
+        for i, (a, b) in enumerate(even_split(total, options.stages)):
+            t = self.timings[i] if self.timings else None
+            emu = (t.base_ms, t.ms_per_row, t.link_ms, t.link_ms_per_row) if t else (0.0, 0.0, 0.0, 0.0)
+            assigns.append(
+                Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512, *emu)
+            )
         self.cluster = LocalCluster(assigns)
-        return PipelineDecoder(self.cluster, options.mode, options.wave_size, options.by_score)  # type: ignore[arg-type]
+        return self._pipeline_decoder(options.mode)
+
+    def _pipeline_decoder(self, mode: str) -> Any:
+        from homespec.pipeline.coordinator import PipelineDecoder
+
+        return PipelineDecoder(self.cluster, mode, self.options.wave_size, self.options.by_score)  # type: ignore[arg-type]
+
+    def modeled_step_ms(self, rows: int = 1) -> float:
+        """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
+        return max((t.step_ms(rows) + t.send_ms(rows) for t in getattr(self, "timings", [])), default=0.0)
 
     def close(self) -> None:
         """Stop the stage processes (pipelined modes); the engine cannot generate afterwards."""
@@ -134,8 +153,34 @@ class Engine:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None) -> Iterator[Event]:
-        """Stream events until EOS or ``max_tokens``; the last event is a GenerationFinished."""
+    @property
+    def draft(self) -> Any:
+        return self._drafts[self.options.draft]
+
+    def _variant(self, mode: str | None, draft: str | None) -> tuple[Any, Any, str]:
+        mode = mode or self.options.mode
+        draft = draft or self.options.draft
+        if draft not in self._drafts:
+            self._drafts[draft] = self._build_draft(draft)
+        if mode not in self._decoders:
+            if mode == "ar":
+                self._decoders[mode] = self._in_process(1)
+            elif self.cluster is None or mode not in IMPLEMENTED_MODES:
+                raise ConfigError(f"mode {mode!r} needs an engine built for it", hint="make another Engine")
+            else:
+                self._decoders[mode] = self._pipeline_decoder(mode)
+        return self._decoders[mode], self._drafts[draft], mode
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        mode: Mode | None = None,
+        draft: str | None = None,
+    ) -> Iterator[Event]:
+        """Stream events until EOS or ``max_tokens``; the last event is a GenerationFinished. ``mode`` and
+        ``draft`` override the engine's for this request (pipelined modes share the engine's stages)."""
+        decoder, draft_source, mode_name = self._variant(mode, draft)
         config = config or GenerationConfig()
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
@@ -150,8 +195,8 @@ class Engine:
         text = ""
         steps = forwards = accepted = 0
         reason: FinishReason = "length"
-        draft_forwards0 = getattr(self.draft, "forwards", 0)
-        for step in self.decoder.decode(prompt_ids, self.draft, config.sampling, config.tree):
+        draft_forwards0 = getattr(draft_source, "forwards", 0)
+        for step in decoder.decode(prompt_ids, draft_source, config.sampling, config.tree):
             forwards += 1
             steps = step.tick
             v = step.verification
@@ -174,17 +219,17 @@ class Engine:
         wall = time.perf_counter() - start
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         stats = GenerationStats(
-            mode=self.options.mode,
-            draft=self.draft.name,
+            mode=mode_name,
+            draft=draft_source.name,
             prompt_tokens=len(prompt_ids),
             tokens=len(out),
             target_forwards=forwards,
             tokens_per_forward=len(out) / forwards if forwards else 0.0,
             steps=steps,
             tokens_per_step=len(out) / steps if steps else 0.0,
-            stages=self.options.stages if self.options.mode != "ar" else self.options.split,
+            stages=self.options.stages if mode_name != "ar" else self.options.split,
             accepted_per_step=accepted / forwards if forwards else 0.0,
-            draft_forwards=getattr(self.draft, "forwards", 0) - draft_forwards0,
+            draft_forwards=getattr(draft_source, "forwards", 0) - draft_forwards0,
             wall_s=wall,
             tokens_per_s=len(out) / wall if wall > 0 else 0.0,
         )

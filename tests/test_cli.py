@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from homespec.cli.main import app
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench-dev.jsonl"
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 runner = CliRunner()
 
 
@@ -85,3 +86,31 @@ def test_generate_streams_text_to_stdout() -> None:
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip()) > 10
     assert "tokens/forward" in out.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_stages_reports_steps(tmp_path: Path) -> None:
+    out = homespec(
+        "generate", "What is 2 + 2?", "--stages", "2", "--mode", "pp", "-n", "8", "--json", "--draft", "none"
+    )
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout.strip().splitlines()[-1])["stats"]
+    assert stats["mode"] == "pp" and stats["stages"] == 2
+    assert stats["steps"] == 2 * stats["tokens"] and stats["tokens_per_step"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_bench_runs_every_mode_in_one_run(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"turns": ["Repeat after me: one two three, one two three."]}) + "\n")
+    out = homespec(
+        "bench", "--stages", "3", "--prompts", str(prompts), "--max-tokens", "12", "--emulate",
+        str(PROFILES / "home-8x3090-1gbe.json"), "--json", str(tmp_path / "rows.json"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = {(r["mode"], r["draft"]): r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {("ar", "none"), ("pp", "none"), ("tree", "ngram"), ("specpipe", "ngram")}
+    pp = rows[("pp", "none")]
+    assert pp["steps"] == 3 * pp["tokens"] and pp["speedup_vs_pp"] == pytest.approx(1.0)
+    assert rows[("ar", "none")]["tokens"] == pp["tokens"] == rows[("specpipe", "ngram")]["tokens"]
+    assert rows[("specpipe", "ngram")]["predicted_tbt_ms"] > 0

@@ -31,7 +31,7 @@ def raw(dtype: str, shape: tuple[int, ...], fill: int = 7) -> RawTensor:
 
 
 SAMPLES = [
-    Assign(0, 2, "/models/x", 0, 15, "float32", "cpu", 4096, 256, 12.5, 0.4, 117.0),
+    Assign(0, 2, "/models/x", 0, 15, "float32", "cpu", 4096, 256, 12.5, 0.4, 0.3, 0.14),
     Wave(3, 9, False, 1, (5, 6), (-1, 5), (40, 41), raw("float32", (2, 576))),
     Wave(3, 0, True, 0, (), (), (), raw("int64", (0,))),
     Prune(3, 9, 1, (5, 6), (7, 8, 9)),
@@ -69,7 +69,8 @@ def test_zero_dim_tensor_round_trips() -> None:
 
 
 def header(**over: object) -> bytes:
-    h = {"v": 1, "type": "prune", "fields": {"request": 1, "step": 2, "seq": 1, "committed": [1], "dead": []}, "tensors": []}
+    fields = {"request": 1, "step": 2, "seq": 1, "committed": [1], "dead": []}
+    h = {"v": 1, "type": "prune", "fields": fields, "tensors": []}
     h.update(over)
     return msgpack.packb(h)
 

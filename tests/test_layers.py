@@ -44,6 +44,15 @@ def test_model_layer_never_imports_transport_pipeline_or_faces() -> None:
 
 def test_core_passes_mypy_strict() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", str(PACKAGE / "core")], capture_output=True, text=True
+        [sys.executable, "-m", "mypy", "--strict", str(PACKAGE / "core"), str(PACKAGE / "transport")],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_transport_never_imports_torch_or_model() -> None:
+    for file in (PACKAGE / "transport").rglob("*.py"):
+        source = file.read_text()
+        for name in ("torch", "transformers", "homespec.model"):
+            assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"

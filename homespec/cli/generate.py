@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,7 +16,12 @@ from homespec.model.drafts import DRAFT_SPECS
 
 def generate(
     args: Annotated[list[str], typer.Argument(help="[MODEL] PROMPT: MODEL is a folder, .gguf or repo id")],
-    mode: Annotated[str, typer.Option(help="decoding mode (ar: one process)")] = "ar",
+    mode: Annotated[
+        str | None, typer.Option(help="ar | pp | tree | specpipe (default: ar, or specpipe with --stages > 1)")
+    ] = None,
+    stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes for pp/tree/specpipe")] = 1,
+    wave_size: Annotated[int, typer.Option("--wave-size", help="specpipe: nodes injected per step")] = 4,
+    by_score: Annotated[bool, typer.Option("--by-score", help="specpipe: FlowSpec score-ordered waves")] = False,
     draft: Annotated[str, typer.Option(help=f"draft source: {DRAFT_SPECS}")] = "ngram",
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
@@ -45,32 +50,25 @@ def generate(
             tree=TreeConfig(budget=tree_budget, depth=tree_depth, width=tree_width),
         )
         from homespec.engine import Engine, EngineOptions
-        from homespec.events import GenerationFinished, TokensCommitted
 
         engine = Engine(
             EngineOptions(
                 model=model,
                 draft=draft,
-                mode=mode,  # type: ignore[arg-type]  # validated by Engine
+                mode=(mode or ("specpipe" if stages > 1 else "ar")),  # type: ignore[arg-type]  # Engine validates
+                stages=stages,
+                wave_size=wave_size,
+                by_score=by_score,
                 dtype=dtype,
                 device=device,
                 max_context=max_context,
                 tree=config.tree,
             )
         )
-        ids = engine.encode(prompt, chat)
-        for event in engine.generate(ids, config):
-            if isinstance(event, TokensCommitted) and not as_json:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            elif isinstance(event, GenerationFinished):
-                finished = event
+        with engine:
+            finished = _run(engine, engine.encode(prompt, chat), config, as_json)
         if as_json:
-            payload = {
-                "text": finished.text,
-                "tokens": list(finished.tokens),
-                "finish_reason": finished.reason,
-            }
+            payload = {"text": finished.text, "tokens": list(finished.tokens), "finish_reason": finished.reason}
             payload["stats"] = finished.stats.as_dict()
             typer.echo(json.dumps(payload))
         else:
@@ -79,6 +77,20 @@ def generate(
             s = finished.stats
             typer.echo(
                 f"{s.tokens} tokens in {s.wall_s:.2f}s ({s.tokens_per_s:.1f} tok/s), {s.target_forwards} target "
-                f"forwards, {s.tokens_per_forward:.2f} tokens/forward, draft {s.draft}",
+                f"forwards ({s.tokens_per_forward:.2f} tokens/forward), {s.steps} steps ({s.tokens_per_step:.2f} "
+                f"tokens/step), mode {s.mode}, {s.stages} stage(s), draft {s.draft}",
                 err=True,
             )
+
+
+def _run(engine: Any, ids: list[int], config: GenerationConfig, as_json: bool) -> Any:
+    from homespec.events import GenerationFinished, TokensCommitted
+
+    finished = None
+    for event in engine.generate(ids, config):
+        if isinstance(event, TokensCommitted) and not as_json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, GenerationFinished):
+            finished = event
+    return finished

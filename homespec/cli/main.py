@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from homespec import __version__
+from homespec.cli.bench import bench
 from homespec.cli.generate import generate
 from homespec.cli.prepare import prepare
 
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command()(generate)
 app.command()(prepare)
+app.command()(bench)
 
 
 @app.command()

@@ -74,9 +74,12 @@ class Assign(Message):
     device: str
     max_context: int
     max_tree: int
-    stage_time_ms: float = 0.0  # emulation: pad each step to this modeled time (0 = off)
-    link_latency_ms: float = 0.0  # emulation: modeled latency of the outgoing link
-    link_mb_per_s: float = 0.0  # emulation: modeled bandwidth of the outgoing link (0 = infinite)
+    # emulation (DESIGN §10; all 0 = off): a step of n rows is padded to max(emu_base_ms, emu_ms_per_row * n),
+    # and sending it on takes emu_link_ms + emu_link_ms_per_row * n
+    emu_base_ms: float = 0.0
+    emu_ms_per_row: float = 0.0
+    emu_link_ms: float = 0.0
+    emu_link_ms_per_row: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class LocalCluster:
         self.results = self._bind(zmq.PULL, addr["results"])
         self.report = self._bind(zmq.PULL, addr["report"])
         self.control = self._bind(zmq.PUB, addr["control"])
-        ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
+        self.inputs = ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
         self.first = self.ctx.socket(zmq.PUSH)
         self.first.setsockopt(zmq.LINGER, 0)
         self.first.connect(ins[0])
@@ -132,6 +132,10 @@ class LocalCluster:
 
     def broadcast(self, msg: Message) -> None:
         self.control.send_multipart(encode(msg), copy=False)
+
+    def broadcast_raw(self, frames: Sequence[bytes]) -> None:
+        """Send arbitrary frames on the control channel (tests of hostile input)."""
+        self.control.send_multipart(list(frames))
 
     def recv_result(self, deadline: float) -> Message:
         """The next message from the last stage; PeerLostError if a stage dies, fails or the deadline passes."""

@@ -193,7 +193,7 @@ class StageWorker:
             out = self.stage.forward_tree(req.cache, rows, x) if rows else x
         self.steps += 1
         self.rows += len(msg.positions)
-        self._emulate_stage(started)
+        self._emulate_stage(started, len(msg.positions))
         self.busy_s += time.perf_counter() - started
         self._forward(req, msg, out, nodes, rows)
 
@@ -204,7 +204,7 @@ class StageWorker:
 
         if not self.last:
             data = to_raw(out)
-            self._emulate_link(len(data.data))
+            self._emulate_link(len(msg.positions))
             parents = tuple(r.parent for r in rows) if not msg.prefix else msg.parents
             positions = tuple(r.position for r in rows) if not msg.prefix else msg.positions
             nodes_out = nodes if not msg.prefix else msg.nodes
@@ -216,21 +216,20 @@ class StageWorker:
             return
         tokens = next_tokens(out, [r.position for r in rows], req.sampling) if rows else []
         top_t, top_lp = top_logprobs(out, 4) if rows else (out.new_zeros((0, 4)).long(), out.new_zeros((0, 4)))
-        self._emulate_link(64 * max(len(rows), 1))
+        self._emulate_link(0)
         self._send(
             self.out, Result(msg.request, msg.step, nodes, tuple(tokens), to_raw(top_t.long()), to_raw(top_lp.float()))
         )
 
-    def _emulate_stage(self, started: float) -> None:
-        if self.assign.stage_time_ms > 0:
-            left = self.assign.stage_time_ms / 1000 - (time.perf_counter() - started)
-            if left > 0:
-                time.sleep(left)
+    def _emulate_stage(self, started: float, rows: int) -> None:
+        a = self.assign
+        modeled = max(a.emu_base_ms, a.emu_ms_per_row * rows) / 1000
+        left = modeled - (time.perf_counter() - started)
+        if left > 0:
+            time.sleep(left)
 
-    def _emulate_link(self, nbytes: int) -> None:
-        delay = self.assign.link_latency_ms / 1000
-        if self.assign.link_mb_per_s > 0:
-            delay += nbytes / (self.assign.link_mb_per_s * 1e6)
+    def _emulate_link(self, rows: int) -> None:
+        delay = (self.assign.emu_link_ms + self.assign.emu_link_ms_per_row * rows) / 1000
         if delay > 0:
             time.sleep(delay)
 

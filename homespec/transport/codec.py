@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from homespec.core.messages import (
     PROTOCOL_VERSION,

@@ -78,6 +78,7 @@ class ModelDraft(DraftSource):
         return added
 
     def observe(self, verification: Verification, committed: Sequence[int]) -> None:
+        """Keep the accepted nodes this draft computed (a prefix of the path) and the surviving subtree."""
         assert self.cache is not None
         cache = self.cache
         path: list[int] = []
@@ -85,7 +86,10 @@ class ModelDraft(DraftSource):
             if node not in cache.slot_of:
                 break
             path.append(node)
-        cache.commit(path, dead=[i for i in cache.tree_ids if i not in path])
+        if len(path) < len(verification.committed):
+            cache.commit(path, dead=list(cache.tree_ids))  # the prefix will be caught up from the tokens
+        else:
+            cache.commit(path, dead=verification.dead)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _catch_up(self, committed: Sequence[int]) -> TreeKVCache:
@@ -94,9 +98,9 @@ class ModelDraft(DraftSource):
             self.start(committed)
         assert self.cache is not None
         cache = self.cache
-        if cache.tree_len:
-            cache.drop(list(cache.tree_ids))
         target = len(committed) - 1
+        if cache.prefix_len < target and cache.tree_len:
+            cache.drop(list(cache.tree_ids))
         while cache.prefix_len < target:
             a = cache.prefix_len
             b = min(target, a + _PREFIX_CHUNK)
