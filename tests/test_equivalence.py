@@ -15,7 +15,7 @@ from tests.conftest import EQUIVALENCE_PROMPTS
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 64
-DRAFTS = ["none", "ngram", "early-exit", "early-exit:8", "model:{truncated}"]
+DRAFTS = ["none", "ngram", "early-exit", "model:{truncated}"]
 
 
 def finish(engine: Any, ids: list[int], config: GenerationConfig) -> GenerationFinished:

@@ -51,6 +51,7 @@ class LocalCluster:
         self.first.setsockopt(zmq.LINGER, 0)
         self.first.connect(ins[0])
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._request_ids = itertools.count(1)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         for i, a in enumerate(self.assigns):
             addresses = {
@@ -125,6 +126,10 @@ class LocalCluster:
                     f"exited with code {code}",
                     hint="see the stage's log above; the request was cancelled",
                 )
+
+    def new_request_id(self) -> int:
+        """Request ids are unique per cluster, so late results of an abandoned request are never mistaken."""
+        return next(self._request_ids)
 
     # -- messaging -----------------------------------------------------------------------------------------
     def send_first(self, msg: Message) -> None:

@@ -31,13 +31,12 @@ class PipelineDecoder:
     def __init__(self, cluster: LocalCluster, mode: PipelineMode, wave_size: int = 4, by_score: bool = False) -> None:
         self.cluster, self.mode, self.wave_size, self.by_score = cluster, mode, wave_size, by_score
         self.stages = cluster.size
-        self._ids = itertools.count(1)
 
     def decode(
         self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
     ) -> Iterator[DecodeStep]:
         """Yield a DecodeStep each time a wave's results are verified; the caller stops when it has enough."""
-        req = next(self._ids)
+        req = self.cluster.new_request_id()
         c = self.cluster
         c.broadcast(Start(req, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed))
         try:
