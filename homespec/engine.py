@@ -196,7 +196,8 @@ class Engine:
         steps = forwards = accepted = 0
         reason: FinishReason = "length"
         draft_forwards0 = getattr(draft_source, "forwards", 0)
-        for step in decoder.decode(prompt_ids, draft_source, config.sampling, config.tree):
+        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, config.tree)
+        for step in steps_iter:
             forwards += 1
             steps = step.tick
             v = step.verification
@@ -216,6 +217,7 @@ class Engine:
             text = stable
             if reason == "eos" or len(out) >= config.max_tokens:
                 break
+        steps_iter.close()  # ends the request on every stage now, not at garbage collection
         wall = time.perf_counter() - start
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         stats = GenerationStats(
@@ -232,6 +234,7 @@ class Engine:
             draft_forwards=getattr(draft_source, "forwards", 0) - draft_forwards0,
             wall_s=wall,
             tokens_per_s=len(out) / wall if wall > 0 else 0.0,
+            busy_fraction=tuple(getattr(decoder, "busy_fraction", ())),
         )
         yield GenerationFinished(reason, text, tuple(out), stats)
 

@@ -43,9 +43,12 @@ class GenerationStats:
     draft_forwards: int
     wall_s: float
     tokens_per_s: float
+    busy_fraction: tuple[float, ...] = ()  # per stage (pipelined modes): busy time / request wall time
 
-    def as_dict(self) -> dict[str, float | int | str]:
-        return dict(self.__dict__)
+    def as_dict(self) -> dict[str, object]:
+        out = dict(self.__dict__)
+        out["busy_fraction"] = list(self.busy_fraction)
+        return out
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ def test_generate_with_stages_reports_steps(tmp_path: Path) -> None:
     stats = json.loads(out.stdout.strip().splitlines()[-1])["stats"]
     assert stats["mode"] == "pp" and stats["stages"] == 2
     assert stats["steps"] == 2 * stats["tokens"] and stats["tokens_per_step"] == pytest.approx(0.5)
+    assert len(stats["busy_fraction"]) == 2 and all(0 < b <= 1 for b in stats["busy_fraction"])
 
 
 @pytest.mark.slow

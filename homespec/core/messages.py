@@ -150,8 +150,11 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True)
 class StageStats(Message):
+    """Stage -> head when a request ends: what the stage did for it."""
+
     kind: ClassVar[str] = "stats"
     stage: int
+    request: int
     steps: int
     busy_s: float
     rows: int

@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from homespec.core.messages import Assign, Failure, Heartbeat, Message, Shutdown
+from homespec.core.messages import Assign, Failure, Heartbeat, Message, Shutdown, StageStats
 from homespec.errors import PeerLostError
 from homespec.transport.codec import decode, encode
 
@@ -126,6 +126,17 @@ class LocalCluster:
                     f"exited with code {code}",
                     hint="see the stage's log above; the request was cancelled",
                 )
+
+    def collect_stats(self, request: int, wait_s: float = 2.0) -> list[StageStats]:
+        """Every stage's StageStats for a finished request (sent on Abort), ordered by stage; missing ones are
+        left out after ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        got: dict[int, StageStats] = {}
+        while len(got) < self.size and time.monotonic() < deadline:
+            msg = self.recv_report(deadline, wait_s=deadline - time.monotonic())
+            if isinstance(msg, StageStats) and msg.request == request:
+                got[msg.stage] = msg
+        return [got[i] for i in sorted(got)]
 
     def new_request_id(self) -> int:
         """Request ids are unique per cluster, so late results of an abandoned request are never mistaken."""

@@ -24,13 +24,14 @@ from homespec.pipeline.cluster import LocalCluster
 from homespec.pipeline.frames import to_raw
 from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep
 
-RESULT_TIMEOUT_S = 10.0
+RESULT_TIMEOUT_S = 30.0  # a hung (not dead) stage; a dead one is seen within 0.1 s
 
 
 class PipelineDecoder:
     def __init__(self, cluster: LocalCluster, mode: PipelineMode, wave_size: int = 4, by_score: bool = False) -> None:
         self.cluster, self.mode, self.wave_size, self.by_score = cluster, mode, wave_size, by_score
         self.stages = cluster.size
+        self.busy_fraction: list[float] = []  # per stage, for the last finished request
 
     def decode(
         self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
@@ -39,12 +40,20 @@ class PipelineDecoder:
         req = self.cluster.new_request_id()
         c = self.cluster
         c.broadcast(Start(req, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed))
+        started = time.perf_counter()
+        ok = False
         try:
             c.sync(seq=req, deadline=time.monotonic() + RESULT_TIMEOUT_S)
             self._prefill(req, prompt[:-1])
             yield from self._ticks(req, prompt, draft, tree_cfg)
+        except GeneratorExit:
+            ok = True  # the caller has all the tokens it wanted
+            raise
         finally:
             c.broadcast(Abort(req, "finished"))
+            if ok:
+                wall = time.perf_counter() - started
+                self.busy_fraction = [min(1.0, s.busy_s / wall) for s in c.collect_stats(req)]
 
     def _prefill(self, req: int, tokens: Sequence[int]) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):

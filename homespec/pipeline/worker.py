@@ -33,6 +33,10 @@ class _Request:
     sampling: Any  # SamplingConfig
     pruned_seq: int = 0
     dead: set[int] = field(default_factory=set)
+    steps: int = 0
+    rows: int = 0
+    dropped: int = 0
+    busy_s: float = 0.0
 
 
 class StageWorker:
@@ -53,8 +57,7 @@ class StageWorker:
         self.first = assign.stage == 0
         self.last = assign.stage == assign.num_stages - 1
         self.requests: dict[int, _Request] = {}
-        self.bad_messages = self.steps = self.rows = self.dropped = 0
-        self.busy_s = 0.0
+        self.bad_messages = 0
         ctx = zmq.Context.instance()
         self.inp = ctx.socket(zmq.PULL)
         self.inp.bind(addresses["in"])
@@ -129,7 +132,12 @@ class StageWorker:
             if req is not None:
                 self._guarded(msg.request, lambda: self._apply_prune(req, msg))
         elif isinstance(msg, m.Abort):
-            self.requests.pop(msg.request, None)
+            req = self.requests.pop(msg.request, None)
+            if req is not None:
+                stats = m.StageStats(
+                    self.assign.stage, msg.request, req.steps, req.busy_s, req.rows, req.dropped, self.bad_messages
+                )
+                self._send(self.report, stats)
         elif isinstance(msg, m.Heartbeat):
             self._send(self.report, m.Heartbeat(sender=self.assign.stage, seq=msg.seq))
         elif isinstance(msg, m.Shutdown):
@@ -185,16 +193,16 @@ class StageWorker:
                     req.dead.add(node)
                 else:
                     keep.append(i)
-            self.dropped += len(msg.nodes) - len(keep)
+            req.dropped += len(msg.nodes) - len(keep)
             if len(keep) < len(msg.nodes):
                 x = x[keep]
             rows = [WaveRow(msg.nodes[i], msg.parents[i], 0, msg.positions[i]) for i in keep]  # type: ignore[arg-type]
             nodes = tuple(r.node for r in rows)
             out = self.stage.forward_tree(req.cache, rows, x) if rows else x
-        self.steps += 1
-        self.rows += len(msg.positions)
+        req.steps += 1
+        req.rows += len(msg.positions)
         self._emulate_stage(started, len(msg.positions))
-        self.busy_s += time.perf_counter() - started
+        req.busy_s += time.perf_counter() - started
         self._forward(req, msg, out, nodes, rows)
 
     def _forward(self, req: _Request, msg: Any, out: Any, nodes: tuple[int, ...], rows: list[Any]) -> None:
