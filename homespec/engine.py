@@ -7,13 +7,13 @@ decoder from ``pipeline/``. It reads the clock only to report wall time.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from homespec.config import GenerationConfig, Mode, TreeConfig
+from homespec.core.planner import even_split
 from homespec.errors import ConfigError
 from homespec.events import (
     Event,
@@ -78,15 +78,15 @@ class Engine:
         from homespec.pipeline.inprocess import InProcessDecoder
 
         o = self.options
-        bounds = [round(i * self.source.num_layers / split) for i in range(split + 1)]
         stages = [
-            Stage(self.source, a, b, dtype=parse_dtype(o.dtype), device=o.device) for a, b in itertools.pairwise(bounds)
+            Stage(self.source, a, b, dtype=parse_dtype(o.dtype), device=o.device)
+            for a, b in even_split(self.source.num_layers, split)
         ]
         return InProcessDecoder(stages, max_context=o.max_context)
 
     def _pipeline(self, options: EngineOptions, total: int) -> Any:
         from homespec.core.messages import Assign
-        from homespec.pipeline.cluster import LocalCluster, even_split
+        from homespec.pipeline.cluster import LocalCluster
 
         if not (1 <= options.stages <= total):
             raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")

@@ -16,10 +16,11 @@ import zmq
 
 from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
 from homespec.core.messages import Assign
+from homespec.core.planner import even_split
 from homespec.errors import PeerLostError
 from homespec.events import GenerationFinished
 from homespec.model.drafts import build_draft
-from homespec.pipeline.cluster import LocalCluster, even_split
+from homespec.pipeline.cluster import LocalCluster
 from homespec.pipeline.coordinator import PipelineDecoder
 from tests.conftest import EQUIVALENCE_PROMPTS
 

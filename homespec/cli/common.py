@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -36,12 +35,3 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
-
-
-def run_guarded(fn: Callable[[], T]) -> T:
-    with user_errors():
-        return fn()
-
-
-def flush() -> None:
-    sys.stdout.flush()

@@ -31,11 +31,6 @@ from homespec.transport.codec import decode, encode
 READY_TIMEOUT_S = 120.0
 
 
-def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    return list(itertools.pairwise(bounds))
-
-
 class LocalCluster:
     def __init__(self, assigns: Sequence[Assign]) -> None:
         self.assigns = list(assigns)
