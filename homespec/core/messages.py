@@ -7,6 +7,7 @@ types before anything is built, so a malformed header raises ``ValueError`` and 
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -57,7 +58,7 @@ class Message:
     kind: ClassVar[str] = ""
 
     def tensors(self) -> tuple[RawTensor, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if _is_tensor_field(type(self), f.name))
+        return tuple(getattr(self, name) for name in tensor_names(type(self)))
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ REGISTRY: dict[str, type[Message]] = {
 }
 
 
+@functools.cache
 def _hints(cls: type[Message]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls)  # slow (evaluates the annotations): once per class
 
 
 def _is_tensor_field(cls: type[Message], name: str) -> bool:
@@ -201,8 +203,9 @@ def header_fields(msg: Message) -> dict[str, Any]:
     return out
 
 
-def tensor_names(cls: type[Message]) -> list[str]:
-    return [f.name for f in fields(cls) if _is_tensor_field(cls, f.name)]
+@functools.cache
+def tensor_names(cls: type[Message]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if _is_tensor_field(cls, f.name))
 
 
 _SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (float, int), str: (str,), bool: (bool,)}
