@@ -41,6 +41,7 @@ class EngineOptions:
     wave_size: int = 4  # specpipe: nodes injected per step
     by_score: bool = False  # specpipe: FlowSpec score-ordered waves instead of depth layers
     emulate: str | None = None  # a profile (profiles/*.json): pad stages and links to its modeled times
+    time_scale: float = 0.0  # emulation: run the modeled clock this many times slower (0: auto, pipeline/emulate.py)
 
 
 class Engine:
@@ -56,6 +57,7 @@ class Engine:
         torch.set_grad_enabled(False)
         self.options = options
         self.cluster: Any = None
+        self.time_scale = 1.0  # emulation only: real seconds per emulated second
         dtype = parse_dtype(options.dtype)
         self.source = resolve(options.model)
         self.tokenizer = self.source.tokenizer()
@@ -95,13 +97,17 @@ class Engine:
         model = "" if options.model is None else str(self.source.folder)
         self.timings: list[Any] = []
         if options.emulate:
-            from homespec.pipeline.emulate import load_profile, stage_timings
+            from homespec.pipeline.emulate import auto_time_scale, load_profile, stage_timings
 
+            if options.time_scale < 0 or options.time_scale > 1000:
+                raise ConfigError(f"time scale must be in [0, 1000] (0 = auto), got {options.time_scale}")
             self.timings = stage_timings(load_profile(options.emulate), options.stages)
+            self.time_scale = options.time_scale or auto_time_scale(options.stages)
         assigns = []
+        k = self.time_scale
         for i, (a, b) in enumerate(even_split(total, options.stages)):
             t = self.timings[i] if self.timings else None
-            emu = (t.base_ms, t.ms_per_row, t.link_ms, t.link_ms_per_row) if t else (0.0, 0.0, 0.0, 0.0)
+            emu = (t.base_ms * k, t.ms_per_row * k, t.link_ms * k, t.link_ms_per_row * k) if t else (0.0,) * 4
             assigns.append(
                 Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512, *emu)
             )
@@ -116,6 +122,10 @@ class Engine:
     def modeled_step_ms(self, rows: int = 1) -> float:
         """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
         return max((t.step_ms(rows) + t.send_ms(rows) for t in getattr(self, "timings", [])), default=0.0)
+
+    def clock_scale(self, mode: str) -> float:
+        """Real seconds per reported second for ``mode``: the emulation's time scale, 1 for ``ar`` (never emulated)."""
+        return 1.0 if mode == "ar" else self.time_scale
 
     def close(self) -> None:
         """Stop the stage processes (pipelined modes); the engine cannot generate afterwards."""
@@ -218,7 +228,8 @@ class Engine:
             if reason == "eos" or len(out) >= config.max_tokens:
                 break
         steps_iter.close()  # ends the request on every stage now, not at garbage collection
-        wall = time.perf_counter() - start
+        scale = self.clock_scale(mode_name)
+        wall = (time.perf_counter() - start) / scale
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         stats = GenerationStats(
             mode=mode_name,
@@ -235,6 +246,7 @@ class Engine:
             wall_s=wall,
             tokens_per_s=len(out) / wall if wall > 0 else 0.0,
             busy_fraction=tuple(getattr(decoder, "busy_fraction", ())),
+            time_scale=scale,
         )
         yield GenerationFinished(reason, text, tuple(out), stats)
 

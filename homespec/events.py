@@ -41,9 +41,10 @@ class GenerationStats:
     stages: int
     accepted_per_step: float
     draft_forwards: int
-    wall_s: float
+    wall_s: float  # emulated runs: on the emulated clock (real seconds / time_scale)
     tokens_per_s: float
     busy_fraction: tuple[float, ...] = ()  # per stage (pipelined modes): busy time / request wall time
+    time_scale: float = 1.0  # emulated runs: how many times slower than the modeled clock it really ran
 
     def as_dict(self) -> dict[str, object]:
         out = dict(self.__dict__)

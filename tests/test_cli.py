@@ -91,11 +91,12 @@ def test_generate_streams_text_to_stdout() -> None:
 @pytest.mark.slow
 def test_generate_with_stages_reports_steps(tmp_path: Path) -> None:
     out = homespec(
-        "generate", "What is 2 + 2?", "--stages", "2", "--mode", "pp", "-n", "8", "--json", "--draft", "none"
-    )
+        "generate", "What is 2 + 2?", "--stages", "2", "--mode", "pp", "-n", "8", "--json", "--draft", "none",
+        "--emulate", str(PROFILES / "home-mixed-wifi.json"), "--time-scale", "1.5",
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout.strip().splitlines()[-1])["stats"]
-    assert stats["mode"] == "pp" and stats["stages"] == 2
+    assert stats["mode"] == "pp" and stats["stages"] == 2 and stats["time_scale"] == 1.5
     assert stats["steps"] == 2 * stats["tokens"] and stats["tokens_per_step"] == pytest.approx(0.5)
     assert len(stats["busy_fraction"]) == 2 and all(0 < b <= 1 for b in stats["busy_fraction"])
 

@@ -39,6 +39,7 @@ def bench(
     modes: Annotated[str, typer.Option(help="comma-separated modes")] = "ar,pp,tree,specpipe",
     wave_size: Annotated[int, typer.Option("--wave-size", help="specpipe: nodes per step")] = 4,
     by_score: Annotated[bool, typer.Option("--by-score", help="specpipe: FlowSpec score-ordered waves")] = False,
+    time_scale: Annotated[float, typer.Option("--time-scale", help="emulation: clock slow-down (0 = auto)")] = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
 ) -> None:
     """Measure every decoding mode on the same prompts; print a table and optionally save JSON."""
@@ -59,12 +60,13 @@ def bench(
             wave_size=wave_size,
             by_score=by_score,
             emulate=emulate,
+            time_scale=time_scale,
         )
         with Engine(opts) as engine, _progress(len(runs) * len(texts)) as advance:
             ids = [engine.encode(t) for t in texts]
             rows = [_measure(engine, m, d, ids, max_tokens, advance) for m, d in runs]
         _ratios(rows)
-        _print(rows, stages, emulate)
+        _print(rows, stages, emulate, engine.time_scale)
         if json_out:
             json_out.write_text(json.dumps(rows, indent=2))
 
@@ -91,12 +93,13 @@ def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: in
     ttft: list[float] = []
     tokens = steps = forwards = accepted = 0
     wall = decode_s = 0.0
+    scale = engine.clock_scale(mode)  # emulation: report times on the emulated clock
     for ids in prompts:
         start = last = time.perf_counter()
         first: float | None = None
         for event in engine.generate(ids, GenerationConfig(max_tokens=n), mode=mode, draft=draft):
             if isinstance(event, TokensCommitted):
-                now = time.perf_counter()
+                now = start + (time.perf_counter() - start) / scale
                 if first is None:
                     first = now
                     ttft.append(now - start)
@@ -132,6 +135,7 @@ def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: in
         "tokens_per_s": len(gaps) / decode_s if decode_s else 0.0,  # decoding speed, prefill excluded
         "acceptance": accepted / tokens if tokens else 0.0,
         "wall_s": wall,
+        "time_scale": scale,
     }
     modeled = engine.modeled_step_ms()
     if modeled and mode != "ar":
@@ -148,11 +152,13 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
         r["speedup_vs_tree"] = r["tokens_per_s"] / best_tree if best_tree else None
 
 
-def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None) -> None:
+def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = f"homespec bench: {stages} stages" + (f", emulating {Path(emulate).name}" if emulate else "")
+    title = f"homespec bench: {stages} stages"
+    if emulate:
+        title += f", emulating {Path(emulate).name} (clock {scale:g}x slower, times shown in emulated ms)"
     table = Table(title=title)
     cols = ["mode", "draft", "stages", "tokens", "steps", "tok/step", "TTFT ms", "TBT med ms", "TBT p90 ms", "tok/s",
             "accept", "vs pp", "vs tree", "TBT ms", "pred TBT ms"]  # fmt: skip

@@ -6,11 +6,18 @@ Profile format (``profiles/*.json``): ``emulated_model`` {layers, hidden_size, b
 ``hosts`` [{name, devices [{name, memory_gb, mem_bw_gb_s, tflops}]}], ``links`` {intra_host, inter_host:
 {latency_ms, mb_per_s}}, ``overhead_ms``, ``compute_efficiency``. Stage i runs on the i-th device; the emulated
 layers are split in proportion to device memory.
+
+**Time scale.** S stage processes share this machine's cores, and each really computes its layers of the small
+model. When S exceeds the cores, their real compute competes for the CPU and the stages fall behind the modeled
+clock. The emulator then runs the clock ``time_scale`` times slower (every modeled duration is multiplied by it),
+and every reported time is divided by it: the same schedule, measured where the real compute fits inside the
+modeled step. Default: ``S / cores`` (at least 1).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,11 @@ class StageTiming:
 
     def send_ms(self, rows: int) -> float:
         return self.link_ms + self.link_ms_per_row * rows
+
+
+def auto_time_scale(stages: int, cores: int | None = None) -> float:
+    """How much slower than real time to run an emulated S-stage cluster on this machine (module docstring)."""
+    return max(1.0, stages / (cores or os.cpu_count() or 1))
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
