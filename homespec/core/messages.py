@@ -7,7 +7,6 @@ types before anything is built, so a malformed header raises ``ValueError`` and 
 
 from __future__ import annotations
 
-import functools
 import math
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -184,9 +183,15 @@ REGISTRY: dict[str, type[Message]] = {
 }
 
 
-@functools.cache
+_HINTS: dict[type[Message], dict[str, Any]] = {}
+_TENSOR_NAMES: dict[type[Message], tuple[str, ...]] = {}
+
+
 def _hints(cls: type[Message]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # slow (evaluates the annotations): once per class
+    hints = _HINTS.get(cls)
+    if hints is None:  # typing.get_type_hints evaluates the annotations: slow, so once per class
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _is_tensor_field(cls: type[Message], name: str) -> bool:
@@ -203,9 +208,11 @@ def header_fields(msg: Message) -> dict[str, Any]:
     return out
 
 
-@functools.cache
 def tensor_names(cls: type[Message]) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls) if _is_tensor_field(cls, f.name))
+    names = _TENSOR_NAMES.get(cls)
+    if names is None:
+        names = _TENSOR_NAMES[cls] = tuple(f.name for f in fields(cls) if _is_tensor_field(cls, f.name))
+    return names
 
 
 _SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (float, int), str: (str,), bool: (bool,)}
