@@ -14,6 +14,7 @@ from typing import Any
 
 from homespec.config import GenerationConfig, Mode, TreeConfig
 from homespec.core.planner import even_split
+from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 from homespec.events import (
     Event,
@@ -38,8 +39,8 @@ class EngineOptions:
     tree: TreeConfig = TreeConfig()
     split: int = 1  # in-process stages (same math, for tests of stage equivalence)
     stages: int = 1  # stage processes for the pipelined modes
-    wave_size: int = 4  # specpipe: nodes injected per step
-    by_score: bool = False  # specpipe: FlowSpec score-ordered waves instead of depth layers
+    wave_size: int = DEFAULT_WAVE_SIZE  # specpipe: nodes injected per step
+    by_score: bool = DEFAULT_BY_SCORE  # specpipe: FlowSpec score-ordered waves (False: SpecPipe depth layers)
     emulate: str | None = None  # a profile (profiles/*.json): pad stages and links to its modeled times
     time_scale: float = 0.0  # emulation: run the modeled clock this many times slower (0: auto, pipeline/emulate.py)
 
@@ -128,7 +129,12 @@ class Engine:
         return 1.0 if mode == "ar" else self.time_scale
 
     def close(self) -> None:
-        """Stop the stage processes (pipelined modes); the engine cannot generate afterwards."""
+        """Stop the stage processes (pipelined modes) and save draft state that has a file (``recycle:FILE``);
+        the engine cannot generate afterwards."""
+        for d in self._drafts.values():
+            save = getattr(d, "save", None)
+            if save is not None:
+                save()
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None

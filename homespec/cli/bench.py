@@ -18,6 +18,7 @@ import typer
 
 from homespec.cli.common import quiet_libraries, user_errors
 from homespec.config import GenerationConfig
+from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 
 DEFAULT_PROMPTS = Path("../shared/bench/specbench-dev.jsonl")
@@ -33,12 +34,16 @@ def bench(
     stages: Annotated[int, typer.Option("--stages", "-s")] = 4,
     emulate: Annotated[str | None, typer.Option(help="profile JSON to emulate (profiles/*.json)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="JSONL with 'turns' (default: Spec-Bench dev set)")] = None,
-    limit: Annotated[int, typer.Option(help="use the first N prompts (0 = all)")] = 0,
+    limit: Annotated[int, typer.Option(help="use N prompts spread evenly over the file (0 = all)")] = 0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 64,
-    drafts: Annotated[str, typer.Option(help="comma-separated draft sources for tree/specpipe")] = "ngram",
+    drafts: Annotated[str, typer.Option(help="comma-separated draft sources for tree/specpipe")] = "ngram+recycle",
     modes: Annotated[str, typer.Option(help="comma-separated modes")] = "ar,pp,tree,specpipe",
-    wave_size: Annotated[int, typer.Option("--wave-size", help="specpipe: nodes per step")] = 4,
-    by_score: Annotated[bool, typer.Option("--by-score", help="specpipe: FlowSpec score-ordered waves")] = False,
+    wave_size: Annotated[
+        int, typer.Option("--wave-size", help="specpipe: nodes injected per step")
+    ] = DEFAULT_WAVE_SIZE,
+    by_score: Annotated[
+        bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")
+    ] = DEFAULT_BY_SCORE,
     time_scale: Annotated[float, typer.Option("--time-scale", help="emulation: clock slow-down (0 = auto)")] = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
 ) -> None:
@@ -83,7 +88,9 @@ def _load_prompts(path: Path | None, limit: int) -> list[str]:
             texts = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise ConfigError(f"{path}: every line must be a JSON object with 'turns': {exc}") from exc
-    return texts[:limit] if limit > 0 else texts
+    if 0 < limit < len(texts):  # every k-th, so that each category of a sorted file is represented
+        texts = [texts[i * len(texts) // limit] for i in range(limit)]
+    return texts
 
 
 def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: int, advance: Any) -> dict[str, Any]:

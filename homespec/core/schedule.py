@@ -5,8 +5,9 @@ pipeline holds up to S waves), verifies and prunes, then asks ``plan_injection``
 
 - ``pp``: only the root, and only when nothing is in flight: one token per S steps.
 - ``tree``: the whole drafted tree, only when nothing is in flight: (accepted + 1) tokens per S steps.
-- ``specpipe``: every tick, the next depth layer of the tree (top-k by score), or with ``by_score`` the k best
-  nodes whose parents were sent (FlowSpec order): up to one token per step when the true token is always there.
+- ``specpipe``: every tick, with ``by_score`` (the default) the k best-scoring nodes whose parents were sent
+  (FlowSpec order: after a flush the first wave carries a whole tree, later ones extend it), or the next depth
+  layer of the tree (SpecPipe order, top-k by score): about one token per step when the true token is always there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from typing import Literal
 from homespec.core.tree import NodeId, NodeState, TokenTree
 
 PipelineMode = Literal["pp", "tree", "specpipe"]
+
+#: specpipe defaults, measured (BENCHMARKS.md §2): score-ordered waves of 16 nodes give 0.33 tokens per step at S=8
+#: with ngram+recycle, depth layers 0.19-0.24; waves of 8 give 0.28, of 32 no more than 16. A row is nearly free on a
+#: memory-bound device (a 3090 stage of Llama-70B stays memory-bound up to ~39 rows).
+DEFAULT_WAVE_SIZE = 16
+DEFAULT_BY_SCORE = True
 
 
 def draft_budget(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size: int, tree_budget: int) -> int:

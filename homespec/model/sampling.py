@@ -70,7 +70,11 @@ def next_tokens(logits: torch.Tensor, positions: Sequence[int], cfg: SamplingCon
     return [int(i) for i in idx.clamp(max=cdf.shape[-1] - 1)]
 
 
-def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: How many of the target's top next tokens come back per computed position (display, token recycling).
+RESULT_TOP_K = 8
+
+
+def top_logprobs(logits: torch.Tensor, k: int = RESULT_TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's top-k tokens [n, k] and their log-probs [n, k] (for display and token recycling)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, tokens = torch.topk(logp, k, dim=-1)

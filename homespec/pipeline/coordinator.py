@@ -16,19 +16,26 @@ import torch
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.messages import Abort, Prune, Result, Start, Wave
-from homespec.core.schedule import PipelineMode, choose_wave, draft_budget
+from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE, PipelineMode, choose_wave, draft_budget
 from homespec.core.tree import NodeId, TokenTree
 from homespec.errors import PeerLostError
 from homespec.model.drafts.base import DraftSource
 from homespec.pipeline.cluster import LocalCluster
-from homespec.pipeline.frames import to_raw
+from homespec.pipeline.frames import from_raw, to_raw
 from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep
 
 RESULT_TIMEOUT_S = 30.0  # a hung (not dead) stage; a dead one is seen within 0.1 s
+PREFIX_STEP = -1  # the step of prompt chunks (and of their results)
 
 
 class PipelineDecoder:
-    def __init__(self, cluster: LocalCluster, mode: PipelineMode, wave_size: int = 4, by_score: bool = False) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        mode: PipelineMode,
+        wave_size: int = DEFAULT_WAVE_SIZE,
+        by_score: bool = DEFAULT_BY_SCORE,
+    ) -> None:
         self.cluster, self.mode, self.wave_size, self.by_score = cluster, mode, wave_size, by_score
         self.stages = cluster.size
         self.busy_fraction: list[float] = []  # per stage, for the last finished request
@@ -56,22 +63,25 @@ class PipelineDecoder:
                 self.busy_fraction = [min(1.0, s.busy_s / wall) for s in c.collect_stats(req)]
 
     def _prefill(self, req: int, tokens: Sequence[int]) -> None:
+        self._prefix_chunks: deque[list[int]] = deque()  # sent, results (top-k per position) not yet read
         for a in range(0, len(tokens), PREFIX_CHUNK):
             chunk = list(tokens[a : a + PREFIX_CHUNK])
             data = to_raw(torch.tensor(chunk, dtype=torch.int64))
             positions = tuple(range(a, a + len(chunk)))
-            self.cluster.send_first(Wave(req, -1, True, 0, (), (), positions, data))
+            self.cluster.send_first(Wave(req, PREFIX_STEP, True, 0, (), (), positions, data))
+            self._prefix_chunks.append(chunk)
 
     def _ticks(self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig) -> Iterator[DecodeStep]:
         tree = TokenTree(prompt[-1], len(prompt) - 1)
         committed = list(prompt)
         draft.start(prompt)
         in_flight: deque[tuple[int, list[NodeId]]] = deque()
+        tokens: dict[int, int] = {}  # node -> token, for nodes in flight (pruned ones too: a stage may compute them)
         prune_seq = 0
         for tick in itertools.count():
             if in_flight and in_flight[0][0] <= tick - self.stages:
                 sent_at, wave = in_flight.popleft()
-                self._collect(req, sent_at, tree)
+                self._collect(req, sent_at, tree, tokens, draft)
                 v = tree.verify()
                 if v.committed or v.dead:
                     prune_seq += 1
@@ -86,19 +96,37 @@ class PipelineDecoder:
             if wave:
                 tree.mark_sent(wave)
                 rows = tree.rows(wave)
+                tokens.update((r.node, r.token) for r in rows)
                 data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
                 parents = tuple(r.parent for r in rows)
                 positions = tuple(r.position for r in rows)
                 self.cluster.send_first(Wave(req, tick, False, prune_seq, tuple(wave), parents, positions, data))
                 in_flight.append((tick, wave))
 
-    def _collect(self, req: int, sent_at: int, tree: TokenTree) -> None:
+    def _collect(self, req: int, sent_at: int, tree: TokenTree, tokens: dict[int, int], draft: DraftSource) -> None:
+        """Read results until the one of the wave sent at ``sent_at``: record it in the tree, and tell the draft
+        the target's top-k at every position (the prompt's chunks come first, in order)."""
         deadline = time.monotonic() + RESULT_TIMEOUT_S
         while True:
             msg = self.cluster.recv_result(deadline)
-            if isinstance(msg, Result) and msg.request == req:
-                break  # results of an earlier, abandoned request are skipped
+            if not isinstance(msg, Result) or msg.request != req:
+                continue  # results of an earlier, abandoned request are skipped
+            top_t, top_lp = from_raw(msg.top_tokens), from_raw(msg.top_logprobs)
+            if msg.step == PREFIX_STEP and self._prefix_chunks:
+                chunk = self._prefix_chunks.popleft()
+                if top_t.shape[0] != len(chunk):
+                    raise PeerLostError(f"prefix result has {top_t.shape[0]} rows for a chunk of {len(chunk)}")
+                if draft.learns:
+                    draft.learn(chunk, top_t.tolist(), top_lp.tolist())
+                continue
+            break
         if msg.step != sent_at:
             raise PeerLostError(f"pipeline out of order: result of step {msg.step}, expected {sent_at}")
+        if not (len(msg.nodes) == len(msg.next_tokens) == top_t.shape[0]):
+            raise PeerLostError(f"malformed result: {len(msg.nodes)} nodes, {len(msg.next_tokens)} tokens")
         for node, token in zip(msg.nodes, msg.next_tokens, strict=True):
             tree.set_result(node, token)
+        if msg.nodes and draft.learns:
+            draft.learn([tokens[n] for n in msg.nodes], top_t.tolist(), top_lp.tolist())
+        for n in msg.nodes:
+            tokens.pop(n, None)

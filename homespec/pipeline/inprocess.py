@@ -15,7 +15,7 @@ from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.tree import NodeState, TokenTree, Verification
 from homespec.model.drafts.base import DraftSource
 from homespec.model.kv import TreeKVCache
-from homespec.model.sampling import next_tokens
+from homespec.model.sampling import next_tokens, top_logprobs
 from homespec.model.stage import Stage
 
 PREFIX_CHUNK = 256
@@ -46,7 +46,7 @@ class InProcessDecoder:
             raise ValueError("empty prompt")
         for cache in self.caches:
             cache.reset()
-        self._prefill(prompt[:-1])
+        self._prefill(prompt[:-1], draft)
         tree = TokenTree(prompt[-1], len(prompt) - 1)
         committed = list(prompt)
         draft.start(prompt)
@@ -62,6 +62,7 @@ class InProcessDecoder:
                 x = stage.forward_tree(cache, rows, x)
             for row, token in zip(rows, next_tokens(x, [r.position for r in rows], sampling), strict=True):
                 tree.set_result(row.node, token)
+            _learn(draft, [r.token for r in rows], x)
             v = tree.verify()
             for cache in self.caches:
                 cache.commit(v.committed, v.dead)
@@ -70,9 +71,18 @@ class InProcessDecoder:
             forwards += 1
             yield DecodeStep(v, len(wave), forwards)
 
-    def _prefill(self, tokens: Sequence[int]) -> None:
+    def _prefill(self, tokens: Sequence[int], draft: DraftSource) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):
             chunk = tokens[a : a + PREFIX_CHUNK]
             x: torch.Tensor = torch.tensor(list(chunk))
             for stage, cache in zip(self.stages, self.caches, strict=True):
                 x = stage.forward_prefix(cache, x, range(a, a + len(chunk)))
+            _learn(draft, chunk, x)
+
+
+def _learn(draft: DraftSource, tokens: Sequence[int], logits: torch.Tensor) -> None:
+    """Tell the draft the target's top next tokens after each token (logits [n, vocab])."""
+    if not draft.learns:
+        return
+    top_t, top_lp = top_logprobs(logits)
+    draft.learn(tokens, top_t.tolist(), top_lp.tolist())

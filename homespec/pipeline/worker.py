@@ -184,7 +184,6 @@ class StageWorker:
         x = from_raw(msg.data, self.stage.device)  # [n] tokens or [n, hidden]
         if msg.prefix:
             out = self.stage.forward_prefix(req.cache, x, msg.positions)
-            nodes: tuple[int, ...] = ()
             rows = []
         else:
             keep = []
@@ -197,37 +196,43 @@ class StageWorker:
             if len(keep) < len(msg.nodes):
                 x = x[keep]
             rows = [WaveRow(msg.nodes[i], msg.parents[i], 0, msg.positions[i]) for i in keep]  # type: ignore[arg-type]
-            nodes = tuple(r.node for r in rows)
             out = self.stage.forward_tree(req.cache, rows, x) if rows else x
+        reply = self._result(req, msg, out, rows) if self.last else self._wave(msg, out, rows)
         req.steps += 1
         req.rows += len(msg.positions)
         self._emulate_stage(started, len(msg.positions))
         req.busy_s += time.perf_counter() - started
-        self._forward(req, msg, out, nodes, rows)
+        self._emulate_link(0 if self.last else len(msg.positions))
+        self._send(self.out, reply)
 
-    def _forward(self, req: _Request, msg: Any, out: Any, nodes: tuple[int, ...], rows: list[Any]) -> None:
-        from homespec.core.messages import Result, Wave
-        from homespec.model.sampling import next_tokens, top_logprobs
+    def _wave(self, msg: Any, out: Any, rows: list[Any]) -> Any:
+        """The hidden states of the surviving rows, for the next stage."""
+        from homespec.core.messages import Wave
         from homespec.pipeline.frames import to_raw
 
-        if not self.last:
-            data = to_raw(out)
-            self._emulate_link(len(msg.positions))
-            parents = tuple(r.parent for r in rows) if not msg.prefix else msg.parents
-            positions = tuple(r.position for r in rows) if not msg.prefix else msg.positions
-            nodes_out = nodes if not msg.prefix else msg.nodes
-            self._send(
-                self.out, Wave(msg.request, msg.step, msg.prefix, msg.prune_seq, nodes_out, parents, positions, data)
-            )
-            return
         if msg.prefix:
-            return
-        tokens = next_tokens(out, [r.position for r in rows], req.sampling) if rows else []
-        top_t, top_lp = top_logprobs(out, 4) if rows else (out.new_zeros((0, 4)).long(), out.new_zeros((0, 4)))
-        self._emulate_link(0)
-        self._send(
-            self.out, Result(msg.request, msg.step, nodes, tuple(tokens), to_raw(top_t.long()), to_raw(top_lp.float()))
-        )
+            return Wave(msg.request, msg.step, True, msg.prune_seq, msg.nodes, msg.parents, msg.positions, to_raw(out))
+        nodes = tuple(r.node for r in rows)
+        parents = tuple(r.parent for r in rows)
+        positions = tuple(r.position for r in rows)
+        return Wave(msg.request, msg.step, False, msg.prune_seq, nodes, parents, positions, to_raw(out))
+
+    def _result(self, req: _Request, msg: Any, logits: Any, rows: list[Any]) -> Any:
+        """Last stage: per row the next token (greedy or keyed draw) and the top-k; for a prefix chunk only the
+        top-k of every position (token recycling learns from the prompt)."""
+        from homespec.core.messages import Result
+        from homespec.model.sampling import RESULT_TOP_K, next_tokens, top_logprobs
+        from homespec.pipeline.frames import to_raw
+
+        if msg.prefix or rows:
+            top_t, top_lp = top_logprobs(logits)
+        else:
+            top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))
+        if msg.prefix:
+            return Result(msg.request, msg.step, (), (), to_raw(top_t.long()), to_raw(top_lp.float()))
+        tokens = next_tokens(logits, [r.position for r in rows], req.sampling) if rows else []
+        nodes = tuple(r.node for r in rows)
+        return Result(msg.request, msg.step, nodes, tuple(tokens), to_raw(top_t.long()), to_raw(top_lp.float()))
 
     def _emulate_stage(self, started: float, rows: int) -> None:
         a = self.assign

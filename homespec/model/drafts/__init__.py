@@ -1,11 +1,14 @@
 """Draft sources behind one interface (``base.DraftSource``), and ``build_draft`` to make one from a spec.
 
-Specs: ``none``, ``ngram``, ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
-``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id).
+Specs: ``none``, ``ngram``, ``recycle`` or ``recycle:FILE`` (token recycling; with FILE the table is loaded from it
+and saved back by ``save``), ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
+``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id), and any of these joined by ``+``
+(one tree grown by each in turn, e.g. ``ngram+recycle``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,13 +16,24 @@ import torch
 from homespec.config import TreeConfig
 from homespec.errors import DraftError
 from homespec.model.drafts.base import DraftSource, NoDraft
+from homespec.model.drafts.mix import MixDraft
 from homespec.model.drafts.model import ModelDraft
 from homespec.model.drafts.ngram import NgramDraft
+from homespec.model.drafts.recycle import RecycleDraft
 from homespec.model.loader import ModelSource
 
-__all__ = ["DRAFT_SPECS", "DraftSource", "ModelDraft", "NgramDraft", "NoDraft", "build_draft"]
+__all__ = [
+    "DRAFT_SPECS",
+    "DraftSource",
+    "MixDraft",
+    "ModelDraft",
+    "NgramDraft",
+    "NoDraft",
+    "RecycleDraft",
+    "build_draft",
+]
 
-DRAFT_SPECS = "none | ngram | early-exit[:K] | model:PATH"
+DRAFT_SPECS = "none | ngram | recycle[:FILE] | early-exit[:K] | model:PATH, or several joined by + (ngram+recycle)"
 
 
 def build_draft(
@@ -33,11 +47,18 @@ def build_draft(
 ) -> DraftSource:
     from homespec.model.stage import Stage
 
+    if "+" in spec:
+        parts = [p.strip() for p in spec.split("+")]
+        if len(parts) != len(set(parts)) or "none" in parts or not all(parts):
+            raise DraftError(f"bad draft combination {spec!r}", hint="join different sources, e.g. ngram+recycle")
+        return MixDraft([build_draft(p, target, target_tokenizer, tree, dtype, device, max_context) for p in parts])
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return NoDraft()
     if kind == "ngram" and not arg:
         return NgramDraft(depth=max(tree.depth, 8), width=tree.width)
+    if kind == "recycle":
+        return RecycleDraft(path=Path(arg).expanduser() if arg else None)
     if kind == "early-exit":
         layers = _early_exit_layers(arg, target.num_layers)
         stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device)

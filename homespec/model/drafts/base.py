@@ -1,7 +1,8 @@
 """The draft-source interface: propose children for the tree, learn from what the target accepted.
 
 A draft source runs on the head, beside the pipeline. ``propose`` grows the request's TokenTree by at most
-``budget`` nodes; ``observe`` is told every verification so the source can update its state (KV, tables).
+``budget`` nodes; ``observe`` is told every verification so the source can update its state (KV, tables);
+``learn`` gets the target's top-k next tokens at every position it computed.
 ``committed`` is the whole committed token sequence (prompt + output); its last token is the tree's root.
 """
 
@@ -15,6 +16,7 @@ from homespec.core.tree import TokenTree, Verification
 
 class DraftSource(ABC):
     name: str = "draft"
+    learns: bool = False  # wants ``learn`` calls (the decoders skip computing top-k for sources that do not)
 
     def start(self, prompt: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """A new request begins with this prompt."""
@@ -25,6 +27,12 @@ class DraftSource(ABC):
 
     def observe(self, verification: Verification, committed: Sequence[int]) -> None:  # noqa: B027
         """The target verified the tree; ``committed`` already includes the emitted tokens."""
+
+    def learn(  # noqa: B027 (optional hook)
+        self, tokens: Sequence[int], top_tokens: Sequence[Sequence[int]], top_logprobs: Sequence[Sequence[float]]
+    ) -> None:
+        """The target's top-k next tokens (and log-probs) after each of ``tokens``, each in its own context: every
+        node it computed and every prompt position. Token recycling builds its table from these."""
 
 
 class NoDraft(DraftSource):

@@ -1,0 +1,49 @@
+"""Several draft sources growing one tree (``ngram+recycle``): each proposes in turn, in the order given, with
+what is left of the step's budget; a node proposed by two sources is one node (the first one's score). Every
+source learns from every verification."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from homespec.core.tree import TokenTree, Verification
+from homespec.model.drafts.base import DraftSource
+
+
+class MixDraft(DraftSource):
+    def __init__(self, sources: Sequence[DraftSource]) -> None:
+        self.sources = list(sources)
+        self.name = "+".join(s.name for s in self.sources)
+        self.learns = any(s.learns for s in self.sources)
+
+    @property
+    def forwards(self) -> int:
+        return sum(getattr(s, "forwards", 0) for s in self.sources)
+
+    def start(self, prompt: Sequence[int]) -> None:
+        for s in self.sources:
+            s.start(prompt)
+
+    def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
+        added = 0
+        for s in self.sources:
+            if added >= budget:
+                break
+            added += s.propose(tree, committed, budget - added)
+        return added
+
+    def observe(self, verification: Verification, committed: Sequence[int]) -> None:
+        for s in self.sources:
+            s.observe(verification, committed)
+
+    def learn(
+        self, tokens: Sequence[int], top_tokens: Sequence[Sequence[int]], top_logprobs: Sequence[Sequence[float]]
+    ) -> None:
+        for s in self.sources:
+            s.learn(tokens, top_tokens, top_logprobs)
+
+    def save(self) -> None:
+        for s in self.sources:
+            save = getattr(s, "save", None)
+            if save is not None:
+                save()

@@ -1,0 +1,129 @@
+"""Draft sources without a model: prompt lookup, token recycling, mixing, and the spec parser."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from homespec.config import TreeConfig
+from homespec.core.tree import NodeState, TokenTree
+from homespec.errors import DraftError
+from homespec.model.drafts import MixDraft, NgramDraft, RecycleDraft, build_draft
+from homespec.model.drafts.ngram import find_continuations
+
+
+def draft_tokens(tree: TokenTree) -> dict[tuple[int, ...], float]:
+    """Every non-root node as its token path from the root -> score."""
+    return {tuple(tree.path_tokens(n.id)[1:]): n.score for n in tree if n.parent is not None}
+
+
+def test_find_continuations_takes_the_longest_suffix_match_most_recent_first() -> None:
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
+    assert find_continuations(tokens, max_n=3, min_n=1, length=2, limit=4) == [[7, 5], [9, 1]]
+    assert find_continuations([4, 5, 6], max_n=3, min_n=1, length=2, limit=4) == []
+
+
+def test_ngram_draft_proposes_what_followed_in_the_prompt() -> None:
+    prompt = [10, 11, 12, 13, 14, 10, 11]
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    d = NgramDraft(depth=3, width=2)
+    d.start(prompt)
+    assert d.propose(tree, prompt, budget=8) == 3
+    assert set(draft_tokens(tree)) == {(12,), (12, 13), (12, 13, 14)}
+
+
+def test_recycle_learns_the_latest_top_k_and_grows_best_first() -> None:
+    d = RecycleDraft(k=2)
+    d.learn([5, 6], [[6, 7], [8, 9]], [[-0.1, -2.0], [-0.2, -0.5]])
+    d.learn([7], [[1, 2]], [[-3.0, -4.0]])
+    tree = TokenTree(5, 10)
+    assert d.propose(tree, [5], budget=3) == 3
+    got = draft_tokens(tree)
+    # best-first by cumulative log-prob: 6 (-0.1), 6->8 (-0.3), 6->9 (-0.6); 7 (-2.0) is not reached
+    assert set(got) == {(6,), (6, 8), (6, 9)}
+    assert got[(6, 8)] == pytest.approx(-0.3)
+    d.learn([5], [[7, 6]], [[-0.05, -3.0]])  # the row is replaced, not merged
+    tree = TokenTree(5, 10)
+    d.propose(tree, [5], budget=1)
+    assert set(draft_tokens(tree)) == {(7,)}
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    rows=st.dictionaries(
+        st.integers(0, 20),
+        st.lists(st.tuples(st.integers(0, 20), st.floats(-8.0, 0.0)), min_size=1, max_size=4, unique_by=lambda x: x[0]),
+        min_size=1,
+    ),
+    budget=st.integers(0, 30),
+    root=st.integers(0, 20),
+)
+def test_recycle_adds_at_most_the_budget_and_only_table_children(
+    rows: dict[int, list[tuple[int, float]]], budget: int, root: int
+) -> None:
+    d = RecycleDraft(k=4)
+    for token, row in rows.items():
+        d.learn([token], [[t for t, _ in row]], [[lp for _, lp in row]])
+    tree = TokenTree(root, 0)
+    added = d.propose(tree, [root], budget)
+    assert added == len(tree) - 1 <= budget
+    for node in tree:
+        if node.parent is not None:
+            parent = tree.node(node.parent)
+            table = dict(rows[parent.token])
+            assert node.token in table
+            assert node.score == pytest.approx(parent.score + table[node.token])
+            assert node.state is NodeState.DRAFTED
+    # best-first: no candidate left out scores better than a node that was added
+    if added == budget and added:
+        worst = min(n.score for n in tree if n.parent is not None)
+        for node in tree:
+            for token, lp in rows.get(node.token, []):
+                if token not in node.children and node.position - tree.root.position < d.max_depth:
+                    assert node.score + lp <= worst + 1e-9
+
+
+def test_recycle_table_survives_a_save_and_load(tmp_path: Path) -> None:
+    path = tmp_path / "t" / "recycle.json"
+    d = RecycleDraft(path=path)
+    d.learn([3], [[4, 5]], [[-0.5, -1.5]])
+    d.save()
+    again = RecycleDraft(path=path)
+    assert again.table == {3: ((4, 5), (-0.5, -1.5))}
+    path.write_text("not json")
+    with pytest.raises(DraftError, match="unreadable"):
+        RecycleDraft(path=path)
+
+
+def test_mix_lets_each_source_grow_the_same_tree_in_turn() -> None:
+    prompt = [10, 11, 12, 13, 10]
+    recycle = RecycleDraft(k=2)
+    recycle.learn([11, 10], [[12, 40], [11, 41]], [[-0.1, -1.0], [-0.2, -1.2]])
+    mix = MixDraft([NgramDraft(depth=2, width=1), recycle])
+    assert mix.name == "ngram+recycle" and mix.learns
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    mix.start(prompt)
+    added = mix.propose(tree, prompt, budget=5)
+    got = draft_tokens(tree)
+    # prompt lookup first (11, 12); recycling adds what its table offers that is not there yet: 41 and 11 -> 40
+    assert set(got) == {(11,), (11, 12), (41,), (11, 40)} and added == 4
+    assert got[(11,)] == pytest.approx(math.log(0.9))  # the ngram node keeps its own score
+
+
+def test_build_draft_parses_specs(tmp_path: Path) -> None:
+    tree = TreeConfig()
+    target: Any = None  # none of these specs reads the target
+    assert build_draft("none", target, None, tree).name == "none"
+    assert isinstance(build_draft("recycle", target, None, tree), RecycleDraft)
+    mix = build_draft("ngram+recycle", target, None, tree)
+    assert isinstance(mix, MixDraft) and [s.name for s in mix.sources] == ["ngram", "recycle"]
+    r = build_draft(f"recycle:{tmp_path / 'r.json'}", target, None, tree)
+    assert isinstance(r, RecycleDraft) and r.path == tmp_path / "r.json"
+    for bad in ("nope", "ngram+ngram", "none+recycle", "ngram+"):
+        with pytest.raises(DraftError):
+            build_draft(bad, target, None, tree)
