@@ -124,6 +124,11 @@ class Engine:
         """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
         return max((t.step_ms(rows) + t.send_ms(rows) for t in getattr(self, "timings", [])), default=0.0)
 
+    def fresh_draft(self, spec: str) -> None:
+        """Forget what the draft source ``spec`` learned (its recycling table, say): the next request that uses it
+        starts cold. Benchmarks call this so that no mode profits from a table another mode warmed."""
+        self._drafts[spec] = self._build_draft(spec)
+
     def clock_scale(self, mode: str) -> float:
         """Real seconds per reported second for ``mode``: the emulation's time scale, 1 for ``ar`` (never emulated)."""
         return 1.0 if mode == "ar" else self.time_scale

@@ -98,9 +98,10 @@ def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: in
 
     gaps: list[float] = []  # time between tokens after the first (the first one's wait is the TTFT)
     ttft: list[float] = []
-    tokens = steps = forwards = accepted = 0
+    tokens = steps = forwards = accepted = flushes = 0
     wall = decode_s = 0.0
     scale = engine.clock_scale(mode)  # emulation: report times on the emulated clock
+    engine.fresh_draft(draft)  # every run starts cold; a draft's state carries over between its own prompts only
     for ids in prompts:
         start = last = time.perf_counter()
         first: float | None = None
@@ -117,6 +118,7 @@ def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: in
                 last = now
             elif isinstance(event, StepCompleted):
                 accepted += min(event.accepted, event.emitted)
+                flushes += int(event.flushed)
             elif isinstance(event, GenerationFinished):
                 s = event.stats
                 tokens, steps, forwards, wall = (
@@ -141,6 +143,7 @@ def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: in
         "ttft_ms_median": 1000 * statistics.median(ttft) if ttft else 0.0,
         "tokens_per_s": len(gaps) / decode_s if decode_s else 0.0,  # decoding speed, prefill excluded
         "acceptance": accepted / tokens if tokens else 0.0,
+        "flushes_per_100_tokens": 100 * flushes / tokens if tokens else 0.0,  # the bonus token was not in the tree
         "wall_s": wall,
         "time_scale": scale,
     }

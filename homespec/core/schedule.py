@@ -18,10 +18,10 @@ from homespec.core.tree import NodeId, NodeState, TokenTree
 
 PipelineMode = Literal["pp", "tree", "specpipe"]
 
-#: specpipe defaults, measured (BENCHMARKS.md §2): score-ordered waves of 16 nodes give 0.33 tokens per step at S=8
-#: with ngram+recycle, depth layers 0.19-0.24; waves of 8 give 0.28, of 32 no more than 16. A row is nearly free on a
-#: memory-bound device (a 3090 stage of Llama-70B stays memory-bound up to ~39 rows).
-DEFAULT_WAVE_SIZE = 16
+#: specpipe defaults, measured (BENCHMARKS.md §2, S = 8, ngram+recycle, each run with a cold draft): score-ordered
+#: waves of 32 nodes give 0.257 tokens per step, of 16 0.242, of 8 0.215; depth layers of 8 give 0.192. A row is nearly
+#: free on a memory-bound device (a 3090 stage of Llama-70B stays memory-bound up to ~39 rows).
+DEFAULT_WAVE_SIZE = 32
 DEFAULT_BY_SCORE = True
 
 

@@ -76,7 +76,7 @@ class PipelineDecoder:
         committed = list(prompt)
         draft.start(prompt)
         in_flight: deque[tuple[int, list[NodeId]]] = deque()
-        tokens: dict[int, int] = {}  # node -> token, for nodes in flight (pruned ones too: a stage may compute them)
+        tokens: dict[int, int] = {}  # node -> token, for nodes in flight
         prune_seq = 0
         for tick in itertools.count():
             if in_flight and in_flight[0][0] <= tick - self.stages:
@@ -124,9 +124,12 @@ class PipelineDecoder:
             raise PeerLostError(f"pipeline out of order: result of step {msg.step}, expected {sent_at}")
         if not (len(msg.nodes) == len(msg.next_tokens) == top_t.shape[0]):
             raise PeerLostError(f"malformed result: {len(msg.nodes)} nodes, {len(msg.next_tokens)} tokens")
-        for node, token in zip(msg.nodes, msg.next_tokens, strict=True):
-            tree.set_result(node, token)
-        if msg.nodes and draft.learns:
-            draft.learn([tokens[n] for n in msg.nodes], top_t.tolist(), top_lp.tolist())
+        live = [
+            i
+            for i, (node, token) in enumerate(zip(msg.nodes, msg.next_tokens, strict=True))
+            if tree.set_result(node, token)
+        ]
+        if live and draft.learns:  # only nodes still in the tree: which pruned ones a stage computed depends on timing
+            draft.learn([tokens[msg.nodes[i]] for i in live], top_t[live].tolist(), top_lp[live].tolist())
         for n in msg.nodes:
             tokens.pop(n, None)

@@ -198,11 +198,12 @@ class StageWorker:
             rows = [WaveRow(msg.nodes[i], msg.parents[i], 0, msg.positions[i]) for i in keep]  # type: ignore[arg-type]
             out = self.stage.forward_tree(req.cache, rows, x) if rows else x
         reply = self._result(req, msg, out, rows) if self.last else self._wave(msg, out, rows)
+        computed = len(msg.positions) if msg.prefix else len(rows)
         req.steps += 1
-        req.rows += len(msg.positions)
-        self._emulate_stage(started, len(msg.positions))
+        req.rows += computed
+        self._emulate_stage(started, computed)
         req.busy_s += time.perf_counter() - started
-        self._emulate_link(0 if self.last else len(msg.positions))
+        self._emulate_link(0 if self.last else computed)
         self._send(self.out, reply)
 
     def _wave(self, msg: Any, out: Any, rows: list[Any]) -> Any:
