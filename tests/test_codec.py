@@ -35,7 +35,7 @@ SAMPLES = [
     Wave(3, 9, False, 1, (5, 6), (-1, 5), (40, 41), raw("float32", (2, 576))),
     Wave(3, 0, True, 0, (), (), (), raw("int64", (0,))),
     Prune(3, 9, 1, (5, 6), (7, 8, 9)),
-    Result(3, 9, (5,), (11,), raw("int64", (1, 4)), raw("float32", (1, 4))),
+    Result(3, 9, (5,), (11,), raw("int64", (1, 4)), raw("float32", (1, 4)), raw("float32", (1, 8))),
     Abort(3, "client went away"),
     Heartbeat(1, 2**40),
 ]

@@ -120,6 +120,7 @@ class Result(Message):
     next_tokens: tuple[int, ...]
     top_tokens: RawTensor  # int64 [n, k]
     top_logprobs: RawTensor  # float32 [n, k]
+    hidden: RawTensor  # float32 [n, hidden]: the target's last-layer states, when Start asked for features; else [0]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Start(Message):
     top_p: float
     top_k: int
     seed: int
+    features: bool = False  # the last stage returns its hidden states with every Result (a draft head needs them)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class Stage:
         self.layers = [self._load_layer(i) for i in range(start, end)]
         self.embed_w, self.norm_w, self.head_w = self._load_ends()
         self.rotary = self._rotary()
+        self.last_hidden: torch.Tensor | None = None  # stages with a head: features of the last call's rows
 
     # -- loading -------------------------------------------------------------------------------------------
     def _load_layer(self, i: int) -> _Layer:
@@ -156,18 +157,31 @@ class Stage:
         self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int], start: int, mask: torch.Tensor
     ) -> torch.Tensor:
         n = len(positions)
-        if self.has_embed:
-            h = F.embedding(x.to(self.device), self.embed_w)  # [n, hidden]
-        else:
-            h = x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
-        pos = torch.tensor([list(positions)], device=self.device)  # [1, n]
-        cos, sin = self.rotary(h, pos)  # [1, n, d] each
-        cos, sin = cos[0], sin[0]
+        h = self.embed(x) if self.has_embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
+        cos, sin = self.rope(positions)
         for li, layer in enumerate(self.layers):
             h = self._layer(layer, li, h, cache, cos, sin, start, n, mask)
         if self.has_head:
-            return F.linear(self._rms(h, self.norm_w), self.head_w)  # [n, vocab]
+            self.last_hidden = h  # the target's feature (before the final norm), for a draft head
+            return self.logits(h)  # [n, vocab]
         return h
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [n] -> embeddings [n, hidden] (a stage with embeddings)."""
+        assert self.embed_w is not None
+        return F.embedding(ids.to(self.device), self.embed_w)
+
+    def rope(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin [n, head_dim] for absolute positions."""
+        pos = torch.tensor([list(positions)], device=self.device)  # [1, n]
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, pos)  # [1, n, d] each
+        return cos[0], sin[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Features [n, hidden] -> logits [n, vocab] through the final norm and LM head (a stage with a head)."""
+        assert self.head_w is not None
+        return F.linear(self._rms(h, self.norm_w), self.head_w)
 
     def _layer(
         self,

@@ -46,7 +46,8 @@ class PipelineDecoder:
         """Yield a DecodeStep each time a wave's results are verified; the caller stops when it has enough."""
         req = self.cluster.new_request_id()
         c = self.cluster
-        c.broadcast(Start(req, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed))
+        features = draft.wants_features
+        c.broadcast(Start(req, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, features))
         started = time.perf_counter()
         ok = False
         try:
@@ -63,13 +64,13 @@ class PipelineDecoder:
                 self.busy_fraction = [min(1.0, s.busy_s / wall) for s in c.collect_stats(req)]
 
     def _prefill(self, req: int, tokens: Sequence[int]) -> None:
-        self._prefix_chunks: deque[list[int]] = deque()  # sent, results (top-k per position) not yet read
+        self._prefix_chunks: deque[tuple[int, list[int]]] = deque()  # sent, results not yet read: (start, tokens)
         for a in range(0, len(tokens), PREFIX_CHUNK):
             chunk = list(tokens[a : a + PREFIX_CHUNK])
             data = to_raw(torch.tensor(chunk, dtype=torch.int64))
             positions = tuple(range(a, a + len(chunk)))
             self.cluster.send_first(Wave(req, PREFIX_STEP, True, 0, (), (), positions, data))
-            self._prefix_chunks.append(chunk)
+            self._prefix_chunks.append((a, chunk))
 
     def _ticks(self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig) -> Iterator[DecodeStep]:
         tree = TokenTree(prompt[-1], len(prompt) - 1)
@@ -103,6 +104,13 @@ class PipelineDecoder:
                 self.cluster.send_first(Wave(req, tick, False, prune_seq, tuple(wave), parents, positions, data))
                 in_flight.append((tick, wave))
 
+    @staticmethod
+    def _hidden(msg: Result, rows: int) -> torch.Tensor:
+        hidden = from_raw(msg.hidden)
+        if hidden.dim() != 2 or hidden.shape[0] != rows:
+            raise PeerLostError(f"result carries hidden states {tuple(hidden.shape)} for {rows} rows")
+        return hidden
+
     def _collect(self, req: int, sent_at: int, tree: TokenTree, tokens: dict[int, int], draft: DraftSource) -> None:
         """Read results until the one of the wave sent at ``sent_at``: record it in the tree, and tell the draft
         the target's top-k at every position (the prompt's chunks come first, in order)."""
@@ -113,11 +121,13 @@ class PipelineDecoder:
                 continue  # results of an earlier, abandoned request are skipped
             top_t, top_lp = from_raw(msg.top_tokens), from_raw(msg.top_logprobs)
             if msg.step == PREFIX_STEP and self._prefix_chunks:
-                chunk = self._prefix_chunks.popleft()
+                a, chunk = self._prefix_chunks.popleft()
                 if top_t.shape[0] != len(chunk):
                     raise PeerLostError(f"prefix result has {top_t.shape[0]} rows for a chunk of {len(chunk)}")
                 if draft.learns:
                     draft.learn(chunk, top_t.tolist(), top_lp.tolist())
+                if draft.wants_features:
+                    draft.prefix_features(a, self._hidden(msg, len(chunk)))
                 continue
             break
         if msg.step != sent_at:
@@ -131,5 +141,7 @@ class PipelineDecoder:
         ]
         if live and draft.learns:  # only nodes still in the tree: which pruned ones a stage computed depends on timing
             draft.learn([tokens[msg.nodes[i]] for i in live], top_t[live].tolist(), top_lp[live].tolist())
+        if live and draft.wants_features:
+            draft.tree_features([msg.nodes[i] for i in live], self._hidden(msg, len(msg.nodes))[live])
         for n in msg.nodes:
             tokens.pop(n, None)

@@ -46,10 +46,10 @@ class InProcessDecoder:
             raise ValueError("empty prompt")
         for cache in self.caches:
             cache.reset()
+        draft.start(prompt)
         self._prefill(prompt[:-1], draft)
         tree = TokenTree(prompt[-1], len(prompt) - 1)
         committed = list(prompt)
-        draft.start(prompt)
         budget = min(tree_cfg.budget, self.max_tree - 1)
         forwards = 0
         while True:
@@ -63,6 +63,8 @@ class InProcessDecoder:
             for row, token in zip(rows, next_tokens(x, [r.position for r in rows], sampling), strict=True):
                 tree.set_result(row.node, token)
             _learn(draft, [r.token for r in rows], x)
+            if draft.wants_features:
+                draft.tree_features([r.node for r in rows], self.stages[-1].last_hidden)
             v = tree.verify()
             for cache in self.caches:
                 cache.commit(v.committed, v.dead)
@@ -78,6 +80,8 @@ class InProcessDecoder:
             for stage, cache in zip(self.stages, self.caches, strict=True):
                 x = stage.forward_prefix(cache, x, range(a, a + len(chunk)))
             _learn(draft, chunk, x)
+            if draft.wants_features:
+                draft.prefix_features(a, self.stages[-1].last_hidden)
 
 
 def _learn(draft: DraftSource, tokens: Sequence[int], logits: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ POLL_MS = 200
 class _Request:
     cache: Any  # TreeKVCache
     sampling: Any  # SamplingConfig
-    pruned_seq: int = 0
+    features: bool = False  # return hidden states with results    pruned_seq: int = 0
     dead: set[int] = field(default_factory=set)
     steps: int = 0
     rows: int = 0
@@ -126,7 +126,7 @@ class StageWorker:
         if isinstance(msg, m.Start):
             sampling = SamplingConfig(msg.temperature, msg.top_p, msg.top_k, msg.seed)
             cache = self.stage.new_cache(self.assign.max_context, self.assign.max_tree)
-            self.requests[msg.request] = _Request(cache, sampling)
+            self.requests[msg.request] = _Request(cache, sampling, features=msg.features)
         elif isinstance(msg, m.Prune):
             req = self.requests.get(msg.request)
             if req is not None:
@@ -229,11 +229,13 @@ class StageWorker:
             top_t, top_lp = top_logprobs(logits)
         else:
             top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))
+        hidden = self.stage.last_hidden if req.features and (msg.prefix or rows) else None
+        h = to_raw(hidden.float()) if hidden is not None else to_raw(logits.new_zeros((0,)).float())
+        t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
         if msg.prefix:
-            return Result(msg.request, msg.step, (), (), to_raw(top_t.long()), to_raw(top_lp.float()))
+            return Result(msg.request, msg.step, (), (), t, lp, h)
         tokens = next_tokens(logits, [r.position for r in rows], req.sampling) if rows else []
-        nodes = tuple(r.node for r in rows)
-        return Result(msg.request, msg.step, nodes, tuple(tokens), to_raw(top_t.long()), to_raw(top_lp.float()))
+        return Result(msg.request, msg.step, tuple(r.node for r in rows), tuple(tokens), t, lp, h)
 
     def _emulate_stage(self, started: float, rows: int) -> None:
         a = self.assign

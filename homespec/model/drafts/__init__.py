@@ -2,7 +2,8 @@
 
 Specs: ``none``, ``ngram``, ``recycle`` or ``recycle:FILE`` (token recycling; with FILE the table is loaded from it
 and saved back by ``save``), ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
-``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id), and any of these joined by ``+``
+``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id), ``head`` or ``head:FILE`` (an
+EAGLE-style draft head: the one shipped for the target, or a trained file), and any of these joined by ``+``
 (one tree grown by each in turn, e.g. ``ngram+recycle``).
 """
 
@@ -33,7 +34,10 @@ __all__ = [
     "build_draft",
 ]
 
-DRAFT_SPECS = "none | ngram | recycle[:FILE] | early-exit[:K] | model:PATH, or several joined by + (ngram+recycle)"
+DRAFT_SPECS = (
+    "none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + (ngram+recycle)"
+)
+SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "assets" / "heads"
 
 
 def build_draft(
@@ -59,6 +63,14 @@ def build_draft(
         return NgramDraft(depth=max(tree.depth, 8), width=tree.width)
     if kind == "recycle":
         return RecycleDraft(path=Path(arg).expanduser() if arg else None)
+    if kind == "head":
+        from homespec.model.drafts.head import HeadDraft
+        from homespec.model.head import load_head
+
+        path = Path(arg).expanduser() if arg else _shipped_head(target)
+        head = load_head(path, target.config, dtype, device)
+        ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device)
+        return HeadDraft(head, ends, "head", tree.depth, tree.width, max_context)
     if kind == "early-exit":
         layers = _early_exit_layers(arg, target.num_layers)
         stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device)
@@ -71,6 +83,20 @@ def build_draft(
         stage = Stage(source, 0, source.num_layers, dtype=dtype, device=device)
         return ModelDraft(stage, f"model:{arg}", tree.depth, tree.width, max_context)
     raise DraftError(f"unknown draft source {spec!r}", hint=f"one of: {DRAFT_SPECS}")
+
+
+def _shipped_head(target: ModelSource) -> Path:
+    """The head shipped with HomeSpec for this target (matched by architecture fingerprint)."""
+    from homespec.model.head import head_fingerprint, target_fingerprint
+
+    want = target_fingerprint(target.config)
+    for path in sorted(SHIPPED_HEADS.glob("*.safetensors")):
+        if head_fingerprint(path) == want:
+            return path
+    raise DraftError(
+        f"no draft head is shipped for {target.name}",
+        hint="train one: homespec train-draft MODEL --out DIR, then --draft head:DIR/head.safetensors",
+    )
 
 
 def _early_exit_layers(arg: str, total: int) -> int:

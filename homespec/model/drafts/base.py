@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 from homespec.core.tree import TokenTree, Verification
 
@@ -17,6 +18,7 @@ from homespec.core.tree import TokenTree, Verification
 class DraftSource(ABC):
     name: str = "draft"
     learns: bool = False  # wants ``learn`` calls (the decoders skip computing top-k for sources that do not)
+    wants_features: bool = False  # wants the target's last-layer hidden states (a draft head)
 
     def start(self, prompt: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """A new request begins with this prompt."""
@@ -33,6 +35,12 @@ class DraftSource(ABC):
     ) -> None:
         """The target's top-k next tokens (and log-probs) after each of ``tokens``, each in its own context: every
         node it computed and every prompt position. Token recycling builds its table from these."""
+
+    def prefix_features(self, start: int, hidden: Any) -> None:  # noqa: B027 (optional hook)
+        """The target's last-layer hidden states [n, hidden] at prompt positions start .. start + n - 1."""
+
+    def tree_features(self, nodes: Sequence[int], hidden: Any) -> None:  # noqa: B027 (optional hook)
+        """The target's last-layer hidden states [n, hidden] at tree nodes it computed."""
 
 
 class NoDraft(DraftSource):

@@ -5,6 +5,7 @@ source learns from every verification."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from homespec.core.tree import TokenTree, Verification
 from homespec.model.drafts.base import DraftSource
@@ -15,6 +16,7 @@ class MixDraft(DraftSource):
         self.sources = list(sources)
         self.name = "+".join(s.name for s in self.sources)
         self.learns = any(s.learns for s in self.sources)
+        self.wants_features = any(s.wants_features for s in self.sources)
 
     @property
     def forwards(self) -> int:
@@ -41,6 +43,14 @@ class MixDraft(DraftSource):
     ) -> None:
         for s in self.sources:
             s.learn(tokens, top_tokens, top_logprobs)
+
+    def prefix_features(self, start: int, hidden: Any) -> None:
+        for s in self.sources:
+            s.prefix_features(start, hidden)
+
+    def tree_features(self, nodes: Sequence[int], hidden: Any) -> None:
+        for s in self.sources:
+            s.tree_features(nodes, hidden)
 
     def save(self) -> None:
         for s in self.sources:

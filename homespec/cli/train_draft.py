@@ -1,0 +1,80 @@
+"""``homespec train-draft [MODEL] --out DIR``: train an EAGLE-style draft head from the target's own outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from homespec.cli.common import quiet_libraries, user_errors
+from homespec.errors import ConfigError
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "train_prompts.jsonl"
+
+
+def train_draft(
+    model: Annotated[str | None, typer.Argument(help="folder, .gguf or repo id (default: bundled)")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for data, checkpoint and head.safetensors")] = Path(
+        "draft-head"
+    ),
+    prompts: Annotated[
+        Path | None, typer.Option(help="extra JSONL prompts with 'turns' (added to the built-in set)")
+    ] = None,
+    builtin: Annotated[bool, typer.Option("--builtin/--no-builtin", help="use the built-in prompt set")] = True,
+    limit: Annotated[int, typer.Option(help="use at most N prompts (0 = all)")] = 0,
+    max_new: Annotated[int, typer.Option("--max-new", help="reply tokens generated per prompt")] = 96,
+    epochs: Annotated[int, typer.Option()] = 6,
+    lr: Annotated[float, typer.Option()] = 5e-4,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
+) -> None:
+    """Generate training data with the target (once), then train a draft head on it (resumable)."""
+    quiet_libraries()
+    with user_errors():
+        texts: list[str] = []
+        from homespec.model.train_head import Sequences, TrainConfig, build_data, load_prompts, train
+
+        if builtin:
+            texts += load_prompts(BUILTIN_PROMPTS)
+        if prompts is not None:
+            if not prompts.is_file():
+                raise ConfigError(f"prompts file not found: {prompts}")
+            texts += load_prompts(prompts)
+        if limit > 0:
+            texts = texts[:limit]
+        if not texts:
+            raise ConfigError("no training prompts", hint="drop --no-builtin or give --prompts FILE")
+        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr)
+        from rich.progress import Progress
+
+        from homespec.engine import Engine, EngineOptions
+
+        data_path = out / "data.safetensors"
+        with Engine(EngineOptions(model=model, draft="ngram+recycle", device=device)) as engine:
+            if not data_path.is_file():
+                with Progress(transient=True) as bar:
+                    task = bar.add_task("generating training data", total=len(texts))
+                    data = build_data(engine, texts, cfg.max_new, lambda: bar.advance(task))
+                data.save(data_path)
+            data = Sequences.load(data_path)
+            rows = sum(len(t) - 1 for t in data.tokens)
+            typer.echo(f"{len(data.tokens)} sequences, {rows} training rows", err=True)
+            log: list[dict[str, float]] = []
+
+            def report(m: dict[str, float]) -> None:
+                log.append(m)
+                typer.echo(
+                    f"epoch {int(m['epoch'])}: loss {m['loss']:.4f}, held-out top-1 {m['top1']:.3f} ({m['s']:.0f}s)",
+                    err=True,
+                )
+
+            with Progress(transient=True) as bar:
+                total = max_steps or cfg.epochs * len(data.tokens)
+                task = bar.add_task("training", total=total)
+                head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None)
+            extra = {"prompts": len(texts), "rows": rows, "max_new": cfg.max_new, "epochs": cfg.epochs, "log": log}
+            head.save(out / "head.safetensors", extra)
+            (out / "training.json").write_text(json.dumps(extra, indent=2))
+        typer.echo(str(out / "head.safetensors"))

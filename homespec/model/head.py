@@ -1,0 +1,183 @@
+"""An EAGLE-style draft head (DESIGN §5 ``head``): one Llama decoder layer that predicts the target's next
+last-layer hidden state ("feature") from the current one and the embedding of the token that follows it.
+
+Row alignment, the same in training and drafting: the row for the token at position ``q`` takes
+``fc([embed(x_q), f_{q-1}])`` at rotary position ``q - 1`` and outputs ``f̂_q``, the feature the target would have
+at ``q``; the target's own frozen final norm and LM head turn ``f̂_q`` into log-probs for the token at ``q + 1``.
+``f_{q-1}`` is the target's true feature when the target has computed position ``q - 1`` (the committed text), or
+the head's own prediction for deeper draft levels.
+
+The head owns only ``fc`` and its layer (a few MB); embeddings, norm and LM head stay the target's. Files are
+safetensors with the config (and the target's fingerprint) in the metadata, so a head never runs on another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from homespec.errors import DraftError
+from homespec.model.kv import TreeKVCache
+
+FORMAT = "homespec-draft-head-1"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    target: str  # fingerprint of the target's architecture (target_fingerprint)
+
+    @classmethod
+    def for_target(cls, config: Any) -> HeadConfig:
+        hidden = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        return cls(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
+            intermediate=int(config.intermediate_size),
+            eps=float(config.rms_norm_eps),
+            target=target_fingerprint(config),
+        )
+
+
+def target_fingerprint(config: Any) -> str:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    text = json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class DraftHead(nn.Module):
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden, cfg.head_dim
+        self.cfg = cfg
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.ln1 = nn.Parameter(torch.ones(h))
+        self.ln2 = nn.Parameter(torch.ones(h))
+        self.q = nn.Linear(h, cfg.heads * d, bias=False)
+        self.k = nn.Linear(h, cfg.kv_heads * d, bias=False)
+        self.v = nn.Linear(h, cfg.kv_heads * d, bias=False)
+        self.o = nn.Linear(cfg.heads * d, h, bias=False)
+        self.gate = nn.Linear(h, cfg.intermediate, bias=False)
+        self.up = nn.Linear(h, cfg.intermediate, bias=False)
+        self.down = nn.Linear(cfg.intermediate, h, bias=False)
+
+    def forward(
+        self,
+        emb: torch.Tensor,  # [n, hidden]: embeddings of the rows' tokens
+        feat: torch.Tensor,  # [n, hidden]: the feature before each row's token
+        cos: torch.Tensor,  # [n, d]
+        sin: torch.Tensor,  # [n, d]
+        mask: torch.Tensor,  # [n, past + n] bool
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([kvh, past, d], [kvh, past, d])
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predicted features [n, hidden], and this call's keys and values [kvh, n, d] (for a cache)."""
+        cfg, n = self.cfg, emb.shape[0]
+        x = self.fc(torch.cat([emb, feat], dim=-1))
+        r = _rms(x, self.ln1, cfg.eps)
+        q = self.q(r).view(n, cfg.heads, cfg.head_dim).transpose(0, 1)
+        k = self.k(r).view(n, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
+        v = self.v(r).view(n, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
+        attn = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
+        )  # [1, heads, n, d]
+        x = x + self.o(attn[0].transpose(0, 1).reshape(n, -1))
+        r = _rms(x, self.ln2, cfg.eps)
+        return x + self.down(F.silu(self.gate(r)) * self.up(r)), k, v
+
+    @torch.inference_mode()
+    def run_cached(
+        self,
+        cache: TreeKVCache,
+        emb: torch.Tensor,
+        feat: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rows written at cache slots [start, start + n), attending as ``mask`` says; returns predicted features."""
+        n = emb.shape[0]
+        past = (cache.k[0, :, :start], cache.v[0, :, :start])
+        out, k, v = self.forward(emb, feat, cos, sin, mask, past)
+        cache.k[0, :, start : start + n] = k
+        cache.v[0, :, start : start + n] = v
+        return out
+
+    def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
+        return TreeKVCache(1, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
+
+    # -- files ---------------------------------------------------------------------------------------------
+    def save(self, path: Path, extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        meta = {"format": FORMAT, "config": json.dumps(asdict(self.cfg)), "training": json.dumps(extra or {})}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+
+def head_fingerprint(path: Path) -> str | None:
+    """The target fingerprint a head file was trained for (None if it is not a head file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        target = json.loads(meta["config"])["target"] if meta.get("format") == FORMAT else None
+        return str(target) if target is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_head(path: Path, target_config: Any, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DraftHead:
+    """A saved head, checked against the target it is about to draft for."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise DraftError(f"draft head not found: {path}", hint="train one with: homespec train-draft --out DIR")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise DraftError(f"{path} is not a HomeSpec draft head (format {meta.get('format')!r})")
+            cfg = HeadConfig(**json.loads(meta["config"]))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DraftError(f"draft head {path} is unreadable: {exc}") from exc
+    want = target_fingerprint(target_config)
+    if cfg.target != want:
+        raise DraftError(
+            f"draft head {path} was trained for another model (fingerprint {cfg.target}, target {want})",
+            hint="train a head for this model: homespec train-draft MODEL --out DIR",
+        )
+    head = DraftHead(cfg)
+    head.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+    return head.to(device=device, dtype=dtype).eval()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

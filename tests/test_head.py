@@ -1,0 +1,69 @@
+"""The EAGLE-style draft head: training lowers its loss, the saved file loads only for its own target, and the
+shipped head for the bundled model drafts losslessly and is accepted more often than it would be by chance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from homespec.config import GenerationConfig
+from homespec.errors import DraftError
+from homespec.events import GenerationFinished
+from homespec.model.head import load_head
+from homespec.model.train_head import Sequences, TrainConfig, build_data, train
+from tests.conftest import EQUIVALENCE_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+TRAIN_PROMPTS = [
+    "Name three colors of the rainbow.",
+    "Write one sentence about the moon.",
+    "What is the capital of Italy?",
+]
+
+
+def test_training_lowers_the_loss_and_the_head_loads_for_its_target_only(
+    engines: Callable[..., Any], truncated_copy: Path, tmp_path: Path
+) -> None:
+    engine = engines("none")
+    data = build_data(engine, TRAIN_PROMPTS, max_new=12, progress=lambda: None)
+    data.save(tmp_path / "data.safetensors")
+    data = Sequences.load(tmp_path / "data.safetensors")
+    assert [len(t) for t in data.tokens] == [len(f) for f in data.features] == [len(y) for y in data.labels]
+    log: list[dict[str, float]] = []
+    cfg = TrainConfig(epochs=6, lr=1e-3, holdout=0.34)
+    head = train(engine, data, tmp_path, cfg, log.append)
+    assert [int(m["epoch"]) for m in log] == list(range(6))
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+    head.save(tmp_path / "head.safetensors")
+    loaded = load_head(tmp_path / "head.safetensors", engine.source.config)
+    assert loaded.cfg == head.cfg
+    from homespec.model.loader import resolve
+
+    with pytest.raises(DraftError, match="trained for another model"):
+        load_head(tmp_path / "head.safetensors", resolve(str(truncated_copy)).config)
+    # resuming after the last epoch does nothing more and gives the same head
+    again = train(engine, data, tmp_path, cfg, log.append)
+    assert len(log) == 6
+    assert all((a == b).all() for a, b in zip(again.state_dict().values(), head.state_dict().values(), strict=True))
+
+
+def test_shipped_head_is_lossless_and_accepted(
+    engines: Callable[..., Any],
+    chat_ids: Callable[[str], list[int]],
+    reference_greedy: Callable[..., list[int]],
+    assert_lossless: Callable[..., None],
+) -> None:
+    engine = engines("head")
+    accepted = forwards = 0
+    for prompt in EQUIVALENCE_PROMPTS[:4]:
+        ids = chat_ids(prompt)
+        done = list(engine.generate(ids, GenerationConfig(max_tokens=48)))[-1]
+        assert isinstance(done, GenerationFinished)
+        assert_lossless(ids, list(done.tokens), reference_greedy(ids, 48))
+        accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
+        forwards += done.stats.target_forwards
+    assert accepted / forwards > 0.5, f"the shipped head is accepted only {accepted / forwards:.2f} per forward"
