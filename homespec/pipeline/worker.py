@@ -31,7 +31,8 @@ POLL_MS = 200
 class _Request:
     cache: Any  # TreeKVCache
     sampling: Any  # SamplingConfig
-    features: bool = False  # return hidden states with results    pruned_seq: int = 0
+    features: bool = False  # return hidden states with results
+    pruned_seq: int = 0
     dead: set[int] = field(default_factory=set)
     steps: int = 0
     rows: int = 0
