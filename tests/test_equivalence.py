@@ -75,7 +75,7 @@ def test_same_model_draft_accepts_everything(
         assert [s.emitted for s in steps[:-1]] == [depth + 1] * (len(steps) - 1)
 
 
-@pytest.mark.parametrize("draft", ["ngram", "recycle", "early-exit", "model:{truncated}"])
+@pytest.mark.parametrize("draft", ["ngram", "recycle", "head", "early-exit", "model:{truncated}"])
 def test_seeded_sampling_equals_plain_sampling(
     draft: str, engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]
 ) -> None:

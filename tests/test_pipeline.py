@@ -74,7 +74,7 @@ def plain(engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]) -> 
 
 @pytest.fixture(scope="module")
 def drafts(bundled: Any, tokenizer: Any) -> dict[str, Any]:
-    names = ("none", "ngram", "early-exit", "ngram+recycle")
+    names = ("none", "ngram", "early-exit", "ngram+recycle", "head")
     return {name: build_draft(name, bundled, tokenizer, TreeConfig()) for name in names}
 
 
@@ -93,6 +93,7 @@ CASES = [
     ("specpipe", "ngram"),
     ("specpipe", "early-exit"),
     ("specpipe", "ngram+recycle"),
+    ("specpipe", "head"),
 ]
 # Prompts per case in CI (the slow draft and the S-steps-per-token baseline get fewer, rotated by S so that every
 # prompt meets every stage count across the matrix); HOMESPEC_FULL_MATRIX=1 runs all six everywhere.
