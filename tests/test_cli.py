@@ -111,8 +111,8 @@ def test_bench_runs_every_mode_in_one_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = {(r["mode"], r["draft"]): r for r in json.loads((tmp_path / "rows.json").read_text())}
-    assert set(rows) == {("ar", "none"), ("pp", "none"), ("tree", "ngram"), ("specpipe", "ngram")}
+    assert set(rows) == {("ar", "none"), ("pp", "none"), ("tree", "ngram+recycle"), ("specpipe", "ngram+recycle")}
     pp = rows[("pp", "none")]
     assert pp["steps"] == 3 * pp["tokens"] and pp["speedup_vs_pp"] == pytest.approx(1.0)
-    assert rows[("ar", "none")]["tokens"] == pp["tokens"] == rows[("specpipe", "ngram")]["tokens"]
-    assert rows[("specpipe", "ngram")]["predicted_tbt_ms"] > 0
+    assert rows[("ar", "none")]["tokens"] == pp["tokens"] == rows[("specpipe", "ngram+recycle")]["tokens"]
+    assert rows[("specpipe", "ngram+recycle")]["predicted_tbt_ms"] > 0
