@@ -25,7 +25,7 @@ def train_draft(
     builtin: Annotated[bool, typer.Option("--builtin/--no-builtin", help="use the built-in prompt set")] = True,
     limit: Annotated[int, typer.Option(help="use at most N prompts (0 = all)")] = 0,
     max_new: Annotated[int, typer.Option("--max-new", help="reply tokens generated per prompt")] = 96,
-    epochs: Annotated[int, typer.Option()] = 6,
+    epochs: Annotated[int, typer.Option()] = 12,
     lr: Annotated[float, typer.Option()] = 5e-4,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",

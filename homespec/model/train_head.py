@@ -32,7 +32,7 @@ from homespec.model.stage import Stage
 @dataclass(frozen=True)
 class TrainConfig:
     max_new: int = 96
-    epochs: int = 6
+    epochs: int = 12
     lr: float = 5e-4
     cls_weight: float = 0.2  # EAGLE uses 0.1; a small target's features are noisier, the token matters more
     noise: float = 0.05  # uniform noise on input features (EAGLE), for robustness to its own predictions
