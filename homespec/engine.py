@@ -137,9 +137,7 @@ class Engine:
         """Stop the stage processes (pipelined modes) and save draft state that has a file (``recycle:FILE``);
         the engine cannot generate afterwards."""
         for d in self._drafts.values():
-            save = getattr(d, "save", None)
-            if save is not None:
-                save()
+            d.save()
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from homespec.cli.common import quiet_libraries, user_errors
+from homespec.cli.common import ByScoreOption, TimeScaleOption, WaveSizeOption, quiet_libraries, user_errors
 from homespec.config import GenerationConfig
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
@@ -38,13 +38,9 @@ def bench(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 64,
     drafts: Annotated[str, typer.Option(help="comma-separated draft sources for tree/specpipe")] = "ngram+recycle",
     modes: Annotated[str, typer.Option(help="comma-separated modes")] = "ar,pp,tree,specpipe",
-    wave_size: Annotated[
-        int, typer.Option("--wave-size", help="specpipe: nodes injected per step")
-    ] = DEFAULT_WAVE_SIZE,
-    by_score: Annotated[
-        bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")
-    ] = DEFAULT_BY_SCORE,
-    time_scale: Annotated[float, typer.Option("--time-scale", help="emulation: clock slow-down (0 = auto)")] = 0.0,
+    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    by_score: ByScoreOption = DEFAULT_BY_SCORE,
+    time_scale: TimeScaleOption = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
 ) -> None:
     """Measure every decoding mode on the same prompts; print a table and optionally save JSON."""

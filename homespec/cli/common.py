@@ -1,4 +1,5 @@
-"""What every command shares: turning HomespecError into a one-line message and an exit code."""
+"""What every command shares: turning HomespecError into a one-line message and an exit code, and the options
+that several commands take."""
 
 from __future__ import annotations
 
@@ -6,13 +7,19 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
 from homespec.errors import HomespecError
 
 T = TypeVar("T")
+
+WaveSizeOption = Annotated[int, typer.Option("--wave-size", help="specpipe: nodes injected per step")]
+ByScoreOption = Annotated[
+    bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")
+]
+TimeScaleOption = Annotated[float, typer.Option("--time-scale", help="emulation: clock slow-down (0 = auto)")]
 
 
 def quiet_libraries() -> None:

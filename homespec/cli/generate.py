@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from homespec.cli.common import quiet_libraries, user_errors
+from homespec.cli.common import ByScoreOption, TimeScaleOption, WaveSizeOption, quiet_libraries, user_errors
 from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
@@ -21,14 +21,10 @@ def generate(
         str | None, typer.Option(help="ar | pp | tree | specpipe (default: ar, or specpipe with --stages > 1)")
     ] = None,
     stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes for pp/tree/specpipe")] = 1,
-    wave_size: Annotated[
-        int, typer.Option("--wave-size", help="specpipe: nodes injected per step")
-    ] = DEFAULT_WAVE_SIZE,
-    by_score: Annotated[
-        bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")
-    ] = DEFAULT_BY_SCORE,
+    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    by_score: ByScoreOption = DEFAULT_BY_SCORE,
     emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
-    time_scale: Annotated[float, typer.Option("--time-scale", help="emulation: clock slow-down (0 = auto)")] = 0.0,
+    time_scale: TimeScaleOption = 0.0,
     draft: Annotated[str, typer.Option(help=f"draft source: {DRAFT_SPECS}")] = "ngram+recycle",
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,

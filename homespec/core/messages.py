@@ -134,6 +134,7 @@ class Start(Message):
     top_k: int
     seed: int
     features: bool = False  # the last stage returns its hidden states with every Result (a draft head needs them)
+    prompt_top: bool = False  # prompt chunks' Results carry the top-k of every position (token recycling)
 
 
 @dataclass(frozen=True)

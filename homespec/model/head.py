@@ -25,6 +25,7 @@ from torch import nn
 
 from homespec.errors import DraftError
 from homespec.model.kv import TreeKVCache
+from homespec.model.stage import rms_norm, rotate_half
 
 FORMAT = "homespec-draft-head-1"
 
@@ -88,17 +89,17 @@ class DraftHead(nn.Module):
         """Predicted features [n, hidden], and this call's keys and values [kvh, n, d] (for a cache)."""
         cfg, n = self.cfg, emb.shape[0]
         x = self.fc(torch.cat([emb, feat], dim=-1))
-        r = _rms(x, self.ln1, cfg.eps)
+        r = rms_norm(x, self.ln1, cfg.eps)
         q = self.q(r).view(n, cfg.heads, cfg.head_dim).transpose(0, 1)
         k = self.k(r).view(n, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
         v = self.v(r).view(n, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
         attn = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
         )  # [1, heads, n, d]
         x = x + self.o(attn[0].transpose(0, 1).reshape(n, -1))
-        r = _rms(x, self.ln2, cfg.eps)
+        r = rms_norm(x, self.ln2, cfg.eps)
         return x + self.down(F.silu(self.gate(r)) * self.up(r)), k, v
 
     @torch.inference_mode()
@@ -172,12 +173,3 @@ def load_head(path: Path, target_config: Any, dtype: torch.dtype = torch.float32
     head = DraftHead(cfg)
     head.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
     return head.to(device=device, dtype=dtype).eval()
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

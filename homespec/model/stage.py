@@ -199,8 +199,8 @@ class Stage:
         q = F.linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
         k = F.linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
         v = F.linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         cache.k[li, :, start : start + n] = k
         cache.v[li, :, start : start + n] = v
         keys = cache.k[li, :, : start + n]  # [kvh, T, d]
@@ -214,11 +214,16 @@ class Stage:
 
     def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         assert weight is not None
-        x = h.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x.to(h.dtype)
+        return rms_norm(h, weight, self.eps)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm (computed in fp32)."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

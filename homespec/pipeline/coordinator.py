@@ -47,7 +47,8 @@ class PipelineDecoder:
         req = self.cluster.new_request_id()
         c = self.cluster
         features = draft.wants_features
-        c.broadcast(Start(req, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, features))
+        s = sampling
+        c.broadcast(Start(req, s.temperature, s.top_p, s.top_k, s.seed, features, prompt_top=draft.learns))
         started = time.perf_counter()
         ok = False
         try:
@@ -122,9 +123,9 @@ class PipelineDecoder:
             top_t, top_lp = from_raw(msg.top_tokens), from_raw(msg.top_logprobs)
             if msg.step == PREFIX_STEP and self._prefix_chunks:
                 a, chunk = self._prefix_chunks.popleft()
-                if top_t.shape[0] != len(chunk):
-                    raise PeerLostError(f"prefix result has {top_t.shape[0]} rows for a chunk of {len(chunk)}")
                 if draft.learns:
+                    if top_t.shape[0] != len(chunk):
+                        raise PeerLostError(f"prefix result has {top_t.shape[0]} rows for a chunk of {len(chunk)}")
                     draft.learn(chunk, top_t.tolist(), top_lp.tolist())
                 if draft.wants_features:
                     draft.prefix_features(a, self._hidden(msg, len(chunk)))

@@ -32,6 +32,7 @@ class _Request:
     cache: Any  # TreeKVCache
     sampling: Any  # SamplingConfig
     features: bool = False  # return hidden states with results
+    prompt_top: bool = False  # return the top-k of prompt positions
     pruned_seq: int = 0
     dead: set[int] = field(default_factory=set)
     steps: int = 0
@@ -127,7 +128,7 @@ class StageWorker:
         if isinstance(msg, m.Start):
             sampling = SamplingConfig(msg.temperature, msg.top_p, msg.top_k, msg.seed)
             cache = self.stage.new_cache(self.assign.max_context, self.assign.max_tree)
-            self.requests[msg.request] = _Request(cache, sampling, features=msg.features)
+            self.requests[msg.request] = _Request(cache, sampling, msg.features, msg.prompt_top)
         elif isinstance(msg, m.Prune):
             req = self.requests.get(msg.request)
             if req is not None:
@@ -221,12 +222,12 @@ class StageWorker:
 
     def _result(self, req: _Request, msg: Any, logits: Any, rows: list[Any]) -> Any:
         """Last stage: per row the next token (greedy or keyed draw) and the top-k; for a prefix chunk only the
-        top-k of every position (token recycling learns from the prompt)."""
+        top-k of every position, when asked (token recycling learns from the prompt)."""
         from homespec.core.messages import Result
         from homespec.model.sampling import RESULT_TOP_K, next_tokens, top_logprobs
         from homespec.pipeline.frames import to_raw
 
-        if msg.prefix or rows:
+        if rows or (msg.prefix and req.prompt_top):
             top_t, top_lp = top_logprobs(logits)
         else:
             top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))

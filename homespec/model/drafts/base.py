@@ -36,6 +36,9 @@ class DraftSource(ABC):
         """The target's top-k next tokens (and log-probs) after each of ``tokens``, each in its own context: every
         node it computed and every prompt position. Token recycling builds its table from these."""
 
+    def save(self) -> None:  # noqa: B027 (optional hook)
+        """Write state that has a file (``recycle:FILE``); called when the engine closes."""
+
     def prefix_features(self, start: int, hidden: Any) -> None:  # noqa: B027 (optional hook)
         """The target's last-layer hidden states [n, hidden] at prompt positions start .. start + n - 1."""
 

@@ -54,6 +54,4 @@ class MixDraft(DraftSource):
 
     def save(self) -> None:
         for s in self.sources:
-            save = getattr(s, "save", None)
-            if save is not None:
-                save()
+            s.save()
