@@ -25,9 +25,12 @@ def main() -> None:
     parser.add_argument("drafts", nargs="+", help="draft spec, optionally @budget,depth,width")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=0, help="N prompts spread evenly over the file (0 = all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    if 0 < args.limit < len(prompts):
+        prompts = [prompts[i * len(prompts) // args.limit] for i in range(args.limit)]
     rows = []
     for spec in args.drafts:
         draft, _, shape = spec.partition("@")
