@@ -214,7 +214,8 @@ class Engine:
         text = ""
         steps = forwards = accepted = 0
         reason: FinishReason = "length"
-        draft_forwards0 = getattr(draft_source, "forwards", 0)
+        draft_forwards0, draft_cost0 = getattr(draft_source, "forwards", 0), draft_source.cost
+        draft_source.set_mode(mode_name)
         steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, config.tree)
         for step in steps_iter:
             forwards += 1
@@ -252,6 +253,8 @@ class Engine:
             stages=self.options.stages if mode_name != "ar" else self.options.split,
             accepted_per_step=accepted / forwards if forwards else 0.0,
             draft_forwards=getattr(draft_source, "forwards", 0) - draft_forwards0,
+            draft_cost=draft_source.cost - draft_cost0,
+            draft_choices=tuple(draft_source.choices),
             wall_s=wall,
             tokens_per_s=len(out) / wall if wall > 0 else 0.0,
             busy_fraction=tuple(getattr(decoder, "busy_fraction", ())),

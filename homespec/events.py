@@ -45,10 +45,13 @@ class GenerationStats:
     tokens_per_s: float
     busy_fraction: tuple[float, ...] = ()  # per stage (pipelined modes): busy time / request wall time
     time_scale: float = 1.0  # emulated runs: how many times slower than the modeled clock it really ran
+    draft_cost: float = 0.0  # draft compute, in target forwards (parameter-count proxy)
+    draft_choices: tuple[str, ...] = ()  # ``auto``: each choice of arm, when ("@verification") and why
 
     def as_dict(self) -> dict[str, object]:
         out = dict(self.__dict__)
         out["busy_fraction"] = list(self.busy_fraction)
+        out["draft_choices"] = list(self.draft_choices)
         return out
 
 

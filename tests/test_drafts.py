@@ -127,3 +127,44 @@ def test_build_draft_parses_specs(tmp_path: Path) -> None:
     for bad in ("nope", "ngram+ngram", "none+recycle", "ngram+"):
         with pytest.raises(DraftError):
             build_draft(bad, target, None, tree)
+
+
+def test_auto_plays_arms_in_windows_and_every_base_keeps_learning() -> None:
+    """The bandit's arms share their bases: a base that is not playing still learns (the recycling table fills
+    while prompt lookup plays), and each window's reward is tokens per verification (no draft cost here)."""
+    from homespec.model.drafts.auto import AutoDraft
+
+    recycle = RecycleDraft(k=2)
+    auto = AutoDraft({"ngram": NgramDraft(depth=3, width=1), "recycle": recycle}, ["ngram", "recycle"], period=2)
+    assert auto.learns and not auto.wants_features
+    prompt = [10, 11, 12, 13, 10, 11]
+    auto.set_mode("ar")
+    auto.start(prompt)
+    first = auto.arm
+    committed = list(prompt)
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    following = {10: 11, 11: 12, 12: 13, 13: 10}  # the target continues the repeating text
+    for _ in range(4):
+        auto.propose(tree, committed, budget=4)
+        wave = tree.in_state(NodeState.DRAFTED)
+        tree.mark_sent(wave)
+        for node in wave:
+            tree.set_result(node, following.get(tree.node(node).token, 10))
+        auto.learn([committed[-1]], [[99, 98]], [[-0.1, -0.2]])
+        v = tree.verify()
+        committed.extend(v.emitted)
+        auto.observe(v, committed)
+    assert recycle.table  # learned while prompt lookup was playing
+    assert len(auto.choices) == 3 and auto.choices[0].startswith(f"@0: {first} (explore")
+    second = auto.choices[1].split()[1]
+    assert second != first and "explore" in auto.choices[1]  # the other arm is tried next
+    assert auto.bandit.weight[first] > 0 and auto.bandit.weight[second] > 0
+
+
+def test_auto_builds_the_arms_it_can_and_refuses_unknown_bases() -> None:
+    from homespec.model.drafts.auto import AutoDraft
+
+    with pytest.raises(ValueError, match="distinct sources"):
+        AutoDraft({"ngram": NgramDraft()}, ["ngram+head"])
+    with pytest.raises(ValueError, match="period"):
+        AutoDraft({"ngram": NgramDraft()}, ["ngram"], period=0)

@@ -4,7 +4,8 @@ Specs: ``none``, ``ngram``, ``recycle`` or ``recycle:FILE`` (token recycling; wi
 and saved back by ``save``), ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
 ``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id), ``head`` or ``head:FILE`` (an
 EAGLE-style draft head: the one shipped for the target, or a trained file), and any of these joined by ``+``
-(one tree grown by each in turn, e.g. ``ngram+recycle``).
+(one tree grown by each in turn, e.g. ``ngram+recycle``), or ``auto`` (SPIN: a bandit choosing among mixes of
+``ngram``, ``recycle`` and, when one is shipped for the target, ``head``; ``drafts/auto.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from homespec.config import TreeConfig
 from homespec.errors import DraftError
-from homespec.model.drafts.base import DraftSource, NoDraft
+from homespec.model.drafts.base import DraftSource, NoDraft, forward_params
 from homespec.model.drafts.mix import MixDraft
 from homespec.model.drafts.model import ModelDraft
 from homespec.model.drafts.ngram import NgramDraft
@@ -24,6 +25,7 @@ from homespec.model.drafts.recycle import RecycleDraft
 from homespec.model.loader import ModelSource
 
 __all__ = [
+    "AUTO_ARMS",
     "DRAFT_SPECS",
     "DraftSource",
     "MixDraft",
@@ -35,8 +37,10 @@ __all__ = [
 ]
 
 DRAFT_SPECS = (
-    "none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + (ngram+recycle)"
+    "auto | none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + "
+    "(ngram+recycle)"
 )
+AUTO_ARMS = ("ngram+recycle", "ngram+recycle+head", "recycle+head")  # measured: BENCHMARKS.md §3
 SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "assets" / "heads"
 
 
@@ -51,6 +55,8 @@ def build_draft(
 ) -> DraftSource:
     from homespec.model.stage import Stage
 
+    if spec == "auto":
+        return _auto(target, target_tokenizer, tree, dtype, device, max_context)
     if "+" in spec:
         parts = [p.strip() for p in spec.split("+")]
         if len(parts) != len(set(parts)) or "none" in parts or not all(parts):
@@ -74,15 +80,34 @@ def build_draft(
     if kind == "early-exit":
         layers = _early_exit_layers(arg, target.num_layers)
         stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device)
-        return ModelDraft(stage, f"early-exit:{layers}", tree.depth, tree.width, max_context)
+        unit = forward_params(target.config, layers, True) / forward_params(target.config, target.num_layers, True)
+        return ModelDraft(stage, f"early-exit:{layers}", tree.depth, tree.width, max_context, unit=unit)
     if kind == "model" and arg:
         from homespec.model.loader import resolve
 
         source = resolve(arg)
         _check_same_tokenizer(target_tokenizer, source.tokenizer(), arg)
         stage = Stage(source, 0, source.num_layers, dtype=dtype, device=device)
-        return ModelDraft(stage, f"model:{arg}", tree.depth, tree.width, max_context)
+        own = forward_params(source.config, source.num_layers, True)
+        unit = own / forward_params(target.config, target.num_layers, True)
+        return ModelDraft(stage, f"model:{arg}", tree.depth, tree.width, max_context, unit=unit)
     raise DraftError(f"unknown draft source {spec!r}", hint=f"one of: {DRAFT_SPECS}")
+
+
+def _auto(
+    target: ModelSource, tokenizer: Any, tree: TreeConfig, dtype: torch.dtype, device: str, max_context: int
+) -> DraftSource:
+    from homespec.model.drafts.auto import AutoDraft
+
+    names = ["ngram", "recycle"]
+    try:
+        _shipped_head(target)
+        names.append("head")
+    except DraftError:
+        pass  # no head for this target: the arms without it
+    bases = {n: build_draft(n, target, tokenizer, tree, dtype, device, max_context) for n in names}
+    arms = [a for a in AUTO_ARMS if all(p in bases for p in a.split("+"))]
+    return AutoDraft(bases, arms)
 
 
 def _shipped_head(target: ModelSource) -> Path:

@@ -19,9 +19,14 @@ class DraftSource(ABC):
     name: str = "draft"
     learns: bool = False  # wants ``learn`` calls (the decoders skip computing top-k for sources that do not)
     wants_features: bool = False  # wants the target's last-layer hidden states (a draft head)
+    cost: float = 0.0  # draft compute so far, in target forwards (a parameter-count proxy; 0 for table lookups)
+    choices: tuple[str, ...] = ()  # ``auto``: the choices made in the current request, with their reasons
 
     def start(self, prompt: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """A new request begins with this prompt."""
+
+    def set_mode(self, mode: str) -> None:  # noqa: B027 (optional hook)
+        """The next request's decoding mode (``auto`` weighs draft cost by whether it runs beside the target)."""
 
     @abstractmethod
     def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
@@ -44,6 +49,16 @@ class DraftSource(ABC):
 
     def tree_features(self, nodes: Sequence[int], hidden: Any) -> None:  # noqa: B027 (optional hook)
         """The target's last-layer hidden states [n, hidden] at tree nodes it computed."""
+
+
+def forward_params(config: Any, layers: int, lm_head: bool) -> int:
+    """Weights a forward over ``layers`` decoder layers (and the LM head) multiplies by: the unit of draft cost."""
+    h, inter = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    d = int(getattr(config, "head_dim", None) or h // heads)
+    per_layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * inter
+    return layers * per_layer + (int(config.vocab_size) * h if lm_head else 0)
 
 
 class NoDraft(DraftSource):

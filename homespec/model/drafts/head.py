@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from homespec.core.tree import NodeId, TokenTree, Verification
+from homespec.model.drafts.base import forward_params
 from homespec.model.drafts.model import ModelDraft
 from homespec.model.head import DraftHead
 from homespec.model.kv import TreeKVCache
@@ -34,6 +35,11 @@ class HeadDraft(ModelDraft):
         self.features: list[torch.Tensor] = []  # true feature per committed position, in order
         self.node_features: dict[int, torch.Tensor] = {}  # tree node -> the target's feature, once computed
         self.predicted: dict[int, torch.Tensor] = {}  # tree node -> the head's feature (until the next verification)
+        cfg = ends.source.config
+        target = forward_params(cfg, ends.source.num_layers, lm_head=True)
+        h = int(cfg.hidden_size)
+        self.layer_unit = (forward_params(cfg, 1, lm_head=False) + 2 * h * h) / target  # fc + one layer
+        self.lm_unit = forward_params(cfg, 0, lm_head=True) / target
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
@@ -108,6 +114,7 @@ class HeadDraft(ModelDraft):
             out = self._forward(cache, [r.token for r in rows], feats, [r.position for r in rows], start, mask)
             self.predicted.update(zip(level, out.unbind(0), strict=True))
         self.forwards += 1
+        self.cost += self.lm_unit
         picked = torch.stack([self._feature_of(n) for n in nodes])
         logits = self.stage.logits(picked)
         return torch.log_softmax(logits.float(), dim=-1)
@@ -132,6 +139,7 @@ class HeadDraft(ModelDraft):
         start: int,
         mask: torch.Tensor,
     ) -> torch.Tensor:
+        self.cost += self.layer_unit
         emb = self.stage.embed(torch.tensor(list(tokens), device=self.stage.device))
         cos, sin = self.stage.rope([q - 1 for q in positions])
         return self.head.run_cached(cache, emb, feats, cos, sin, start, mask)

@@ -22,6 +22,14 @@ class MixDraft(DraftSource):
     def forwards(self) -> int:
         return sum(getattr(s, "forwards", 0) for s in self.sources)
 
+    @property  # type: ignore[override]
+    def cost(self) -> float:
+        return sum(s.cost for s in self.sources)
+
+    def set_mode(self, mode: str) -> None:
+        for s in self.sources:
+            s.set_mode(mode)
+
     def start(self, prompt: Sequence[int]) -> None:
         for s in self.sources:
             s.start(prompt)

@@ -32,7 +32,9 @@ class ModelDraft(DraftSource):
         width: int = 4,
         max_context: int = 4096,
         min_prob: float = 0.0,
+        unit: float = 0.0,
     ) -> None:
+        """``unit``: the cost of one draft forward in target forwards (``base.forward_params`` ratio)."""
         if not (stage.has_embed and stage.has_head):
             raise ValueError("a draft stage needs embeddings and a head")
         self.stage, self.name, self.depth, self.width = stage, name, depth, width
@@ -40,6 +42,7 @@ class ModelDraft(DraftSource):
         self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.cache: TreeKVCache | None = None
         self.forwards = 0  # draft forward passes (waves and prefix chunks), for stats
+        self.unit = unit
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
@@ -106,6 +109,7 @@ class ModelDraft(DraftSource):
             b = min(target, a + _PREFIX_CHUNK)
             self.stage.forward_prefix(cache, torch.tensor(committed[a:b]), range(a, b))
             self.forwards += 1
+            self.cost += self.unit
         return cache
 
     def _frontier(self, tree: TokenTree) -> list[NodeId]:
@@ -125,6 +129,7 @@ class ModelDraft(DraftSource):
         rows = tree.rows(need)
         logits = self.stage.forward_tree(cache, rows, torch.tensor([r.token for r in rows]))
         self.forwards += 1
+        self.cost += self.unit
         index = {n: i for i, n in enumerate(need)}
         picked = logits[[index[n] for n in nodes]]  # [len(nodes), vocab]
         return torch.log_softmax(picked.float(), dim=-1)

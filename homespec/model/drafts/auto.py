@@ -1,0 +1,124 @@
+"""The ``auto`` draft source (SPIN): several arms over shared draft sources, chosen by ``core.bandit``.
+
+An arm is a mix of base sources (``ngram+recycle``, ``ngram+recycle+head``); the bases are built once and shared,
+so every base sees every request, verification, top-k and feature whichever arm is playing (the recycling table
+keeps learning, the head keeps its features and catches up when it is chosen again). The bandit chooses at the
+start of each request and again every ``period`` verifications; a window's reward is the tokens it emitted per
+unit of work, ``tokens / (verifications + w * draft cost)``, with ``w = 1`` in ``ar`` (the draft runs on the target's
+device, in series) and ``w = 0`` in the pipelined modes (it runs beside the pipeline, on the head). The bandit's
+state lives as long as this object: an engine keeps it across requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from homespec.core.bandit import DraftBandit
+from homespec.core.tree import TokenTree, Verification
+from homespec.model.drafts.base import DraftSource
+from homespec.model.drafts.mix import MixDraft
+
+DEFAULT_PERIOD = 8  # verifications per bandit window
+
+
+class AutoDraft(DraftSource):
+    name = "auto"
+
+    def __init__(
+        self, bases: Mapping[str, DraftSource], arms: Sequence[str], period: int = DEFAULT_PERIOD, seed: int = 0
+    ) -> None:
+        """``bases``: name -> source; ``arms``: specs joining base names with ``+`` (each base at most once)."""
+        if period < 1:
+            raise ValueError(f"period must be >= 1, got {period}")
+        self.bases = dict(bases)
+        self.arms: dict[str, MixDraft] = {}
+        for arm in arms:
+            parts = arm.split("+")
+            missing = [p for p in parts if p not in self.bases]
+            if missing or len(set(parts)) != len(parts):
+                raise ValueError(f"arm {arm!r} needs distinct sources among {sorted(self.bases)}")
+            self.arms[arm] = MixDraft([self.bases[p] for p in parts])
+        self.bandit = DraftBandit(list(self.arms), seed=seed)
+        self.period = period
+        self.learns = any(b.learns for b in self.bases.values())
+        self.wants_features = any(b.wants_features for b in self.bases.values())
+        self.cost_weight = 1.0
+        self.arm = ""  # playing now
+        self.history: list[str] = []
+        self._window = (0, 0, 0.0)  # verifications, tokens, draft cost at the window's start
+        self._verifications = self._tokens = 0
+
+    @property
+    def forwards(self) -> int:
+        return sum(getattr(b, "forwards", 0) for b in self.bases.values())
+
+    @property  # type: ignore[override]
+    def cost(self) -> float:
+        return sum(b.cost for b in self.bases.values())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.history)
+
+    def set_mode(self, mode: str) -> None:
+        self.cost_weight = 1.0 if mode == "ar" else 0.0
+        for b in self.bases.values():
+            b.set_mode(mode)
+
+    # -- the bandit's windows --------------------------------------------------------------------------------
+    def _close_window(self) -> None:
+        v0, t0, c0 = self._window
+        n = self._verifications - v0
+        if self.arm and n > 0:
+            work = n + self.cost_weight * (self.cost - c0)
+            self.bandit.update(self.arm, (self._tokens - t0) / work)
+        self._window = (self._verifications, self._tokens, self.cost)
+
+    def _choose(self) -> None:
+        self._close_window()
+        choice = self.bandit.choose()
+        self.arm = choice.arm
+        self.history.append(f"@{self._verifications}: {choice.describe()}")
+
+    # -- the draft interface -----------------------------------------------------------------------------
+    def start(self, prompt: Sequence[int]) -> None:
+        for b in self.bases.values():
+            b.start(prompt)
+        self._close_window()  # the previous request's last (partial) window counts too
+        self.history = []
+        self._verifications = self._tokens = 0
+        self._window = (0, 0, self.cost)
+        self.arm = ""
+        self._choose()
+
+    def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
+        if not self.arm:
+            self._choose()
+        return self.arms[self.arm].propose(tree, committed, budget)
+
+    def observe(self, verification: Verification, committed: Sequence[int]) -> None:
+        for b in self.bases.values():
+            b.observe(verification, committed)
+        self._verifications += 1
+        self._tokens += len(verification.emitted)
+        if self._verifications - self._window[0] >= self.period:
+            self._choose()
+
+    def learn(
+        self, tokens: Sequence[int], top_tokens: Sequence[Sequence[int]], top_logprobs: Sequence[Sequence[float]]
+    ) -> None:
+        for b in self.bases.values():
+            b.learn(tokens, top_tokens, top_logprobs)
+
+    def prefix_features(self, start: int, hidden: Any) -> None:
+        for b in self.bases.values():
+            b.prefix_features(start, hidden)
+
+    def tree_features(self, nodes: Sequence[int], hidden: Any) -> None:
+        for b in self.bases.values():
+            b.tree_features(nodes, hidden)
+
+    def save(self) -> None:
+        for b in self.bases.values():
+            b.save()
