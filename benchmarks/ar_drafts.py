@@ -34,8 +34,8 @@ def main() -> None:
     rows = []
     for spec in args.drafts:
         draft, _, shape = spec.partition("@")
-        tree = TreeConfig(*map(int, shape.split(","))) if shape else TreeConfig()
-        engine = Engine(EngineOptions(draft=draft, tree=tree))
+        tree = TreeConfig(*map(int, shape.split(","))) if shape else None  # None: the mode's default
+        engine = Engine(EngineOptions(draft=draft, tree=tree or TreeConfig()))
         per_cat: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
         for p in prompts:
             ids = engine.encode(p["turns"][0])

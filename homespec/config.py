@@ -66,13 +66,25 @@ class TreeConfig:
                 raise ConfigError(f"tree {name} must be in [1, 1024], got {value}")
 
 
+AR_CPU_BUDGET = 2  # BENCHMARKS.md: on CPU a forward of 5 rows costs ~1.6x one row, 3 rows ~1x (small-M GEMM)
+
+
+def default_tree(mode: str, device: str) -> TreeConfig:
+    """The tree shape a request gets when it names none: in ``ar`` on a CPU, the draft is cut to the rows that
+    cost (almost) nothing more than one; everywhere else (GPUs, and the pipelined modes, where rows ride in waves
+    beside the pipeline) the measured default ``TreeConfig()``."""
+    if mode == "ar" and device == "cpu":
+        return TreeConfig(budget=AR_CPU_BUDGET)
+    return TreeConfig()
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """One request's knobs."""
+    """One request's knobs. ``tree`` None: the mode's and device's default (``default_tree``)."""
 
     max_tokens: int = 256
     sampling: SamplingConfig = SamplingConfig()
-    tree: TreeConfig = TreeConfig()
+    tree: TreeConfig | None = None
     stop_on_eos: bool = True
 
     def __post_init__(self) -> None:

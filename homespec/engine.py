@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from homespec.config import GenerationConfig, Mode, TreeConfig
+from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
 from homespec.core.planner import even_split
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
@@ -216,7 +216,8 @@ class Engine:
         reason: FinishReason = "length"
         draft_forwards0, draft_cost0 = getattr(draft_source, "forwards", 0), draft_source.cost
         draft_source.set_mode(mode_name)
-        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, config.tree)
+        tree = config.tree or default_tree(mode_name, self.options.device)
+        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
         for step in steps_iter:
             forwards += 1
             steps = step.tick

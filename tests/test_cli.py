@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from homespec.cli.common import DEFAULT_DRAFT
 from homespec.cli.main import app
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "specbench-dev.jsonl"
@@ -111,8 +112,16 @@ def test_bench_runs_every_mode_in_one_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = {(r["mode"], r["draft"]): r for r in json.loads((tmp_path / "rows.json").read_text())}
-    assert set(rows) == {("ar", "none"), ("pp", "none"), ("tree", "ngram+recycle"), ("specpipe", "ngram+recycle")}
+    draft = DEFAULT_DRAFT
+    assert set(rows) == {
+        ("ar", "none"), ("ar", draft), ("hf", "transformers"), ("hf-lookup", "transformers"), ("pp", "none"),
+        ("tree", draft), ("specpipe", draft),
+    }  # fmt: skip
     pp = rows[("pp", "none")]
     assert pp["steps"] == 3 * pp["tokens"] and pp["speedup_vs_pp"] == pytest.approx(1.0)
-    assert rows[("ar", "none")]["tokens"] == pp["tokens"] == rows[("specpipe", "ngram+recycle")]["tokens"]
-    assert rows[("specpipe", "ngram+recycle")]["predicted_tbt_ms"] > 0
+    assert len({r["tokens"] for r in rows.values()}) == 1  # every mode and transformers: the same greedy length
+    assert rows[("hf", "transformers")]["steps"] == pp["tokens"]  # one forward per token
+    assert rows[("specpipe", draft)]["predicted_tbt_ms"] > 0
+    spec = rows[("specpipe", draft)]
+    assert spec["by_category"]["-"]["tokens_per_step"] == pytest.approx(spec["tokens_per_step"])
+    assert len(spec["hit_by_depth"]) == 8 and all(0.0 <= h <= 1.0 for h in spec["hit_by_depth"])

@@ -11,15 +11,27 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from homespec.cli.common import ByScoreOption, TimeScaleOption, WaveSizeOption, quiet_libraries, user_errors
-from homespec.config import GenerationConfig
+from homespec.cli.common import (
+    DEFAULT_DRAFT,
+    ByScoreOption,
+    TimeScaleOption,
+    WaveSizeOption,
+    quiet_libraries,
+    user_errors,
+)
+from homespec.config import MODES, GenerationConfig
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
+from homespec.model.baseline import BASELINES
+
+HIT_DEPTHS = 8
+BASELINE_DRAFT = "transformers"
 
 DEFAULT_PROMPTS = Path("../shared/bench/specbench-dev.jsonl")
 BUILTIN_PROMPTS = [
@@ -36,24 +48,31 @@ def bench(
     prompts: Annotated[Path | None, typer.Option(help="JSONL with 'turns' (default: Spec-Bench dev set)")] = None,
     limit: Annotated[int, typer.Option(help="use N prompts spread evenly over the file (0 = all)")] = 0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 64,
-    drafts: Annotated[str, typer.Option(help="comma-separated draft sources for tree/specpipe")] = "ngram+recycle",
-    modes: Annotated[str, typer.Option(help="comma-separated modes")] = "ar,pp,tree,specpipe",
+    drafts: Annotated[str, typer.Option(help="comma-separated draft sources for ar/tree/specpipe")] = DEFAULT_DRAFT,
+    modes: Annotated[str, typer.Option(help="comma-separated modes (hf, hf-lookup: transformers generate)")] = (
+        "ar,hf,hf-lookup,pp,tree,specpipe"
+    ),
     wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     time_scale: TimeScaleOption = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
 ) -> None:
-    """Measure every decoding mode on the same prompts; print a table and optionally save JSON."""
+    """Measure every decoding mode on the same prompts; print tables and optionally save JSON."""
     quiet_libraries()
     with user_errors():
-        texts = _load_prompts(prompts, limit)
+        items = _load_prompts(prompts, limit)
         from homespec.engine import Engine, EngineOptions
 
         wanted = [m.strip() for m in modes.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in (*MODES, *BASELINES)]
+        if unknown:
+            raise ConfigError(f"unknown mode(s) {unknown}", hint=f"choose among {(*MODES, *BASELINES)}")
         draft_list = [d.strip() for d in drafts.split(",") if d.strip()]
         runs = [(m, "none") for m in wanted if m in ("ar", "pp")]
+        runs += [("ar", d) for d in draft_list if "ar" in wanted and d != "none"]
+        runs += [(m, BASELINE_DRAFT) for m in wanted if m in BASELINES]
         runs += [(m, d) for m in wanted if m in ("tree", "specpipe") for d in draft_list]
-        pipelined = any(m != "ar" for m, _ in runs)
+        pipelined = any(m in ("pp", "tree", "specpipe") for m, _ in runs)
         opts = EngineOptions(
             model=model,
             mode="specpipe" if pipelined else "ar",
@@ -63,74 +82,148 @@ def bench(
             emulate=emulate,
             time_scale=time_scale,
         )
-        with Engine(opts) as engine, _progress(len(runs) * len(texts)) as advance:
-            ids = [engine.encode(t) for t in texts]
-            rows = [_measure(engine, m, d, ids, max_tokens, advance) for m, d in runs]
+        with Engine(opts) as engine, _progress(len(runs) * len(items)) as advance:
+            ids = [engine.encode(text) for text, _ in items]
+            categories = [c for _, c in items]
+            baseline = _baseline(engine) if any(m in BASELINES for m, _ in runs) else None
+            rows = [_measure(engine, baseline, m, d, ids, categories, max_tokens, advance) for m, d in runs]
         _ratios(rows)
         _print(rows, stages, emulate, engine.time_scale)
         if json_out:
             json_out.write_text(json.dumps(rows, indent=2))
 
 
-def _load_prompts(path: Path | None, limit: int) -> list[str]:
+def _load_prompts(path: Path | None, limit: int) -> list[tuple[str, str]]:
+    """(text, category) of each prompt; the category is ``-`` where the file has none."""
     if path is None:
         path = DEFAULT_PROMPTS if DEFAULT_PROMPTS.is_file() else None
     if path is None:
-        texts = list(BUILTIN_PROMPTS)
+        items = [(t, "-") for t in BUILTIN_PROMPTS]
     else:
         if not path.is_file():
             raise ConfigError(f"prompts file not found: {path}")
         try:
-            texts = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            items = [(str(d["turns"][0]), str(d.get("category", "-"))) for d in lines]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{path}: every line must be a JSON object with 'turns': {exc}") from exc
-    if 0 < limit < len(texts):  # every k-th, so that each category of a sorted file is represented
-        texts = [texts[i * len(texts) // limit] for i in range(limit)]
-    return texts
+    if 0 < limit < len(items):  # every k-th, so that each category of a sorted file is represented
+        items = [items[i * len(items) // limit] for i in range(limit)]
+    return items
 
 
-def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: int, advance: Any) -> dict[str, Any]:
-    from homespec.events import GenerationFinished, StepCompleted, TokensCommitted
+@dataclass
+class _PromptRun:
+    """What one prompt's generation gave, on the reported clock."""
 
-    gaps: list[float] = []  # time between tokens after the first (the first one's wait is the TTFT)
-    ttft: list[float] = []
-    tokens = steps = forwards = accepted = flushes = 0
-    wall = decode_s = 0.0
-    scale = engine.clock_scale(mode)  # emulation: report times on the emulated clock
-    engine.fresh_draft(draft)  # every run starts cold; a draft's state carries over between its own prompts only
-    for ids in prompts:
-        start = last = time.perf_counter()
-        first: float | None = None
-        for event in engine.generate(ids, GenerationConfig(max_tokens=n), mode=mode, draft=draft):
-            if isinstance(event, TokensCommitted):
-                now = start + (time.perf_counter() - start) / scale
-                if first is None:
-                    first = now
-                    ttft.append(now - start)
-                    k = len(event.tokens) - 1
-                else:
-                    k = len(event.tokens)
-                gaps.extend([(now - last) / max(k, 1)] * k)
-                last = now
-            elif isinstance(event, StepCompleted):
-                accepted += min(event.accepted, event.emitted)
-                flushes += int(event.flushed)
-            elif isinstance(event, GenerationFinished):
-                s = event.stats
-                tokens, steps, forwards, wall = (
-                    tokens + s.tokens,
-                    steps + s.steps,
-                    forwards + s.target_forwards,
-                    wall + s.wall_s,
-                )
-        decode_s += last - (first or last)
-        advance()
-    gaps.sort()
+    category: str
+    tokens: int = 0
+    steps: int = 0
+    accepted: int = 0
+    flushes: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0  # from the first token to the last
+    gaps: list[float] = field(default_factory=list)  # time between tokens after the first
+    runs: list[int] = field(default_factory=list)  # accepted drafts between two fresh (not drafted) tokens
+
+    def committed(self, at: float, last: float, n: int, first: bool) -> None:
+        k = n - 1 if first else n
+        self.gaps.extend([(at - last) / max(k, 1)] * k)
+
+
+def _measure(
+    engine: Any,
+    baseline: Any,
+    mode: str,
+    draft: str,
+    prompts: list[list[int]],
+    categories: list[str],
+    n: int,
+    advance: Any,
+) -> dict[str, Any]:
+    if mode in BASELINES:
+        done = [_run_baseline(baseline, mode, ids, cat, n) for ids, cat in zip(prompts, categories, strict=True)]
+        for _ in done:
+            advance()
+    else:
+        engine.fresh_draft(draft)  # every run starts cold; a draft's state carries over between its own prompts only
+        done = []
+        for ids, cat in zip(prompts, categories, strict=True):
+            done.append(_run_engine(engine, mode, draft, ids, cat, n))
+            advance()
     row: dict[str, Any] = {
         "mode": mode,
         "draft": draft,
-        "stages": 1 if mode == "ar" else engine.options.stages,
+        "stages": engine.options.stages if mode in ("pp", "tree", "specpipe") else 1,
         "prompts": len(prompts),
+        **_summary(done),
+        "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,
+    }
+    row["by_category"] = {c: _summary([r for r in done if r.category == c]) for c in dict.fromkeys(categories)}
+    modeled = engine.modeled_step_ms()
+    if modeled and mode in ("pp", "tree", "specpipe"):
+        row["predicted_tbt_ms"] = modeled * row["steps"] / row["tokens"] if row["tokens"] else 0.0
+        row["measured_tbt_ms"] = 1000 * row["decode_s"] / row["gaps"] if row["gaps"] else 0.0
+    return row
+
+
+def _run_engine(engine: Any, mode: str, draft: str, ids: list[int], category: str, n: int) -> _PromptRun:
+    from homespec.events import GenerationFinished, StepCompleted, TokensCommitted
+
+    run = _PromptRun(category)
+    scale = engine.clock_scale(mode)  # emulation: report times on the emulated clock
+    start = last = time.perf_counter()
+    first: float | None = None
+    streak = 0
+    for event in engine.generate(ids, GenerationConfig(max_tokens=n), mode=mode, draft=draft):
+        if isinstance(event, TokensCommitted):
+            now = start + (time.perf_counter() - start) / scale
+            run.committed(now, last, len(event.tokens), first is None)
+            if first is None:
+                first = now
+                run.ttft_s = now - start
+            last = now
+        elif isinstance(event, StepCompleted):
+            run.accepted += min(event.accepted, event.emitted)
+            run.flushes += int(event.flushed)
+            streak += event.accepted
+            if event.flushed:
+                run.runs.append(streak)
+                streak = 0
+        elif isinstance(event, GenerationFinished):
+            run.tokens, run.steps = event.stats.tokens, event.stats.steps
+    run.decode_s = last - (first or last)
+    return run
+
+
+def _run_baseline(baseline: Any, mode: str, ids: list[int], category: str, n: int) -> _PromptRun:
+    start = time.perf_counter()
+    out = baseline.generate(ids, n, mode)
+    run = _PromptRun(category, tokens=len(out.tokens), steps=out.forwards)
+    run.accepted = max(0, run.tokens - run.steps)  # each forward commits one token plus the lookups it accepted
+    times = out.commit_times[1:]  # the first put is the prompt
+    last = start
+    for i, (at, k) in enumerate(times):
+        run.committed(at, last, k, i == 0)
+        last = at
+    if times:
+        run.ttft_s = times[0][0] - start
+        run.decode_s = times[-1][0] - times[0][0]
+    return run
+
+
+def _summary(runs: list[_PromptRun]) -> dict[str, Any]:
+    """Totals and rates over some prompts' runs (one table row, or one category of it)."""
+    tokens, steps = sum(r.tokens for r in runs), sum(r.steps for r in runs)
+    gaps = sorted(g for r in runs for g in r.gaps)
+    decode_s = sum(r.decode_s for r in runs)
+    ttft = [r.ttft_s for r in runs if r.tokens]
+    streaks = [s for r in runs for s in r.runs]
+    hits = []  # hit rate per depth: of the streaks that reached depth d - 1, the share that reached d
+    for d in range(1, HIT_DEPTHS + 1):
+        reached = sum(1 for s in streaks if s >= d - 1)
+        hits.append(sum(1 for s in streaks if s >= d) / reached if reached else 0.0)
+    return {
         "tokens": tokens,
         "steps": steps,
         "tokens_per_step": tokens / steps if steps else 0.0,
@@ -138,27 +231,42 @@ def _measure(engine: Any, mode: str, draft: str, prompts: list[list[int]], n: in
         "tbt_ms_p90": 1000 * gaps[int(0.9 * (len(gaps) - 1))] if gaps else 0.0,
         "ttft_ms_median": 1000 * statistics.median(ttft) if ttft else 0.0,
         "tokens_per_s": len(gaps) / decode_s if decode_s else 0.0,  # decoding speed, prefill excluded
-        "acceptance": accepted / tokens if tokens else 0.0,
-        "flushes_per_100_tokens": 100 * flushes / tokens if tokens else 0.0,  # the bonus token was not in the tree
-        "wall_s": wall,
-        "time_scale": scale,
+        "acceptance": sum(r.accepted for r in runs) / tokens if tokens else 0.0,
+        "flushes_per_100_tokens": 100 * sum(r.flushes for r in runs) / tokens if tokens else 0.0,
+        "hit_by_depth": hits,
+        "decode_s": decode_s,
+        "gaps": len(gaps),
     }
-    modeled = engine.modeled_step_ms()
-    if modeled and mode != "ar":
-        row["predicted_tbt_ms"] = modeled * steps / tokens if tokens else 0.0
-        row["measured_tbt_ms"] = 1000 * decode_s / len(gaps) if gaps else 0.0
-    return row
+
+
+def _baseline(engine: Any) -> Any:
+    from homespec.model.baseline import TransformersBaseline
+
+    return TransformersBaseline(engine.source.folder, eos_ids=sorted(engine.eos_ids))
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    base = {r["mode"]: r["tokens_per_s"] for r in rows if r["mode"] in ("pp", "tree")}
-    best_tree = max((r["tokens_per_s"] for r in rows if r["mode"] == "tree"), default=0.0)
+    """Speed-ups in tokens/s against pp, the best tree row and transformers with prompt lookup, overall and per
+    category."""
+
+    def find(mode: str) -> dict[str, Any] | None:
+        candidates = [r for r in rows if r["mode"] == mode]
+        return max(candidates, key=lambda r: r["tokens_per_s"]) if candidates else None
+
+    bases = {"pp": find("pp"), "tree": find("tree"), "hf_lookup": find("hf-lookup")}
     for r in rows:
-        r["speedup_vs_pp"] = r["tokens_per_s"] / base["pp"] if base.get("pp") else None
-        r["speedup_vs_tree"] = r["tokens_per_s"] / best_tree if best_tree else None
+        for name, base in bases.items():
+            r[f"speedup_vs_{name}"] = (
+                r["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
+            )
+            for cat, summary in r["by_category"].items():
+                b = base["by_category"].get(cat) if base else None
+                ok = b and b["tokens_per_s"]
+                summary[f"speedup_vs_{name}"] = summary["tokens_per_s"] / b["tokens_per_s"] if ok else None
 
 
 def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: float) -> None:
+    """The main table, then tokens per step and speed-up by category, then hit rate by depth."""
     from rich.console import Console
     from rich.table import Table
 
@@ -167,21 +275,42 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
         title += f", emulating {Path(emulate).name} (clock {scale:g}x slower, times shown in emulated ms)"
     table = Table(title=title)
     cols = ["mode", "draft", "stages", "tokens", "steps", "tok/step", "TTFT ms", "TBT med ms", "TBT p90 ms", "tok/s",
-            "accept", "vs pp", "vs tree", "TBT ms", "pred TBT ms"]  # fmt: skip
+            "accept", "vs pp", "vs tree", "vs hf-lookup", "TBT ms", "pred TBT ms"]  # fmt: skip
     for c in cols:
         table.add_column(c, justify="left" if c in ("mode", "draft") else "right")
-
-    def f(x: Any, d: int = 2) -> str:
-        return "-" if x is None else f"{x:.{d}f}"
-
     for r in rows:
         table.add_row(
-            r["mode"], r["draft"], str(r["stages"]), str(r["tokens"]), str(r["steps"]), f(r["tokens_per_step"]),
-            f(r["ttft_ms_median"], 0), f(r["tbt_ms_median"], 1), f(r["tbt_ms_p90"], 1), f(r["tokens_per_s"], 1),
-            f(r["acceptance"]), f(r["speedup_vs_pp"]), f(r["speedup_vs_tree"]), f(r.get("measured_tbt_ms"), 1),
-            f(r.get("predicted_tbt_ms"), 1),
+            r["mode"], r["draft"], str(r["stages"]), str(r["tokens"]), str(r["steps"]), _f(r["tokens_per_step"]),
+            _f(r["ttft_ms_median"], 0), _f(r["tbt_ms_median"], 1), _f(r["tbt_ms_p90"], 1), _f(r["tokens_per_s"], 1),
+            _f(r["acceptance"]), _f(r["speedup_vs_pp"]), _f(r["speedup_vs_tree"]), _f(r["speedup_vs_hf_lookup"]),
+            _f(r.get("measured_tbt_ms"), 1), _f(r.get("predicted_tbt_ms"), 1),
         )  # fmt: skip
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    categories = list(rows[0]["by_category"]) if rows else []
+    if len(categories) > 1:
+        by_cat = Table(title="tokens per step by category (speed-up vs pp | vs hf-lookup)")
+        for c in ["mode", "draft", *categories]:
+            by_cat.add_column(c, justify="left" if c in ("mode", "draft") else "right")
+        for r in rows:
+            cells = []
+            for c in categories:
+                s = r["by_category"][c]
+                ratio = s["speedup_vs_pp"] if r["mode"] in ("pp", "tree", "specpipe") else s["speedup_vs_hf_lookup"]
+                cells.append(f"{s['tokens_per_step']:.2f} ({_f(ratio)}x)")
+            by_cat.add_row(r["mode"], r["draft"], *cells)
+        console.print(by_cat)
+    hits = Table(title="hit rate by depth: of the draft streaks that reached depth d - 1, the share that reached d")
+    for c in ["mode", "draft", *(f"d{d}" for d in range(1, HIT_DEPTHS + 1))]:
+        hits.add_column(c, justify="left" if c in ("mode", "draft") else "right")
+    for r in rows:
+        if r["draft"] not in ("none", BASELINE_DRAFT):
+            hits.add_row(r["mode"], r["draft"], *(_f(h) for h in r["hit_by_depth"]))
+    console.print(hits)
+
+
+def _f(x: Any, d: int = 2) -> str:
+    return "-" if x is None else f"{x:.{d}f}"
 
 
 class _progress:

@@ -15,6 +15,8 @@ from homespec.errors import HomespecError
 
 T = TypeVar("T")
 
+DEFAULT_DRAFT = "ngram+recycle"  # measured: BENCHMARKS.md
+
 WaveSizeOption = Annotated[int, typer.Option("--wave-size", help="specpipe: nodes injected per step")]
 ByScoreOption = Annotated[
     bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")

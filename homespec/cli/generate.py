@@ -8,8 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from homespec.cli.common import ByScoreOption, TimeScaleOption, WaveSizeOption, quiet_libraries, user_errors
-from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
+from homespec.cli.common import (
+    DEFAULT_DRAFT,
+    ByScoreOption,
+    TimeScaleOption,
+    WaveSizeOption,
+    quiet_libraries,
+    user_errors,
+)
+from homespec.config import GenerationConfig, SamplingConfig, TreeConfig, default_tree
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 from homespec.model.drafts import DRAFT_SPECS
@@ -25,16 +32,16 @@ def generate(
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
     time_scale: TimeScaleOption = 0.0,
-    draft: Annotated[str, typer.Option(help=f"draft source: {DRAFT_SPECS}")] = "ngram+recycle",
+    draft: Annotated[str, typer.Option(help=f"draft source: {DRAFT_SPECS}")] = DEFAULT_DRAFT,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="0 = off")] = 0,
     seed: Annotated[int, typer.Option(help="sampling seed (keyed per position)")] = 0,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="apply the chat template")] = None,
-    tree_budget: Annotated[int, typer.Option("--tree-budget", help="draft nodes per step")] = TreeConfig.budget,
-    tree_depth: Annotated[int, typer.Option("--tree-depth", help="draft levels per step")] = TreeConfig.depth,
-    tree_width: Annotated[int, typer.Option("--tree-width", help="branches per level")] = TreeConfig.width,
+    tree_budget: Annotated[int | None, typer.Option("--tree-budget", help="draft nodes per step")] = None,
+    tree_depth: Annotated[int | None, typer.Option("--tree-depth", help="draft levels per step")] = None,
+    tree_width: Annotated[int | None, typer.Option("--tree-width", help="branches per level")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
     max_context: Annotated[int, typer.Option("--max-context")] = 4096,
@@ -47,10 +54,15 @@ def generate(
         if len(args) not in (1, 2):
             raise ConfigError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
         model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
+        mode = mode or ("specpipe" if stages > 1 else "ar")
+        tree = None  # the mode's and device's default (config.default_tree) unless one is given
+        if (tree_budget, tree_depth, tree_width) != (None, None, None):
+            base = default_tree(mode, device)
+            tree = TreeConfig(tree_budget or base.budget, tree_depth or base.depth, tree_width or base.width)
         config = GenerationConfig(
             max_tokens=max_tokens,
             sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-            tree=TreeConfig(budget=tree_budget, depth=tree_depth, width=tree_width),
+            tree=tree,
         )
         from homespec.engine import Engine, EngineOptions
 
@@ -58,7 +70,7 @@ def generate(
             EngineOptions(
                 model=model,
                 draft=draft,
-                mode=(mode or ("specpipe" if stages > 1 else "ar")),  # type: ignore[arg-type]  # Engine validates
+                mode=mode,  # type: ignore[arg-type]  # Engine validates
                 stages=stages,
                 wave_size=wave_size,
                 by_score=by_score,
@@ -67,7 +79,7 @@ def generate(
                 dtype=dtype,
                 device=device,
                 max_context=max_context,
-                tree=config.tree,
+                tree=config.tree or TreeConfig(),
             )
         )
         with engine:

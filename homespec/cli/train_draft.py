@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from homespec.cli.common import quiet_libraries, user_errors
+from homespec.cli.common import DEFAULT_DRAFT, quiet_libraries, user_errors
 from homespec.errors import ConfigError
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "train_prompts.jsonl"
@@ -52,7 +52,7 @@ def train_draft(
         from homespec.engine import Engine, EngineOptions
 
         data_path = out / "data.safetensors"
-        with Engine(EngineOptions(model=model, draft="ngram+recycle", device=device)) as engine:
+        with Engine(EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device)) as engine:
             if not data_path.is_file():
                 with Progress(transient=True) as bar:
                     task = bar.add_task("generating training data", total=len(texts))
