@@ -270,8 +270,9 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
     from rich.console import Console
     from rich.table import Table
 
-    title = f"homespec bench: {stages} stages"
-    if emulate:
+    pipelined = any(r["mode"] in ("pp", "tree", "specpipe") for r in rows)
+    title = f"homespec bench: {stages} stages" if pipelined else "homespec bench: one process"
+    if emulate and pipelined:
         title += f", emulating {Path(emulate).name} (clock {scale:g}x slower, times shown in emulated ms)"
     table = Table(title=title)
     cols = ["mode", "draft", "stages", "tokens", "steps", "tok/step", "TTFT ms", "TBT med ms", "TBT p90 ms", "tok/s",
