@@ -135,7 +135,9 @@ def test_auto_plays_arms_in_windows_and_every_base_keeps_learning() -> None:
     from homespec.model.drafts.auto import AutoDraft
 
     recycle = RecycleDraft(k=2)
-    auto = AutoDraft({"ngram": NgramDraft(depth=3, width=1), "recycle": recycle}, ["ngram", "recycle"], period=2)
+    auto = AutoDraft(
+        {"ngram": NgramDraft(depth=3, width=1), "recycle": recycle}, ["ngram", "recycle"], period=2, min_tokens=1
+    )
     assert auto.learns and not auto.wants_features
     prompt = [10, 11, 12, 13, 10, 11]
     auto.set_mode("ar")

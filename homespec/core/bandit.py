@@ -1,6 +1,6 @@
 """SPIN's learned choice among draft sources (DESIGN §5): a seeded, discounted UCB bandit.
 
-Arms are draft specs (``ngram+recycle``, ``ngram+recycle+head``, ...). The ``auto`` draft asks ``choose`` for an arm
+Arms are draft specs (``ngram+recycle``, ``ngram+head+recycle``, ...). The ``auto`` draft asks ``choose`` for an arm
 at the start of each request and again every few verifications, and reports each window's reward with ``update``:
 tokens emitted per unit of work, where a target forward is one unit and a draft forward counts as its share of the
 target's compute. Rewards are discounted (``discount`` per update) so that the choice follows the text: prompt

@@ -40,7 +40,8 @@ DRAFT_SPECS = (
     "auto | none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + "
     "(ngram+recycle)"
 )
-AUTO_ARMS = ("ngram+recycle", "ngram+recycle+head", "recycle+head")  # measured: BENCHMARKS.md §3
+# Order is priority within a step's budget: prompt lookup where the text repeats, then recycling or the head.
+AUTO_ARMS = ("ngram+recycle", "ngram+head+recycle")  # measured: BENCHMARKS.md §1, §2
 SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "assets" / "heads"
 
 

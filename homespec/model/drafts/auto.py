@@ -1,12 +1,13 @@
 """The ``auto`` draft source (SPIN): several arms over shared draft sources, chosen by ``core.bandit``.
 
-An arm is a mix of base sources (``ngram+recycle``, ``ngram+recycle+head``); the bases are built once and shared,
+An arm is a mix of base sources (``ngram+recycle``, ``ngram+head+recycle``); the bases are built once and shared,
 so every base sees every request, verification, top-k and feature whichever arm is playing (the recycling table
 keeps learning, the head keeps its features and catches up when it is chosen again). The bandit chooses at the
-start of each request and again every ``period`` verifications; a window's reward is the tokens it emitted per
-unit of work, ``tokens / (verifications + w * draft cost)``, with ``w = 1`` in ``ar`` (the draft runs on the target's
-device, in series) and ``w = 0`` in the pipelined modes (it runs beside the pipeline, on the head). The bandit's
-state lives as long as this object: an engine keeps it across requests.
+start of each request and again once a window has ``period`` verifications and ``min_tokens`` tokens; the
+window's reward is the tokens it emitted per unit of work, ``tokens / (verifications + w * draft cost)``, with
+``w = 1`` in ``ar`` (the draft runs on the target's device, in series) and ``w = 0`` in the pipelined modes (it
+runs beside the pipeline, on the head). The bandit's state lives as long as this object: an engine keeps it
+across requests.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ from homespec.core.tree import TokenTree, Verification
 from homespec.model.drafts.base import DraftSource
 from homespec.model.drafts.mix import MixDraft
 
-DEFAULT_PERIOD = 8  # verifications per bandit window
+DEFAULT_PERIOD = 8  # verifications per bandit window, at least
+MIN_WINDOW_TOKENS = 16  # and tokens: a pipelined step emits ~0.25 token, and 8 of them would be noise
 
 
 class AutoDraft(DraftSource):
     name = "auto"
 
     def __init__(
-        self, bases: Mapping[str, DraftSource], arms: Sequence[str], period: int = DEFAULT_PERIOD, seed: int = 0
+        self,
+        bases: Mapping[str, DraftSource],
+        arms: Sequence[str],
+        period: int = DEFAULT_PERIOD,
+        seed: int = 0,
+        min_tokens: int = MIN_WINDOW_TOKENS,
     ) -> None:
         """``bases``: name -> source; ``arms``: specs joining base names with ``+`` (each base at most once)."""
         if period < 1:
@@ -40,7 +47,7 @@ class AutoDraft(DraftSource):
                 raise ValueError(f"arm {arm!r} needs distinct sources among {sorted(self.bases)}")
             self.arms[arm] = MixDraft([self.bases[p] for p in parts])
         self.bandit = DraftBandit(list(self.arms), seed=seed)
-        self.period = period
+        self.period, self.min_tokens = period, min_tokens
         self.learns = any(b.learns for b in self.bases.values())
         self.wants_features = any(b.wants_features for b in self.bases.values())
         self.cost_weight = 1.0
@@ -102,7 +109,8 @@ class AutoDraft(DraftSource):
             b.observe(verification, committed)
         self._verifications += 1
         self._tokens += len(verification.emitted)
-        if self._verifications - self._window[0] >= self.period:
+        v0, t0, _ = self._window
+        if self._verifications - v0 >= self.period and self._tokens - t0 >= self.min_tokens:
             self._choose()
 
     def learn(
