@@ -15,7 +15,7 @@ from homespec.errors import HomespecError
 
 T = TypeVar("T")
 
-DEFAULT_DRAFT = "ngram+recycle"  # measured: BENCHMARKS.md
+DEFAULT_DRAFT = "auto"  # measured: BENCHMARKS.md §1, §2
 
 WaveSizeOption = Annotated[int, typer.Option("--wave-size", help="specpipe: nodes injected per step")]
 ByScoreOption = Annotated[
