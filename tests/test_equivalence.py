@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from homespec.config import GenerationConfig, SamplingConfig
+from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
 from homespec.events import GenerationFinished, StepCompleted
 from tests.conftest import EQUIVALENCE_PROMPTS
 
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 64
+FULL_TREE = TreeConfig()  # wide trees are the harder case for verification (ar on a CPU defaults to 2 nodes)
 DRAFTS = ["none", "ngram", "ngram+recycle", "auto", "early-exit", "model:{truncated}"]
 # The model drafts are lossless by the same verification code and cost a minute each on 2 cores: CI runs them on
 # fewer prompts; HOMESPEC_FULL_MATRIX=1 runs every prompt for every draft.
@@ -46,7 +47,7 @@ def test_greedy_equals_transformers_generate(
     accepted = 0
     for prompt in prompts_for(draft, len(EQUIVALENCE_PROMPTS)):
         ids = chat_ids(prompt)
-        done = finish(engine, ids, GenerationConfig(max_tokens=NEW_TOKENS))
+        done = finish(engine, ids, GenerationConfig(max_tokens=NEW_TOKENS, tree=FULL_TREE))
         assert_lossless(ids, list(done.tokens), reference_greedy(ids, NEW_TOKENS))
         accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
         if draft == "auto":  # the bandit says what it chose and why, from the first verification on
@@ -64,7 +65,7 @@ def test_split_stages_equal_one_stage(
     engine = engines("ngram", split=3)
     for prompt in EQUIVALENCE_PROMPTS[:3]:
         ids = chat_ids(prompt)
-        done = finish(engine, ids, GenerationConfig(max_tokens=NEW_TOKENS))
+        done = finish(engine, ids, GenerationConfig(max_tokens=NEW_TOKENS, tree=FULL_TREE))
         assert_lossless(ids, list(done.tokens), reference_greedy(ids, NEW_TOKENS))
 
 
@@ -76,7 +77,8 @@ def test_same_model_draft_accepts_everything(
     depth = engine.options.tree.depth
     for prompt in EQUIVALENCE_PROMPTS[:3]:
         ids = chat_ids(prompt)
-        events = list(engine.generate(ids, GenerationConfig(max_tokens=NEW_TOKENS)))
+        # the full tree (budget 24, depth 6): ar on a CPU would otherwise draft only 2 nodes (config.default_tree)
+        events = list(engine.generate(ids, GenerationConfig(max_tokens=NEW_TOKENS, tree=FULL_TREE)))
         done = events[-1]
         assert isinstance(done, GenerationFinished)
         assert list(done.tokens) == reference_greedy(ids, NEW_TOKENS)
@@ -93,7 +95,7 @@ def test_seeded_sampling_equals_plain_sampling(
     plain, spec = engines("none"), engines(draft)
     for seed, prompt in enumerate(prompts_for(draft, 4)):
         ids = chat_ids(prompt)
-        config = GenerationConfig(max_tokens=48, sampling=SamplingConfig(temperature=0.8, seed=1234 + seed))
+        config = GenerationConfig(48, SamplingConfig(temperature=0.8, seed=1234 + seed), tree=FULL_TREE)
         want = finish(plain, ids, config).tokens
         got = finish(spec, ids, config)
         assert got.tokens == want, f"seed {1234 + seed}: speculative sampling diverged from plain sampling"
@@ -101,7 +103,7 @@ def test_seeded_sampling_equals_plain_sampling(
 
 def test_top_p_top_k_sampling_is_lossless(engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]) -> None:
     ids = chat_ids(EQUIVALENCE_PROMPTS[5])
-    config = GenerationConfig(max_tokens=48, sampling=SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    config = GenerationConfig(48, SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=7), tree=FULL_TREE)
     assert finish(engines("ngram"), ids, config).tokens == finish(engines("none"), ids, config).tokens
 
 

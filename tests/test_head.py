@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from homespec.config import GenerationConfig
+from homespec.config import GenerationConfig, TreeConfig
 from homespec.errors import DraftError
 from homespec.events import GenerationFinished
 from homespec.model.head import load_head
@@ -61,7 +61,7 @@ def test_shipped_head_is_lossless_and_accepted(
     accepted = forwards = 0
     for prompt in EQUIVALENCE_PROMPTS[:4]:
         ids = chat_ids(prompt)
-        done = list(engine.generate(ids, GenerationConfig(max_tokens=48)))[-1]
+        done = list(engine.generate(ids, GenerationConfig(max_tokens=48, tree=TreeConfig())))[-1]
         assert isinstance(done, GenerationFinished)
         assert_lossless(ids, list(done.tokens), reference_greedy(ids, 48))
         accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
