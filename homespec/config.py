@@ -14,6 +14,7 @@ from homespec.errors import ConfigError
 
 Mode = Literal["ar", "pp", "tree", "specpipe"]
 MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
+PIPELINED_MODES: tuple[Mode, ...] = ("pp", "tree", "specpipe")  # split into stage processes
 
 
 def cache_dir() -> Path:

@@ -214,7 +214,7 @@ class Engine:
         text = ""
         steps = forwards = accepted = 0
         reason: FinishReason = "length"
-        draft_forwards0, draft_cost0 = getattr(draft_source, "forwards", 0), draft_source.cost
+        draft_forwards0, draft_cost0 = draft_source.forwards, draft_source.cost
         draft_source.set_mode(mode_name)
         tree = config.tree or default_tree(mode_name, self.options.device)
         steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
@@ -253,7 +253,7 @@ class Engine:
             tokens_per_step=len(out) / steps if steps else 0.0,
             stages=self.options.stages if mode_name != "ar" else self.options.split,
             accepted_per_step=accepted / forwards if forwards else 0.0,
-            draft_forwards=getattr(draft_source, "forwards", 0) - draft_forwards0,
+            draft_forwards=draft_source.forwards - draft_forwards0,
             draft_cost=draft_source.cost - draft_cost0,
             draft_choices=tuple(draft_source.choices),
             wall_s=wall,

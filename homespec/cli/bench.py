@@ -25,7 +25,7 @@ from homespec.cli.common import (
     quiet_libraries,
     user_errors,
 )
-from homespec.config import MODES, GenerationConfig
+from homespec.config import MODES, PIPELINED_MODES, GenerationConfig
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 from homespec.model.baseline import BASELINES
@@ -72,7 +72,7 @@ def bench(
         runs += [("ar", d) for d in draft_list if "ar" in wanted and d != "none"]
         runs += [(m, BASELINE_DRAFT) for m in wanted if m in BASELINES]
         runs += [(m, d) for m in wanted if m in ("tree", "specpipe") for d in draft_list]
-        pipelined = any(m in ("pp", "tree", "specpipe") for m, _ in runs)
+        pipelined = any(m in PIPELINED_MODES for m, _ in runs)
         opts = EngineOptions(
             model=model,
             mode="specpipe" if pipelined else "ar",
@@ -154,14 +154,14 @@ def _measure(
     row: dict[str, Any] = {
         "mode": mode,
         "draft": draft,
-        "stages": engine.options.stages if mode in ("pp", "tree", "specpipe") else 1,
+        "stages": engine.options.stages if mode in PIPELINED_MODES else 1,
         "prompts": len(prompts),
         **_summary(done),
         "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,
     }
     row["by_category"] = {c: _summary([r for r in done if r.category == c]) for c in dict.fromkeys(categories)}
     modeled = engine.modeled_step_ms()
-    if modeled and mode in ("pp", "tree", "specpipe"):
+    if modeled and mode in PIPELINED_MODES:
         row["predicted_tbt_ms"] = modeled * row["steps"] / row["tokens"] if row["tokens"] else 0.0
         row["measured_tbt_ms"] = 1000 * row["decode_s"] / row["gaps"] if row["gaps"] else 0.0
     return row
@@ -270,7 +270,7 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
     from rich.console import Console
     from rich.table import Table
 
-    pipelined = any(r["mode"] in ("pp", "tree", "specpipe") for r in rows)
+    pipelined = any(r["mode"] in PIPELINED_MODES for r in rows)
     title = f"homespec bench: {stages} stages" if pipelined else "homespec bench: one process"
     if emulate and pipelined:
         title += f", emulating {Path(emulate).name} (clock {scale:g}x slower, times shown in emulated ms)"
@@ -297,7 +297,7 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
             cells = []
             for c in categories:
                 s = r["by_category"][c]
-                ratio = s["speedup_vs_pp"] if r["mode"] in ("pp", "tree", "specpipe") else s["speedup_vs_hf_lookup"]
+                ratio = s["speedup_vs_pp"] if r["mode"] in PIPELINED_MODES else s["speedup_vs_hf_lookup"]
                 cells.append(f"{s['tokens_per_step']:.2f} ({_f(ratio)}x)")
             by_cat.add_row(r["mode"], r["draft"], *cells)
         console.print(by_cat)

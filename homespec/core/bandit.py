@@ -18,6 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+def cost_weight(mode: str) -> float:
+    """How much a draft forward counts against the tokens it brings: in full in ``ar`` (draft and target share the
+    device, in series), not at all in the pipelined modes (the draft runs on the head, beside the pipeline)."""
+    return 1.0 if mode == "ar" else 0.0
+
+
+def window_reward(tokens: int, verifications: int, draft_cost: float, weight: float) -> float:
+    """Tokens per unit of work over a window: a target forward (verification) is one unit, a draft forward its
+    share of a target forward (``draft_cost``, in target forwards) times ``weight``."""
+    return tokens / (verifications + weight * draft_cost)
+
+
 @dataclass(frozen=True)
 class ArmEstimate:
     arm: str

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from homespec.core.bandit import DraftBandit
+from homespec.core.bandit import DraftBandit, cost_weight, window_reward
 from homespec.core.tree import TokenTree, Verification
 from homespec.model.drafts.base import DraftSource
 from homespec.model.drafts.mix import MixDraft
@@ -56,9 +56,9 @@ class AutoDraft(DraftSource):
         self._window = (0, 0, 0.0)  # verifications, tokens, draft cost at the window's start
         self._verifications = self._tokens = 0
 
-    @property
+    @property  # type: ignore[override]
     def forwards(self) -> int:
-        return sum(getattr(b, "forwards", 0) for b in self.bases.values())
+        return sum(b.forwards for b in self.bases.values())
 
     @property  # type: ignore[override]
     def cost(self) -> float:
@@ -69,7 +69,7 @@ class AutoDraft(DraftSource):
         return tuple(self.history)
 
     def set_mode(self, mode: str) -> None:
-        self.cost_weight = 1.0 if mode == "ar" else 0.0
+        self.cost_weight = cost_weight(mode)
         for b in self.bases.values():
             b.set_mode(mode)
 
@@ -78,8 +78,7 @@ class AutoDraft(DraftSource):
         v0, t0, c0 = self._window
         n = self._verifications - v0
         if self.arm and n > 0:
-            work = n + self.cost_weight * (self.cost - c0)
-            self.bandit.update(self.arm, (self._tokens - t0) / work)
+            self.bandit.update(self.arm, window_reward(self._tokens - t0, n, self.cost - c0, self.cost_weight))
         self._window = (self._verifications, self._tokens, self.cost)
 
     def _choose(self) -> None:

@@ -18,9 +18,9 @@ class MixDraft(DraftSource):
         self.learns = any(s.learns for s in self.sources)
         self.wants_features = any(s.wants_features for s in self.sources)
 
-    @property
+    @property  # type: ignore[override]
     def forwards(self) -> int:
-        return sum(getattr(s, "forwards", 0) for s in self.sources)
+        return sum(s.forwards for s in self.sources)
 
     @property  # type: ignore[override]
     def cost(self) -> float:
