@@ -41,6 +41,7 @@ def test_help_lists_commands() -> None:
         (["generate", "hi", "--max-tokens", "0"], "max_tokens must be"),
         (["generate", "hi", "--draft", "bogus"], "unknown draft source"),
         (["generate", "hi", "--draft", "early-exit:99"], "early-exit needs a layer count"),
+        (["generate", "hi", "--tree-budget", "0"], "tree budget must be in"),
         (["generate", "hi", "--mode", "warp"], "mode 'warp' is not available"),
         (["generate", "hi", "--dtype", "fp8"], "unknown dtype"),
     ],

@@ -58,7 +58,11 @@ def generate(
         tree = None  # the mode's and device's default (config.default_tree) unless one is given
         if (tree_budget, tree_depth, tree_width) != (None, None, None):
             base = default_tree(mode, device)
-            tree = TreeConfig(tree_budget or base.budget, tree_depth or base.depth, tree_width or base.width)
+            tree = TreeConfig(
+                base.budget if tree_budget is None else tree_budget,
+                base.depth if tree_depth is None else tree_depth,
+                base.width if tree_width is None else tree_width,
+            )
         config = GenerationConfig(
             max_tokens=max_tokens,
             sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
