@@ -87,7 +87,13 @@ class GenerationConfig:
     sampling: SamplingConfig = SamplingConfig()
     tree: TreeConfig | None = None
     stop_on_eos: bool = True
+    stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one, which is never emitted
 
     def __post_init__(self) -> None:
+        from homespec.core.stops import MAX_STOP_CHARS, MAX_STOPS
+
         if not (1 <= self.max_tokens <= 1_000_000):
             raise ConfigError(f"max_tokens must be in [1, 1000000], got {self.max_tokens}")
+        ok = all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop)
+        if len(self.stop) > MAX_STOPS or not ok:
+            raise ConfigError(f"stop: at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")

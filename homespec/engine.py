@@ -15,6 +15,7 @@ from typing import Any
 from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
 from homespec.core.planner import even_split
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.stops import find_stop, held_back
 from homespec.errors import ConfigError
 from homespec.events import (
     Event,
@@ -58,6 +59,7 @@ class Engine:
         torch.set_grad_enabled(False)
         self.options = options
         self.cluster: Any = None
+        self.open_requests = 0  # requests being decoded (their KV held on the stages or in process)
         self.time_scale = 1.0  # emulation only: real seconds per emulated second
         dtype = parse_dtype(options.dtype)
         self.source = resolve(options.model)
@@ -169,8 +171,7 @@ class Engine:
         return ids
 
     def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_ids(self.tokenizer, messages)
 
     @property
     def draft(self) -> Any:
@@ -197,10 +198,28 @@ class Engine:
         mode: Mode | None = None,
         draft: str | None = None,
     ) -> Iterator[Event]:
-        """Stream events until EOS or ``max_tokens``; the last event is a GenerationFinished. ``mode`` and
-        ``draft`` override the engine's for this request (pipelined modes share the engine's stages)."""
+        """Stream events until EOS, a stop string or ``max_tokens``; the last event is a GenerationFinished.
+        ``mode`` and ``draft`` override the engine's for this request (pipelined modes share the engine's stages)."""
         decoder, draft_source, mode_name = self._variant(mode, draft)
         config = config or GenerationConfig()
+        self.check_fits(prompt_ids, config)
+        draft_source.set_mode(mode_name)
+        tree = config.tree or default_tree(mode_name, self.options.device)
+        run = RequestRun(self, prompt_ids, config, mode_name, draft_source)
+        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
+        self.open_requests += 1
+        try:
+            for step in steps_iter:
+                yield from run.on_step(step)
+                if run.done:
+                    break
+        finally:
+            steps_iter.close()  # ends the request on every stage (and frees its KV) now, also when abandoned
+            self.open_requests -= 1
+        yield from run.finish(tuple(getattr(decoder, "busy_fraction", ())))
+
+    def check_fits(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
+        """Refuse a request that cannot fit the context (before any stage is touched)."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
         if len(prompt_ids) + config.max_tokens > self.options.max_context:
@@ -209,59 +228,106 @@ class Engine:
                 f"{self.options.max_context} tokens",
                 hint="lower --max-tokens or raise --max-context",
             )
-        start = time.perf_counter()
-        out: list[int] = []
-        text = ""
-        steps = forwards = accepted = 0
-        reason: FinishReason = "length"
-        draft_forwards0, draft_cost0 = draft_source.forwards, draft_source.cost
-        draft_source.set_mode(mode_name)
-        tree = config.tree or default_tree(mode_name, self.options.device)
-        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
-        for step in steps_iter:
-            forwards += 1
-            steps = step.tick
-            v = step.verification
-            new = list(v.emitted[: config.max_tokens - len(out)])
-            if config.stop_on_eos:
-                for i, t in enumerate(new):
-                    if t in self.eos_ids:
-                        new, reason = new[: i + 1], "eos"
-                        break
-            accepted += min(v.accepted_drafts, len(new))
-            out.extend(new)
-            full = self.tokenizer.decode(out, skip_special_tokens=True)
-            stable = full[: len(full) - 1] if full.endswith("\ufffd") else full
-            yield StepCompleted(steps, step.wave_size, len(new), v.accepted_drafts, v.flushed)
-            if new:
-                yield TokensCommitted(tuple(new), stable[len(text) :], steps)
-            text = stable
-            if reason == "eos" or len(out) >= config.max_tokens:
-                break
-        steps_iter.close()  # ends the request on every stage now, not at garbage collection
-        scale = self.clock_scale(mode_name)
-        wall = (time.perf_counter() - start) / scale
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        stats = GenerationStats(
-            mode=mode_name,
-            draft=draft_source.name,
-            prompt_tokens=len(prompt_ids),
-            tokens=len(out),
+
+
+class RequestRun:
+    """One request's side of decoding: the stop rules (EOS, max tokens, stop strings), the text streamed so far
+    (never a partial character, never any part of a stop string) and the statistics. Fed with the decoder's
+    steps; whoever drives the decoder (``Engine.generate``, a batch) yields what it returns."""
+
+    def __init__(
+        self, engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig, mode: str, draft: Any
+    ) -> None:
+        self.engine, self.config, self.mode, self.draft = engine, config, mode, draft
+        self.prompt_tokens = len(prompt_ids)
+        self.started = time.perf_counter()
+        self.out: list[int] = []
+        self.sent = ""  # text streamed so far
+        self.searched = 0  # characters of the stable text already searched for stop strings
+        self.final_text: str | None = None  # set when a stop string ended the output
+        self.steps = self.forwards = self.accepted = 0
+        self.reason: FinishReason = "length"
+        self.done = False
+        self._draft0 = (draft.forwards, draft.cost)
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return str(self.engine.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def on_step(self, step: Any) -> Iterator[Event]:
+        """Events for one verified wave (a ``DecodeStep``); sets ``done`` when the request is complete."""
+        config = self.config
+        self.forwards += 1
+        self.steps = step.tick
+        v = step.verification
+        new = list(v.emitted[: config.max_tokens - len(self.out)])
+        if config.stop_on_eos:
+            for i, t in enumerate(new):
+                if t in self.engine.eos_ids:
+                    new, self.reason = new[: i + 1], "eos"
+                    break
+        self.accepted += min(v.accepted_drafts, len(new))
+        self.out.extend(new)
+        full = self._decode(self.out)
+        stable = full[: len(full) - 1] if full.endswith("\ufffd") else full
+        show = len(stable)
+        if config.stop:
+            at = find_stop(stable, config.stop, self.searched)
+            if at is not None:
+                self._cut_at_stop(stable, at)
+                stable, show, self.reason = stable[:at], at, "stop"
+            else:
+                show -= held_back(stable, config.stop)
+                self.searched = len(stable)
+        yield StepCompleted(self.steps, step.wave_size, len(new), v.accepted_drafts, v.flushed)
+        if new:
+            yield TokensCommitted(tuple(new), stable[len(self.sent) : show], self.steps)
+            self.sent = stable[:show]
+        if self.reason in ("eos", "stop") or len(self.out) >= config.max_tokens:
+            self.done = True
+
+    def _cut_at_stop(self, text: str, at: int) -> None:
+        """Keep the tokens up to the one that completes the stop string (they were generated; usage counts them)."""
+        self.final_text = text[:at]
+        while len(self.out) > 1 and find_stop(self._decode(self.out[:-1]), self.config.stop) == at:
+            self.out.pop()
+
+    def finish(self, busy_fraction: tuple[float, ...] = ()) -> Iterator[Event]:
+        """The rest of the text (held back for a possible stop string, or a partial character) and the stats."""
+        text = self.final_text if self.final_text is not None else self._decode(self.out)
+        if len(text) > len(self.sent):
+            yield TokensCommitted((), text[len(self.sent) :], self.steps)
+            self.sent = text
+        yield GenerationFinished(self.reason, text, tuple(self.out), self.stats(busy_fraction))
+
+    def stats(self, busy_fraction: tuple[float, ...] = ()) -> GenerationStats:
+        engine, n, forwards, steps = self.engine, len(self.out), self.forwards, self.steps
+        scale = engine.clock_scale(self.mode)
+        wall = (time.perf_counter() - self.started) / scale
+        return GenerationStats(
+            mode=self.mode,
+            draft=self.draft.name,
+            prompt_tokens=self.prompt_tokens,
+            tokens=n,
             target_forwards=forwards,
-            tokens_per_forward=len(out) / forwards if forwards else 0.0,
+            tokens_per_forward=n / forwards if forwards else 0.0,
             steps=steps,
-            tokens_per_step=len(out) / steps if steps else 0.0,
-            stages=self.options.stages if mode_name != "ar" else self.options.split,
-            accepted_per_step=accepted / forwards if forwards else 0.0,
-            draft_forwards=draft_source.forwards - draft_forwards0,
-            draft_cost=draft_source.cost - draft_cost0,
-            draft_choices=tuple(draft_source.choices),
+            tokens_per_step=n / steps if steps else 0.0,
+            stages=engine.options.stages if self.mode != "ar" else engine.options.split,
+            accepted_per_step=self.accepted / forwards if forwards else 0.0,
+            draft_forwards=self.draft.forwards - self._draft0[0],
+            draft_cost=self.draft.cost - self._draft0[1],
+            draft_choices=tuple(self.draft.choices),
             wall_s=wall,
-            tokens_per_s=len(out) / wall if wall > 0 else 0.0,
-            busy_fraction=tuple(getattr(decoder, "busy_fraction", ())),
+            tokens_per_s=n / wall if wall > 0 else 0.0,
+            busy_fraction=busy_fraction,
             time_scale=scale,
         )
-        yield GenerationFinished(reason, text, tuple(out), stats)
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation under the model's chat template, ready for the assistant's reply."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _eos_ids(source: Any, tokenizer: Any) -> frozenset[int]:

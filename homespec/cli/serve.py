@@ -1,0 +1,73 @@
+"""``homespec serve [MODEL]``: the local OpenAI-compatible server (DESIGN §8)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from homespec.cli.common import (
+    DEFAULT_DRAFT,
+    ByScoreOption,
+    TimeScaleOption,
+    WaveSizeOption,
+    quiet_libraries,
+    user_errors,
+)
+from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.errors import ConfigError
+
+
+def serve(
+    model: Annotated[str | None, typer.Argument(help="a folder, .gguf or repo id (default: the bundled model)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="HOMESPEC_API_KEY", help="require 'Authorization: Bearer KEY'")
+    ] = None,
+    served_name: Annotated[str | None, typer.Option("--served-name", help="model id clients use")] = None,
+    stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes (1: the whole model here)")] = 1,
+    mode: Annotated[str | None, typer.Option(help="ar | pp | tree | specpipe (default: by --stages)")] = None,
+    draft: Annotated[str, typer.Option(help="draft source")] = DEFAULT_DRAFT,
+    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    by_score: ByScoreOption = DEFAULT_BY_SCORE,
+    emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
+    time_scale: TimeScaleOption = 0.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="waiting requests before 429")] = 32,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
+    max_context: Annotated[int, typer.Option("--max-context")] = 4096,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level")] = "warning",
+) -> None:
+    """Serve the model with an OpenAI-compatible API (``/v1/chat/completions``, ``/v1/completions``)."""
+    quiet_libraries()
+    with user_errors():
+        if not (1 <= port <= 65535):
+            raise ConfigError(f"--port must be in [1, 65535], got {port}")
+        if not (1 <= max_queue <= 10_000):
+            raise ConfigError(f"--max-queue must be in [1, 10000], got {max_queue}")
+        import uvicorn
+
+        from homespec.engine import Engine, EngineOptions
+        from homespec.model.loader import model_id
+        from homespec.server.app import ServerOptions, create_app
+        from homespec.server.metrics import Metrics
+        from homespec.server.service import GenerationService
+
+        options = EngineOptions(
+            model=model, draft=draft, mode=mode or ("specpipe" if stages > 1 else "ar"),  # type: ignore[arg-type]
+            stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale,
+            dtype=dtype, device=device, max_context=max_context,
+        )  # fmt: skip
+        typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {stages} stage(s))…", err=True)
+        name = served_name or model_id(model)
+        metrics = Metrics(name)
+        service = GenerationService(lambda: Engine(options), metrics, max_queue=max_queue)
+        tokenizer = service.engine.source.tokenizer()
+        app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key))
+        service.start()
+        typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (ctrl+c stops)", err=True)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level)
+        finally:
+            service.close()
