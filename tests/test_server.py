@@ -1,0 +1,295 @@
+"""The OpenAI-compatible server, for real: ``homespec serve`` in its own process (uvicorn on a free port, the
+bundled model), driven by the official ``openai`` client and by raw HTTP (httpx) for SSE framing and bodies the
+client would never send."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct"
+HOMESPEC = str(Path(sys.executable).parent / "homespec")
+PROMPT = "List three tips for staying focused while studying."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [HOMESPEC, "serve", "--port", str(self.port), "--api-key", KEY, *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("server did not come up in 180 s")
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_idle(self, timeout: float = 60) -> dict[str, float]:
+        """Metrics once nothing is active, queued or open on the stages (fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = ("homespec_requests_active", "homespec_queue_length", "homespec_requests_open_on_stages")
+            if all(m[k] == 0 for k in idle) or time.monotonic() > deadline:
+                return m
+            time.sleep(0.2)
+
+    def stage_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = Server("--max-queue", "2", "--draft", "ngram+recycle")
+    yield s
+    s.close()
+
+
+def chat(server: Server, prompt: str = PROMPT, **kw: Any) -> Any:
+    kw.setdefault("max_tokens", 24)
+    return server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def raw_post(server: Server, path: str, body: Any, key: str | None = KEY, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes | str):
+        headers["content-type"] = "application/json"
+        return httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=60, **kw)
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60, **kw)
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return dict(error)
+
+
+def test_models(server: Server) -> None:
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.client.models.retrieve(MODEL).id == MODEL
+
+
+def test_greedy_chat_is_the_target_s_own_output(
+    server: Server, chat_ids: Callable[[str], list[int]], reference_greedy: Any, tokenizer: Any
+) -> None:
+    reply = chat(server, temperature=0)
+    ref = reference_greedy(chat_ids(PROMPT), 24)
+    assert reply.choices[0].message.content == tokenizer.decode(ref, skip_special_tokens=True)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(chat_ids(PROMPT)) and reply.usage.completion_tokens == 24
+    extra = reply.model_extra["homespec"]
+    assert extra["tokens"] == 24 and extra["tokens_per_step"] > 0 and extra["mode"] == "ar"
+
+
+def test_streaming_assembles_to_the_same_text_for_the_same_seed(server: Server) -> None:
+    full = chat(server, temperature=0.9, seed=7)
+    stream = chat(server, temperature=0.9, seed=7, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    again = chat(server, temperature=0.9, seed=7)
+    assert again.choices[0].message.content == full.choices[0].message.content
+
+
+def test_completions_and_stop_sequences(server: Server) -> None:
+    prompt = "The three primary colors are"
+    free = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0)
+    text = free.choices[0].text
+    assert free.object == "text_completion" and free.usage.completion_tokens == 32
+    stop = next(s for s in (",", ".", " and", "\n") if s in text)
+    cut = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stop=[stop, "zq"])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 32
+    streamed = server.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
+
+
+def test_sse_framing(server: Server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for e in events[:-2]:
+        assert e.startswith("data: ") and "\n" not in e
+        assert json.loads(e[len("data: ") :])["object"] == "chat.completion.chunk"
+
+
+def test_errors_have_the_openai_shape(server: Server) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert_openai_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": msgs}, key=None), 401)
+    assert_openai_error(raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": msgs}, key="no"), 401)
+    assert_openai_error(
+        raw_post(server, "/v1/chat/completions", {"model": "gpt-9", "messages": msgs}), 404, "model_not_found"
+    )
+    for bad in (
+        {"model": MODEL, "messages": msgs, "temperature": 5},
+        {"model": MODEL, "messages": msgs, "max_tokens": 0},
+        {"model": MODEL, "messages": msgs, "top_p": 0},
+        {"model": MODEL, "messages": []},
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": MODEL, "messages": msgs, "stop": ["a", "b", "c", "d", "e"]},
+        {"model": MODEL},
+        [1, 2, 3],
+    ):
+        assert_openai_error(raw_post(server, "/v1/chat/completions", bad), 400)
+    error = assert_openai_error(
+        raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": msgs, "n": 2}), 400
+    )
+    assert error["param"] == "n"
+    assert_openai_error(raw_post(server, "/v1/chat/completions", b"{not json"), 400, "invalid_json")
+    long = {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}
+    assert_openai_error(raw_post(server, "/v1/completions", long), 400, "context_length_exceeded")
+    assert_openai_error(raw_post(server, "/v1/completions", b"x" * (5 * 1024 * 1024)), 413)
+    assert_openai_error(raw_post(server, "/v1/nothing", {}), 404)
+    with pytest.raises(openai.BadRequestError):
+        chat(server, temperature=-1)
+
+
+def test_queue_limit_429_and_disconnects_cancel(server: Server) -> None:
+    """One request runs and two wait (--max-queue 2): a fourth is refused with 429. Clients that hang up cancel
+    their requests, running or queued; afterwards nothing is active, queued or holding KV."""
+    before = server.metrics()
+    streams = [chat(server, max_tokens=400, stream=True) for _ in range(3)]
+    next(iter(streams[0]))  # the first is running
+    deadline = time.monotonic() + 30
+    while server.metrics()["homespec_queue_length"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(server, max_tokens=4)
+    assert refused.value.status_code == 429 and refused.value.body["code"] == "queue_full"
+    for s in streams:
+        s.close()
+    after = server.wait_idle()
+    assert after["homespec_requests_active"] == after["homespec_queue_length"] == 0
+    assert after["homespec_requests_open_on_stages"] == 0
+    assert (
+        after['homespec_requests_total{outcome="cancelled"}'] - before['homespec_requests_total{outcome="cancelled"}']
+        == 3
+    )
+    assert chat(server, max_tokens=4).usage.completion_tokens == 4  # and the server goes on
+
+
+@pytest.fixture(scope="module")
+def pipeline_server() -> Iterator[Server]:
+    s = Server("--stages", "2", "--max-queue", "16", "--draft", "ngram+recycle")
+    yield s
+    s.close()
+
+
+PROMPTS = [
+    "Write a haiku about GPUs.",
+    "What is 17 times 23?",
+    "Explain what a hash table is to a beginner.",
+    "Translate to French: The weather is nice today.",
+    "List three tips for staying focused while studying.",
+    "Name two planets.",
+    "Give me a synonym of happy.",
+    "What is the boiling point of water?",
+]
+
+
+def test_concurrent_clients_get_their_solo_output(pipeline_server: Server) -> None:
+    """8 streaming clients at once on 2 real stage processes, 3 of them hanging up mid-stream: every completed
+    reply equals its solo run token for token (same text, same seed), nothing hangs, and no request or KV leaks."""
+    s = pipeline_server
+    kw: dict[str, Any] = {"max_tokens": 24, "temperature": 0.7}
+    solo = [chat(s, p, seed=i, **kw).choices[0].message.content for i, p in enumerate(PROMPTS)]
+    results: dict[int, str] = {}
+
+    def client(i: int) -> None:
+        stream = chat(s, PROMPTS[i], seed=i, stream=True, **kw)
+        parts = []
+        for n, c in enumerate(stream):
+            if i % 3 == 1 and n == 2:
+                stream.close()
+                return
+            parts.extend(ch.delta.content or "" for ch in c.choices)
+        results[i] = "".join(parts)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+        assert not t.is_alive(), "a client hung"
+    assert sorted(results) == [i for i in range(len(PROMPTS)) if i % 3 != 1]
+    for i, text in results.items():
+        assert text == solo[i], f"client {i} differs from its solo run"
+    m = s.wait_idle()
+    assert m["homespec_requests_open_on_stages"] == 0 and m["homespec_requests_active"] == 0
+    assert m['homespec_stage_busy_fraction{stage="1"}'] > 0
+
+
+def test_a_lost_stage_fails_one_request_with_503_and_the_server_goes_on(pipeline_server: Server) -> None:
+    s = pipeline_server
+    stream = chat(s, max_tokens=400, stream=True)
+    next(iter(stream))
+    pids = s.stage_pids()
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    with pytest.raises(openai.APIError) as lost:
+        list(stream)
+    assert "stage" in str(lost.value.message)
+    reply = chat(s, "Name two planets.", max_tokens=8, temperature=0)  # the engine is rebuilt on fresh stages
+    assert reply.usage.completion_tokens == 8
+    assert len(s.stage_pids()) == 2 and set(s.stage_pids()).isdisjoint(pids)
