@@ -50,7 +50,6 @@ class Engine:
     def __init__(self, options: EngineOptions = EngineOptions()) -> None:
         import torch
 
-        from homespec.model.drafts import build_draft
         from homespec.model.loader import resolve
         from homespec.model.stage import parse_dtype
 
@@ -59,7 +58,6 @@ class Engine:
         torch.set_grad_enabled(False)
         self.options = options
         self.cluster: Any = None
-        self.open_requests = 0  # requests being decoded (their KV held on the stages or in process)
         self.time_scale = 1.0  # emulation only: real seconds per emulated second
         dtype = parse_dtype(options.dtype)
         self.source = resolve(options.model)
@@ -71,10 +69,8 @@ class Engine:
             self.decoder: Any = self._in_process(options.split)
         else:
             self.decoder = self._pipeline(options, total)
-        self._build_draft = lambda spec: build_draft(
-            spec, self.source, self.tokenizer, options.tree, dtype, options.device, options.max_context
-        )
-        self._drafts = {options.draft: self._build_draft(options.draft)}
+        self._dtype = dtype
+        self._drafts = {options.draft: self.build_draft(options.draft)}
         self._decoders = {options.mode: self.decoder}
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
 
@@ -122,6 +118,13 @@ class Engine:
 
         return PipelineDecoder(self.cluster, mode, self.options.wave_size, self.options.by_score)  # type: ignore[arg-type]
 
+    def build_draft(self, spec: str) -> Any:
+        """A new draft source ``spec`` for this engine's target (a batch gives each concurrent request its own)."""
+        from homespec.model.drafts import build_draft
+
+        o = self.options
+        return build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context)
+
     def modeled_step_ms(self, rows: int = 1) -> float:
         """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
         return max((t.step_ms(rows) + t.send_ms(rows) for t in getattr(self, "timings", [])), default=0.0)
@@ -129,7 +132,7 @@ class Engine:
     def fresh_draft(self, spec: str) -> None:
         """Forget what the draft source ``spec`` learned (its recycling table, say): the next request that uses it
         starts cold. Benchmarks call this so that no mode profits from a table another mode warmed."""
-        self._drafts[spec] = self._build_draft(spec)
+        self._drafts[spec] = self.build_draft(spec)
 
     def clock_scale(self, mode: str) -> float:
         """Real seconds per reported second for ``mode``: the emulation's time scale, 1 for ``ar`` (never emulated)."""
@@ -149,6 +152,11 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def open_requests(self) -> int:
+        """Requests whose KV is held right now, on the stages or in process (0 when the engine is idle)."""
+        return sum(int(getattr(d, "open_requests", 0)) for d in self._decoders.values())
 
     @property
     def model_name(self) -> str:
@@ -181,7 +189,7 @@ class Engine:
         mode = mode or self.options.mode
         draft = draft or self.options.draft
         if draft not in self._drafts:
-            self._drafts[draft] = self._build_draft(draft)
+            self._drafts[draft] = self.build_draft(draft)
         if mode not in self._decoders:
             if mode == "ar":
                 self._decoders[mode] = self._in_process(1)
@@ -207,7 +215,6 @@ class Engine:
         tree = config.tree or default_tree(mode_name, self.options.device)
         run = RequestRun(self, prompt_ids, config, mode_name, draft_source)
         steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
-        self.open_requests += 1
         try:
             for step in steps_iter:
                 yield from run.on_step(step)
@@ -215,7 +222,6 @@ class Engine:
                     break
         finally:
             steps_iter.close()  # ends the request on every stage (and frees its KV) now, also when abandoned
-            self.open_requests -= 1
         yield from run.finish(tuple(getattr(decoder, "busy_fraction", ())))
 
     def check_fits(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:

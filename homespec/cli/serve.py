@@ -33,6 +33,9 @@ def serve(
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
     time_scale: TimeScaleOption = 0.0,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", help="requests sharing the pipeline's steps (ar: 1)")
+    ] = 4,
     max_queue: Annotated[int, typer.Option("--max-queue", help="waiting requests before 429")] = 32,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
@@ -44,6 +47,8 @@ def serve(
     with user_errors():
         if not (1 <= port <= 65535):
             raise ConfigError(f"--port must be in [1, 65535], got {port}")
+        if not (1 <= max_concurrency <= 256):
+            raise ConfigError(f"--max-concurrency must be in [1, 256], got {max_concurrency}")
         if not (1 <= max_queue <= 10_000):
             raise ConfigError(f"--max-queue must be in [1, 10000], got {max_queue}")
         import uvicorn
@@ -62,7 +67,7 @@ def serve(
         typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {stages} stage(s))…", err=True)
         name = served_name or model_id(model)
         metrics = Metrics(name)
-        service = GenerationService(lambda: Engine(options), metrics, max_queue=max_queue)
+        service = GenerationService(lambda: Engine(options), metrics, max_concurrency, max_queue)
         tokenizer = service.engine.source.tokenizer()
         app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key))
         service.start()

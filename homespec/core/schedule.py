@@ -44,3 +44,13 @@ def choose_wave(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size: 
             return [tree.root.id] if tree.root.state is NodeState.DRAFTED else []
         return tree.in_state(NodeState.DRAFTED)
     return tree.wave_by_score(wave_size) if by_score else tree.wave_by_depth(wave_size)
+
+
+def split_budget(total: int, requests: int, tick: int = 0) -> list[int]:
+    """Nodes per request for one step shared by ``requests`` requests (SpecPipe-DB): equal shares of ``total``,
+    the remainder going to different requests on different ticks, and at least one node each (fairness: every
+    active request advances every step, even when there are more requests than the budget)."""
+    if requests <= 0:
+        return []
+    base, extra = divmod(total, requests)
+    return [max(1, base + (1 if (i - tick) % requests < extra else 0)) for i in range(requests)]

@@ -47,6 +47,7 @@ class LocalCluster:
         self.first.connect(ins[0])
         self.procs: list[subprocess.Popen[bytes]] = []
         self._request_ids = itertools.count(1)
+        self.tick = 0  # pipeline steps so far, over every decoder of this cluster (waves of one tick share a step)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         for i, a in enumerate(self.assigns):
             addresses = {

@@ -1,13 +1,17 @@
-"""The head of a pipeline: performs ``core.schedule``'s decisions across stage processes (DESIGN §4.1).
+"""The head of a pipeline: performs ``core.schedule``'s decisions across stage processes (DESIGN §4.1, §4.2).
 
 Lockstep ticks: at tick t the head collects the Result of the wave injected at tick t - S, verifies, broadcasts a
 Prune (pruning propagation), lets the draft source expand the tree, and injects the next wave into stage 1. Step
-counts are therefore deterministic for a given prompt, seed, mode and S; wall time is whatever the stages take.
+counts are therefore deterministic for a given prompt, seed, mode, S and batch; wall time is whatever the stages take.
+
+Several requests share the ticks (SpecPipe-DB): each has its own tree, draft source and KV on every stage, and each
+tick injects one wave per request, the step's node budget split among them (``core.schedule.split_budget``), so
+every active request gets nodes every step. Requests join (``join``: Start, prompt chunks) and leave (``leave``:
+Abort, which frees their KV) between ticks. ``decode`` is the one-request form.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -16,7 +20,14 @@ import torch
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.messages import Abort, Prune, Result, Start, Wave
-from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE, PipelineMode, choose_wave, draft_budget
+from homespec.core.schedule import (
+    DEFAULT_BY_SCORE,
+    DEFAULT_WAVE_SIZE,
+    PipelineMode,
+    choose_wave,
+    draft_budget,
+    split_budget,
+)
 from homespec.core.tree import NodeId, TokenTree
 from homespec.errors import PeerLostError
 from homespec.model.drafts.base import DraftSource
@@ -26,6 +37,21 @@ from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep
 
 RESULT_TIMEOUT_S = 30.0  # a hung (not dead) stage; a dead one is seen within 0.1 s
 PREFIX_STEP = -1  # the step of prompt chunks (and of their results)
+
+
+class _Run:
+    """One request's state at the head: its tree, committed tokens, draft source and waves in flight."""
+
+    def __init__(self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig, tick: int) -> None:
+        self.req, self.draft, self.tree_cfg, self.joined = req, draft, tree_cfg, tick
+        self.tree = TokenTree(prompt[-1], len(prompt) - 1)
+        self.committed = list(prompt)
+        self.in_flight: deque[tuple[int, list[NodeId]]] = deque()  # (tick sent, nodes)
+        self.tokens: dict[int, int] = {}  # node -> token, for nodes in flight
+        self.prefix_chunks: deque[tuple[int, list[int]]] = deque()  # sent, results not yet read: (start, tokens)
+        self.inbox: deque[Result] = deque()  # results read from the socket while collecting another request
+        self.prune_seq = 0
+        self.started = time.perf_counter()
 
 
 class PipelineDecoder:
@@ -38,72 +64,103 @@ class PipelineDecoder:
     ) -> None:
         self.cluster, self.mode, self.wave_size, self.by_score = cluster, mode, wave_size, by_score
         self.stages = cluster.size
-        self.busy_fraction: list[float] = []  # per stage, for the last finished request
+        self.busy_fraction: list[float] = []  # per stage, for the last request that left
+        self.runs: dict[int, _Run] = {}  # in join order
+
+    @property
+    def open_requests(self) -> int:
+        return len(self.runs)
 
     def decode(
         self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
     ) -> Iterator[DecodeStep]:
-        """Yield a DecodeStep each time a wave's results are verified; the caller stops when it has enough."""
-        req = self.cluster.new_request_id()
-        c = self.cluster
-        features = draft.wants_features
-        s = sampling
-        c.broadcast(Start(req, s.temperature, s.top_p, s.top_k, s.seed, features, prompt_top=draft.learns))
-        started = time.perf_counter()
-        ok = False
+        """One request alone: yield a DecodeStep each time one of its waves is verified, until the caller stops."""
+        req = self.join(prompt, draft, sampling, tree_cfg)
+        done = False
         try:
-            c.sync(seq=req, deadline=time.monotonic() + RESULT_TIMEOUT_S)
-            self._prefill(req, prompt[:-1])
-            yield from self._ticks(req, prompt, draft, tree_cfg)
+            while True:
+                for r, step in self.step():
+                    if r == req:
+                        yield step
         except GeneratorExit:
-            ok = True  # the caller has all the tokens it wanted
+            done = True  # the caller has all the tokens it wanted
             raise
         finally:
-            c.broadcast(Abort(req, "finished"))
-            if ok:
-                wall = time.perf_counter() - started
-                self.busy_fraction = [min(1.0, s.busy_s / wall) for s in c.collect_stats(req)]
+            self.leave(req, stats=done)
 
-    def _prefill(self, req: int, tokens: Sequence[int]) -> None:
-        self._prefix_chunks: deque[tuple[int, list[int]]] = deque()  # sent, results not yet read: (start, tokens)
+    def join(self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig) -> int:
+        """Start a request on every stage and send its prompt; its first wave goes in at the next ``step``."""
+        c = self.cluster
+        req = c.new_request_id()
+        s = sampling
+        c.broadcast(Start(req, s.temperature, s.top_p, s.top_k, s.seed, draft.wants_features, prompt_top=draft.learns))
+        run = self.runs[req] = _Run(req, prompt, draft, tree_cfg, c.tick)
+        try:
+            c.sync(seq=req, deadline=time.monotonic() + RESULT_TIMEOUT_S)
+            draft.start(prompt)
+            self._prefill(run, prompt[:-1])
+        except BaseException:
+            self.leave(req)
+            raise
+        return req
+
+    def leave(self, req: int, stats: bool = False) -> None:
+        """End a request on every stage (its KV is freed); with ``stats``, read the stages' busy times for it."""
+        run = self.runs.pop(req, None)
+        if run is None:
+            return
+        self.cluster.broadcast(Abort(req, "finished"))
+        if stats:
+            wall = time.perf_counter() - run.started
+            self.busy_fraction = [min(1.0, s.busy_s / wall) for s in self.cluster.collect_stats(req)]
+
+    def step(self) -> list[tuple[int, DecodeStep]]:
+        """One tick for every active request: collect and verify what is due, then inject the next waves."""
+        tick, out = self.cluster.tick, []
+        for run in list(self.runs.values()):
+            if run.in_flight and run.in_flight[0][0] <= tick - self.stages:
+                out.append((run.req, self._verify(run, tick)))
+        runs = list(self.runs.values())
+        for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True):
+            self._inject(run, tick, share)
+        self.cluster.tick += 1
+        return out
+
+    def _verify(self, run: _Run, tick: int) -> DecodeStep:
+        sent_at, wave = run.in_flight.popleft()
+        self._collect(run, sent_at)
+        v = run.tree.verify()
+        if v.committed or v.dead:
+            run.prune_seq += 1
+            self.cluster.broadcast(Prune(run.req, tick, run.prune_seq, v.committed, v.dead))
+        run.committed.extend(v.emitted)
+        run.draft.observe(v, run.committed)
+        return DecodeStep(v, len(wave), tick - run.joined)
+
+    def _inject(self, run: _Run, tick: int, share: int) -> None:
+        tree = run.tree
+        budget = draft_budget(self.mode, tree, len(run.in_flight), share, run.tree_cfg.budget)
+        if budget:
+            run.draft.propose(tree, run.committed, budget)
+        wave = choose_wave(self.mode, tree, len(run.in_flight), share, self.by_score)
+        if not wave:
+            return
+        tree.mark_sent(wave)
+        rows = tree.rows(wave)
+        run.tokens.update((r.node, r.token) for r in rows)
+        data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
+        parents = tuple(r.parent for r in rows)
+        positions = tuple(r.position for r in rows)
+        self.cluster.send_first(Wave(run.req, tick, False, run.prune_seq, tuple(wave), parents, positions, data))
+        run.in_flight.append((tick, wave))
+
+    def _prefill(self, run: _Run, tokens: Sequence[int]) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):
             chunk = list(tokens[a : a + PREFIX_CHUNK])
             data = to_raw(torch.tensor(chunk, dtype=torch.int64))
             positions = tuple(range(a, a + len(chunk)))
-            self.cluster.send_first(Wave(req, PREFIX_STEP, True, 0, (), (), positions, data))
-            self._prefix_chunks.append((a, chunk))
-
-    def _ticks(self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig) -> Iterator[DecodeStep]:
-        tree = TokenTree(prompt[-1], len(prompt) - 1)
-        committed = list(prompt)
-        draft.start(prompt)
-        in_flight: deque[tuple[int, list[NodeId]]] = deque()
-        tokens: dict[int, int] = {}  # node -> token, for nodes in flight
-        prune_seq = 0
-        for tick in itertools.count():
-            if in_flight and in_flight[0][0] <= tick - self.stages:
-                sent_at, wave = in_flight.popleft()
-                self._collect(req, sent_at, tree, tokens, draft)
-                v = tree.verify()
-                if v.committed or v.dead:
-                    prune_seq += 1
-                    self.cluster.broadcast(Prune(req, tick, prune_seq, v.committed, v.dead))
-                committed.extend(v.emitted)
-                draft.observe(v, committed)
-                yield DecodeStep(v, len(wave), tick)
-            budget = draft_budget(self.mode, tree, len(in_flight), self.wave_size, tree_cfg.budget)
-            if budget:
-                draft.propose(tree, committed, budget)
-            wave = choose_wave(self.mode, tree, len(in_flight), self.wave_size, self.by_score)
-            if wave:
-                tree.mark_sent(wave)
-                rows = tree.rows(wave)
-                tokens.update((r.node, r.token) for r in rows)
-                data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
-                parents = tuple(r.parent for r in rows)
-                positions = tuple(r.position for r in rows)
-                self.cluster.send_first(Wave(req, tick, False, prune_seq, tuple(wave), parents, positions, data))
-                in_flight.append((tick, wave))
+            self.cluster.send_first(Wave(run.req, PREFIX_STEP, True, 0, (), (), positions, data))
+            run.prefix_chunks.append((a, chunk))
 
     @staticmethod
     def _hidden(msg: Result, rows: int) -> torch.Tensor:
@@ -112,17 +169,25 @@ class PipelineDecoder:
             raise PeerLostError(f"result carries hidden states {tuple(hidden.shape)} for {rows} rows")
         return hidden
 
-    def _collect(self, req: int, sent_at: int, tree: TokenTree, tokens: dict[int, int], draft: DraftSource) -> None:
-        """Read results until the one of the wave sent at ``sent_at``: record it in the tree, and tell the draft
-        the target's top-k at every position (the prompt's chunks come first, in order)."""
-        deadline = time.monotonic() + RESULT_TIMEOUT_S
-        while True:
+    def _next_result(self, run: _Run, deadline: float) -> Result:
+        """The run's next Result; results of other active requests read on the way go to their inboxes, those of
+        requests that left are dropped."""
+        while not run.inbox:
             msg = self.cluster.recv_result(deadline)
-            if not isinstance(msg, Result) or msg.request != req:
-                continue  # results of an earlier, abandoned request are skipped
+            if isinstance(msg, Result) and msg.request in self.runs:
+                self.runs[msg.request].inbox.append(msg)
+        return run.inbox.popleft()
+
+    def _collect(self, run: _Run, sent_at: int) -> None:
+        """Read the run's results until the one of the wave sent at ``sent_at``: record it in the tree, and tell
+        the draft the target's top-k at every position (the prompt's chunks come first, in order)."""
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        draft, tree = run.draft, run.tree
+        while True:
+            msg = self._next_result(run, deadline)
             top_t, top_lp = from_raw(msg.top_tokens), from_raw(msg.top_logprobs)
-            if msg.step == PREFIX_STEP and self._prefix_chunks:
-                a, chunk = self._prefix_chunks.popleft()
+            if msg.step == PREFIX_STEP and run.prefix_chunks:
+                a, chunk = run.prefix_chunks.popleft()
                 if draft.learns:
                     if top_t.shape[0] != len(chunk):
                         raise PeerLostError(f"prefix result has {top_t.shape[0]} rows for a chunk of {len(chunk)}")
@@ -141,8 +206,8 @@ class PipelineDecoder:
             if tree.set_result(node, token)
         ]
         if live and draft.learns:  # only nodes still in the tree: which pruned ones a stage computed depends on timing
-            draft.learn([tokens[msg.nodes[i]] for i in live], top_t[live].tolist(), top_lp[live].tolist())
+            draft.learn([run.tokens[msg.nodes[i]] for i in live], top_t[live].tolist(), top_lp[live].tolist())
         if live and draft.wants_features:
             draft.tree_features([msg.nodes[i] for i in live], self._hidden(msg, len(msg.nodes))[live])
         for n in msg.nodes:
-            tokens.pop(n, None)
+            run.tokens.pop(n, None)

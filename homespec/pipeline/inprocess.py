@@ -37,6 +37,7 @@ class InProcessDecoder:
         self.stages = list(stages)
         self.max_tree = max_tree
         self.caches: list[TreeKVCache] = [s.new_cache(max_context, max_tree) for s in self.stages]
+        self.open_requests = 0  # 1 while a request holds the caches
 
     def decode(
         self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
@@ -44,6 +45,15 @@ class InProcessDecoder:
         """Yield one DecodeStep per target forward, forever; the caller stops when it has enough."""
         if not prompt:
             raise ValueError("empty prompt")
+        self.open_requests = 1
+        try:
+            yield from self._decode(prompt, draft, sampling, tree_cfg)
+        finally:
+            self.open_requests = 0
+
+    def _decode(
+        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
+    ) -> Iterator[DecodeStep]:
         for cache in self.caches:
             cache.reset()
         draft.start(prompt)

@@ -78,6 +78,9 @@ class StageWorker:
         self.poller.register(self.inp, zmq.POLLIN)
         self._parent = os.getppid()
         self._running = True
+        self._step: int | None = None  # emulation: the step being padded, its rows so far and when it began
+        self._step_rows = 0
+        self._step_started = 0.0
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -203,9 +206,9 @@ class StageWorker:
         computed = len(msg.positions) if msg.prefix else len(rows)
         req.steps += 1
         req.rows += computed
-        self._emulate_stage(started, computed)
+        first_of_step = self._emulate_stage(started, computed, None if msg.prefix else msg.step)
         req.busy_s += time.perf_counter() - started
-        self._emulate_link(0 if self.last else computed)
+        self._emulate_link(0 if self.last else computed, first_of_step)
         self._send(self.out, reply)
 
     def _wave(self, msg: Any, out: Any, rows: list[Any]) -> Any:
@@ -239,15 +242,26 @@ class StageWorker:
         tokens = next_tokens(logits, [r.position for r in rows], req.sampling) if rows else []
         return Result(msg.request, msg.step, tuple(r.node for r in rows), tuple(tokens), t, lp, h)
 
-    def _emulate_stage(self, started: float, rows: int) -> None:
+    def _emulate_stage(self, started: float, rows: int, step: int | None) -> bool:
+        """Pad to the modeled device time. The waves of several requests that share a step (same ``step``, one
+        after another) are one batch on the modeled device: together they take max(base, per-row * all rows), so
+        the first pays the base and the later ones only their rows beyond it. Returns whether this wave opened a
+        step (prompt chunks always do)."""
         a = self.assign
-        modeled = max(a.emu_base_ms, a.emu_ms_per_row * rows) / 1000
-        left = modeled - (time.perf_counter() - started)
+        first = step is None or step != self._step
+        if first:
+            self._step, self._step_rows, self._step_started = step, 0, started
+        self._step_rows += rows
+        modeled = max(a.emu_base_ms, a.emu_ms_per_row * self._step_rows) / 1000
+        left = self._step_started + modeled - time.perf_counter()
         if left > 0:
             time.sleep(left)
+        return first
 
-    def _emulate_link(self, rows: int) -> None:
-        delay = (self.assign.emu_link_ms + self.assign.emu_link_ms_per_row * rows) / 1000
+    def _emulate_link(self, rows: int, first_of_step: bool = True) -> None:
+        """The link's latency once per step, its bandwidth per row."""
+        latency = self.assign.emu_link_ms if first_of_step else 0.0
+        delay = (latency + self.assign.emu_link_ms_per_row * rows) / 1000
         if delay > 0:
             time.sleep(delay)
 

@@ -1,12 +1,12 @@
-"""The server's generation service: owns the engine and runs requests on one thread of its own, so the HTTP event
-loop never blocks on the model (DESIGN §8).
+"""The server's generation service: owns the engine and decodes on one thread of its own, so the HTTP event loop
+never blocks on the model (DESIGN §8, §4.2).
 
 A route turns a body into a ``Job`` (token ids, a GenerationConfig, a thread-safe ``post`` back to its event loop)
-and submits it. Past ``max_queue`` waiting jobs the submit is refused (429). The thread takes jobs in order, runs them
-through ``Engine.generate`` and posts every engine event, then ``Failed`` when something went wrong. A job whose
-client went away (``cancelled``) is stopped at its next step: closing the engine's generator ends the request on
-every stage and frees its KV. A lost stage fails only the job in flight (503); the engine is rebuilt for the next
-job, and while it cannot be rebuilt every job gets a 503.
+and submits it. Past ``max_queue`` waiting jobs the submit is refused (429). The thread admits waiting jobs into a
+``Batch`` (up to ``max_concurrency`` decoding together, SpecPipe-DB; one at a time in mode ``ar``), advances it a
+step at a time and posts every engine event to its job, or ``Failed``. A job whose client went away (``cancelled``)
+leaves the batch at the next step, which frees its KV on every stage. A lost stage fails the jobs in flight (503);
+the engine is rebuilt for the next job, and while it cannot be rebuilt every job gets a 503.
 """
 
 from __future__ import annotations
@@ -43,29 +43,40 @@ class Job:
 
 
 class GenerationService:
-    def __init__(self, make_engine: Callable[[], Any], metrics: Metrics, max_queue: int = 32) -> None:
+    def __init__(
+        self, make_engine: Callable[[], Any], metrics: Metrics, max_concurrency: int = 4, max_queue: int = 32
+    ) -> None:
         self._make_engine = make_engine
         self.metrics = metrics
-        self.max_queue = max_queue
-        self.engine: Any = make_engine()  # fails here, before the server listens, when the model cannot load
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.engine: Any = None
+        self.batch: Any = None
+        self._open_batch()  # fails here, before the server listens, when the model cannot load
         self.down_reason: str | None = None
         self._queue: deque[Job] = deque()
+        self._jobs: dict[int, Job] = {}  # batch id -> job, for the requests decoding now
         self._wake = threading.Condition()
         self._running = True
-        self.active = 0
         self._thread = threading.Thread(target=self._loop, name="homespec-generation", daemon=True)
         metrics.gauges |= {
             "queue_length": lambda: len(self._queue),
-            "requests_active": lambda: self.active,
+            "requests_active": lambda: len(self._jobs),
             "requests_open_on_stages": self.open_on_stages,
         }
+
+    def _open_batch(self) -> None:
+        from homespec.batching import Batch
+
+        self.engine = self._make_engine()
+        self.batch = Batch(self.engine, self.max_concurrency)
 
     def start(self) -> None:
         self._thread.start()
 
     def open_on_stages(self) -> int:
         """Requests whose KV is held on the stages (or in the in-process decoder) right now."""
-        return int(self.engine.open_requests) if self.engine is not None else 0
+        batch = self.batch
+        return int(batch.open_requests) if batch is not None else 0
 
     def submit(self, job: Job) -> None:
         with self._wake:
@@ -92,66 +103,81 @@ class GenerationService:
             self.engine.close()
 
     def _loop(self) -> None:
+        """Admit waiting jobs while the batch has room, advance the batch one step, deliver its events, drop the
+        jobs whose clients left; sleep when there is nothing to do."""
         while True:
             with self._wake:
-                while self._running and not self._queue:
+                while self._running and not self._queue and not self._jobs:
                     self._wake.wait()
                 if not self._running:
+                    return
+            try:
+                self._admit()
+                if self._jobs:
+                    self._step()
+            except PeerLostError as exc:
+                log.warning("a stage was lost: %s; the engine is rebuilt for the next request", exc)
+                error = ApiError(503, f"a pipeline stage was lost: {exc}", "server_error", code="stage_lost")
+                self._fail_all(error)
+            except Exception as exc:  # a bug must fail the requests in flight, not the server
+                log.exception("generation failed")
+                self._fail_all(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                if not self._queue or (self.batch is not None and not self.batch.has_room):
                     return
                 job = self._queue.popleft()
             if job.cancelled.is_set():
                 self.metrics.finished("cancelled")
                 continue
-            self.active = 1
             try:
-                self._run(job)
-            finally:
-                self.active = 0
+                batch = self._ready_batch()
+                self._jobs[batch.add(job.prompt_ids, job.config)] = job
+            except ApiError as exc:
+                self._fail(job, exc)
+            except PeerLostError:
+                self._queue.appendleft(job)  # not this job's fault: fail the batch, retry it on a rebuilt engine
+                raise
+            except HomespecError as exc:
+                self._fail(job, ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")))
 
-    def _run(self, job: Job) -> None:
-        """Run one job to its end; every failure becomes a ``Failed`` for that job only (the loop must survive)."""
-        try:
-            engine = self._engine()
-            events = engine.generate(job.prompt_ids, job.config)
-            try:
-                for event in events:
-                    job.post(event)
-                    if isinstance(event, GenerationFinished):
-                        self.metrics.finished("ok", event.stats)
-                    elif job.cancelled.is_set():
-                        self.metrics.finished("cancelled")
-                        return
-            finally:
-                events.close()
-        except PeerLostError as exc:
-            log.warning("a stage was lost: %s; the engine is rebuilt for the next request", exc)
-            self._fail(job, ApiError(503, f"a pipeline stage was lost: {exc}", "server_error", code="stage_lost"))
-            self._drop_engine()
-        except ApiError as exc:
-            self._fail(job, exc)
-        except HomespecError as exc:
-            self._fail(job, ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")))
-        except Exception as exc:  # a bug must fail one request, not the server
-            log.exception("request failed")
-            self._fail(job, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+    def _step(self) -> None:
+        for i, events in self.batch.step().items():
+            job = self._jobs[i]
+            for event in events:
+                job.post(event)
+                if isinstance(event, GenerationFinished):
+                    self.metrics.finished("ok", event.stats)
+                    del self._jobs[i]
+        for i, job in list(self._jobs.items()):
+            if job.cancelled.is_set():
+                self.batch.cancel(i)
+                del self._jobs[i]
+                self.metrics.finished("cancelled")
 
     def _fail(self, job: Job, error: ApiError) -> None:
         self.metrics.finished("error")
         job.post(Failed(error))
 
-    def _engine(self) -> Any:
-        if self.engine is None:
-            try:
-                self.engine = self._make_engine()
-                self.down_reason = None
-            except HomespecError as exc:
-                self.down_reason = exc.message
-                raise ApiError(503, f"the cluster is down: {exc.message}", "server_error", code="cluster_down") from exc
-        return self.engine
-
-    def _drop_engine(self) -> None:
-        engine, self.engine = self.engine, None
+    def _fail_all(self, error: ApiError) -> None:
+        """The pipeline is broken: every request in it fails; the engine is rebuilt for the next one."""
+        for job in self._jobs.values():
+            self._fail(job, error)
+        self._jobs.clear()
+        engine, self.engine, self.batch = self.engine, None, None
         try:
             engine.close()
         except Exception:  # the cluster is already broken; closing it is best effort
             log.exception("closing a broken engine")
+
+    def _ready_batch(self) -> Any:
+        if self.batch is None:
+            try:
+                self._open_batch()
+                self.down_reason = None
+            except HomespecError as exc:
+                self.down_reason = exc.message
+                raise ApiError(503, f"the cluster is down: {exc.message}", "server_error", code="cluster_down") from exc
+        return self.batch

@@ -1,0 +1,138 @@
+"""Several requests decoded at once (SpecPipe-DB, DESIGN §4.2): the engine's API for a server.
+
+``Batch.add`` admits a request between steps; ``Batch.step`` advances every active request by one pipeline tick
+and returns, per request, the events that tick produced (the same events ``Engine.generate`` yields, in the same
+order, ending with a GenerationFinished); ``Batch.cancel`` drops a request and frees its KV. Each request has its
+own draft source (taken from a pool per draft spec, so learned tables and loaded heads are reused), its own tree and
+its own KV on every stage; the lossless contract holds per request whatever else is in the batch.
+
+In mode ``ar`` the whole model is in this process and decodes one request at a time: a Batch there holds one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from homespec.config import GenerationConfig, default_tree
+from homespec.engine import Engine, RequestRun
+from homespec.errors import ConfigError
+from homespec.events import Event
+
+
+@dataclass
+class _Item:
+    req: int  # the decoder's request id
+    run: RequestRun
+    spec: str
+    draft: Any
+
+
+class _Serial:
+    """The in-process decoder behind the batch interface: one request at a time, one forward per step."""
+
+    def __init__(self, decoder: Any) -> None:
+        self.decoder = decoder
+        self.current: tuple[int, Iterator[Any]] | None = None
+        self.ids = 0
+
+    @property
+    def open_requests(self) -> int:
+        return int(self.decoder.open_requests)
+
+    def join(self, prompt: Sequence[int], draft: Any, sampling: Any, tree: Any) -> int:
+        if self.current is not None:
+            raise ConfigError("mode ar decodes one request at a time")
+        self.ids += 1
+        self.current = (self.ids, self.decoder.decode(prompt, draft, sampling, tree))
+        return self.ids
+
+    def step(self) -> list[tuple[int, Any]]:
+        if self.current is None:
+            return []
+        req, steps = self.current
+        return [(req, next(steps))]
+
+    def leave(self, req: int, stats: bool = False) -> None:
+        if self.current is not None and self.current[0] == req:
+            self.current[1].close()
+            self.current = None
+
+
+class Batch:
+    def __init__(self, engine: Engine, max_active: int) -> None:
+        self.engine = engine
+        serial = engine.options.mode == "ar"
+        self.max_active = 1 if serial else max_active
+        if not (1 <= self.max_active <= 256):
+            raise ConfigError(f"max concurrency must be in [1, 256], got {max_active}")
+        self.decoder: Any = _Serial(engine.decoder) if serial else engine.decoder
+        self.items: dict[int, _Item] = {}
+        self._pool: dict[str, list[Any]] = {}
+        self._ids = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.items) < self.max_active
+
+    @property
+    def open_requests(self) -> int:
+        """Requests whose KV is held on the stages (or in process) right now."""
+        return int(self.decoder.open_requests)
+
+    def add(self, prompt_ids: Sequence[int], config: GenerationConfig, draft: str | None = None) -> int:
+        """Admit a request (its prompt goes into the pipeline now); returns its id in this batch."""
+        if not self.has_room:
+            raise ConfigError(f"the batch is full ({self.max_active} active requests)")
+        engine, spec = self.engine, draft or self.engine.options.draft
+        engine.check_fits(prompt_ids, config)
+        pool = self._pool.setdefault(spec, [])
+        source = pool.pop() if pool else engine.build_draft(spec)
+        mode = engine.options.mode
+        source.set_mode(mode)
+        tree = config.tree or default_tree(mode, engine.options.device)
+        try:
+            req = self.decoder.join(prompt_ids, source, config.sampling, tree)
+        except BaseException:
+            pool.append(source)
+            raise
+        self._ids += 1
+        self.items[self._ids] = _Item(req, RequestRun(engine, prompt_ids, config, mode, source), spec, source)
+        return self._ids
+
+    def step(self) -> dict[int, list[Event]]:
+        """One pipeline tick for every active request: the events of those that advanced. A request whose list
+        ends with a GenerationFinished has left the batch."""
+        by_req = {item.req: (i, item) for i, item in self.items.items()}
+        out: dict[int, list[Event]] = {}
+        for req, step in self.decoder.step():
+            i, item = by_req[req]
+            events = out.setdefault(i, [])
+            events.extend(item.run.on_step(step))
+            if item.run.done:
+                self._release(i, stats=True)
+                events.extend(item.run.finish(tuple(self.decoder.busy_fraction) if self._pipelined else ()))
+        return out
+
+    @property
+    def _pipelined(self) -> bool:
+        return not isinstance(self.decoder, _Serial)
+
+    def cancel(self, i: int) -> None:
+        """Drop a request now (its client went away): every stage frees its KV."""
+        if i in self.items:
+            self._release(i)
+
+    def close(self) -> None:
+        for i in list(self.items):
+            self._release(i)
+
+    def _release(self, i: int, stats: bool = False) -> None:
+        item = self.items.pop(i)
+        self.decoder.leave(item.req, stats=stats)
+        self._pool.setdefault(item.spec, []).append(item.draft)
