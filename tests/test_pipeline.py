@@ -144,6 +144,51 @@ def test_pipeline_seeded_sampling_is_lossless(
         assert got == plain(prompt, SAMPLING), f"{mode}/{draft}/S={cluster.size} sampling diverged"
 
 
+BATCH_CASES = [("specpipe", 4), ("specpipe", 8), ("tree", 4), ("pp", 2)]
+
+
+@pytest.mark.parametrize(("mode", "at"), BATCH_CASES, ids=[f"{m}-S{s}" for m, s in BATCH_CASES])
+def test_batched_requests_are_each_lossless(
+    cluster: LocalCluster, mode: str, at: int, bundled: Any, tokenizer: Any, plain: Any, chat_ids: Any
+) -> None:
+    """SpecPipe-DB: four requests share the steps (greedy and seeded, different drafts, one joining late, one
+    leaving early); each gets exactly its solo tokens, every request advances every step it has a wave for, and
+    the stages hold no request afterwards."""
+    if cluster.size != at:
+        pytest.skip(f"batched {mode} runs at S={at}")
+    decoder = PipelineDecoder(cluster, mode)  # type: ignore[arg-type]
+    specs = [("ngram+recycle", GREEDY), ("ngram", SAMPLING), ("none", GREEDY), ("ngram+recycle", SAMPLING)]
+    n = 32
+    reqs: dict[int, tuple[int, list[int]]] = {}
+
+    def join(i: int) -> None:
+        draft = build_draft(specs[i][0], bundled, tokenizer, TreeConfig())
+        reqs[decoder.join(chat_ids(PROMPTS[i]), draft, specs[i][1], TreeConfig())] = (i, [])
+
+    for i in range(3):
+        join(i)
+    for tick in itertools.count():
+        if tick == 5:
+            join(3)  # joins while the others are mid-way
+        early = [r for r, (i, _) in reqs.items() if i == 2]
+        if tick == 12 and early:
+            decoder.leave(early[0])  # its client went away
+            _, tokens = reqs.pop(early[0])
+            assert tuple(tokens) == plain(PROMPTS[2], specs[2][1])[: len(tokens)]
+        for r, step in decoder.step():
+            i, tokens = reqs[r]
+            tokens.extend(step.verification.emitted)
+            if len(tokens) >= n or 2 in tokens:
+                decoder.leave(r)
+                want = plain(PROMPTS[i], specs[i][1])[:n]
+                got = tokens[:n]
+                assert tuple(got[: got.index(2) + 1] if 2 in got else got) == want, f"request {i} diverged"
+                del reqs[r]
+        if not reqs:
+            break
+    assert decoder.open_requests == 0
+
+
 def test_specpipe_depth_order_is_lossless_one_depth_per_step(
     bundled: Any, drafts: dict[str, Any], plain: Any, chat_ids: Any
 ) -> None:
