@@ -61,13 +61,16 @@ class _Serial:
 
 
 class Batch:
-    def __init__(self, engine: Engine, max_active: int) -> None:
+    def __init__(self, engine: Engine, max_active: int, mode: str | None = None) -> None:
+        """A batch in ``mode`` (default: the engine's; pipelined modes share the engine's stages)."""
         self.engine = engine
-        serial = engine.options.mode == "ar"
+        self.mode = mode or engine.options.mode
+        serial = self.mode == "ar"
         self.max_active = 1 if serial else max_active
         if not (1 <= self.max_active <= 256):
             raise ConfigError(f"max concurrency must be in [1, 256], got {max_active}")
-        self.decoder: Any = _Serial(engine.decoder) if serial else engine.decoder
+        decoder = engine.decoder_for(self.mode)
+        self.decoder: Any = _Serial(decoder) if serial else decoder
         self.items: dict[int, _Item] = {}
         self._pool: dict[str, list[Any]] = {}
         self._ids = 0
@@ -93,7 +96,7 @@ class Batch:
         engine.check_fits(prompt_ids, config)
         pool = self._pool.setdefault(spec, [])
         source = pool.pop() if pool else engine.build_draft(spec)
-        mode = engine.options.mode
+        mode = self.mode
         source.set_mode(mode)
         tree = config.tree or default_tree(mode, engine.options.device)
         try:

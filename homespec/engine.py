@@ -185,6 +185,10 @@ class Engine:
     def draft(self) -> Any:
         return self._drafts[self.options.draft]
 
+    def decoder_for(self, mode: str) -> Any:
+        """The decoder of ``mode`` (pipelined modes share this engine's stages)."""
+        return self._variant(mode, None)[0]  # type: ignore[arg-type]
+
     def _variant(self, mode: str | None, draft: str | None) -> tuple[Any, Any, str]:
         mode = mode or self.options.mode
         draft = draft or self.options.draft

@@ -56,6 +56,10 @@ def bench(
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     time_scale: TimeScaleOption = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,
+    concurrency: Annotated[
+        str | None,
+        typer.Option(help="e.g. 1,2,4,8: serve all prompts at once, this many together, in tree and specpipe"),
+    ] = None,
 ) -> None:
     """Measure every decoding mode on the same prompts; print tables and optionally save JSON."""
     quiet_libraries()
@@ -82,6 +86,10 @@ def bench(
             emulate=emulate,
             time_scale=time_scale,
         )
+        if concurrency is not None:
+            engine = Engine(opts)
+            _bench_concurrency(engine, items, concurrency, wanted, draft_list, max_tokens, stages, emulate, json_out)
+            return
         with Engine(opts) as engine, _progress(len(runs) * len(items)) as advance:
             ids = [engine.encode(text) for text, _ in items]
             categories = [c for _, c in items]
@@ -91,6 +99,28 @@ def bench(
         _print(rows, stages, emulate, engine.time_scale)
         if json_out:
             json_out.write_text(json.dumps(rows, indent=2))
+
+
+def _bench_concurrency(
+    engine: Any, items: list[tuple[str, str]], levels_arg: str, wanted: list[str], drafts: list[str], n: int,
+    stages: int, emulate: str | None, json_out: Path | None,
+) -> None:  # fmt: skip
+    from homespec.cli.bench_concurrency import print_levels, run_levels
+
+    try:
+        levels = sorted({int(x) for x in levels_arg.split(",") if x.strip()})
+    except ValueError as exc:
+        raise ConfigError(f"--concurrency takes integers like 1,2,4,8, got {levels_arg!r}") from exc
+    if not levels or levels[0] < 1 or levels[-1] > 256:
+        raise ConfigError(f"--concurrency levels must be in [1, 256], got {levels_arg!r}")
+    modes = [m for m in ("tree", "specpipe") if m in wanted]
+    if not modes or stages < 2:
+        raise ConfigError("--concurrency measures the pipelined modes", hint="--stages >= 2, --modes tree,specpipe")
+    with engine:
+        rows = run_levels(engine, [engine.encode(text) for text, _ in items], modes, drafts, levels, n)
+    print_levels(rows, stages, emulate)
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2))
 
 
 def _load_prompts(path: Path | None, limit: int) -> list[tuple[str, str]]:
