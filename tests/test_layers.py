@@ -56,3 +56,13 @@ def test_transport_never_imports_torch_or_model() -> None:
         source = file.read_text()
         for name in ("torch", "transformers", "homespec.model"):
             assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"
+
+
+def test_server_talks_to_the_engine_only() -> None:
+    """The server is a face: it reaches the model through ``engine``/``batching`` and their events, never the
+    pipeline, the model code or the wire directly."""
+    banned = ("homespec.pipeline", "homespec.model", "homespec.transport", "zmq", "torch")
+    for file in (PACKAGE / "server").rglob("*.py"):
+        source = file.read_text()
+        for name in banned:
+            assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"

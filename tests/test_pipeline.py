@@ -99,7 +99,7 @@ CASES = [
 # Prompts per case in CI (the slow draft and the S-steps-per-token baseline get fewer, rotated by S so that every
 # prompt meets every stage count across the matrix); HOMESPEC_FULL_MATRIX=1 runs all six everywhere.
 FULL = os.environ.get("HOMESPEC_FULL_MATRIX") == "1"
-PER_CASE = {("pp", "none"): 2, ("tree", "ngram"): 3, ("specpipe", "ngram"): 4, ("specpipe", "ngram+recycle"): 3}
+PER_CASE = {("pp", "none"): 2, ("tree", "ngram"): 2, ("specpipe", "ngram"): 3, ("specpipe", "ngram+recycle"): 2}
 SLOW_DRAFT_STAGES = (1, 4, 8)  # CI: the drafts with a model run at these stage counts (all with the full matrix)
 SLOW_DRAFT_TOKENS = 32  # and for this many tokens (NEW_TOKENS with the full matrix)
 
