@@ -1,5 +1,5 @@
 """Stop strings (core/stops.py): literal cases, brute-force references, and the streaming contract: what is
-streamed chunk by chunk never contains any part of a stop string and adds up to the text before the first one."""
+streamed chunk by chunk never contains a stop string and adds up to the text before the first one to appear."""
 
 from __future__ import annotations
 
@@ -56,5 +56,13 @@ def test_streaming_never_leaks_a_stop(text: str, stops: list[str], cuts: list[in
         if pos == len(text):
             sent += text[shown:]  # the end: what was held back goes out
             break
-    first = brute_find(text, stops)
-    assert sent == (text if first is None else text[:first])
+    # generation ends at the first commit whose text holds a stop, cut where the earliest one there begins
+    want, pos = text, 0
+    for n in [*cuts, len(text)]:
+        pos = min(len(text), pos + n)
+        first = brute_find(text[:pos], stops)
+        if first is not None:
+            want = text[:first]
+            break
+    assert sent == want
+    assert brute_find(sent, stops) is None
