@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from homespec.config import GenerationConfig, default_tree
+from homespec.config import GenerationConfig
 from homespec.engine import Engine, RequestRun
 from homespec.errors import ConfigError
 from homespec.events import Event
@@ -93,19 +93,17 @@ class Batch:
         if not self.has_room:
             raise ConfigError(f"the batch is full ({self.max_active} active requests)")
         engine, spec = self.engine, draft or self.engine.options.draft
-        engine.check_fits(prompt_ids, config)
+        engine.check_fits(prompt_ids, config)  # before a draft is built for a request that cannot run
         pool = self._pool.setdefault(spec, [])
         source = pool.pop() if pool else engine.build_draft(spec)
-        mode = self.mode
-        source.set_mode(mode)
-        tree = config.tree or default_tree(mode, engine.options.device)
         try:
+            run, tree = engine.start_run(prompt_ids, config, self.mode, source)
             req = self.decoder.join(prompt_ids, source, config.sampling, tree)
         except BaseException:
             pool.append(source)
             raise
         self._ids += 1
-        self.items[self._ids] = _Item(req, RequestRun(engine, prompt_ids, config, mode, source), spec, source)
+        self.items[self._ids] = _Item(req, run, spec, source)
         return self._ids
 
     def step(self) -> dict[int, list[Event]]:
@@ -119,12 +117,8 @@ class Batch:
             events.extend(item.run.on_step(step))
             if item.run.done:
                 self._release(i, stats=True)
-                events.extend(item.run.finish(tuple(self.decoder.busy_fraction) if self._pipelined else ()))
+                events.extend(item.run.finish(tuple(getattr(self.decoder, "busy_fraction", ()))))
         return out
-
-    @property
-    def _pipelined(self) -> bool:
-        return not isinstance(self.decoder, _Serial)
 
     def cancel(self, i: int) -> None:
         """Drop a request now (its client went away): every stage frees its KV."""

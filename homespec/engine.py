@@ -214,10 +214,7 @@ class Engine:
         ``mode`` and ``draft`` override the engine's for this request (pipelined modes share the engine's stages)."""
         decoder, draft_source, mode_name = self._variant(mode, draft)
         config = config or GenerationConfig()
-        self.check_fits(prompt_ids, config)
-        draft_source.set_mode(mode_name)
-        tree = config.tree or default_tree(mode_name, self.options.device)
-        run = RequestRun(self, prompt_ids, config, mode_name, draft_source)
+        run, tree = self.start_run(prompt_ids, config, mode_name, draft_source)
         steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
         try:
             for step in steps_iter:
@@ -227,6 +224,17 @@ class Engine:
         finally:
             steps_iter.close()  # ends the request on every stage (and frees its KV) now, also when abandoned
         yield from run.finish(tuple(getattr(decoder, "busy_fraction", ())))
+
+    def start_run(
+        self, prompt_ids: Sequence[int], config: GenerationConfig, mode: str, draft: Any
+    ) -> tuple[RequestRun, TreeConfig]:
+        """Everything a request needs before its decoder starts (alone or in a batch): the context check, the
+        draft told the mode, the tree shape (the mode's and device's default unless the config names one) and the
+        RequestRun that turns its steps into events."""
+        self.check_fits(prompt_ids, config)
+        draft.set_mode(mode)
+        tree = config.tree or default_tree(mode, self.options.device)
+        return RequestRun(self, prompt_ids, config, mode, draft), tree
 
     def check_fits(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
         """Refuse a request that cannot fit the context (before any stage is touched)."""

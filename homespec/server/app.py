@@ -93,7 +93,7 @@ def create_app(service: GenerationService, tokenizer: Any, options: ServerOption
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        down = service.engine is None and service.down_reason is not None
+        down = service.down
         body = {"status": "down" if down else "ok", "model": options.model_name, "reason": service.down_reason}
         return JSONResponse(body, status_code=503 if down else 200)
 

@@ -49,8 +49,7 @@ class GenerationService:
         self._make_engine = make_engine
         self.metrics = metrics
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.engine: Any = None
-        self.batch: Any = None
+        self.batch: Any = None  # None while the engine is down (being rebuilt, or failing to)
         self._open_batch()  # fails here, before the server listens, when the model cannot load
         self.down_reason: str | None = None
         self._queue: deque[Job] = deque()
@@ -67,8 +66,16 @@ class GenerationService:
     def _open_batch(self) -> None:
         from homespec.batching import Batch
 
-        self.engine = self._make_engine()
-        self.batch = Batch(self.engine, self.max_concurrency)
+        self.batch = Batch(self._make_engine(), self.max_concurrency)
+
+    @property
+    def engine(self) -> Any:
+        return self.batch.engine if self.batch is not None else None
+
+    @property
+    def down(self) -> bool:
+        """The engine failed to rebuild: requests get 503 until one rebuild succeeds."""
+        return self.batch is None and self.down_reason is not None
 
     def start(self) -> None:
         self._thread.start()
@@ -80,7 +87,7 @@ class GenerationService:
 
     def submit(self, job: Job) -> None:
         with self._wake:
-            if self.engine is None and self.down_reason:
+            if self.down:
                 raise ApiError(503, f"the cluster is down: {self.down_reason}", "server_error", code="cluster_down")
             if len(self._queue) >= self.max_queue:
                 self.metrics.finished("rejected")
@@ -166,7 +173,7 @@ class GenerationService:
         for job in self._jobs.values():
             self._fail(job, error)
         self._jobs.clear()
-        engine, self.engine, self.batch = self.engine, None, None
+        engine, self.batch = self.engine, None
         try:
             engine.close()
         except Exception:  # the cluster is already broken; closing it is best effort
