@@ -32,8 +32,9 @@ def raw(dtype: str, shape: tuple[int, ...], fill: int = 7) -> RawTensor:
 
 SAMPLES = [
     Assign(0, 2, "/models/x", 0, 15, "float32", "cpu", 4096, 256, 12.5, 0.4, 0.3, 0.14),
-    Wave(3, 9, False, 1, (5, 6), (-1, 5), (40, 41), raw("float32", (2, 576))),
-    Wave(3, 0, True, 0, (), (), (), raw("int64", (0,))),
+    Wave(9, False, (3,), (2,), (1,), (5, 6), (-1, 5), (40, 41), raw("float32", (2, 576))),
+    Wave(9, False, (3, 4, 8), (1, 0, 2), (1, 0, 5), (5, 2, 3), (-1, -1, 2), (40, 7, 8), raw("int64", (3,))),
+    Wave(-1, True, (3,), (0,), (0,), (), (), (), raw("int64", (0,))),
     Prune(3, 9, 1, (5, 6), (7, 8, 9)),
     Result(3, 9, (5,), (11,), raw("int64", (1, 4)), raw("float32", (1, 4)), raw("float32", (1, 8))),
     Abort(3, "client went away"),
@@ -56,16 +57,18 @@ def _norm(msg: object) -> dict[str, object]:
 @given(st.sampled_from(sorted(DTYPE_SIZES)), st.lists(st.integers(0, 5), min_size=0, max_size=4))
 @settings(max_examples=100)
 def test_every_dtype_and_shape_round_trips(dtype: str, dims: list[int]) -> None:
-    shape = tuple(dims)
-    msg = Wave(1, 2, False, 0, (), (), (), raw(dtype, shape, fill=3))
+    shape = (0, *dims)
+    msg = Wave(2, False, (1,), (0,), (0,), (), (), (), raw(dtype, shape, fill=3))
     back = decode(encode(msg))
     assert isinstance(back, Wave) and back.data.dtype == dtype and back.data.shape == shape
     assert bytes(back.data.data) == bytes(msg.data.data)
 
 
 def test_zero_dim_tensor_round_trips() -> None:
-    msg = Wave(1, 2, False, 0, (), (), (), RawTensor("float32", (), struct.pack("<f", 1.5)))
-    assert struct.unpack("<f", bytes(decode(encode(msg)).data.data))[0] == 1.5  # type: ignore[attr-defined]
+    msg = Result(
+        1, 2, (), (), raw("int64", (0, 4)), raw("float32", (0, 4)), RawTensor("float32", (), struct.pack("<f", 1.5))
+    )
+    assert struct.unpack("<f", bytes(decode(encode(msg)).hidden.data))[0] == 1.5  # type: ignore[attr-defined]
 
 
 def header(**over: object) -> bytes:
@@ -97,7 +100,16 @@ def test_malformed_headers_are_rejected(frames: list[bytes], why: str) -> None:
 
 
 def wave_frames(spec: dict[str, object], data: bytes) -> list[bytes]:
-    fields = {"request": 1, "step": 1, "prefix": False, "prune_seq": 0, "nodes": [], "parents": [], "positions": []}
+    fields = {
+        "step": 1,
+        "prefix": False,
+        "requests": [1],
+        "counts": [0],
+        "prune_seqs": [0],
+        "nodes": [],
+        "parents": [],
+        "positions": [],
+    }
     return [msgpack.packb({"v": 1, "type": "wave", "fields": fields, "tensors": [spec]}), data]
 
 
@@ -115,6 +127,27 @@ def wave_frames(spec: dict[str, object], data: bytes) -> list[bytes]:
 def test_bad_tensor_frames_are_rejected(spec: dict[str, object], data: bytes, why: str) -> None:
     with pytest.raises(TransportError, match=why):
         decode(wave_frames(spec, data), max_bytes=1 << 30 if "cap" not in why else 1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("over", "shape", "why"),
+    [
+        ({"counts": [1, 1]}, [0], "differ in length"),
+        ({"counts": [-1]}, [0], "negative count"),
+        ({"requests": [1, 1], "counts": [0, 0], "prune_seqs": [0, 0]}, [0], "repeated request"),
+        ({"counts": [2]}, [0], "2 rows"),
+        ({"counts": [1], "positions": [4], "nodes": [1], "parents": [-1]}, [0], "data \\[0\\] for 1 rows"),
+        ({"counts": [1], "positions": [4], "nodes": [1]}, [1], "1 nodes and 0 parents"),
+        ({"prefix": True, "requests": [1, 2], "counts": [0, 0], "prune_seqs": [0, 0]}, [0], "one request"),
+    ],
+)
+def test_inconsistent_waves_are_rejected(over: dict[str, object], shape: list[int], why: str) -> None:
+    """A wave's segments must add up: a stage never indexes rows that a header promises but the data lacks."""
+    frames = wave_frames({"dtype": "int64", "shape": shape}, b"\0" * (8 * (shape[0] if shape else 1)))
+    header = msgpack.unpackb(frames[0])
+    header["fields"].update(over)
+    with pytest.raises(TransportError, match=why):
+        decode([msgpack.packb(header), frames[1]])
 
 
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))

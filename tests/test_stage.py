@@ -74,6 +74,40 @@ def test_tree_wave_equals_sequential_decoding(tmp_path: Path) -> None:
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
+def test_batched_requests_equal_each_alone(tmp_path: Path) -> None:
+    """SpecPipe-DB's one forward per step: the rows of three requests (different prompts, contexts and trees, one
+    with a single row) in one ``forward_batch`` equal each request's wave run alone, and fill the same KV."""
+    source = open_folder(tiny_model(tmp_path, "llama"), "tiny")
+    stage = Stage(source, 0, 4)
+    prompts = [[5, 6, 7, 8], [9, 10], [20, 21, 22, 23, 24, 25, 26]]
+    trees, waves = [], []
+    for i, prompt in enumerate(prompts):
+        tree = TokenTree(prompt[-1], len(prompt) - 1)
+        a, _ = tree.add(tree.root.id, 11 + i, 0.0)
+        if i != 1:
+            tree.add(tree.root.id, 30 + i, 0.0)
+            tree.add(a, 40 + i, 0.0)
+        trees.append(tree)
+        waves.append(tree.rows(sorted(n.id for n in tree)))
+    alone, batched = [], []
+    for cache_list in (alone, batched):
+        for prompt in prompts:
+            cache = stage.new_cache(64, 16)
+            stage.forward_prefix(cache, torch.tensor(prompt[:-1]), range(len(prompt) - 1))
+            cache_list.append(cache)
+    want = [
+        stage.forward_tree(c, rows, torch.tensor([r.token for r in rows])) for c, rows in zip(alone, waves, strict=True)
+    ]
+    segments = [stage.segment(c, rows) for c, rows in zip(batched, waves, strict=True)]
+    rows = [r for w in waves for r in w]
+    got = stage.forward_batch(segments, torch.tensor([r.token for r in rows]), [r.position for r in rows])
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+    for a, b in zip(alone, batched, strict=True):
+        n = a.prefix_len + a.tree_len
+        assert (a.prefix_len, a.tree_ids) == (b.prefix_len, b.tree_ids)
+        torch.testing.assert_close(a.k[:, :, :n], b.k[:, :, :n], rtol=1e-4, atol=1e-5)
+
+
 def test_stage_reads_only_its_layers_and_matches_full_model(bundled: Any, reference_model: Any) -> None:
     from homespec.model.loader import ModelSource
 

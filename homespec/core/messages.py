@@ -84,17 +84,44 @@ class Assign(Message):
 
 @dataclass(frozen=True)
 class Wave(Message):
-    """A micro-batch of tree nodes (or of committed prefix tokens) moving through the stages."""
+    """One pipeline step's micro-batch: the rows of one or more requests (SpecPipe-DB, DESIGN §4.2), each request's
+    rows contiguous and in ``requests`` order, so that a stage runs them as one forward. Tree nodes, or
+    (``prefix``, exactly one request) a chunk of committed prompt tokens."""
 
     kind: ClassVar[str] = "wave"
-    request: int
     step: int
-    prefix: bool  # True: committed prompt tokens (causal chunk); False: tree nodes
-    prune_seq: int  # the stage must have applied every Prune up to this seq before computing the wave
-    nodes: tuple[int, ...]
+    prefix: bool  # True: committed prompt tokens (causal chunk) of one request; False: tree nodes
+    requests: tuple[int, ...]
+    counts: tuple[int, ...]  # rows of each request
+    prune_seqs: tuple[int, ...]  # per request: the stage must have applied its Prunes up to this seq first
+    nodes: tuple[int, ...]  # tree waves: one per row; prefix chunks: ()
     parents: tuple[int, ...]
-    positions: tuple[int, ...]
-    data: RawTensor  # int64 [n] token ids into the first stage; hidden [n, hidden] after it
+    positions: tuple[int, ...]  # one per row
+    data: RawTensor  # int64 [rows] token ids into the first stage; hidden [rows, hidden] after it
+
+    def __post_init__(self) -> None:
+        if not (len(self.requests) == len(self.counts) == len(self.prune_seqs)):
+            raise ValueError("wave: requests, counts and prune_seqs differ in length")
+        if any(c < 0 for c in self.counts) or len(set(self.requests)) != len(self.requests):
+            raise ValueError("wave: negative count or repeated request")
+        rows = sum(self.counts)
+        if len(self.positions) != rows:
+            raise ValueError(f"wave: {len(self.positions)} positions for {rows} rows")
+        if self.prefix:
+            if len(self.requests) != 1 or self.nodes or self.parents:
+                raise ValueError("wave: a prefix chunk belongs to one request and has no nodes")
+        elif not (len(self.nodes) == len(self.parents) == rows):
+            raise ValueError(f"wave: {len(self.nodes)} nodes and {len(self.parents)} parents for {rows} rows")
+        if not self.data.shape or self.data.shape[0] != rows:
+            raise ValueError(f"wave: data {list(self.data.shape)} for {rows} rows")
+
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """(request, prune_seq, first row, end row) of each request's rows."""
+        out, at = [], 0
+        for request, seq, count in zip(self.requests, self.prune_seqs, self.counts, strict=True):
+            out.append((request, seq, at, at + count))
+            at += count
+        return out
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,18 @@ from homespec.errors import ConfigError
 from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
 
+
+@dataclass(frozen=True)
+class Segment:
+    """One request's rows in a forward: its cache, where they are written, how many, and their mask
+    [n, start + n]."""
+
+    cache: TreeKVCache
+    start: int
+    n: int
+    mask: torch.Tensor
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -145,22 +157,30 @@ class Stage:
     def forward_prefix(self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Append committed tokens (a causal chunk). x: token ids [n] or hidden [n, hidden]."""
         start, mask = cache.reserve_prefix(len(positions))
-        return self._run(cache, x, positions, start, mask)
+        return self._run([Segment(cache, start, len(positions), mask)], x, positions)
 
     @torch.inference_mode()
     def forward_tree(self, cache: TreeKVCache, rows: Sequence[WaveRow], x: torch.Tensor) -> torch.Tensor:
         """Run a wave of tree nodes. Returns hidden [n, hidden], or logits [n, vocab] if this stage has a head."""
-        start, mask = cache.reserve_tree([r.node for r in rows], [r.parent for r in rows])
-        return self._run(cache, x, [r.position for r in rows], start, mask)
+        return self._run([self.segment(cache, rows)], x, [r.position for r in rows])
 
-    def _run(
-        self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int], start: int, mask: torch.Tensor
-    ) -> torch.Tensor:
-        n = len(positions)
+    @staticmethod
+    def segment(cache: TreeKVCache, rows: Sequence[WaveRow]) -> Segment:
+        """Reserve ``rows``' tree slots in one request's cache, for ``forward_batch``."""
+        start, mask = cache.reserve_tree([r.node for r in rows], [r.parent for r in rows])
+        return Segment(cache, start, len(rows), mask)
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: Sequence[Segment], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """The waves of several requests as one forward (SpecPipe-DB): rows are the segments' rows in order; the
+        projections and the MLP run once over all of them, attention per request over its own cache."""
+        return self._run(segments, x, positions)
+
+    def _run(self, segments: Sequence[Segment], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         h = self.embed(x) if self.has_embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
         cos, sin = self.rope(positions)
         for li, layer in enumerate(self.layers):
-            h = self._layer(layer, li, h, cache, cos, sin, start, n, mask)
+            h = self._layer(layer, li, h, segments, cos, sin)
         if self.has_head:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
@@ -188,27 +208,32 @@ class Stage:
         w: _Layer,
         li: int,
         h: torch.Tensor,  # [n, hidden]
-        cache: TreeKVCache,
+        segments: Sequence[Segment],
         cos: torch.Tensor,  # [n, d]
         sin: torch.Tensor,  # [n, d]
-        start: int,
-        n: int,
-        mask: torch.Tensor,  # [n, start + n]
     ) -> torch.Tensor:
+        n = h.shape[0]
         r = self._rms(h, w.ln1)
         q = F.linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
         k = F.linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
         v = F.linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        cache.k[li, :, start : start + n] = k
-        cache.v[li, :, start : start + n] = v
-        keys = cache.k[li, :, : start + n]  # [kvh, T, d]
-        values = cache.v[li, :, : start + n]  # [kvh, T, d]
-        attn = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
-        )  # [1, H, n, d]
-        h = h + F.linear(attn[0].transpose(0, 1).reshape(n, -1), w.wo, w.bo)
+        outs, a = [], 0
+        for seg in segments:
+            b, start, cache = a + seg.n, seg.start, seg.cache
+            cache.k[li, :, start : start + seg.n] = k[:, a:b]
+            cache.v[li, :, start : start + seg.n] = v[:, a:b]
+            keys = cache.k[li, :, : start + seg.n]  # [kvh, T, d]
+            values = cache.v[li, :, : start + seg.n]  # [kvh, T, d]
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[None, :, a:b], keys[None], values[None], attn_mask=seg.mask[None, None], enable_gqa=True
+                )[0]
+            )  # [H, rows, d]
+            a = b
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, n, d]
+        h = h + F.linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
         r = self._rms(h, w.ln2)
         return h + F.linear(F.silu(F.linear(r, w.wg, w.bg)) * F.linear(r, w.wu, w.bu), w.wd, w.bd)
 

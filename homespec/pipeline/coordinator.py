@@ -5,8 +5,9 @@ Prune (pruning propagation), lets the draft source expand the tree, and injects 
 counts are therefore deterministic for a given prompt, seed, mode, S and batch; wall time is whatever the stages take.
 
 Several requests share the ticks (SpecPipe-DB): each has its own tree, draft source and KV on every stage, and each
-tick injects one wave per request, the step's node budget split among them (``core.schedule.split_budget``), so
-every active request gets nodes every step. Requests join (``join``: Start, prompt chunks) and leave (``leave``:
+tick injects one wave that holds every active request's rows, the step's node budget split among them
+(``core.schedule.split_budget``), so every active request gets nodes every step and every stage runs the step as
+one forward (projections and MLP over all rows, attention per request). Requests join (``join``: Start, prompt chunks) and leave (``leave``:
 Abort, which frees their KV) between ticks. ``decode`` is the one-request form.
 """
 
@@ -28,7 +29,7 @@ from homespec.core.schedule import (
     draft_budget,
     split_budget,
 )
-from homespec.core.tree import NodeId, TokenTree
+from homespec.core.tree import NodeId, TokenTree, WaveRow
 from homespec.errors import PeerLostError
 from homespec.model.drafts.base import DraftSource
 from homespec.pipeline.cluster import LocalCluster
@@ -121,8 +122,27 @@ class PipelineDecoder:
             if run.in_flight and run.in_flight[0][0] <= tick - self.stages:
                 out.append((run.req, self._verify(run, tick)))
         runs = list(self.runs.values())
-        for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True):
+        parts = [
             self._inject(run, tick, share)
+            for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True)
+        ]
+        parts = [p for p in parts if p is not None]
+        if parts:  # one wave for the step: every stage runs all requests' rows as one forward
+            rows = [r for _, _, rs in parts for r in rs]
+            data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
+            self.cluster.send_first(
+                Wave(
+                    tick,
+                    False,
+                    tuple(req for req, _, _ in parts),
+                    tuple(len(rs) for _, _, rs in parts),
+                    tuple(seq for _, seq, _ in parts),
+                    tuple(r.node for r in rows),
+                    tuple(r.parent for r in rows),
+                    tuple(r.position for r in rows),
+                    data,
+                )
+            )
         self.cluster.tick += 1
         return out
 
@@ -137,29 +157,27 @@ class PipelineDecoder:
         run.draft.observe(v, run.committed)
         return DecodeStep(v, len(wave), tick - run.joined)
 
-    def _inject(self, run: _Run, tick: int, share: int) -> None:
+    def _inject(self, run: _Run, tick: int, share: int) -> tuple[int, int, list[WaveRow]] | None:
+        """Draft and choose the run's next wave: (request, prune seq, rows), or None when it has nothing to send."""
         tree = run.tree
         budget = draft_budget(self.mode, tree, len(run.in_flight), share, run.tree_cfg.budget)
         if budget:
             run.draft.propose(tree, run.committed, budget)
         wave = choose_wave(self.mode, tree, len(run.in_flight), share, self.by_score)
         if not wave:
-            return
+            return None
         tree.mark_sent(wave)
         rows = tree.rows(wave)
         run.tokens.update((r.node, r.token) for r in rows)
-        data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
-        parents = tuple(r.parent for r in rows)
-        positions = tuple(r.position for r in rows)
-        self.cluster.send_first(Wave(run.req, tick, False, run.prune_seq, tuple(wave), parents, positions, data))
         run.in_flight.append((tick, wave))
+        return run.req, run.prune_seq, rows
 
     def _prefill(self, run: _Run, tokens: Sequence[int]) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):
             chunk = list(tokens[a : a + PREFIX_CHUNK])
             data = to_raw(torch.tensor(chunk, dtype=torch.int64))
             positions = tuple(range(a, a + len(chunk)))
-            self.cluster.send_first(Wave(run.req, PREFIX_STEP, True, 0, (), (), positions, data))
+            self.cluster.send_first(Wave(PREFIX_STEP, True, (run.req,), (len(chunk),), (0,), (), (), positions, data))
             run.prefix_chunks.append((a, chunk))
 
     @staticmethod

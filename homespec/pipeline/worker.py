@@ -5,8 +5,10 @@ states to the next stage, or Results to the head from the last stage; ``control`
 Abort, Heartbeat and Shutdown broadcast by the head; ``report`` (PUSH to the head) carries pongs, stats and
 failures.
 
-Every step: receive a wave -> apply every prune it depends on (``prune_seq``) -> drop rows that are dead -> run the
-surviving rows with the tree mask -> send on. The loop survives anything a peer sends: a malformed message is
+Every step: receive a wave (the rows of every active request, SpecPipe-DB) -> apply every prune each request's rows
+depend on (``prune_seqs``) -> drop rows that are dead -> run the surviving rows of all requests as one forward, each
+request attending over its own KV with its tree mask -> send on one wave (or, from the last stage, one Result per
+request). The loop survives anything a peer sends: a malformed message is
 logged, counted and dropped, and a failure inside one request becomes a ``Failure`` message for the head, not a
 crash. The stage exits on Shutdown, or when its parent process is gone.
 """
@@ -78,9 +80,6 @@ class StageWorker:
         self.poller.register(self.inp, zmq.POLLIN)
         self._parent = os.getppid()
         self._running = True
-        self._step: int | None = None  # emulation: the step being padded, its rows so far and when it began
-        self._step_rows = 0
-        self._step_started = 0.0
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -161,107 +160,162 @@ class StageWorker:
         if not isinstance(msg, Wave):
             self.bad_messages += 1
             return
-        req = self.requests.get(msg.request)
-        if req is None:
+        for request, seq, _, _ in msg.segments():  # every prune each request's rows depend on, applied first
+            req = self.requests.get(request)
+            while req is not None and req.pruned_seq < seq and self._running:
+                if self.control.poll(POLL_MS):
+                    self._drain_control()
+                req = self.requests.get(request)
+        if not any(r in self.requests for r in msg.requests):
             return  # aborted or finished: drop quietly
-        while req.pruned_seq < msg.prune_seq and self._running and msg.request in self.requests:
-            if self.control.poll(POLL_MS):
-                self._drain_control()
-        if msg.request in self.requests:
-            self._guarded(msg.request, lambda: self._compute(req, msg))
+        if msg.prefix:
+            self._guarded(msg.requests[0], lambda: self._compute_prefix(self.requests[msg.requests[0]], msg))
+        else:
+            try:
+                self._compute(msg)
+            except Exception as exc:  # the batch's forward failed: every request in it fails, the stage lives
+                for request in msg.requests:
+                    self._fail(request, exc)
 
     def _guarded(self, request: int, fn: Any) -> None:
-        from homespec.core.messages import Failure
-
         try:
             fn()
         except Exception as exc:  # one request's failure must not kill the stage
-            log.exception("stage %d: request %d failed", self.assign.stage, request)
-            self.requests.pop(request, None)
-            self._send(self.report, Failure(self.assign.stage, request, f"{type(exc).__name__}: {exc}"))
+            self._fail(request, exc)
+
+    def _fail(self, request: int, exc: Exception) -> None:
+        from homespec.core.messages import Failure
+
+        if self.requests.pop(request, None) is None:
+            return
+        log.error("stage %d: request %d failed: %s: %s", self.assign.stage, request, type(exc).__name__, exc)
+        self._send(self.report, Failure(self.assign.stage, request, f"{type(exc).__name__}: {exc}"))
 
     # -- computing -----------------------------------------------------------------------------------------
-    def _compute(self, req: _Request, msg: Any) -> None:
+    def _compute_prefix(self, req: _Request, msg: Any) -> None:
+        from homespec.core.messages import Wave
+        from homespec.pipeline.frames import from_raw, to_raw
+
+        started = time.perf_counter()
+        out = self.stage.forward_prefix(req.cache, from_raw(msg.data, self.stage.device), msg.positions)
+        if self.last:
+            reply = self._result(req, msg.requests[0], msg.step, out, [], prefix=True)
+        else:
+            reply = Wave(msg.step, True, msg.requests, msg.counts, msg.prune_seqs, (), (), msg.positions, to_raw(out))
+        n = len(msg.positions)
+        req.steps += 1
+        req.rows += n
+        self._emulate_stage(started, n)
+        req.busy_s += time.perf_counter() - started
+        self._emulate_link(0 if self.last else n)
+        self._send(self.out, reply)
+
+    def _compute(self, msg: Any) -> None:
+        """One step's tree wave, all requests in it as one forward: drop the dead rows, reserve each request's
+        slots (a request that cannot is failed alone), run, and send on one Wave or one Result per request."""
+        import torch
+
+        from homespec.core.messages import Wave
         from homespec.core.tree import WaveRow
-        from homespec.pipeline.frames import from_raw
+        from homespec.pipeline.frames import from_raw, to_raw
 
         started = time.perf_counter()
         x = from_raw(msg.data, self.stage.device)  # [n] tokens or [n, hidden]
-        if msg.prefix:
-            out = self.stage.forward_prefix(req.cache, x, msg.positions)
-            rows = []
-        else:
+        parts: list[tuple[int, int, _Request, list[Any], list[int]]] = []  # request, seq, state, rows, rows in x
+        for request, seq, lo, hi in msg.segments():
+            req = self.requests.get(request)
+            if req is None:
+                continue  # aborted, or failed here before
             keep = []
-            for i, (node, parent) in enumerate(zip(msg.nodes, msg.parents, strict=True)):
-                if node in req.dead or parent in req.dead:
-                    req.dead.add(node)
+            for i in range(lo, hi):
+                if msg.nodes[i] in req.dead or msg.parents[i] in req.dead:
+                    req.dead.add(msg.nodes[i])
                 else:
                     keep.append(i)
-            req.dropped += len(msg.nodes) - len(keep)
-            if len(keep) < len(msg.nodes):
-                x = x[keep]
+            req.dropped += hi - lo - len(keep)
             rows = [WaveRow(msg.nodes[i], msg.parents[i], 0, msg.positions[i]) for i in keep]  # type: ignore[arg-type]
-            out = self.stage.forward_tree(req.cache, rows, x) if rows else x
-        reply = self._result(req, msg, out, rows) if self.last else self._wave(msg, out, rows)
-        computed = len(msg.positions) if msg.prefix else len(rows)
-        req.steps += 1
-        req.rows += computed
-        first_of_step = self._emulate_stage(started, computed, None if msg.prefix else msg.step)
-        req.busy_s += time.perf_counter() - started
-        self._emulate_link(0 if self.last else computed, first_of_step)
-        self._send(self.out, reply)
+            parts.append((request, seq, req, rows, keep))
+        segments, index, live = [], [], []
+        for request, seq, req, rows, keep in parts:
+            if rows:
+                try:
+                    segments.append(self.stage.segment(req.cache, rows))
+                except Exception as exc:  # failed alone (e.g. its cache is full)
+                    self._fail(request, exc)
+                    continue
+            index.extend(keep)
+            live.append((request, seq, req, rows))
+        n = len(index)
+        if n:
+            sel = x if n == x.shape[0] else x[torch.tensor(index, device=x.device)]
+            out = self.stage.forward_batch(segments, sel, [msg.positions[i] for i in index])
+        else:
+            out = x[:0]
+        replies, at = [], 0
+        fields: list[list[int]] = [[], [], [], [], [], []]  # requests, counts, prune_seqs, nodes, parents, positions
+        for request, seq, req, rows in live:
+            k = len(rows)
+            if self.last:
+                hidden = self.stage.last_hidden[at : at + k] if k else None
+                replies.append(self._result(req, request, msg.step, out[at : at + k], rows, hidden=hidden))
+            else:
+                for f, values in zip(fields, ([request], [k], [seq]), strict=False):
+                    f.extend(values)
+                fields[3].extend(r.node for r in rows)
+                fields[4].extend(r.parent for r in rows)
+                fields[5].extend(r.position for r in rows)
+            req.steps += 1
+            req.rows += k
+            at += k
+        if not self.last:
+            replies.append(Wave(msg.step, False, *(tuple(f) for f in fields), to_raw(out)))
+        self._emulate_stage(started, n)
+        for _, _, req, _ in live:
+            req.busy_s += time.perf_counter() - started  # the stage was busy for each request in the step
+        self._emulate_link(0 if self.last else n)
+        for reply in replies:
+            self._send(self.out, reply)
 
-    def _wave(self, msg: Any, out: Any, rows: list[Any]) -> Any:
-        """The hidden states of the surviving rows, for the next stage."""
-        from homespec.core.messages import Wave
-        from homespec.pipeline.frames import to_raw
-
-        if msg.prefix:
-            return Wave(msg.request, msg.step, True, msg.prune_seq, msg.nodes, msg.parents, msg.positions, to_raw(out))
-        nodes = tuple(r.node for r in rows)
-        parents = tuple(r.parent for r in rows)
-        positions = tuple(r.position for r in rows)
-        return Wave(msg.request, msg.step, False, msg.prune_seq, nodes, parents, positions, to_raw(out))
-
-    def _result(self, req: _Request, msg: Any, logits: Any, rows: list[Any]) -> Any:
+    def _result(
+        self,
+        req: _Request,
+        request: int,
+        step: int,
+        logits: Any,
+        rows: list[Any],
+        prefix: bool = False,
+        hidden: Any = None,
+    ) -> Any:
         """Last stage: per row the next token (greedy or keyed draw) and the top-k; for a prefix chunk only the
         top-k of every position, when asked (token recycling learns from the prompt)."""
         from homespec.core.messages import Result
         from homespec.model.sampling import RESULT_TOP_K, next_tokens, top_logprobs
         from homespec.pipeline.frames import to_raw
 
-        if rows or (msg.prefix and req.prompt_top):
+        if rows or (prefix and req.prompt_top):
             top_t, top_lp = top_logprobs(logits)
         else:
             top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))
-        hidden = self.stage.last_hidden if req.features and (msg.prefix or rows) else None
+        if prefix:
+            hidden = self.stage.last_hidden
+        hidden = hidden if req.features and (prefix or rows) else None
         h = to_raw(hidden.float()) if hidden is not None else to_raw(logits.new_zeros((0,)).float())
         t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
-        if msg.prefix:
-            return Result(msg.request, msg.step, (), (), t, lp, h)
+        if prefix:
+            return Result(request, step, (), (), t, lp, h)
         tokens = next_tokens(logits, [r.position for r in rows], req.sampling) if rows else []
-        return Result(msg.request, msg.step, tuple(r.node for r in rows), tuple(tokens), t, lp, h)
+        return Result(request, step, tuple(r.node for r in rows), tuple(tokens), t, lp, h)
 
-    def _emulate_stage(self, started: float, rows: int, step: int | None) -> bool:
-        """Pad to the modeled device time. The waves of several requests that share a step (same ``step``, one
-        after another) are one batch on the modeled device: together they take max(base, per-row * all rows), so
-        the first pays the base and the later ones only their rows beyond it. Returns whether this wave opened a
-        step (prompt chunks always do)."""
+    def _emulate_stage(self, started: float, rows: int) -> None:
+        """Pad to the modeled device time of a step of ``rows`` rows (all requests' rows are one batch)."""
         a = self.assign
-        first = step is None or step != self._step
-        if first:
-            self._step, self._step_rows, self._step_started = step, 0, started
-        self._step_rows += rows
-        modeled = max(a.emu_base_ms, a.emu_ms_per_row * self._step_rows) / 1000
-        left = self._step_started + modeled - time.perf_counter()
+        left = started + max(a.emu_base_ms, a.emu_ms_per_row * rows) / 1000 - time.perf_counter()
         if left > 0:
             time.sleep(left)
-        return first
 
-    def _emulate_link(self, rows: int, first_of_step: bool = True) -> None:
-        """The link's latency once per step, its bandwidth per row."""
-        latency = self.assign.emu_link_ms if first_of_step else 0.0
-        delay = (latency + self.assign.emu_link_ms_per_row * rows) / 1000
+    def _emulate_link(self, rows: int) -> None:
+        """The link's latency, and its bandwidth per row."""
+        delay = (self.assign.emu_link_ms + self.assign.emu_link_ms_per_row * rows) / 1000
         if delay > 0:
             time.sleep(delay)
 
