@@ -23,6 +23,7 @@ from homespec.events import (
     GenerationFinished,
     GenerationStats,
     StepCompleted,
+    TokenLogprob,
     TokensCommitted,
 )
 
@@ -260,6 +261,7 @@ class RequestRun:
         self.prompt_tokens = len(prompt_ids)
         self.started = time.perf_counter()
         self.out: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per token of ``out``
         self.sent = ""  # text streamed so far
         self.searched = 0  # characters of the stable text already searched for stop strings
         self.final_text: str | None = None  # set when a stop string ended the output
@@ -277,7 +279,8 @@ class RequestRun:
         self.forwards += 1
         self.steps = step.tick
         v = step.verification
-        new = list(v.emitted[: config.max_tokens - len(self.out)])
+        before = len(self.out)
+        new = list(v.emitted[: config.max_tokens - before])
         if config.stop_on_eos:
             for i, t in enumerate(new):
                 if t in self.engine.eos_ids:
@@ -285,6 +288,7 @@ class RequestRun:
                     break
         self.accepted += min(v.accepted_drafts, len(new))
         self.out.extend(new)
+        self.logprobs.extend(step.logprobs[: len(new)])
         full = self._decode(self.out)
         stable = full[: len(full) - 1] if full.endswith("\ufffd") else full
         show = len(stable)
@@ -297,8 +301,9 @@ class RequestRun:
                 show -= held_back(stable, config.stop)
                 self.searched = len(stable)
         yield StepCompleted(self.steps, step.wave_size, len(new), v.accepted_drafts, v.flushed)
-        if new:
-            yield TokensCommitted(tuple(new), stable[len(self.sent) : show], self.steps)
+        if new:  # the tokens kept: those after a completed stop string are dropped
+            lps = tuple(self.logprobs[before:])
+            yield TokensCommitted(tuple(self.out[before:]), stable[len(self.sent) : show], self.steps, lps)
             self.sent = stable[:show]
         if self.reason in ("eos", "stop") or len(self.out) >= config.max_tokens:
             self.done = True
@@ -308,6 +313,7 @@ class RequestRun:
         self.final_text = text[:at]
         while len(self.out) > 1 and find_stop(self._decode(self.out[:-1]), self.config.stop) == at:
             self.out.pop()
+        del self.logprobs[len(self.out) :]
 
     def finish(self, busy_fraction: tuple[float, ...] = ()) -> Iterator[Event]:
         """The rest of the text (held back for a possible stop string, or a partial character) and the stats."""
@@ -315,7 +321,7 @@ class RequestRun:
         if len(text) > len(self.sent):
             yield TokensCommitted((), text[len(self.sent) :], self.steps)
             self.sent = text
-        yield GenerationFinished(self.reason, text, tuple(self.out), self.stats(busy_fraction))
+        yield GenerationFinished(self.reason, text, tuple(self.out), self.stats(busy_fraction), tuple(self.logprobs))
 
     def stats(self, busy_fraction: tuple[float, ...] = ()) -> GenerationStats:
         engine, n, forwards, steps = self.engine, len(self.out), self.forwards, self.steps

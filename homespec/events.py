@@ -9,12 +9,23 @@ FinishReason = Literal["eos", "length", "stop"]
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of a committed token and its top alternatives, from the raw distribution
+    (before temperature, top-k and top-p), as the last stage computed them."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, log-prob), most probable first
+
+
+@dataclass(frozen=True)
 class TokensCommitted:
     """Tokens the target committed this step, and the text they add to the output."""
 
     tokens: tuple[int, ...]
     text: str
     step: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,50 @@ class GenerationFinished:
     text: str
     tokens: tuple[int, ...]
     stats: GenerationStats
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token
 
 
-Event = TokensCommitted | StepCompleted | GenerationFinished
+@dataclass(frozen=True)
+class TreeNodeView:
+    """One node of a TreeSnapshot."""
+
+    id: int
+    parent: int  # -1: the root
+    text: str  # its token's text
+    state: Literal["drafted", "sent", "done"]
+    stage: int  # sent nodes: the stage their wave is in now (0-based); done: the stage count; drafted: -1
+
+
+@dataclass(frozen=True)
+class TreeSnapshot:
+    """A request's token tree as one verification found it (only when ``GenerationConfig.trace``): its nodes in
+    the head's order, which of them the verification accepted (in path order) and which it pruned."""
+
+    step: int
+    stages: int
+    nodes: tuple[TreeNodeView, ...]
+    accepted: tuple[int, ...]
+    pruned: tuple[int, ...]
+    flushed: bool
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a stage is, for the stage pane: its device, its layers [a, b) and the latency of its outgoing link
+    (modeled when emulated; 0 when unknown)."""
+
+    device: str
+    layers: tuple[int, int]
+    link_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageUtilization:
+    """Per stage, the share of the last few seconds it spent computing (emulated stages: on the modeled clock), and
+    the draft source in use (``auto``: its current choice)."""
+
+    busy: tuple[float, ...]
+    draft: str = ""
+
+
+Event = TokensCommitted | StepCompleted | GenerationFinished | TreeSnapshot | StageUtilization

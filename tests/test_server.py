@@ -160,6 +160,45 @@ def test_completions_and_stop_sequences(server: Server) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
 
 
+def test_logprobs_are_the_target_s_own(
+    server: Server, chat_ids: Callable[[str], list[int]], reference_model: Any, reference_greedy: Any
+) -> None:
+    """Chat logprobs: one entry per completion token, its text the token's, its log-prob and top alternatives the
+    target's raw distribution at that position (checked against transformers); streamed entries equal the
+    non-streamed ones; completions' legacy shape lines up with the text."""
+    import torch
+
+    reply = chat(server, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 12
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    ids = chat_ids(PROMPT)
+    out = list(reference_greedy(ids, 12))
+    with torch.no_grad():
+        logp = torch.log_softmax(reference_model(torch.tensor([ids + out])).logits[0].float(), -1)
+    for i, e in enumerate(content):
+        want = logp[len(ids) - 1 + i]
+        assert e.top_logprobs[0].token == e.token  # greedy: the most probable token
+        assert len(e.top_logprobs) == 3 and e.bytes == list(e.token.encode())
+        assert abs(e.logprob - float(want[out[i]])) < 1e-3
+        assert abs(e.top_logprobs[1].logprob - float(want.topk(2).values[1])) < 1e-3
+    sampled = chat(server, max_tokens=10, temperature=1.0, seed=3, logprobs=True)
+    streamed = chat(server, max_tokens=10, temperature=1.0, seed=3, logprobs=True, stream=True)
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    want_entries = sampled.choices[0].logprobs.content
+    assert [e.token for e in entries] == [e.token for e in want_entries]
+    # the same tokens; the numbers agree to float rounding (the tree, hence the rows batched with a node, differ
+    # between the two runs as the draft keeps learning)
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(entries, want_entries, strict=True))
+    assert all(e.top_logprobs == [] for e in entries)
+    done = server.client.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and len(lp.token_logprobs) == 8
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    assert all(tok in top and len(top) <= 3 for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+    assert chat(server, max_tokens=4, temperature=0).choices[0].logprobs is None
+
+
 def test_sse_framing(server: Server) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "stream": True}
     with httpx.stream(
@@ -196,6 +235,11 @@ def test_errors_have_the_openai_shape(server: Server) -> None:
         raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": msgs, "n": 2}), 400
     )
     assert error["param"] == "n"
+    for bad_lp in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 9}):
+        error = assert_openai_error(
+            raw_post(server, "/v1/chat/completions", {"model": MODEL, "messages": msgs} | bad_lp), 400
+        )
+        assert error["param"] == "top_logprobs"
     assert_openai_error(raw_post(server, "/v1/chat/completions", b"{not json"), 400, "invalid_json")
     long = {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}
     assert_openai_error(raw_post(server, "/v1/completions", long), 400, "context_length_exceeded")
@@ -292,6 +336,9 @@ def test_a_lost_stage_fails_one_request_with_503_and_the_server_goes_on(pipeline
     with pytest.raises(openai.APIError) as lost:
         list(chunks)
     assert "stage" in str(lost.value.message)
-    reply = chat(s, "Name two planets.", max_tokens=8, temperature=0)  # the engine is rebuilt on fresh stages
-    assert reply.usage.completion_tokens == 8
+    reply = chat(s, "Name two planets.", max_tokens=8, temperature=0, logprobs=True, top_logprobs=1)
+    assert reply.usage.completion_tokens == 8  # the engine was rebuilt on fresh stages; logprobs come from stage 2
+    content = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    assert all(e.top_logprobs[0].token == e.token and e.logprob <= 0 for e in content)
     assert len(s.stage_pids()) == 2 and set(s.stage_pids()).isdisjoint(pids)

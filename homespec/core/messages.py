@@ -14,6 +14,10 @@ from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 
+#: How many of the target's top next tokens a Result carries per computed position (display, token recycling, the
+#: API's top_logprobs).
+RESULT_TOP_K = 8
+
 #: dtype name -> bytes per element. The name, never the element size alone, says how to read the bytes.
 DTYPE_SIZES: dict[str, int] = {
     "float32": 4,
@@ -148,6 +152,7 @@ class Result(Message):
     top_tokens: RawTensor  # int64 [n, k]
     top_logprobs: RawTensor  # float32 [n, k]
     hidden: RawTensor  # float32 [n, hidden]: the target's last-layer states, when Start asked for features; else [0]
+    next_logprobs: tuple[float, ...] = ()  # per node, the log-prob of its next token (raw distribution)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from homespec.config import SamplingConfig
+from homespec.core.messages import RESULT_TOP_K
+from homespec.events import TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -70,12 +72,22 @@ def next_tokens(logits: torch.Tensor, positions: Sequence[int], cfg: SamplingCon
     return [int(i) for i in idx.clamp(max=cdf.shape[-1] - 1)]
 
 
-#: How many of the target's top next tokens come back per computed position (display, token recycling).
-RESULT_TOP_K = 8
-
-
-def top_logprobs(logits: torch.Tensor, k: int = RESULT_TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's top-k tokens [n, k] and their log-probs [n, k] (for display and token recycling)."""
+def top_logprobs(
+    logits: torch.Tensor, k: int = RESULT_TOP_K, chosen: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The target's top-k tokens [n, k] and their log-probs [n, k] (for display, token recycling and the API's
+    logprobs), and the log-prob of each ``chosen`` token (one per row, or none), all from the raw distribution."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, tokens = torch.topk(logp, k, dim=-1)
-    return tokens, values
+    picked = logp.gather(-1, torch.tensor(list(chosen), device=logp.device)[:, None])[:, 0].tolist() if chosen else []
+    return tokens, values, picked
+
+
+def token_logprobs(
+    tokens: Sequence[int], chosen_lp: Sequence[float], top_t: list[list[int]], top_lp: list[list[float]]
+) -> list[TokenLogprob]:
+    """Per row: the chosen token's log-prob and the top alternatives, as the engine reports them."""
+    return [
+        TokenLogprob(t, lp, tuple(zip(tt, tl, strict=True)))
+        for t, lp, tt, tl in zip(tokens, chosen_lp, top_t, top_lp, strict=True)
+    ]

@@ -47,6 +47,7 @@ class LocalCluster:
         self.first.connect(ins[0])
         self.procs: list[subprocess.Popen[bytes]] = []
         self._request_ids = itertools.count(1)
+        self.stage_stats: dict[int, dict[int, StageStats]] = {}  # request -> stage -> its stats, as they arrive
         self.tick = 0  # pipeline steps so far, over every decoder of this cluster (waves of one tick share a step)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         for i, a in enumerate(self.assigns):
@@ -125,13 +126,13 @@ class LocalCluster:
 
     def collect_stats(self, request: int, wait_s: float = 2.0) -> list[StageStats]:
         """Every stage's StageStats for a finished request (sent on Abort), ordered by stage; missing ones are
-        left out after ``wait_s``."""
+        left out after ``wait_s`` (0: only those already read)."""
         deadline = time.monotonic() + wait_s
-        got: dict[int, StageStats] = {}
-        while len(got) < self.size and time.monotonic() < deadline:
-            msg = self.recv_report(deadline, wait_s=deadline - time.monotonic())
-            if isinstance(msg, StageStats) and msg.request == request:
-                got[msg.stage] = msg
+        while len(self.stage_stats.get(request, {})) < self.size and time.monotonic() < deadline:
+            self.recv_report(deadline, wait_s=deadline - time.monotonic())
+        got = self.stage_stats.get(request, {})
+        if len(got) == self.size or wait_s > 0:
+            self.stage_stats.pop(request, None)
         return [got[i] for i in sorted(got)]
 
     def new_request_id(self) -> int:
@@ -176,6 +177,10 @@ class LocalCluster:
                 msg = decode(self.report.recv_multipart(copy=False))
                 if isinstance(msg, Failure):
                     raise PeerLostError(f"stage {msg.stage} failed request {msg.request}: {msg.message}")
+                if isinstance(msg, StageStats):  # kept for collect_stats, whoever was reading (the newest 256)
+                    self.stage_stats.setdefault(msg.request, {})[msg.stage] = msg
+                    if len(self.stage_stats) > 256:
+                        del self.stage_stats[min(self.stage_stats)]
                 if sock is self.report:
                     return msg
             if sock in events and sock is not self.report:

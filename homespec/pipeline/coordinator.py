@@ -7,8 +7,8 @@ counts are therefore deterministic for a given prompt, seed, mode, S and batch; 
 Several requests share the ticks (SpecPipe-DB): each has its own tree, draft source and KV on every stage, and each
 tick injects one wave that holds every active request's rows, the step's node budget split among them
 (``core.schedule.split_budget``), so every active request gets nodes every step and every stage runs the step as
-one forward (projections and MLP over all rows, attention per request). Requests join (``join``: Start, prompt chunks) and leave (``leave``:
-Abort, which frees their KV) between ticks. ``decode`` is the one-request form.
+one forward (projections and MLP over all rows, attention per request). Requests join (``join``: Start, prompt
+chunks) and leave (``leave``: Abort, which frees their KV) between ticks. ``decode`` is the one-request form.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from homespec.core.schedule import (
 )
 from homespec.core.tree import NodeId, TokenTree, WaveRow
 from homespec.errors import PeerLostError
+from homespec.events import TokenLogprob
 from homespec.model.drafts.base import DraftSource
+from homespec.model.sampling import token_logprobs
 from homespec.pipeline.cluster import LocalCluster
 from homespec.pipeline.frames import from_raw, to_raw
 from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep
@@ -49,6 +51,7 @@ class _Run:
         self.committed = list(prompt)
         self.in_flight: deque[tuple[int, list[NodeId]]] = deque()  # (tick sent, nodes)
         self.tokens: dict[int, int] = {}  # node -> token, for nodes in flight
+        self.logprobs: dict[int, TokenLogprob] = {}  # node -> the target's log-probs of its next token
         self.prefix_chunks: deque[tuple[int, list[int]]] = deque()  # sent, results not yet read: (start, tokens)
         self.inbox: deque[Result] = deque()  # results read from the socket while collecting another request
         self.prune_seq = 0
@@ -67,6 +70,7 @@ class PipelineDecoder:
         self.stages = cluster.size
         self.busy_fraction: list[float] = []  # per stage, for the last request that left
         self.runs: dict[int, _Run] = {}  # in join order
+        self._stats_due: dict[int, float] = {}  # requests that left, whose stage stats are awaited -> their wall s
 
     @property
     def open_requests(self) -> int:
@@ -96,8 +100,7 @@ class PipelineDecoder:
         s = sampling
         c.broadcast(Start(req, s.temperature, s.top_p, s.top_k, s.seed, draft.wants_features, prompt_top=draft.learns))
         run = self.runs[req] = _Run(req, prompt, draft, tree_cfg, c.tick)
-        try:
-            c.sync(seq=req, deadline=time.monotonic() + RESULT_TIMEOUT_S)
+        try:  # no handshake: a stage that sees the prompt before the Start waits for the Start (ids only grow)
             draft.start(prompt)
             self._prefill(run, prompt[:-1])
         except BaseException:
@@ -106,14 +109,26 @@ class PipelineDecoder:
         return req
 
     def leave(self, req: int, stats: bool = False) -> None:
-        """End a request on every stage (its KV is freed); with ``stats``, read the stages' busy times for it."""
+        """End a request on every stage (its KV is freed); with ``stats``, the stages' busy fraction over its life
+        becomes ``busy_fraction``: read now when it was alone, or as the stats arrive (at later steps) while other
+        requests are decoding, so that they never wait for it."""
         run = self.runs.pop(req, None)
         if run is None:
             return
         self.cluster.broadcast(Abort(req, "finished"))
         if stats:
-            wall = time.perf_counter() - run.started
-            self.busy_fraction = [min(1.0, s.busy_s / wall) for s in self.cluster.collect_stats(req)]
+            self._stats_due[req] = time.perf_counter() - run.started
+            while len(self._stats_due) > 64:  # stats that never came (a stage was replaced): give up on the oldest
+                del self._stats_due[min(self._stats_due)]
+            self._read_stats(wait_s=0.0 if self.runs else 2.0)
+
+    def _read_stats(self, wait_s: float) -> None:
+        for req, wall in list(self._stats_due.items()):
+            got = self.cluster.collect_stats(req, wait_s)
+            if len(got) == self.stages or wait_s > 0:
+                del self._stats_due[req]
+                if got:
+                    self.busy_fraction = [min(1.0, s.busy_s / wall) for s in got]
 
     def step(self) -> list[tuple[int, DecodeStep]]:
         """One tick for every active request: collect and verify what is due, then inject the next waves."""
@@ -122,11 +137,14 @@ class PipelineDecoder:
             if run.in_flight and run.in_flight[0][0] <= tick - self.stages:
                 out.append((run.req, self._verify(run, tick)))
         runs = list(self.runs.values())
-        parts = [
-            self._inject(run, tick, share)
-            for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True)
-        ]
-        parts = [p for p in parts if p is not None]
+        parts = []
+        for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True):
+            budget = draft_budget(self.mode, run.tree, len(run.in_flight), share, run.tree_cfg.budget)
+            if budget:
+                run.draft.propose(run.tree, run.committed, budget)
+            wave = choose_wave(self.mode, run.tree, len(run.in_flight), share, self.by_score)
+            if wave:
+                parts.append(self._take(run, tick, wave))
         if parts:  # one wave for the step: every stage runs all requests' rows as one forward
             rows = [r for _, _, rs in parts for r in rs]
             data = to_raw(torch.tensor([r.token for r in rows], dtype=torch.int64))
@@ -144,6 +162,8 @@ class PipelineDecoder:
                 )
             )
         self.cluster.tick += 1
+        if self._stats_due:
+            self._read_stats(wait_s=0.0)
         return out
 
     def _verify(self, run: _Run, tick: int) -> DecodeStep:
@@ -155,17 +175,14 @@ class PipelineDecoder:
             self.cluster.broadcast(Prune(run.req, tick, run.prune_seq, v.committed, v.dead))
         run.committed.extend(v.emitted)
         run.draft.observe(v, run.committed)
-        return DecodeStep(v, len(wave), tick - run.joined)
+        logprobs = tuple(run.logprobs.pop(n) for n in v.committed)
+        for n in v.dead:
+            run.logprobs.pop(n, None)
+        return DecodeStep(v, len(wave), tick - run.joined, logprobs)
 
-    def _inject(self, run: _Run, tick: int, share: int) -> tuple[int, int, list[WaveRow]] | None:
-        """Draft and choose the run's next wave: (request, prune seq, rows), or None when it has nothing to send."""
+    def _take(self, run: _Run, tick: int, wave: list[NodeId]) -> tuple[int, int, list[WaveRow]]:
+        """Mark the run's chosen nodes sent: (request, prune seq, rows) for the step's wave."""
         tree = run.tree
-        budget = draft_budget(self.mode, tree, len(run.in_flight), share, run.tree_cfg.budget)
-        if budget:
-            run.draft.propose(tree, run.committed, budget)
-        wave = choose_wave(self.mode, tree, len(run.in_flight), share, self.by_score)
-        if not wave:
-            return None
         tree.mark_sent(wave)
         rows = tree.rows(wave)
         run.tokens.update((r.node, r.token) for r in rows)
@@ -216,15 +233,21 @@ class PipelineDecoder:
             break
         if msg.step != sent_at:
             raise PeerLostError(f"pipeline out of order: result of step {msg.step}, expected {sent_at}")
-        if not (len(msg.nodes) == len(msg.next_tokens) == top_t.shape[0]):
+        if not (len(msg.nodes) == len(msg.next_tokens) == len(msg.next_logprobs) == top_t.shape[0]):
             raise PeerLostError(f"malformed result: {len(msg.nodes)} nodes, {len(msg.next_tokens)} tokens")
         live = [
             i
             for i, (node, token) in enumerate(zip(msg.nodes, msg.next_tokens, strict=True))
             if tree.set_result(node, token)
         ]
+        if live:
+            live_t, live_lp = top_t[live].tolist(), top_lp[live].tolist()
+            nodes = [msg.nodes[i] for i in live]
+            picked = [msg.next_tokens[i] for i in live]
+            chosen = [msg.next_logprobs[i] for i in live]
+            run.logprobs.update(zip(nodes, token_logprobs(picked, chosen, live_t, live_lp), strict=True))
         if live and draft.learns:  # only nodes still in the tree: which pruned ones a stage computed depends on timing
-            draft.learn([run.tokens[msg.nodes[i]] for i in live], top_t[live].tolist(), top_lp[live].tolist())
+            draft.learn([run.tokens[msg.nodes[i]] for i in live], live_t, live_lp)
         if live and draft.wants_features:
             draft.tree_features([msg.nodes[i] for i in live], self._hidden(msg, len(msg.nodes))[live])
         for n in msg.nodes:

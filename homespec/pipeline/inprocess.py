@@ -13,9 +13,10 @@ import torch
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.tree import NodeState, TokenTree, Verification
+from homespec.events import TokenLogprob
 from homespec.model.drafts.base import DraftSource
 from homespec.model.kv import TreeKVCache
-from homespec.model.sampling import next_tokens, top_logprobs
+from homespec.model.sampling import next_tokens, token_logprobs, top_logprobs
 from homespec.model.stage import Stage
 
 PREFIX_CHUNK = 256
@@ -26,6 +27,7 @@ class DecodeStep:
     verification: Verification
     wave_size: int  # nodes in the wave these results belong to
     tick: int  # pipeline steps elapsed when the results were verified (in process: target forwards)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per emitted token
 
 
 class InProcessDecoder:
@@ -70,9 +72,14 @@ class InProcessDecoder:
             x: torch.Tensor = torch.tensor([r.token for r in rows])
             for stage, cache in zip(self.stages, self.caches, strict=True):
                 x = stage.forward_tree(cache, rows, x)
-            for row, token in zip(rows, next_tokens(x, [r.position for r in rows], sampling), strict=True):
+            picked = next_tokens(x, [r.position for r in rows], sampling)
+            for row, token in zip(rows, picked, strict=True):
                 tree.set_result(row.node, token)
-            _learn(draft, [r.token for r in rows], x)
+            top_t, top_lp, chosen = top_logprobs(x, chosen=picked)
+            top_t_l, top_lp_l = top_t.tolist(), top_lp.tolist()
+            logprobs = dict(zip(wave, token_logprobs(picked, chosen, top_t_l, top_lp_l), strict=True))
+            if draft.learns:
+                draft.learn([r.token for r in rows], top_t_l, top_lp_l)
             if draft.wants_features:
                 draft.tree_features([r.node for r in rows], self.stages[-1].last_hidden)
             v = tree.verify()
@@ -81,7 +88,7 @@ class InProcessDecoder:
             committed.extend(v.emitted)
             draft.observe(v, committed)
             forwards += 1
-            yield DecodeStep(v, len(wave), forwards)
+            yield DecodeStep(v, len(wave), forwards, tuple(logprobs[n] for n in v.committed))
 
     def _prefill(self, tokens: Sequence[int], draft: DraftSource) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):
@@ -98,5 +105,5 @@ def _learn(draft: DraftSource, tokens: Sequence[int], logits: torch.Tensor) -> N
     """Tell the draft the target's top next tokens after each token (logits [n, vocab])."""
     if not draft.learns:
         return
-    top_t, top_lp = top_logprobs(logits)
+    top_t, top_lp, _ = top_logprobs(logits)
     draft.learn(tokens, top_t.tolist(), top_lp.tolist())

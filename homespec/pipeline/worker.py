@@ -27,6 +27,7 @@ from typing import Any
 log = logging.getLogger("homespec.worker")
 
 POLL_MS = 200
+START_WAIT_S = 10.0
 
 
 @dataclass
@@ -80,6 +81,7 @@ class StageWorker:
         self.poller.register(self.inp, zmq.POLLIN)
         self._parent = os.getppid()
         self._running = True
+        self._newest = 0  # the highest request id started: ids grow, so a higher one's Start is still on its way
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -88,8 +90,7 @@ class StageWorker:
         self._send(self.report, Heartbeat(sender=self.assign.stage, seq=0))  # ready
         while self._running:
             events = dict(self.poller.poll(POLL_MS))
-            if not events and os.getppid() != self._parent:
-                log.warning("stage %d: head process is gone; exiting", self.assign.stage)
+            if not events and self._orphaned():
                 break
             if self.control in events:
                 self._drain_control()
@@ -97,6 +98,13 @@ class StageWorker:
                 msg = self._recv(self.inp)
                 if msg is not None:
                     self._on_data(msg)
+
+    def _orphaned(self) -> bool:
+        """The process that started this stage is gone: stop (a head that died mid-request sends no Shutdown)."""
+        if os.getppid() != self._parent:
+            log.warning("stage %d: head process is gone; exiting", self.assign.stage)
+            self._running = False
+        return not self._running
 
     def _recv(self, sock: Any) -> Any:
         from homespec.errors import TransportError
@@ -128,6 +136,7 @@ class StageWorker:
         from homespec.core import messages as m
 
         if isinstance(msg, m.Start):
+            self._newest = max(self._newest, msg.request)
             sampling = SamplingConfig(msg.temperature, msg.top_p, msg.top_k, msg.seed)
             cache = self.stage.new_cache(self.assign.max_context, self.assign.max_tree)
             self.requests[msg.request] = _Request(cache, sampling, msg.features, msg.prompt_top)
@@ -161,10 +170,14 @@ class StageWorker:
             self.bad_messages += 1
             return
         for request, seq, _, _ in msg.segments():  # every prune each request's rows depend on, applied first
+            if request > self._newest:
+                self._await_start(request)
             req = self.requests.get(request)
             while req is not None and req.pruned_seq < seq and self._running:
                 if self.control.poll(POLL_MS):
                     self._drain_control()
+                elif self._orphaned():
+                    return
                 req = self.requests.get(request)
         if not any(r in self.requests for r in msg.requests):
             return  # aborted or finished: drop quietly
@@ -177,6 +190,16 @@ class StageWorker:
                 for request in msg.requests:
                     self._fail(request, exc)
 
+    def _await_start(self, request: int) -> None:
+        """A wave of a request whose Start (on the control socket) has not been read yet: read control until it
+        is (the head sends Start first, but two sockets keep no order between them), for at most START_WAIT_S."""
+        deadline = time.monotonic() + START_WAIT_S
+        while request > self._newest and self._running and time.monotonic() < deadline:
+            if self.control.poll(POLL_MS):
+                self._drain_control()
+            elif self._orphaned():
+                return
+
     def _guarded(self, request: int, fn: Any) -> None:
         try:
             fn()
@@ -188,7 +211,7 @@ class StageWorker:
 
         if self.requests.pop(request, None) is None:
             return
-        log.error("stage %d: request %d failed: %s: %s", self.assign.stage, request, type(exc).__name__, exc)
+        log.error("stage %d: request %d failed", self.assign.stage, request, exc_info=exc)
         self._send(self.report, Failure(self.assign.stage, request, f"{type(exc).__name__}: {exc}"))
 
     # -- computing -----------------------------------------------------------------------------------------
@@ -288,12 +311,14 @@ class StageWorker:
     ) -> Any:
         """Last stage: per row the next token (greedy or keyed draw) and the top-k; for a prefix chunk only the
         top-k of every position, when asked (token recycling learns from the prompt)."""
-        from homespec.core.messages import Result
-        from homespec.model.sampling import RESULT_TOP_K, next_tokens, top_logprobs
+        from homespec.core.messages import RESULT_TOP_K, Result
+        from homespec.model.sampling import next_tokens, top_logprobs
         from homespec.pipeline.frames import to_raw
 
+        tokens = next_tokens(logits, [r.position for r in rows], req.sampling) if rows else []
+        chosen: list[float] = []
         if rows or (prefix and req.prompt_top):
-            top_t, top_lp = top_logprobs(logits)
+            top_t, top_lp, chosen = top_logprobs(logits, chosen=tokens)
         else:
             top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))
         if prefix:
@@ -303,8 +328,7 @@ class StageWorker:
         t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
         if prefix:
             return Result(request, step, (), (), t, lp, h)
-        tokens = next_tokens(logits, [r.position for r in rows], req.sampling) if rows else []
-        return Result(request, step, tuple(r.node for r in rows), tuple(tokens), t, lp, h)
+        return Result(request, step, tuple(r.node for r in rows), tuple(tokens), t, lp, h, tuple(chosen))
 
     def _emulate_stage(self, started: float, rows: int) -> None:
         """Pad to the modeled device time of a step of ``rows`` rows (all requests' rows are one batch)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -54,6 +55,10 @@ def create_app(service: GenerationService, tokenizer: Any, options: ServerOption
         if not secrets.compare_digest(header.encode(), f"Bearer {options.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(token: int) -> str:
+        return str(tokenizer.decode([token]))
+
     def model_card() -> dict[str, Any]:
         return {"id": options.model_name, "object": "model", "created": 0, "owned_by": "homespec"}
 
@@ -75,7 +80,8 @@ def create_app(service: GenerationService, tokenizer: Any, options: ServerOption
             ids = chat_ids(tokenizer, messages)
         except Exception as exc:  # a template that refuses this conversation (role order, say)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
-        return await _respond(service, body, ids, Reply(True, options.model_name), request, options)
+        reply = Reply(True, options.model_name, body.logprob_top(), token_text)
+        return await _respond(service, body, ids, reply, request, options)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -89,7 +95,8 @@ def create_app(service: GenerationService, tokenizer: Any, options: ServerOption
         else:
             text = prompt if isinstance(prompt, str) else "".join(str(p) for p in prompt)
             ids = list(tokenizer(text)["input_ids"])
-        return await _respond(service, body, ids, Reply(False, options.model_name), request, options)
+        reply = Reply(False, options.model_name, body.logprob_top(), token_text)
+        return await _respond(service, body, ids, reply, request, options)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -161,7 +168,7 @@ async def _respond(
             if isinstance(event, Failed):
                 raise event.error
             if isinstance(event, GenerationFinished):
-                return reply.full(event.text, event.reason, len(ids), event.stats, seed)
+                return reply.full(event.text, event.reason, len(ids), event.stats, seed, event.logprobs)
     finally:
         job.cancelled.set()  # no-op after the end; stops the job when the client left or the handler was cancelled
 
@@ -177,8 +184,8 @@ async def _sse(
             yield data(reply.chunk(None, first=True))
         while True:
             event = await events.get()
-            if isinstance(event, TokensCommitted) and event.text:
-                yield data(reply.chunk(event.text))
+            if isinstance(event, TokensCommitted) and (event.text or (reply.top is not None and event.logprobs)):
+                yield data(reply.chunk(event.text, lps=event.logprobs))
             elif isinstance(event, Failed):
                 yield data(event.error.body())
                 break

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from homespec.core.messages import RESULT_TOP_K
 from homespec.core.stops import MAX_STOP_CHARS, MAX_STOPS
-from homespec.events import FinishReason, GenerationStats
+from homespec.events import FinishReason, GenerationStats, TokenLogprob
 
 
 class ApiError(Exception):
@@ -91,11 +93,20 @@ class ChatRequest(_Generation):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise ApiError(400, "logprobs are not supported yet", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if (self.top_logprobs or 0) > RESULT_TOP_K:
+            raise ApiError(
+                400, f"top_logprobs is at most {RESULT_TOP_K} here (the last stage returns its top {RESULT_TOP_K})",
+                param="top_logprobs",
+            )  # fmt: skip
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_top(self) -> int | None:
+        """How many alternatives per token to return, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
@@ -106,8 +117,6 @@ class CompletionRequest(_Generation):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not supported yet", param="logprobs")
         if self.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         if self.suffix:
@@ -117,6 +126,9 @@ class CompletionRequest(_Generation):
 
     def limit(self) -> int | None:
         return self.max_tokens
+
+    def logprob_top(self) -> int | None:
+        return self.logprobs
 
 
 def finish_reason(reason: FinishReason) -> str:
@@ -132,39 +144,84 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class Reply:
-    """One response's identity (id, created, model) and the builders of its JSON and chunks."""
+    """One response's identity (id, created, model) and the builders of its JSON and chunks.
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat, self.model = chat, model
+    ``top``: None when the body asked for no logprobs; else how many alternatives per token (``top_logprobs`` of a
+    chat body, ``logprobs`` of a completions body). Log-probs are the model's raw distribution (before temperature
+    and top-p), as the last stage computed them; a token's text is its own decoding (a token that ends inside a
+    UTF-8 character reads as U+FFFD), its bytes that text's UTF-8.
+    """
+
+    def __init__(
+        self, chat: bool, model: str, top: int | None = None, token_text: Callable[[int], str] | None = None
+    ) -> None:
+        self.chat, self.model, self.top = chat, model, top
+        self.token_text = token_text or str
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.offset = 0  # completions' text_offset of the next token
 
     def _head(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
-    def full(self, text: str, reason: FinishReason, prompt_tokens: int, stats: GenerationStats, seed: int) -> Any:
+    def logprobs(self, lps: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """The ``logprobs`` of a choice for these tokens, in the chat or the completions shape."""
+        if self.top is None:
+            return None
+        k = self.top
+        if self.chat:
+            return {"content": [self._entry(lp.token, lp.logprob) | {"top_logprobs": [
+                self._entry(t, v) for t, v in lp.top[:k]]} for lp in lps], "refusal": None}  # fmt: skip
+        texts = [self.token_text(lp.token) for lp in lps]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = [
+            {self.token_text(t): v for t, v in lp.top[:k]} | {text: lp.logprob}
+            for lp, text in zip(lps, texts, strict=True)
+        ]
+        return {
+            "tokens": texts,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def full(
+        self, text: str, reason: FinishReason, prompt_tokens: int, stats: GenerationStats, seed: int,
+        lps: Sequence[TokenLogprob] = (),
+    ) -> Any:  # fmt: skip
         if self.chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-            choice |= {"logprobs": None, "finish_reason": finish_reason(reason)}
+            choice |= {"logprobs": self.logprobs(lps), "finish_reason": finish_reason(reason)}
             out = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(lps), "finish_reason": finish_reason(reason)}
             out = self._head("text_completion")
         out["choices"] = [choice]
         out["usage"] = usage(prompt_tokens, stats.tokens)
         out["homespec"] = homespec_stats(stats, seed)
         return out
 
-    def chunk(self, text: str | None, reason: FinishReason | None = None, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None, reason: FinishReason | None = None, first: bool = False,
+        lps: Sequence[TokenLogprob] = (),
+    ) -> dict[str, Any]:  # fmt: skip
         fr = finish_reason(reason) if reason else None
+        logprobs = self.logprobs(lps) if lps else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": fr}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": fr}
             out = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": fr}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": fr}
             out = self._head("text_completion")
         out["choices"] = [choice]
         return out

@@ -1,0 +1,68 @@
+"""Faults with real processes: what is left when a part dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HOMESPEC = str(Path(sys.executable).parent / "homespec")
+
+
+def stage_children(head: int) -> list[int]:
+    """Pids of the stage processes whose parent is ``head`` (read from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == head and b"homespec.pipeline.worker" in cmd:
+            out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_stages_exit_when_the_head_is_killed_mid_request() -> None:
+    """SIGKILL the head while it decodes on 4 stages: it sends no Shutdown, and a stage may be waiting for a prune
+    that will never come (or idle in its loop). Every stage notices that its parent is gone and exits within seconds."""
+    head = subprocess.Popen(
+        [HOMESPEC, "generate", "--stages", "4", "--draft", "ngram", "-n", "2000", "Count from one to a thousand."],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    stages: list[int] = []
+    try:
+        assert head.stdout is not None
+        assert head.stdout.read(1), "generation never began"  # text streams: the pipeline is decoding
+        stages = stage_children(head.pid)
+        assert len(stages) == 4
+        head.send_signal(signal.SIGKILL)
+        head.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in stages) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in stages if alive(p)]
+        assert not left, f"stages {left} outlived their head"
+    finally:
+        head.kill()
+        for pid in stages:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
