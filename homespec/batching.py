@@ -41,11 +41,11 @@ class _Serial:
     def open_requests(self) -> int:
         return int(self.decoder.open_requests)
 
-    def join(self, prompt: Sequence[int], draft: Any, sampling: Any, tree: Any) -> int:
+    def join(self, prompt: Sequence[int], draft: Any, sampling: Any, tree: Any, trace: bool = False) -> int:
         if self.current is not None:
             raise ConfigError("mode ar decodes one request at a time")
         self.ids += 1
-        self.current = (self.ids, self.decoder.decode(prompt, draft, sampling, tree))
+        self.current = (self.ids, self.decoder.decode(prompt, draft, sampling, tree, trace))
         return self.ids
 
     def step(self) -> list[tuple[int, Any]]:
@@ -98,7 +98,7 @@ class Batch:
         source = pool.pop() if pool else engine.build_draft(spec)
         try:
             run, tree = engine.start_run(prompt_ids, config, self.mode, source)
-            req = self.decoder.join(prompt_ids, source, config.sampling, tree)
+            req = self.decoder.join(prompt_ids, source, config.sampling, tree, config.trace)
         except BaseException:
             pool.append(source)
             raise

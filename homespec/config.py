@@ -88,6 +88,7 @@ class GenerationConfig:
     tree: TreeConfig | None = None
     stop_on_eos: bool = True
     stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one, which is never emitted
+    trace: bool = False  # also yield a TreeSnapshot per verification (the TUI's live tree)
 
     def __post_init__(self) -> None:
         from homespec.core.stops import MAX_STOP_CHARS, MAX_STOPS

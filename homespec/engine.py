@@ -7,7 +7,9 @@ decoder from ``pipeline/``. It reads the clock only to report wall time.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +24,13 @@ from homespec.events import (
     FinishReason,
     GenerationFinished,
     GenerationStats,
+    StageInfo,
+    StageUtilization,
     StepCompleted,
     TokenLogprob,
     TokensCommitted,
+    TreeNodeView,
+    TreeSnapshot,
 )
 
 IMPLEMENTED_MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
@@ -126,6 +132,28 @@ class Engine:
         o = self.options
         return build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context)
 
+    def token_text(self, token: int) -> str:
+        """One token's own text (cached; for displays)."""
+        return self._token_text(token)
+
+    @functools.cached_property
+    def _token_text(self) -> Any:
+        return functools.lru_cache(maxsize=1 << 16)(lambda t: str(self.tokenizer.decode([t])))
+
+    def stage_info(self) -> list[StageInfo]:
+        """What each stage is (for the TUI's stage pane): its device, layers and outgoing link latency; the modeled
+        device and link when emulated. Mode ``ar``: the in-process stages."""
+        o = self.options
+        if self.cluster is None:
+            spans = even_split(self.source.num_layers, o.split)
+            return [StageInfo(f"{o.device} (this process)", (a, b)) for a, b in spans]
+        out = []
+        for i, a in enumerate(self.cluster.assigns):
+            t = self.timings[i] if self.timings else None
+            device = f"{t.device} @ {t.host} (emulated on {a.device})" if t else a.device
+            out.append(StageInfo(device, (a.layer_start, a.layer_end), t.link_ms if t else 0.0))
+        return out
+
     def modeled_step_ms(self, rows: int = 1) -> float:
         """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
         return max((t.step_ms(rows) + t.send_ms(rows) for t in getattr(self, "timings", [])), default=0.0)
@@ -216,7 +244,7 @@ class Engine:
         decoder, draft_source, mode_name = self._variant(mode, draft)
         config = config or GenerationConfig()
         run, tree = self.start_run(prompt_ids, config, mode_name, draft_source)
-        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree)
+        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree, config.trace)
         try:
             for step in steps_iter:
                 yield from run.on_step(step)
@@ -269,6 +297,7 @@ class RequestRun:
         self.reason: FinishReason = "length"
         self.done = False
         self._draft0 = (draft.forwards, draft.cost)
+        self.utilization = BusyWindow()
 
     def _decode(self, tokens: Sequence[int]) -> str:
         return str(self.engine.tokenizer.decode(list(tokens), skip_special_tokens=True))
@@ -301,12 +330,30 @@ class RequestRun:
                 show -= held_back(stable, config.stop)
                 self.searched = len(stable)
         yield StepCompleted(self.steps, step.wave_size, len(new), v.accepted_drafts, v.flushed)
+        if step.stage_busy:
+            busy = self.utilization.add(time.perf_counter(), step.stage_busy)
+            if busy is not None:
+                yield StageUtilization(busy, self.draft_now())
+        if config.trace and step.tree is not None:
+            yield self.snapshot(step)
         if new:  # the tokens kept: those after a completed stop string are dropped
             lps = tuple(self.logprobs[before:])
             yield TokensCommitted(tuple(self.out[before:]), stable[len(self.sent) : show], self.steps, lps)
             self.sent = stable[:show]
         if self.reason in ("eos", "stop") or len(self.out) >= config.max_tokens:
             self.done = True
+
+    def draft_now(self) -> str:
+        """The draft source in use: its name, and ``auto``'s current arm."""
+        arm = getattr(self.draft, "arm", "")
+        return f"{self.draft.name} → {arm}" if arm else str(self.draft.name)
+
+    def snapshot(self, step: Any) -> TreeSnapshot:
+        text = self.engine.token_text
+        nodes = tuple(TreeNodeView(i, p, text(t), s, k) for i, p, t, s, k in step.tree)  # type: ignore[arg-type]
+        v = step.verification
+        stages = self.engine.options.stages if self.mode != "ar" else self.engine.options.split
+        return TreeSnapshot(step.tick, stages, nodes, v.committed, v.dead, v.flushed)
 
     def _cut_at_stop(self, text: str, at: int) -> None:
         """Keep the tokens up to the one that completes the stop string (they were generated; usage counts them)."""
@@ -346,6 +393,26 @@ class RequestRun:
             busy_fraction=busy_fraction,
             time_scale=scale,
         )
+
+
+class BusyWindow:
+    """Per stage, the share of the last ``seconds`` it was busy, from samples of its cumulative busy seconds."""
+
+    def __init__(self, seconds: float = 3.0) -> None:
+        self.seconds = seconds
+        self.samples: deque[tuple[float, tuple[float, ...]]] = deque()
+
+    def add(self, now: float, busy: Sequence[float]) -> tuple[float, ...] | None:
+        """Record a sample; the busy shares since the oldest sample in the window (None until there are two)."""
+        if self.samples and len(self.samples[-1][1]) != len(busy):
+            self.samples.clear()
+        self.samples.append((now, tuple(busy)))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.seconds:
+            self.samples.popleft()
+        then, old = self.samples[0]
+        if now <= then:
+            return None
+        return tuple(max(0.0, min(1.0, (b - a) / (now - then))) for a, b in zip(old, busy, strict=True))
 
 
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -6,6 +6,7 @@ import typer
 
 from homespec import __version__
 from homespec.cli.bench import bench
+from homespec.cli.chat import chat
 from homespec.cli.generate import generate
 from homespec.cli.prepare import prepare
 from homespec.cli.serve import serve
@@ -18,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(generate)
+app.command()(chat)
 app.command()(prepare)
 app.command()(bench)
 app.command()(serve)

@@ -102,6 +102,7 @@ class Wave(Message):
     parents: tuple[int, ...]
     positions: tuple[int, ...]  # one per row
     data: RawTensor  # int64 [rows] token ids into the first stage; hidden [rows, hidden] after it
+    busy_s: tuple[float, ...] = ()  # each stage it passed: its busy seconds so far (live utilization)
 
     def __post_init__(self) -> None:
         if not (len(self.requests) == len(self.counts) == len(self.prune_seqs)):
@@ -153,6 +154,7 @@ class Result(Message):
     top_logprobs: RawTensor  # float32 [n, k]
     hidden: RawTensor  # float32 [n, hidden]: the target's last-layer states, when Start asked for features; else [0]
     next_logprobs: tuple[float, ...] = ()  # per node, the log-prob of its next token (raw distribution)
+    busy_s: tuple[float, ...] = ()  # every stage's busy seconds so far, carried along by the wave
 
 
 @dataclass(frozen=True)

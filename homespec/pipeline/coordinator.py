@@ -36,7 +36,7 @@ from homespec.model.drafts.base import DraftSource
 from homespec.model.sampling import token_logprobs
 from homespec.pipeline.cluster import LocalCluster
 from homespec.pipeline.frames import from_raw, to_raw
-from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep
+from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep, tree_rows
 
 RESULT_TIMEOUT_S = 30.0  # a hung (not dead) stage; a dead one is seen within 0.1 s
 PREFIX_STEP = -1  # the step of prompt chunks (and of their results)
@@ -56,6 +56,7 @@ class _Run:
         self.inbox: deque[Result] = deque()  # results read from the socket while collecting another request
         self.prune_seq = 0
         self.started = time.perf_counter()
+        self.trace = False  # snapshot the tree at every verification (DecodeStep.tree)
 
 
 class PipelineDecoder:
@@ -70,6 +71,7 @@ class PipelineDecoder:
         self.stages = cluster.size
         self.busy_fraction: list[float] = []  # per stage, for the last request that left
         self.runs: dict[int, _Run] = {}  # in join order
+        self.stage_busy: tuple[float, ...] = ()  # every stage's busy seconds, from the newest Result
         self._stats_due: dict[int, float] = {}  # requests that left, whose stage stats are awaited -> their wall s
 
     @property
@@ -77,10 +79,15 @@ class PipelineDecoder:
         return len(self.runs)
 
     def decode(
-        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
+        self,
+        prompt: Sequence[int],
+        draft: DraftSource,
+        sampling: SamplingConfig,
+        tree_cfg: TreeConfig,
+        trace: bool = False,
     ) -> Iterator[DecodeStep]:
         """One request alone: yield a DecodeStep each time one of its waves is verified, until the caller stops."""
-        req = self.join(prompt, draft, sampling, tree_cfg)
+        req = self.join(prompt, draft, sampling, tree_cfg, trace)
         done = False
         try:
             while True:
@@ -93,13 +100,21 @@ class PipelineDecoder:
         finally:
             self.leave(req, stats=done)
 
-    def join(self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig) -> int:
+    def join(
+        self,
+        prompt: Sequence[int],
+        draft: DraftSource,
+        sampling: SamplingConfig,
+        tree_cfg: TreeConfig,
+        trace: bool = False,
+    ) -> int:
         """Start a request on every stage and send its prompt; its first wave goes in at the next ``step``."""
         c = self.cluster
         req = c.new_request_id()
         s = sampling
         c.broadcast(Start(req, s.temperature, s.top_p, s.top_k, s.seed, draft.wants_features, prompt_top=draft.learns))
         run = self.runs[req] = _Run(req, prompt, draft, tree_cfg, c.tick)
+        run.trace = trace
         try:  # no handshake: a stage that sees the prompt before the Start waits for the Start (ids only grow)
             draft.start(prompt)
             self._prefill(run, prompt[:-1])
@@ -169,6 +184,10 @@ class PipelineDecoder:
     def _verify(self, run: _Run, tick: int) -> DecodeStep:
         sent_at, wave = run.in_flight.popleft()
         self._collect(run, sent_at)
+        snapshot = None
+        if run.trace:
+            stage_of = {n: tick - t for t, nodes in run.in_flight for n in nodes}
+            snapshot = tree_rows(run.tree, stage_of, self.stages)
         v = run.tree.verify()
         if v.committed or v.dead:
             run.prune_seq += 1
@@ -178,7 +197,7 @@ class PipelineDecoder:
         logprobs = tuple(run.logprobs.pop(n) for n in v.committed)
         for n in v.dead:
             run.logprobs.pop(n, None)
-        return DecodeStep(v, len(wave), tick - run.joined, logprobs)
+        return DecodeStep(v, len(wave), tick - run.joined, logprobs, self.stage_busy, snapshot)
 
     def _take(self, run: _Run, tick: int, wave: list[NodeId]) -> tuple[int, int, list[WaveRow]]:
         """Mark the run's chosen nodes sent: (request, prune seq, rows) for the step's wave."""
@@ -231,6 +250,8 @@ class PipelineDecoder:
                     draft.prefix_features(a, self._hidden(msg, len(chunk)))
                 continue
             break
+        if len(msg.busy_s) == self.stages:
+            self.stage_busy = msg.busy_s
         if msg.step != sent_at:
             raise PeerLostError(f"pipeline out of order: result of step {msg.step}, expected {sent_at}")
         if not (len(msg.nodes) == len(msg.next_tokens) == len(msg.next_logprobs) == top_t.shape[0]):

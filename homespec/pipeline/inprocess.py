@@ -6,6 +6,7 @@ This is a shell: the tree, the wave and the verification walk are ``core.tree``'
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,12 +29,33 @@ class DecodeStep:
     wave_size: int  # nodes in the wave these results belong to
     tick: int  # pipeline steps elapsed when the results were verified (in process: target forwards)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per emitted token
+    stage_busy: tuple[float, ...] = ()  # per stage, its busy seconds so far (utilization over time)
+    tree: tuple[NodeRow, ...] | None = None  # traced requests: the tree as this verification found it
+
+
+#: (node id, parent id or -1, token, state, stage its wave is in: -1 drafted, the stage count when done)
+NodeRow = tuple[int, int, int, str, int]
+
+
+def tree_rows(tree: TokenTree, stage_of: dict[int, int], done: int) -> tuple[NodeRow, ...]:
+    """The tree before verification, for a TreeSnapshot: every node with its state and where its wave is."""
+    return tuple(
+        (
+            n.id,
+            -1 if n.parent is None else n.parent,
+            n.token,
+            n.state.value,
+            done if n.state is NodeState.DONE else stage_of.get(n.id, -1),
+        )
+        for n in tree
+    )
 
 
 class InProcessDecoder:
     """Runs requests one at a time over a chain of in-process stages (the last one has the head)."""
 
     def __init__(self, stages: Sequence[Stage], max_context: int = 4096, max_tree: int = 256) -> None:
+        self.busy = [0.0] * len(stages)  # seconds each in-process stage has computed
         if not stages or not stages[0].has_embed or not stages[-1].has_head:
             raise ValueError("the stage chain must start with embeddings and end with a head")
         self.stages = list(stages)
@@ -42,19 +64,24 @@ class InProcessDecoder:
         self.open_requests = 0  # 1 while a request holds the caches
 
     def decode(
-        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
+        self,
+        prompt: Sequence[int],
+        draft: DraftSource,
+        sampling: SamplingConfig,
+        tree_cfg: TreeConfig,
+        trace: bool = False,
     ) -> Iterator[DecodeStep]:
         """Yield one DecodeStep per target forward, forever; the caller stops when it has enough."""
         if not prompt:
             raise ValueError("empty prompt")
         self.open_requests = 1
         try:
-            yield from self._decode(prompt, draft, sampling, tree_cfg)
+            yield from self._decode(prompt, draft, sampling, tree_cfg, trace)
         finally:
             self.open_requests = 0
 
     def _decode(
-        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig
+        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig, trace: bool
     ) -> Iterator[DecodeStep]:
         for cache in self.caches:
             cache.reset()
@@ -70,8 +97,10 @@ class InProcessDecoder:
             tree.mark_sent(wave)
             rows = tree.rows(wave)
             x: torch.Tensor = torch.tensor([r.token for r in rows])
-            for stage, cache in zip(self.stages, self.caches, strict=True):
+            for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
+                started = time.perf_counter()
                 x = stage.forward_tree(cache, rows, x)
+                self.busy[i] += time.perf_counter() - started
             picked = next_tokens(x, [r.position for r in rows], sampling)
             for row, token in zip(rows, picked, strict=True):
                 tree.set_result(row.node, token)
@@ -82,13 +111,15 @@ class InProcessDecoder:
                 draft.learn([r.token for r in rows], top_t_l, top_lp_l)
             if draft.wants_features:
                 draft.tree_features([r.node for r in rows], self.stages[-1].last_hidden)
+            snapshot = tree_rows(tree, {}, len(self.stages)) if trace else None
             v = tree.verify()
             for cache in self.caches:
                 cache.commit(v.committed, v.dead)
             committed.extend(v.emitted)
             draft.observe(v, committed)
             forwards += 1
-            yield DecodeStep(v, len(wave), forwards, tuple(logprobs[n] for n in v.committed))
+            lps = tuple(logprobs[n] for n in v.committed)
+            yield DecodeStep(v, len(wave), forwards, lps, tuple(self.busy), snapshot)
 
     def _prefill(self, tokens: Sequence[int], draft: DraftSource) -> None:
         for a in range(0, len(tokens), PREFIX_CHUNK):

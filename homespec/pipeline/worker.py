@@ -81,6 +81,7 @@ class StageWorker:
         self.poller.register(self.inp, zmq.POLLIN)
         self._parent = os.getppid()
         self._running = True
+        self.busy_total = 0.0  # seconds spent on steps (emulated: padded to the modeled time), sent with every wave
         self._newest = 0  # the highest request id started: ids grow, so a higher one's Start is still on its way
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -221,15 +222,17 @@ class StageWorker:
 
         started = time.perf_counter()
         out = self.stage.forward_prefix(req.cache, from_raw(msg.data, self.stage.device), msg.positions)
-        if self.last:
-            reply = self._result(req, msg.requests[0], msg.step, out, [], prefix=True)
-        else:
-            reply = Wave(msg.step, True, msg.requests, msg.counts, msg.prune_seqs, (), (), msg.positions, to_raw(out))
         n = len(msg.positions)
+        busy = (*msg.busy_s, self.busy_total + self._step_s(started, n))
+        if self.last:
+            reply = self._result(req, msg.requests[0], msg.step, out, [], prefix=True, busy=busy)
+        else:
+            reply = Wave(
+                msg.step, True, msg.requests, msg.counts, msg.prune_seqs, (), (), msg.positions, to_raw(out), busy
+            )
         req.steps += 1
         req.rows += n
-        self._emulate_stage(started, n)
-        req.busy_s += time.perf_counter() - started
+        req.busy_s += self._emulate_stage(started, n)
         self._emulate_link(0 if self.last else n)
         self._send(self.out, reply)
 
@@ -274,13 +277,14 @@ class StageWorker:
             out = self.stage.forward_batch(segments, sel, [msg.positions[i] for i in index])
         else:
             out = x[:0]
+        busy = (*msg.busy_s, self.busy_total + self._step_s(started, n))
         replies, at = [], 0
         fields: list[list[int]] = [[], [], [], [], [], []]  # requests, counts, prune_seqs, nodes, parents, positions
         for request, seq, req, rows in live:
             k = len(rows)
             if self.last:
                 hidden = self.stage.last_hidden[at : at + k] if k else None
-                replies.append(self._result(req, request, msg.step, out[at : at + k], rows, hidden=hidden))
+                replies.append(self._result(req, request, msg.step, out[at : at + k], rows, hidden=hidden, busy=busy))
             else:
                 for f, values in zip(fields, ([request], [k], [seq]), strict=False):
                     f.extend(values)
@@ -291,10 +295,10 @@ class StageWorker:
             req.rows += k
             at += k
         if not self.last:
-            replies.append(Wave(msg.step, False, *(tuple(f) for f in fields), to_raw(out)))
-        self._emulate_stage(started, n)
+            replies.append(Wave(msg.step, False, *(tuple(f) for f in fields), to_raw(out), busy))
+        took = self._emulate_stage(started, n)
         for _, _, req, _ in live:
-            req.busy_s += time.perf_counter() - started  # the stage was busy for each request in the step
+            req.busy_s += took  # the stage was busy for each request in the step
         self._emulate_link(0 if self.last else n)
         for reply in replies:
             self._send(self.out, reply)
@@ -308,6 +312,7 @@ class StageWorker:
         rows: list[Any],
         prefix: bool = False,
         hidden: Any = None,
+        busy: tuple[float, ...] = (),
     ) -> Any:
         """Last stage: per row the next token (greedy or keyed draw) and the top-k; for a prefix chunk only the
         top-k of every position, when asked (token recycling learns from the prompt)."""
@@ -327,15 +332,26 @@ class StageWorker:
         h = to_raw(hidden.float()) if hidden is not None else to_raw(logits.new_zeros((0,)).float())
         t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
         if prefix:
-            return Result(request, step, (), (), t, lp, h)
-        return Result(request, step, tuple(r.node for r in rows), tuple(tokens), t, lp, h, tuple(chosen))
+            return Result(request, step, (), (), t, lp, h, (), busy)
+        return Result(request, step, tuple(r.node for r in rows), tuple(tokens), t, lp, h, tuple(chosen), busy)
 
-    def _emulate_stage(self, started: float, rows: int) -> None:
-        """Pad to the modeled device time of a step of ``rows`` rows (all requests' rows are one batch)."""
+    def _modeled_s(self, rows: int) -> float:
         a = self.assign
-        left = started + max(a.emu_base_ms, a.emu_ms_per_row * rows) / 1000 - time.perf_counter()
+        return max(a.emu_base_ms, a.emu_ms_per_row * rows) / 1000
+
+    def _step_s(self, started: float, rows: int) -> float:
+        """How long the step begun at ``started`` takes: its compute so far, or the modeled time when longer."""
+        return max(time.perf_counter() - started, self._modeled_s(rows))
+
+    def _emulate_stage(self, started: float, rows: int) -> float:
+        """Pad to the modeled device time of a step of ``rows`` rows (all requests' rows are one batch); count
+        the step's seconds in ``busy_total`` and return them."""
+        left = started + self._modeled_s(rows) - time.perf_counter()
         if left > 0:
             time.sleep(left)
+        took = time.perf_counter() - started
+        self.busy_total += took
+        return took
 
     def _emulate_link(self, rows: int) -> None:
         """The link's latency, and its bandwidth per row."""

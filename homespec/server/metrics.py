@@ -23,7 +23,7 @@ class Metrics:
         self.steps = 0
         self.forwards = 0
         self.accepted = 0
-        self.busy: tuple[float, ...] = ()
+        self.busy: tuple[float, ...] = ()  # per stage, the newest StageUtilization (busy share of the last seconds)
         self.gauges: dict[str, Callable[[], float]] = {}  # name -> live reading (queue, active, open on stages)
 
     def finished(self, outcome: str, stats: GenerationStats | None = None) -> None:
@@ -35,8 +35,6 @@ class Metrics:
                 self.steps += stats.steps
                 self.forwards += stats.target_forwards
                 self.accepted += round(stats.accepted_per_step * stats.target_forwards)
-                if stats.busy_fraction:
-                    self.busy = stats.busy_fraction
 
     def render(self) -> str:
         with self._lock:
@@ -62,7 +60,7 @@ class Metrics:
                 "acceptance", "gauge", "accepted drafts per verified wave", [("", _ratio(self.accepted, self.forwards))]
             )
             metric(
-                "stage_busy_fraction", "gauge", "busy time / wall time per stage (last request)",
+                "stage_busy_fraction", "gauge", "busy share of the last few seconds per stage (at the last step)",
                 [(f'{{stage="{i}"}}', b) for i, b in enumerate(self.busy)],
             )  # fmt: skip
             for name, read in self.gauges.items():

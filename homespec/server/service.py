@@ -20,7 +20,7 @@ from typing import Any
 
 from homespec.config import GenerationConfig
 from homespec.errors import HomespecError, PeerLostError
-from homespec.events import GenerationFinished
+from homespec.events import GenerationFinished, StageUtilization
 from homespec.server.metrics import Metrics
 from homespec.server.openai import ApiError
 
@@ -158,6 +158,8 @@ class GenerationService:
                 if isinstance(event, GenerationFinished):
                     self.metrics.finished("ok", event.stats)
                     del self._jobs[i]
+                elif isinstance(event, StageUtilization):
+                    self.metrics.busy = event.busy
         for i, job in list(self._jobs.items()):
             if job.cancelled.is_set():
                 self.batch.cancel(i)

@@ -1,0 +1,81 @@
+"""``homespec chat [MODEL]``: the Textual chat app with the live token tree and the stage bars (DESIGN §9)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from homespec.cli.common import (
+    DEFAULT_DRAFT,
+    ByScoreOption,
+    TimeScaleOption,
+    WaveSizeOption,
+    quiet_libraries,
+    user_errors,
+)
+from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+
+if TYPE_CHECKING:
+    from homespec.config import GenerationConfig
+    from homespec.engine import EngineOptions
+    from tui.app import ChatApp
+
+
+def chat(
+    model: Annotated[str | None, typer.Argument(help="a folder, .gguf or repo id (default: the bundled model)")] = None,
+    stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes (1: the whole model here)")] = 1,
+    mode: Annotated[str | None, typer.Option(help="ar | pp | tree | specpipe (default: by --stages)")] = None,
+    draft: Annotated[str, typer.Option(help="draft source")] = DEFAULT_DRAFT,
+    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    by_score: ByScoreOption = DEFAULT_BY_SCORE,
+    emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
+    time_scale: TimeScaleOption = 0.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens per reply")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int, typer.Option(help="sampling seed (keyed per position)")] = 0,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
+    max_context: Annotated[int, typer.Option("--max-context")] = 4096,
+) -> None:
+    """Chat with the model in the terminal, watching the speculation live (token tree, stage utilization)."""
+    quiet_libraries()
+    with user_errors():
+        from homespec.config import GenerationConfig, SamplingConfig
+
+        options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
+                                 max_context)  # fmt: skip
+        config = GenerationConfig(
+            max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed), trace=True
+        )
+    app = make_app(options, config)
+    app.run()
+    if app.return_code:
+        raise typer.Exit(app.return_code)
+
+
+def engine_options(
+    model: str | None, stages: int, mode: str | None, draft: str, wave_size: int, by_score: bool,
+    emulate: str | None, time_scale: float, dtype: str, device: str, max_context: int,
+) -> EngineOptions:  # fmt: skip
+    from homespec.engine import EngineOptions
+
+    return EngineOptions(
+        model=model, draft=draft, mode=(mode or ("specpipe" if stages > 1 else "ar")),  # type: ignore[arg-type]
+        stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale, dtype=dtype,
+        device=device, max_context=max_context,
+    )  # fmt: skip
+
+
+def make_app(options: EngineOptions, config: GenerationConfig) -> ChatApp:
+    """The app for these options; the engine is built inside it, behind the loading screen (tests drive it with
+    Pilot)."""
+    from homespec.engine import Engine
+    from homespec.model.loader import BUNDLED_ID
+    from tui.app import ChatApp
+
+    name = options.model or BUNDLED_ID
+    where = f"{options.stages} stage processes" if options.mode != "ar" else "this process"
+    describe = f"{name} · {options.mode} on {where} · draft {options.draft}"
+    return ChatApp(lambda: Engine(options), config, name, describe)

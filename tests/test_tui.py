@@ -1,0 +1,147 @@
+"""The chat TUI, for real: the Textual app driven by its Pilot on the bundled model (2 local stage processes), a
+recorded high-rate event stream replayed into it, the tree rendering, and the error screen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from textual.widgets import Input
+
+from homespec.cli.chat import engine_options, make_app
+from homespec.config import GenerationConfig, SamplingConfig
+from homespec.engine import Engine, EngineOptions
+from homespec.events import (
+    GenerationFinished,
+    StageUtilization,
+    TokensCommitted,
+    TreeNodeView,
+    TreeSnapshot,
+)
+from tui.app import ChatApp, ErrorScreen
+from tui.widgets.chat_log import ChatLog
+from tui.widgets.stage_bars import StageBars
+from tui.widgets.tree_view import TreeView, render_tree
+
+SIZE = (140, 44)
+
+
+async def wait_for(pilot: Any, cond: Callable[[], bool], timeout: float = 240.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "timed out waiting for the app"
+        await pilot.pause(0.05)
+
+
+async def ask(pilot: Any, app: ChatApp, text: str) -> None:
+    prompt = app.query_one("#prompt", Input)
+    prompt.focus()
+    prompt.value = text
+    await pilot.press("enter")
+
+
+def test_tree_rendering_marks_each_state() -> None:
+    nodes = (
+        TreeNodeView(0, -1, " The", "done", 4),
+        TreeNodeView(1, 0, " cat", "done", 4),
+        TreeNodeView(2, 0, " dog", "done", 4),
+        TreeNodeView(3, 1, " sat", "sent", 2),
+        TreeNodeView(4, 3, "\n", "drafted", -1),
+    )
+    tree = render_tree(TreeSnapshot(7, 4, nodes, accepted=(0, 1), pruned=(2,), flushed=False))
+    root = tree.children[0]
+    assert str(root.label) == " The" and "bold green" in str(root.label.style)  # type: ignore[union-attr]
+    cat, dog = root.children
+    assert "bold green" in str(cat.label.style) and "strike" in str(dog.label.style)  # type: ignore[union-attr]
+    sat = cat.children[0]
+    assert str(sat.label) == " sat s3"  # in flight, at stage 3
+    assert str(sat.children[0].label) == "⏎" and "grey" in str(sat.children[0].label.style)  # type: ignore[union-attr]
+    assert "accepted 2" in str(tree.label) and "pruned 1" in str(tree.label)
+
+
+@pytest.mark.slow
+def test_error_screen_instead_of_a_crash(tmp_path: Any) -> None:
+    """A model that does not exist: the loading screen gives way to an error screen, and enter quits with 1."""
+
+    async def run() -> None:
+        app = make_app(engine_options(str(tmp_path / "nope"), 1, None, "none", 32, True, None, 0.0, "fp32", "cpu",
+                                      4096), GenerationConfig())  # fmt: skip
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), 60)
+            assert "nope" in str(app.screen.query_one("#error-message").render())
+            await pilot.press("enter")
+        assert app.return_code == 1
+
+    asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_a_recorded_high_rate_stream_is_coalesced(chat_ids: Callable[[str], list[int]]) -> None:
+    """Events recorded from a real traced generation, replayed into the app 20 times over as fast as the bridge
+    can post them (thousands of events a second): the tree pane draws far fewer times than it gets snapshots, shows
+    the newest one, and no committed text is lost."""
+    engine = Engine(EngineOptions(draft="ngram"))
+    config = GenerationConfig(max_tokens=48, trace=True)
+    with engine:
+        recorded = list(engine.generate(chat_ids("Count from one to twenty."), config))
+    snapshots = [e for e in recorded if isinstance(e, TreeSnapshot)]
+    text = "".join(e.text for e in recorded if isinstance(e, TokensCommitted))
+    assert len(snapshots) >= 10 and any(isinstance(e, StageUtilization) for e in recorded)
+
+    async def run() -> None:
+        app = ChatApp(lambda: Engine(EngineOptions(draft="none")), config, "replay")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.bridge.engine is not None)
+            chat, tree = app.query_one(ChatLog), app.query_one(TreeView)
+            chat.start_reply()
+            rounds = 20
+            for _ in range(rounds):
+                assert isinstance(app.bridge.relay(recorded), GenerationFinished)
+            await wait_for(pilot, lambda: chat.reply_text == text * rounds, 60)
+            await pilot.pause(0.3)  # one more frame of the tree pane
+            assert tree.snapshot is snapshots[-1]
+            assert 1 <= tree.renders < len(snapshots) * rounds / 5, f"{tree.renders} draws"
+
+    asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_chat_on_two_stages(chat_ids: Callable[[str], list[int]], reference_greedy: Any, tokenizer: Any) -> None:
+    """Type a prompt, press enter: the reply in the chat pane is the target's own greedy text; the tree pane showed
+    accepted nodes; the stage pane has a row per stage, each busy. Ctrl+C mid-reply stops it, and the next prompt
+    gets its whole reply."""
+    options = engine_options(None, 2, "specpipe", "ngram", 32, True, None, 0.0, "fp32", "cpu", 4096)
+    config = GenerationConfig(max_tokens=24, sampling=SamplingConfig(temperature=0.0), trace=True)
+    prompt = "Name two planets."
+
+    async def run() -> None:
+        app = make_app(options, config)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.bridge.engine is not None)
+            await ask(pilot, app, prompt)
+            await wait_for(pilot, lambda: app.replies == 1)
+            chat, tree, stages = app.query_one(ChatLog), app.query_one(TreeView), app.query_one(StageBars)
+            want = tokenizer.decode(reference_greedy(chat_ids(prompt), 24), skip_special_tokens=True)
+            assert chat.reply_text == want
+            assert app.last_done is not None and not app.last_done.stopped
+            assert tree.accepted_seen > 0 and tree.renders > 0
+            assert len(stages.stages) == 2 and all(b > 0 for b in stages.busy)
+            assert "tok/step" in str(app.query_one("#status").render())
+            app.config = GenerationConfig(max_tokens=400, trace=True)
+            await ask(pilot, app, "Write a long story about a lighthouse keeper.")
+            await wait_for(pilot, lambda: len(chat.reply_text) > 20)
+            await pilot.press("ctrl+c")
+            await wait_for(pilot, lambda: app.replies == 2)
+            assert app.last_done is not None and app.last_done.stopped
+            app.config = config
+            await ask(pilot, app, "What is the boiling point of water?")
+            await wait_for(pilot, lambda: app.replies == 3)
+            assert app.last_done is not None and app.last_done.finished is not None
+            done = app.last_done.finished
+            assert done.reason in ("eos", "length") and done.text and chat.reply_text == done.text and not app.busy
+            assert app.bridge.engine.decoder.open_requests == 0
+
+    asyncio.run(run())
