@@ -150,8 +150,8 @@ class Engine:
         out = []
         for i, a in enumerate(self.cluster.assigns):
             t = self.timings[i] if self.timings else None
-            device = f"{t.device} @ {t.host} (emulated on {a.device})" if t else a.device
-            out.append(StageInfo(device, (a.layer_start, a.layer_end), t.link_ms if t else 0.0))
+            device = f"{t.device} @ {t.host}" if t else a.device
+            out.append(StageInfo(device, (a.layer_start, a.layer_end), t.link_ms if t else 0.0, a.device if t else ""))
         return out
 
     def modeled_step_ms(self, rows: int = 1) -> float:

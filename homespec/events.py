@@ -83,7 +83,7 @@ class TreeNodeView:
     parent: int  # -1: the root
     text: str  # its token's text
     state: Literal["drafted", "sent", "done"]
-    stage: int  # sent nodes: the stage their wave is in now (0-based); done: the stage count; drafted: -1
+    stage: int  # the last stage (0-based) the node's wave went through: done nodes the last one; drafted: -1
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class StageInfo:
     device: str
     layers: tuple[int, int]
     link_ms: float = 0.0
+    emulated_on: str = ""  # emulated stages: the device really computing
 
 
 @dataclass(frozen=True)

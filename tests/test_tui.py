@@ -4,6 +4,8 @@ recorded high-rate event stream replayed into it, the tree rendering, and the er
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ from homespec.events import (
     TreeNodeView,
     TreeSnapshot,
 )
-from tui.app import ChatApp, ErrorScreen
+from tui.app import ChatApp, ErrorScreen, LoadingScreen
 from tui.widgets.chat_log import ChatLog
 from tui.widgets.stage_bars import StageBars
 from tui.widgets.tree_view import TreeView, render_tree
@@ -52,13 +54,19 @@ def test_tree_rendering_marks_each_state() -> None:
         TreeNodeView(4, 3, "\n", "drafted", -1),
     )
     tree = render_tree(TreeSnapshot(7, 4, nodes, accepted=(0, 1), pruned=(2,), flushed=False))
+
+    def styles(node: Any) -> str:
+        return " ".join(str(span.style) for span in node.label.spans)
+
     root = tree.children[0]
-    assert str(root.label) == " The" and "bold green" in str(root.label.style)  # type: ignore[union-attr]
+    assert str(root.label) == " The" and "bold green" in styles(root)
     cat, dog = root.children
-    assert "bold green" in str(cat.label.style) and "strike" in str(dog.label.style)  # type: ignore[union-attr]
+    assert "bold green" in styles(cat) and "strike" in styles(dog)
     sat = cat.children[0]
-    assert str(sat.label) == " sat s3"  # in flight, at stage 3
-    assert str(sat.children[0].label) == "⏎" and "grey" in str(sat.children[0].label.style)  # type: ignore[union-attr]
+    assert str(sat.label) == " sat s3"  # in flight: its wave has left stage 3
+    assert str(sat.children[0].label) == "⏎" and "grey" in styles(sat.children[0])  # drafted, a newline as a symbol
+    chain = render_tree(TreeSnapshot(8, 4, (nodes[3], TreeNodeView(5, 3, " down", "sent", 2)), (), (), True))
+    assert str(chain.children[0].label) == " sat· down s3" and "flush" in str(chain.label)  # a chain is one line
     assert "accepted 2" in str(tree.label) and "pruned 1" in str(tree.label)
 
 
@@ -143,5 +151,19 @@ def test_chat_on_two_stages(chat_ids: Callable[[str], list[int]], reference_gree
             done = app.last_done.finished
             assert done.reason in ("eos", "length") and done.text and chat.reply_text == done.text and not app.busy
             assert app.bridge.engine.decoder.open_requests == 0
+            # a stage dies mid-reply: an error screen, and enter starts new stages for the next prompt
+            app.config = GenerationConfig(max_tokens=400, trace=True)
+            before = len(chat.reply_text)
+            await ask(pilot, app, "Tell me about the history of bridges.")
+            await wait_for(pilot, lambda: chat.reply_text and len(chat.reply_text) != before)
+            os.kill(app.bridge.engine.cluster.procs[-1].pid, signal.SIGKILL)
+            await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), 60)
+            assert "stage" in str(app.screen.query_one("#error-message").render())
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.bridge.engine is not None and not isinstance(app.screen, LoadingScreen))
+            app.config = config
+            await ask(pilot, app, prompt)
+            await wait_for(pilot, lambda: app.replies == 5)
+            assert app.last_done is not None and app.last_done.finished is not None
 
     asyncio.run(run())

@@ -95,6 +95,7 @@ class ChatApp(App[None]):
         self._reply_started = 0.0
         self._first_token_at = 0.0
         self._tokens = 0
+        self._last_wave = 0  # nodes in the wave verified last
 
     # -- layout --------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -112,6 +113,10 @@ class ChatApp(App[None]):
         yield Static("", id="status")
 
     def on_mount(self) -> None:
+        # the panes, held here: messages keep arriving while another screen (loading, error) is on top
+        self.chat_log, self.tree_view = self.query_one(ChatLog), self.query_one(TreeView)
+        self.stage_bars, self.status_line = self.query_one(StageBars), self.query_one("#status", Static)
+        self.prompt_box = self.query_one("#prompt", Input)
         self.push_screen(LoadingScreen(self.describe or self.model_name))
         self._load()
 
@@ -128,9 +133,9 @@ class ChatApp(App[None]):
         if isinstance(self.screen, LoadingScreen):
             self.pop_screen()
         engine = msg.engine
-        self.query_one(StageBars).configure(engine.stage_info(), engine.options.draft)
+        self.stage_bars.configure(engine.stage_info(), engine.options.draft)
         self._status(ready=True)
-        self.query_one("#prompt", Input).focus()
+        self.prompt_box.focus()
 
     def on_engine_failed(self, msg: m.EngineFailed) -> None:
         if isinstance(self.screen, LoadingScreen):
@@ -144,7 +149,7 @@ class ChatApp(App[None]):
             return
         event.input.value = ""
         self.conversation.append({"role": "user", "content": text})
-        chat = self.query_one(ChatLog)
+        chat = self.chat_log
         chat.add_user(text)
         chat.start_reply()
         self.busy = True
@@ -155,30 +160,32 @@ class ChatApp(App[None]):
     def _generate(self, conversation: list[dict[str, str]]) -> None:
         self.bridge.generate(conversation, self.config)
 
-    def on_committed(self, msg: m.Committed) -> None:
+    async def on_committed(self, msg: m.Committed) -> None:
         if not self._first_token_at:
             self._first_token_at = time.perf_counter()
-        self.query_one(ChatLog).append(msg.text)
+        await self.chat_log.append(msg.text)
 
     def on_step_done(self, msg: m.StepDone) -> None:
-        self._tokens = msg.tokens
+        self._tokens, self._last_wave = msg.tokens, msg.wave_size
         self._status(step=msg)
 
     def on_tree_changed(self, msg: m.TreeChanged) -> None:
-        self.query_one(TreeView).show(msg.snapshot)
+        self.tree_view.show(msg.snapshot)
 
     def on_stages_changed(self, msg: m.StagesChanged) -> None:
-        tree = self.query_one(TreeView).snapshot
+        tree = self.tree_view.snapshot
         waves = None
-        if tree is not None:
+        if tree is not None:  # nodes per stage: those in flight where their wave is, the verified wave at the last
             waves = [0] * tree.stages
             for n in tree.nodes:
                 if n.state == "sent" and 0 <= n.stage < tree.stages:
                     waves[n.stage] += 1
-        self.query_one(StageBars).show(msg.utilization, waves, msg.utilization.draft)
+            waves[-1] = self._last_wave
+        self.stage_bars.show(msg.utilization, waves, msg.utilization.draft)
 
-    def on_reply_done(self, msg: m.ReplyDone) -> None:
-        chat = self.query_one(ChatLog)
+    async def on_reply_done(self, msg: m.ReplyDone) -> None:
+        chat = self.chat_log
+        await chat.end_reply()
         text = msg.finished.text if msg.finished else chat.reply_text
         self.conversation.append({"role": "assistant", "content": text})
         if msg.stopped:
@@ -188,24 +195,35 @@ class ChatApp(App[None]):
         self.last_done = msg
         self._status(done=msg)
 
-    def on_reply_failed(self, msg: m.ReplyFailed) -> None:
+    async def on_reply_failed(self, msg: m.ReplyFailed) -> None:
+        await self.chat_log.end_reply()
         self.conversation.pop()  # the prompt that got no reply
+        self.chat_log.note("(failed)")
         self.busy = False
         self.replies += 1
-        self.push_screen(ErrorScreen(msg.message, msg.hint))
+        if msg.lost:  # the stages are gone: back from the error screen, start them again
+            self.bridge.close()
+            hint = (msg.hint + "; " if msg.hint else "") + "enter restarts the stages"
+            self.push_screen(ErrorScreen(msg.message, hint), callback=lambda _: self._reload())
+        else:
+            self.push_screen(ErrorScreen(msg.message, msg.hint))
+
+    def _reload(self) -> None:
+        self.push_screen(LoadingScreen(self.describe or self.model_name))
+        self._load()
 
     # -- keys ----------------------------------------------------------------------------------------------
     def action_stop(self) -> None:
         if self.busy:
             self.bridge.stop.set()
 
-    def action_clear(self) -> None:
+    async def action_clear(self) -> None:
         if not self.busy:
             self.conversation.clear()
-            self.query_one(ChatLog).clear()
+            await self.chat_log.clear()
 
     def action_toggle_tree(self) -> None:
-        self.query_one("#right").toggle_class("hidden-tree")
+        self.get_screen("_default").query_one("#right").toggle_class("hidden-tree")
 
     def action_tree(self) -> None:
         self.action_toggle_tree()
@@ -241,4 +259,4 @@ class ChatApp(App[None]):
             parts += [f"{s.tokens_per_s:.1f} tok/s", f"TBT {1000 / s.tokens_per_s if s.tokens_per_s else 0:.0f} ms"]
             parts += [f"{s.tokens_per_step:.2f} tok/step", f"accept {s.accepted_per_step:.2f}/fwd"]
         parts += [mode, self.model_name]
-        self.query_one("#status", Static).update(" · ".join(parts))
+        self.status_line.update(" · ".join(parts))

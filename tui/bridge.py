@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from homespec.errors import HomespecError
+from homespec.errors import HomespecError, PeerLostError
 from homespec.events import (
     Event,
     GenerationFinished,
@@ -52,7 +52,7 @@ class Bridge:
             finally:
                 events.close()  # a stopped request leaves every stage now
         except HomespecError as exc:
-            self.post(m.ReplyFailed(exc.message, exc.hint or ""))
+            self.post(m.ReplyFailed(exc.message, exc.hint or "", lost=isinstance(exc, PeerLostError)))
             return
         except Exception as exc:
             self.post(m.ReplyFailed(f"{type(exc).__name__}: {exc}"))
@@ -72,7 +72,7 @@ class Bridge:
                 tokens += event.emitted
                 forwards += 1
                 accepted += event.accepted
-                self.post(m.StepDone(tokens, event.step, accepted, forwards, event.flushed))
+                self.post(m.StepDone(tokens, event.step, accepted, forwards, event.flushed, event.wave_size))
             elif isinstance(event, TreeSnapshot):
                 self.post(m.TreeChanged(event))
             elif isinstance(event, StageUtilization):

@@ -40,9 +40,12 @@ class Committed(Message):
 class StepDone(Message):
     """Counters after a verified wave, for the status line."""
 
-    def __init__(self, tokens: int, steps: int, accepted: int, forwards: int, flushed: bool) -> None:
+    def __init__(
+        self, tokens: int, steps: int, accepted: int, forwards: int, flushed: bool, wave_size: int = 0
+    ) -> None:
         super().__init__()
         self.tokens, self.steps, self.accepted, self.forwards, self.flushed = tokens, steps, accepted, forwards, flushed
+        self.wave_size = wave_size
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, StepDone)
@@ -77,6 +80,8 @@ class ReplyDone(Message):
 
 
 class ReplyFailed(Message):
-    def __init__(self, message: str, hint: str = "") -> None:
+    """The reply failed; ``lost``: a stage was lost, so the engine must be rebuilt before the next prompt."""
+
+    def __init__(self, message: str, hint: str = "", lost: bool = False) -> None:
         super().__init__()
-        self.message, self.hint = message, hint
+        self.message, self.hint, self.lost = message, hint, lost

@@ -186,8 +186,8 @@ class PipelineDecoder:
         self._collect(run, sent_at)
         snapshot = None
         if run.trace:
-            stage_of = {n: tick - t for t, nodes in run.in_flight for n in nodes}
-            snapshot = tree_rows(run.tree, stage_of, self.stages)
+            stage_of = {n: tick - t - 1 for t, nodes in run.in_flight for n in nodes}  # the stage it left last
+            snapshot = tree_rows(run.tree, stage_of, self.stages - 1)
         v = run.tree.verify()
         if v.committed or v.dead:
             run.prune_seq += 1

@@ -33,7 +33,7 @@ class DecodeStep:
     tree: tuple[NodeRow, ...] | None = None  # traced requests: the tree as this verification found it
 
 
-#: (node id, parent id or -1, token, state, stage its wave is in: -1 drafted, the stage count when done)
+#: (node id, parent id or -1, token, state, the last stage its wave went through: -1 drafted, the last one when done)
 NodeRow = tuple[int, int, int, str, int]
 
 
@@ -111,7 +111,7 @@ class InProcessDecoder:
                 draft.learn([r.token for r in rows], top_t_l, top_lp_l)
             if draft.wants_features:
                 draft.tree_features([r.node for r in rows], self.stages[-1].last_hidden)
-            snapshot = tree_rows(tree, {}, len(self.stages)) if trace else None
+            snapshot = tree_rows(tree, {}, len(self.stages) - 1) if trace else None
             v = tree.verify()
             for cache in self.caches:
                 cache.commit(v.committed, v.dead)

@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 from homespec.events import StageInfo, StageUtilization
 
-HISTORY = 24  # sparkline points
+HISTORY = 12  # sparkline points
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -53,22 +53,26 @@ class StageBars(Static):
         self._draw()
 
     def _draw(self) -> None:
-        table = Table(box=None, expand=True, pad_edge=False)
-        for name in ("stage", "device", "layers", "busy", "", "last seconds", "wave", "link"):
-            table.add_column(name, style="dim" if name in ("device", "layers", "link") else None, no_wrap=True)
+        table = Table(box=None, expand=False, pad_edge=False)
+        for name in ("#", "device", "layers", "busy", "", "recent", "wave", "link ms"):
+            table.add_column(name, style="dim" if name in ("layers", "link") else None, no_wrap=True)
         for i, s in enumerate(self.stages):
             busy = self.busy[i] if i < len(self.busy) else 0.0
             table.add_row(
                 str(i + 1),
                 s.device,
                 f"{s.layers[0]}–{s.layers[1] - 1}",
-                bar(busy),
+                bar(busy, 10),
                 f"{busy:4.0%}",
                 sparkline(list(self.history[i])) if i < len(self.history) else "",
                 str(self.waves[i]) if i < len(self.waves) else "",
-                f"{s.link_ms:.2f} ms" if s.link_ms else "—",
+                f"{s.link_ms:.2f}" if s.link_ms else "—",
             )
         grid = Table.grid()
         grid.add_row(table)
-        grid.add_row(Text.assemble(("draft ", "dim"), (self.draft or "none", "bold")))
+        foot = Text.assemble(("draft ", "dim"), (self.draft or "none", "bold"))
+        emulated = sorted({s.emulated_on for s in self.stages if s.emulated_on})
+        if emulated:
+            foot.append(f"   (emulated device and link times; computed on {', '.join(emulated)})", style="dim")
+        grid.add_row(foot)
         self.update(grid)

@@ -12,7 +12,7 @@ from rich.text import Text
 from rich.tree import Tree
 from textual.widgets import Static
 
-from homespec.events import TreeSnapshot
+from homespec.events import TreeNodeView, TreeSnapshot
 
 FPS = 10
 MAX_NODES = 80  # nodes drawn at most (the best-scoring first: the tree comes in the head's order)
@@ -26,7 +26,8 @@ def _label(text: str) -> str:
 
 
 def render_tree(snap: TreeSnapshot, max_nodes: int = MAX_NODES) -> Tree:
-    """The snapshot as a rich Tree (pure: no app state)."""
+    """The snapshot as a rich Tree (pure: no app state). A chain of single children is one line, each token keeping
+    its own style, so the long paths of a good draft read as text."""
     accepted, pruned = set(snap.accepted), set(snap.pruned)
     title = Text.assemble(
         ("step ", "dim"), (str(snap.step), "bold"), ("  accepted ", "dim"), (str(len(snap.accepted)), "bold green"),
@@ -35,25 +36,44 @@ def render_tree(snap: TreeSnapshot, max_nodes: int = MAX_NODES) -> Tree:
     if snap.flushed:
         title.append("  flush", style="bold yellow")
     out = Tree(title)
-    nodes = snap.nodes[:max_nodes]
-    shown = {n.id for n in nodes}
-    branches: dict[int, Tree] = {}
-    for n in nodes:
-        if n.id in accepted:
-            style = "bold green"
-        elif n.id in pruned:
-            style = "dim strike"
-        elif n.state == "sent":
-            style = STAGE_COLORS[n.stage % len(STAGE_COLORS)]
-        elif n.state == "done":
-            style = "green"
+    nodes = {n.id: n for n in snap.nodes[:max_nodes]}
+    children: dict[int, list[int]] = {}
+    roots = []
+    for n in nodes.values():
+        if n.parent in nodes:
+            children.setdefault(n.parent, []).append(n.id)
         else:
-            style = "grey50"
-        label = Text(_label(n.text), style=style)
+            roots.append(n.id)
+
+    def style(n: TreeNodeView) -> str:
+        if n.id in accepted:
+            return "bold green"
+        if n.id in pruned:
+            return "dim strike"
+        if n.state == "sent":
+            return STAGE_COLORS[n.stage % len(STAGE_COLORS)]
+        return "green" if n.state == "done" else "grey50"
+
+    def add(branch: Tree, first: int) -> None:
+        label, node = Text(), first
+        while True:
+            n = nodes[node]
+            if label:
+                label.append("·", style="grey35")
+            label.append(_label(n.text), style=style(n))
+            kids = children.get(node, [])
+            if len(kids) != 1 or n.state != nodes[kids[0]].state or (n.id in pruned) != (kids[0] in pruned):
+                break
+            node = kids[0]
+        n = nodes[node]
         if n.state == "sent" and n.id not in pruned:
             label.append(f" s{n.stage + 1}", style="dim")
-        parent = branches.get(n.parent) if n.parent in shown else None
-        branches[n.id] = (parent or out).add(label)
+        sub = branch.add(label)
+        for kid in children.get(node, []):
+            add(sub, kid)
+
+    for r in roots:
+        add(out, r)
     if len(snap.nodes) > max_nodes:
         out.add(Text(f"… {len(snap.nodes) - max_nodes} more nodes", style="dim"))
     return out
