@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,9 @@ class EngineOptions:
 
 
 class Engine:
-    def __init__(self, options: EngineOptions = EngineOptions()) -> None:
+    def __init__(self, options: EngineOptions = EngineOptions(), progress: Callable[[str], None] | None = None) -> None:
+        """Load the model (and start the stage processes for a pipelined mode); ``progress`` hears each phase."""
+        say = progress or (lambda text: None)
         import torch
 
         from homespec.model.loader import resolve
@@ -67,6 +69,7 @@ class Engine:
         self.cluster: Any = None
         self.time_scale = 1.0  # emulation only: real seconds per emulated second
         dtype = parse_dtype(options.dtype)
+        say(f"reading {options.model or 'the bundled model'}…")
         self.source = resolve(options.model)
         self.tokenizer = self.source.tokenizer()
         total = self.source.num_layers
@@ -75,7 +78,8 @@ class Engine:
                 raise ConfigError(f"split must be in [1, {total}], got {options.split}")
             self.decoder: Any = self._in_process(options.split)
         else:
-            self.decoder = self._pipeline(options, total)
+            say(f"starting {options.stages} stage processes…")
+            self.decoder = self._pipeline(options, total, say)
         self._dtype = dtype
         self._drafts = {options.draft: self.build_draft(options.draft)}
         self._decoders = {options.mode: self.decoder}
@@ -92,7 +96,7 @@ class Engine:
         ]
         return InProcessDecoder(stages, max_context=o.max_context)
 
-    def _pipeline(self, options: EngineOptions, total: int) -> Any:
+    def _pipeline(self, options: EngineOptions, total: int, progress: Callable[[str], None]) -> Any:
         from homespec.core.messages import Assign
         from homespec.pipeline.cluster import LocalCluster
 
@@ -117,7 +121,7 @@ class Engine:
             assigns.append(
                 Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512, *emu)
             )
-        self.cluster = LocalCluster(assigns)
+        self.cluster = LocalCluster(assigns, progress)
         return self._pipeline_decoder(options.mode)
 
     def _pipeline_decoder(self, mode: str) -> Any:

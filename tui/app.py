@@ -83,7 +83,11 @@ class ChatApp(App[None]):
     ]
 
     def __init__(
-        self, make_engine: Callable[[], Any], config: GenerationConfig, model_name: str, describe: str = ""
+        self,
+        make_engine: Callable[[Callable[[str], None]], Any],
+        config: GenerationConfig,
+        model_name: str,
+        describe: str = "",
     ) -> None:
         super().__init__()
         self.bridge = Bridge(self.post_message, make_engine)
@@ -92,6 +96,7 @@ class ChatApp(App[None]):
         self.busy = False  # a reply is being generated
         self.replies = 0  # replies finished (or stopped)
         self.last_done: m.ReplyDone | None = None
+        self.load_log: list[str] = []  # what the loading screen said
         self._reply_started = 0.0
         self._first_token_at = 0.0
         self._tokens = 0
@@ -126,6 +131,7 @@ class ChatApp(App[None]):
 
     # -- engine lifecycle ----------------------------------------------------------------------------------
     def on_load_progress(self, msg: m.LoadProgress) -> None:
+        self.load_log.append(msg.text)
         if isinstance(self.screen, LoadingScreen):
             self.screen.progress(msg.text)
 

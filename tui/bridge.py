@@ -22,7 +22,8 @@ from tui import messages as m
 
 
 class Bridge:
-    def __init__(self, post: Callable[[Any], object], make_engine: Callable[[], Any]) -> None:
+    def __init__(self, post: Callable[[Any], object], make_engine: Callable[[Callable[[str], None]], Any]) -> None:
+        """``make_engine(progress)`` builds the engine, telling ``progress`` what it is doing."""
         self.post, self._make_engine = post, make_engine
         self.engine: Any = None
         self.stop = threading.Event()
@@ -31,7 +32,7 @@ class Bridge:
         """Build the engine (model load, stage processes): EngineReady or EngineFailed."""
         self.post(m.LoadProgress("loading the model and starting the stages…"))
         try:
-            self.engine = self._make_engine()
+            self.engine = self._make_engine(lambda text: self.post(m.LoadProgress(text)))
         except HomespecError as exc:
             self.post(m.EngineFailed(exc.message, exc.hint or ""))
             return

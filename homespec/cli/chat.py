@@ -78,4 +78,4 @@ def make_app(options: EngineOptions, config: GenerationConfig) -> ChatApp:
     name = options.model or BUNDLED_ID
     where = f"{options.stages} stage processes" if options.mode != "ar" else "this process"
     describe = f"{name} · {options.mode} on {where} · draft {options.draft}"
-    return ChatApp(lambda: Engine(options), config, name, describe)
+    return ChatApp(lambda progress: Engine(options, progress), config, name, describe)

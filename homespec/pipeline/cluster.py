@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -32,7 +32,9 @@ READY_TIMEOUT_S = 120.0
 
 
 class LocalCluster:
-    def __init__(self, assigns: Sequence[Assign]) -> None:
+    def __init__(self, assigns: Sequence[Assign], progress: Callable[[str], None] | None = None) -> None:
+        """Start one process per Assign and wait until every stage has loaded; ``progress`` hears each one."""
+        self._progress = progress or (lambda text: None)
         self.assigns = list(assigns)
         self.size = len(assigns)
         self._dir = tempfile.mkdtemp(prefix="homespec-")
@@ -75,8 +77,11 @@ class LocalCluster:
         ready: set[int] = set()
         while len(ready) < self.size:
             msg = self.recv_report(deadline)
-            if isinstance(msg, Heartbeat):
+            if isinstance(msg, Heartbeat) and msg.sender not in ready:
                 ready.add(msg.sender)
+                a = self.assigns[msg.sender] if 0 <= msg.sender < self.size else None
+                layers = f" (layers {a.layer_start}–{a.layer_end - 1})" if a else ""
+                self._progress(f"stage {msg.sender + 1} ready{layers}: {len(ready)} of {self.size}")
         self.sync(seq=-1, deadline=deadline)
 
     def sync(self, seq: int, deadline: float) -> None:
