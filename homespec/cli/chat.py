@@ -9,6 +9,12 @@ import typer
 from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
+    DeviceOption,
+    DtypeOption,
+    EmulateOption,
+    MaxContextOption,
+    ModeOption,
+    StagesOption,
     TimeScaleOption,
     WaveSizeOption,
     quiet_libraries,
@@ -24,20 +30,20 @@ if TYPE_CHECKING:
 
 def chat(
     model: Annotated[str | None, typer.Argument(help="a folder, .gguf or repo id (default: the bundled model)")] = None,
-    stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes (1: the whole model here)")] = 1,
-    mode: Annotated[str | None, typer.Option(help="ar | pp | tree | specpipe (default: by --stages)")] = None,
+    stages: StagesOption = 1,
+    mode: ModeOption = None,
     draft: Annotated[str, typer.Option(help="draft source")] = DEFAULT_DRAFT,
     wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
-    emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
+    emulate: EmulateOption = None,
     time_scale: TimeScaleOption = 0.0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens per reply")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int, typer.Option(help="sampling seed (keyed per position)")] = 0,
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
-    device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
-    max_context: Annotated[int, typer.Option("--max-context")] = 4096,
+    dtype: DtypeOption = "fp32",
+    device: DeviceOption = "cpu",
+    max_context: MaxContextOption = 4096,
 ) -> None:
     """Chat with the model in the terminal, watching the speculation live (token tree, stage utilization)."""
     quiet_libraries()

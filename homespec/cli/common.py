@@ -22,6 +22,12 @@ ByScoreOption = Annotated[
     bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")
 ]
 TimeScaleOption = Annotated[float, typer.Option("--time-scale", help="emulation: clock slow-down (0 = auto)")]
+StagesOption = Annotated[int, typer.Option("--stages", "-s", help="stage processes (1: the whole model here)")]
+ModeOption = Annotated[str | None, typer.Option(help="ar | pp | tree | specpipe (default: by --stages)")]
+EmulateOption = Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")]
+DtypeOption = Annotated[str, typer.Option(help="fp32 | fp16 | bf16")]
+DeviceOption = Annotated[str, typer.Option(help="cpu | cuda:N | mps")]
+MaxContextOption = Annotated[int, typer.Option("--max-context")]
 
 
 def quiet_libraries() -> None:

@@ -9,6 +9,12 @@ import typer
 from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
+    DeviceOption,
+    DtypeOption,
+    EmulateOption,
+    MaxContextOption,
+    ModeOption,
+    StagesOption,
     TimeScaleOption,
     WaveSizeOption,
     quiet_libraries,
@@ -26,20 +32,20 @@ def serve(
         str | None, typer.Option("--api-key", envvar="HOMESPEC_API_KEY", help="require 'Authorization: Bearer KEY'")
     ] = None,
     served_name: Annotated[str | None, typer.Option("--served-name", help="model id clients use")] = None,
-    stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes (1: the whole model here)")] = 1,
-    mode: Annotated[str | None, typer.Option(help="ar | pp | tree | specpipe (default: by --stages)")] = None,
+    stages: StagesOption = 1,
+    mode: ModeOption = None,
     draft: Annotated[str, typer.Option(help="draft source")] = DEFAULT_DRAFT,
     wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
-    emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
+    emulate: EmulateOption = None,
     time_scale: TimeScaleOption = 0.0,
     max_concurrency: Annotated[
         int, typer.Option("--max-concurrency", help="requests sharing the pipeline's steps (ar: 1)")
     ] = 4,
     max_queue: Annotated[int, typer.Option("--max-queue", help="waiting requests before 429")] = 32,
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
-    device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
-    max_context: Annotated[int, typer.Option("--max-context")] = 4096,
+    dtype: DtypeOption = "fp32",
+    device: DeviceOption = "cpu",
+    max_context: MaxContextOption = 4096,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level")] = "warning",
 ) -> None:
     """Serve the model with an OpenAI-compatible API (``/v1/chat/completions``, ``/v1/completions``)."""
