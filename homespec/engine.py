@@ -419,6 +419,13 @@ class BusyWindow:
         return tuple(max(0.0, min(1.0, (b - a) / (now - then))) for a, b in zip(old, busy, strict=True))
 
 
+def model_name(spec: str | None) -> str:
+    """A short name for a MODEL argument (the bundled model's id, a repo id, or a folder's or file's name)."""
+    from homespec.model.loader import model_id
+
+    return model_id(spec)
+
+
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of a conversation under the model's chat template, ready for the assistant's reply."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -66,3 +66,24 @@ def test_server_talks_to_the_engine_only() -> None:
         source = file.read_text()
         for name in banned:
             assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"
+
+
+def test_tui_talks_to_the_engine_only() -> None:
+    """The TUI is a consumer (STYLE 9): engine, events (and the config and errors they speak), never the pipeline,
+    the model code, the wire, the server or the CLI."""
+    tui = PACKAGE.parent / "tui"
+    banned = (
+        "homespec.pipeline",
+        "homespec.model",
+        "homespec.transport",
+        "homespec.server",
+        "homespec.cli",
+        "zmq",
+        "torch",
+    )
+    files = list(tui.rglob("*.py"))
+    assert files
+    for file in files:
+        source = file.read_text()
+        for name in banned:
+            assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"

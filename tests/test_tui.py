@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from textual.widgets import Input
 
-from homespec.cli.chat import engine_options, make_app
+from homespec.cli.chat import engine_options
 from homespec.config import GenerationConfig, SamplingConfig
 from homespec.engine import Engine, EngineOptions
 from homespec.events import (
@@ -25,7 +25,7 @@ from homespec.events import (
     TreeNodeView,
     TreeSnapshot,
 )
-from tui.app import ChatApp, ErrorScreen, LoadingScreen
+from tui.app import ChatApp, ErrorScreen, LoadingScreen, make_app
 from tui.widgets.chat_log import ChatLog
 from tui.widgets.stage_bars import StageBars
 from tui.widgets.tree_view import TreeView, render_tree

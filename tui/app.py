@@ -23,11 +23,20 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, LoadingIndicator, Static
 
 from homespec.config import GenerationConfig
+from homespec.engine import Engine, EngineOptions, model_name
 from tui import messages as m
 from tui.bridge import Bridge
 from tui.widgets.chat_log import ChatLog
 from tui.widgets.stage_bars import StageBars
 from tui.widgets.tree_view import TreeView
+
+
+def make_app(options: EngineOptions, config: GenerationConfig) -> ChatApp:
+    """The app for these engine options; the engine is built inside it, behind the loading screen."""
+    name = model_name(options.model)
+    where = f"{options.stages} stage processes" if options.mode != "ar" else "this process"
+    describe = f"{name} · {options.mode} on {where} · draft {options.draft}"
+    return ChatApp(lambda progress: Engine(options, progress), config, name, describe)
 
 
 class LoadingScreen(ModalScreen[None]):

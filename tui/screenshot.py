@@ -10,12 +10,15 @@ import asyncio
 
 from textual.widgets import Input
 
-from homespec.cli.chat import engine_options, make_app
 from homespec.config import GenerationConfig
+from homespec.engine import EngineOptions
+from tui.app import make_app
 
 
 async def shoot(out: str, stages: int, emulate: str | None, prompt: str, after_chars: int) -> None:
-    options = engine_options(None, stages, None, "ngram+recycle", 32, True, emulate, 0.0, "fp32", "cpu", 4096)
+    options = EngineOptions(
+        draft="ngram+recycle", mode="specpipe" if stages > 1 else "ar", stages=stages, emulate=emulate
+    )
     app = make_app(options, GenerationConfig(max_tokens=200, trace=True))
     async with app.run_test(size=(150, 46)) as pilot:
         while app.bridge.engine is None:

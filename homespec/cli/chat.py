@@ -23,9 +23,7 @@ from homespec.cli.common import (
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 
 if TYPE_CHECKING:
-    from homespec.config import GenerationConfig
     from homespec.engine import EngineOptions
-    from tui.app import ChatApp
 
 
 def chat(
@@ -55,6 +53,8 @@ def chat(
         config = GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed), trace=True
         )
+    from tui.app import make_app
+
     app = make_app(options, config)
     app.run()
     if app.return_code:
@@ -72,16 +72,3 @@ def engine_options(
         stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale, dtype=dtype,
         device=device, max_context=max_context,
     )  # fmt: skip
-
-
-def make_app(options: EngineOptions, config: GenerationConfig) -> ChatApp:
-    """The app for these options; the engine is built inside it, behind the loading screen (tests drive it with
-    Pilot)."""
-    from homespec.engine import Engine
-    from homespec.model.loader import BUNDLED_ID
-    from tui.app import ChatApp
-
-    name = options.model or BUNDLED_ID
-    where = f"{options.stages} stage processes" if options.mode != "ar" else "this process"
-    describe = f"{name} · {options.mode} on {where} · draft {options.draft}"
-    return ChatApp(lambda progress: Engine(options, progress), config, name, describe)
