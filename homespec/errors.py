@@ -47,6 +47,12 @@ class PeerLostError(HomespecError):
     """A stage or worker stopped answering."""
 
 
+class PlanError(HomespecError):
+    """The model does not fit the devices, or a placement asked for cannot be made."""
+
+    exit_code = 2
+
+
 class CapacityError(HomespecError):
     """A request outgrew a preallocated buffer (context length, tree slots)."""
 

