@@ -23,6 +23,12 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "homespec"
 
 
+def config_dir() -> Path:
+    """HomeSpec's configuration root (key pairs, trusted heads): ``$HOMESPEC_CONFIG`` or ``~/.config/homespec``."""
+    env = os.environ.get("HOMESPEC_CONFIG")
+    return Path(env).expanduser() if env else Path.home() / ".config" / "homespec"
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the target's next token is chosen (DESIGN §4.4). ``temperature == 0`` means greedy."""

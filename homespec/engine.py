@@ -51,6 +51,12 @@ class EngineOptions:
     by_score: bool = DEFAULT_BY_SCORE  # specpipe: FlowSpec score-ordered waves (False: SpecPipe depth layers)
     emulate: str | None = None  # a profile (profiles/*.json): pad stages and links to its modeled times
     time_scale: float = 0.0  # emulation: run the modeled clock this many times slower (0: auto, pipeline/emulate.py)
+    workers: tuple[str, ...] = ()  # remote stages on these workers (HOST:PORT, or "auto": browse the LAN)
+    cluster: str | None = None  # remote stages as a profile names them (homespec profile --lan --save)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.workers or self.cluster)
 
 
 class Engine:
@@ -104,8 +110,10 @@ class Engine:
             raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")
         if not (1 <= options.wave_size <= 64):
             raise ConfigError(f"wave size must be in [1, 64], got {options.wave_size}")
-        model = "" if options.model is None else str(self.source.folder)
         self.timings: list[Any] = []
+        if options.remote:
+            return self._remote(options, progress)
+        model = "" if options.model is None else str(self.source.folder)
         if options.emulate:
             from homespec.pipeline.emulate import auto_time_scale, load_profile, stage_timings
 
@@ -122,6 +130,25 @@ class Engine:
                 Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512, *emu)
             )
         self.cluster = LocalCluster(assigns, progress)
+        return self._pipeline_decoder(options.mode)
+
+    def _remote(self, options: EngineOptions, progress: Callable[[str], None]) -> Any:
+        """Stages on ``homespec worker`` processes (pipeline/remote.py), placed by the planner; ``--stages`` other
+        than 1 asks for exactly that many."""
+        from pathlib import Path
+
+        from homespec.model.shape import read_shape
+        from homespec.pipeline import remote
+
+        if options.emulate:
+            raise ConfigError("--emulate runs local stages; it cannot be combined with --workers or --cluster")
+        spec = options.model or ""
+        model = str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().exists() else spec
+        where = remote.RemoteSpec(options.workers, options.cluster, options.stages if options.stages > 1 else None)
+        shape = read_shape(str(self.source.folder))
+        self.cluster, self.plan = remote.build(
+            where, model, shape, options.dtype, options.mode, options.max_context, progress
+        )
         return self._pipeline_decoder(options.mode)
 
     def _pipeline_decoder(self, mode: str) -> Any:
@@ -151,6 +178,11 @@ class Engine:
         if self.cluster is None:
             spans = even_split(self.source.num_layers, o.split)
             return [StageInfo(f"{o.device} (this process)", (a, b)) for a, b in spans]
+        if hasattr(self.cluster, "placements"):
+            return [
+                StageInfo(f"{s.device.torch_device} {s.device.name} @ {s.device.host}", s.layers, s.link_s * 1e3)
+                for s in self.plan.stages
+            ]
         out = []
         for i, a in enumerate(self.cluster.assigns):
             t = self.timings[i] if self.timings else None

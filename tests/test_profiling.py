@@ -36,25 +36,25 @@ class FakeNVML:
     def __init__(self, gpus: list[dict[str, Any]]) -> None:
         self.gpus = gpus
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802 (NVML's names)
+    def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)
 
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> dict[str, Any]:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> dict[str, Any]:
         return self.gpus[i]
 
-    def nvmlDeviceGetUUID(self, h: dict[str, Any]) -> bytes:  # noqa: N802
+    def nvmlDeviceGetUUID(self, h: dict[str, Any]) -> bytes:
         return f"GPU-{h['uuid']}".encode()
 
-    def nvmlDeviceGetName(self, h: dict[str, Any]) -> str:  # noqa: N802
+    def nvmlDeviceGetName(self, h: dict[str, Any]) -> str:
         return str(h["name"])
 
-    def nvmlDeviceGetMemoryInfo(self, h: dict[str, Any]) -> SimpleNamespace:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, h: dict[str, Any]) -> SimpleNamespace:
         return SimpleNamespace(total=h["total"], free=h["free"], used=h["total"] - h["free"])
 
-    def nvmlDeviceGetUtilizationRates(self, h: dict[str, Any]) -> SimpleNamespace:  # noqa: N802
+    def nvmlDeviceGetUtilizationRates(self, h: dict[str, Any]) -> SimpleNamespace:
         return SimpleNamespace(gpu=h["util"], memory=0)
 
-    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
+    def nvmlSystemGetDriverVersion(self) -> str:
         return "580.65"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from textual.widgets import Input
 
-from homespec.cli.chat import engine_options
+from homespec.cli.common import engine_options
 from homespec.config import GenerationConfig, SamplingConfig
 from homespec.engine import Engine, EngineOptions
 from homespec.events import (

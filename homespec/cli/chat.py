@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
+    ClusterOption,
     DeviceOption,
     DtypeOption,
     EmulateOption,
@@ -17,13 +18,12 @@ from homespec.cli.common import (
     StagesOption,
     TimeScaleOption,
     WaveSizeOption,
+    WorkersOption,
+    engine_options,
     quiet_libraries,
     user_errors,
 )
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
-
-if TYPE_CHECKING:
-    from homespec.engine import EngineOptions
 
 
 def chat(
@@ -42,6 +42,8 @@ def chat(
     dtype: DtypeOption = "fp32",
     device: DeviceOption = "cpu",
     max_context: MaxContextOption = 4096,
+    workers: WorkersOption = None,
+    cluster: ClusterOption = None,
 ) -> None:
     """Chat with the model in the terminal, watching the speculation live (token tree, stage utilization)."""
     quiet_libraries()
@@ -49,7 +51,7 @@ def chat(
         from homespec.config import GenerationConfig, SamplingConfig
 
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context)  # fmt: skip
+                                 max_context, workers, cluster)  # fmt: skip
         config = GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed), trace=True
         )
@@ -59,16 +61,3 @@ def chat(
     app.run()
     if app.return_code:
         raise typer.Exit(app.return_code)
-
-
-def engine_options(
-    model: str | None, stages: int, mode: str | None, draft: str, wave_size: int, by_score: bool,
-    emulate: str | None, time_scale: float, dtype: str, device: str, max_context: int,
-) -> EngineOptions:  # fmt: skip
-    from homespec.engine import EngineOptions
-
-    return EngineOptions(
-        model=model, draft=draft, mode=(mode or ("specpipe" if stages > 1 else "ar")),  # type: ignore[arg-type]
-        stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale, dtype=dtype,
-        device=device, max_context=max_context,
-    )  # fmt: skip

@@ -7,11 +7,14 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from homespec.errors import HomespecError
+
+if TYPE_CHECKING:
+    from homespec.engine import EngineOptions
 
 T = TypeVar("T")
 
@@ -28,6 +31,31 @@ EmulateOption = Annotated[str | None, typer.Option(help="emulate a cluster profi
 DtypeOption = Annotated[str, typer.Option(help="fp32 | fp16 | bf16")]
 DeviceOption = Annotated[str, typer.Option(help="cpu | cuda:N | mps")]
 MaxContextOption = Annotated[int, typer.Option("--max-context")]
+WorkersOption = Annotated[
+    str | None,
+    typer.Option(help="run the stages on these workers: HOST:PORT,… (homespec worker), or 'auto' to find them"),
+]
+ClusterOption = Annotated[
+    str | None, typer.Option(help="run the stages on the workers of this profile (homespec profile --lan --save)")
+]
+
+
+def engine_options(
+    model: str | None, stages: int, mode: str | None, draft: str, wave_size: int, by_score: bool,
+    emulate: str | None, time_scale: float, dtype: str, device: str, max_context: int,
+    workers: str | None = None, cluster: str | None = None,
+) -> EngineOptions:  # fmt: skip
+    """The engine the options of ``chat``, ``serve`` and ``generate`` describe. The mode defaults to ``specpipe``
+    when the stages are several or remote (``--workers``, ``--cluster``), else ``ar``."""
+    from homespec.engine import EngineOptions
+
+    remote = tuple(w.strip() for w in (workers or "").split(",") if w.strip())
+    pipelined = stages > 1 or bool(remote or cluster)
+    return EngineOptions(
+        model=model, draft=draft, mode=(mode or ("specpipe" if pipelined else "ar")),  # type: ignore[arg-type]
+        stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale, dtype=dtype,
+        device=device, max_context=max_context, workers=remote, cluster=cluster,
+    )  # fmt: skip
 
 
 def quiet_libraries() -> None:

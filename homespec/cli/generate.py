@@ -11,8 +11,11 @@ import typer
 from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
+    ClusterOption,
     TimeScaleOption,
     WaveSizeOption,
+    WorkersOption,
+    engine_options,
     quiet_libraries,
     user_errors,
 )
@@ -47,6 +50,8 @@ def generate(
     max_context: Annotated[int, typer.Option("--max-context")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object at the end")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="print stats to stderr at the end")] = False,
+    workers: WorkersOption = None,
+    cluster: ClusterOption = None,
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
     quiet_libraries()
@@ -54,10 +59,11 @@ def generate(
         if len(args) not in (1, 2):
             raise ConfigError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
         model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
-        mode = mode or ("specpipe" if stages > 1 else "ar")
+        options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
+                                 max_context, workers, cluster)  # fmt: skip
         tree = None  # the mode's and device's default (config.default_tree) unless one is given
         if (tree_budget, tree_depth, tree_width) != (None, None, None):
-            base = default_tree(mode, device)
+            base = default_tree(options.mode, device)
             tree = TreeConfig(
                 base.budget if tree_budget is None else tree_budget,
                 base.depth if tree_depth is None else tree_depth,
@@ -68,24 +74,11 @@ def generate(
             sampling=SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
             tree=tree,
         )
-        from homespec.engine import Engine, EngineOptions
+        from dataclasses import replace
 
-        engine = Engine(
-            EngineOptions(
-                model=model,
-                draft=draft,
-                mode=mode,  # type: ignore[arg-type]  # Engine validates
-                stages=stages,
-                wave_size=wave_size,
-                by_score=by_score,
-                emulate=emulate,
-                time_scale=time_scale,
-                dtype=dtype,
-                device=device,
-                max_context=max_context,
-                tree=config.tree or TreeConfig(),
-            )
-        )
+        from homespec.engine import Engine
+
+        engine = Engine(replace(options, tree=config.tree or TreeConfig()))
         with engine:
             finished = _run(engine, engine.encode(prompt, chat), config, as_json)
         if as_json:

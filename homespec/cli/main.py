@@ -8,11 +8,13 @@ from homespec import __version__
 from homespec.cli.bench import bench
 from homespec.cli.chat import chat
 from homespec.cli.generate import generate
+from homespec.cli.keys import keys
 from homespec.cli.plan import plan
 from homespec.cli.prepare import prepare
 from homespec.cli.profile import profile
 from homespec.cli.serve import serve
 from homespec.cli.train_draft import train_draft
+from homespec.cli.worker import worker
 
 app = typer.Typer(
     name="homespec",
@@ -27,6 +29,8 @@ app.command()(bench)
 app.command()(serve)
 app.command()(plan)
 app.command()(profile)
+app.command()(worker)
+app.add_typer(keys)
 app.command(name="train-draft")(train_draft)
 
 

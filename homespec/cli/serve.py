@@ -9,6 +9,7 @@ import typer
 from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
+    ClusterOption,
     DeviceOption,
     DtypeOption,
     EmulateOption,
@@ -17,6 +18,8 @@ from homespec.cli.common import (
     StagesOption,
     TimeScaleOption,
     WaveSizeOption,
+    WorkersOption,
+    engine_options,
     quiet_libraries,
     user_errors,
 )
@@ -47,6 +50,8 @@ def serve(
     device: DeviceOption = "cpu",
     max_context: MaxContextOption = 4096,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level")] = "warning",
+    workers: WorkersOption = None,
+    cluster: ClusterOption = None,
 ) -> None:
     """Serve the model with an OpenAI-compatible API (``/v1/chat/completions``, ``/v1/completions``)."""
     quiet_libraries()
@@ -59,18 +64,16 @@ def serve(
             raise ConfigError(f"--max-queue must be in [1, 10000], got {max_queue}")
         import uvicorn
 
-        from homespec.engine import Engine, EngineOptions
+        from homespec.engine import Engine
         from homespec.model.loader import model_id
         from homespec.server.app import ServerOptions, create_app
         from homespec.server.metrics import Metrics
         from homespec.server.service import GenerationService
 
-        options = EngineOptions(
-            model=model, draft=draft, mode=mode or ("specpipe" if stages > 1 else "ar"),  # type: ignore[arg-type]
-            stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale,
-            dtype=dtype, device=device, max_context=max_context,
-        )  # fmt: skip
-        typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {stages} stage(s))…", err=True)
+        options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
+                                 max_context, workers, cluster)  # fmt: skip
+        where = "remote workers" if options.remote else f"{stages} stage(s)"
+        typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {where})…", err=True)
         name = served_name or model_id(model)
         metrics = Metrics(name)
         service = GenerationService(lambda: Engine(options), metrics, max_concurrency, max_queue)

@@ -215,8 +215,94 @@ class Failure(Message):
     message: str
 
 
+# -- head <-> worker daemon (``homespec worker``, pipeline/daemon.py) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Head -> worker: who are you (answered with WorkerInfo); with ``measure`` it measures its devices first."""
+
+    kind: ClassVar[str] = "hello"
+    measure: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerInfo(Message):
+    """Worker -> head: its name, public key, ports and its host profile (profiles/README.md, as JSON text that the
+    head parses and validates like a profile file)."""
+
+    kind: ClassVar[str] = "worker_info"
+    name: str
+    key: str  # z85 CurveZMQ public key
+    port: int  # the control port (data ports follow: port + 2 + slot)
+    devices: tuple[str, ...]  # the torch devices it serves, in slot order (cpu, cuda:0, mps…)
+    profile: str  # a profile host entry, JSON
+    session: int = 0  # the session it serves now (0: free)
+
+
+@dataclass(frozen=True)
+class Deploy(Assign):
+    """Head -> worker: run one stage of a session (the Assign fields) wired to its neighbours over CurveZMQ."""
+
+    kind: ClassVar[str] = "deploy"
+    session: int = 0
+    slot: int = 0  # which of the worker's devices, and so which data port
+    next_address: str = ""  # the next stage's input, or the head's results socket for the last stage
+    next_key: str = ""  # the public key of whoever binds next_address
+    upstream_key: str = ""  # who may send into this stage's input: the previous stage's worker, or the head
+    control_address: str = ""  # the head's broadcasts (SUB)
+    report_address: str = ""  # the head's report socket (PUSH)
+    head_key: str = ""
+
+
+@dataclass(frozen=True)
+class Deployed(Message):
+    """Worker -> head: the stage process is started (it says Heartbeat on the report socket once it has loaded)."""
+
+    kind: ClassVar[str] = "deployed"
+    session: int
+    stage: int
+    in_address: str
+
+
+@dataclass(frozen=True)
+class Release(Message):
+    """Head -> worker: the session is over; stop its stages and free their memory."""
+
+    kind: ClassVar[str] = "release"
+    session: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Echo(Message):
+    """Head <-> worker: a round trip of ``payload`` bytes (link latency and bandwidth, ``homespec profile --lan``)."""
+
+    kind: ClassVar[str] = "echo"
+    seq: int
+    payload: RawTensor  # uint8 [n]
+
+
 REGISTRY: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Assign, Wave, Prune, Result, Start, Abort, Heartbeat, StageStats, Shutdown, Failure)
+    cls.kind: cls
+    for cls in (
+        Assign,
+        Wave,
+        Prune,
+        Result,
+        Start,
+        Abort,
+        Heartbeat,
+        StageStats,
+        Shutdown,
+        Failure,
+        Hello,
+        WorkerInfo,
+        Deploy,
+        Deployed,
+        Release,
+        Echo,
+    )
 }
 
 

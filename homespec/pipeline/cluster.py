@@ -1,9 +1,13 @@
-"""A local cluster: S stage processes on this machine, wired over ``ipc://`` sockets in a private folder.
+"""Clusters of stages, as the head sees them: where the messages go and how a lost stage is noticed.
 
-The head binds ``results`` (PULL: Results from the last stage), ``report`` (PULL: pongs, stats, failures from every
-stage) and ``control`` (PUB: Start, Prune, Abort, Heartbeat, Shutdown); each stage binds its ``in`` (PULL). The
-cluster owns the processes: ``close()`` (also on exit, Ctrl-C or a crash of any stage) shuts them down, kills what
-does not stop, and removes the sockets' folder, so nothing is left behind.
+``Cluster`` is the head's side of the wire, whatever runs the stages: it binds ``results`` (PULL: Results from the
+last stage) and ``report`` (PULL: pongs, stats, failures from every stage), publishes on ``control`` (PUB: Start,
+Prune, Abort, Heartbeat, Shutdown) and pushes waves into the first stage's ``in``.
+
+``LocalCluster``: S stage processes on this machine, wired over ``ipc://`` sockets in a private folder. It owns the
+processes: ``close()`` (also on exit, Ctrl-C or a crash of any stage) shuts them down, kills what does not stop,
+and removes the sockets' folder, so nothing is left behind. A stage that exits is seen by its process status.
+The remote kind, stages served by ``homespec worker`` on other machines over CurveZMQ, is ``pipeline/remote.py``.
 """
 
 from __future__ import annotations
@@ -31,44 +35,49 @@ from homespec.transport.codec import decode, encode
 READY_TIMEOUT_S = 120.0
 
 
-class LocalCluster:
+class Cluster:
+    """The head's sockets and message loop; subclasses start the stages, say how a lost one is seen
+    (``check_alive``) and stop them (``close``)."""
+
     def __init__(self, assigns: Sequence[Assign], progress: Callable[[str], None] | None = None) -> None:
-        """Start one process per Assign and wait until every stage has loaded; ``progress`` hears each one."""
         self._progress = progress or (lambda text: None)
         self.assigns = list(assigns)
         self.size = len(assigns)
-        self._dir = tempfile.mkdtemp(prefix="homespec-")
         self.ctx = zmq.Context.instance()
-        addr = {name: f"ipc://{self._dir}/{name}" for name in ("results", "report", "control")}
-        self.results = self._bind(zmq.PULL, addr["results"])
-        self.report = self._bind(zmq.PULL, addr["report"])
-        self.control = self._bind(zmq.PUB, addr["control"])
-        self.inputs = ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
-        self.first = self.ctx.socket(zmq.PUSH)
-        self.first.setsockopt(zmq.LINGER, 0)
-        self.first.connect(ins[0])
-        self.procs: list[subprocess.Popen[bytes]] = []
         self._request_ids = itertools.count(1)
         self.stage_stats: dict[int, dict[int, StageStats]] = {}  # request -> stage -> its stats, as they arrive
         self.tick = 0  # pipeline steps so far, over every decoder of this cluster (waves of one tick share a step)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        for i, a in enumerate(self.assigns):
-            addresses = {
-                "in": ins[i],
-                "out": ins[i + 1] if i + 1 < self.size else addr["results"],
-                "control": addr["control"],
-                "report": addr["report"],
-            }
-            cmd = [sys.executable, "-m", "homespec.pipeline.worker", "--assign", json.dumps(asdict(a))]
-            self.procs.append(subprocess.Popen([*cmd, "--addresses", json.dumps(addresses)], env=env))
-        atexit.register(self.close)
-        self._wait_ready()
+        self.last_heard: dict[int, float] = {}  # stage -> when a message of it was last read (monotonic)
+        # set by a subclass: results (PULL), report (PULL), control (PUB), first (PUSH into stage 0)
+        self.results: Any = None
+        self.report: Any = None
+        self.control: Any = None
+        self.first: Any = None
 
-    def _bind(self, kind: int, address: str) -> Any:
+    def _bind(self, kind: int, address: str, setup: Callable[[Any], Any] | None = None) -> Any:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if setup is not None:
+            setup(sock)
         sock.bind(address)
         return sock
+
+    def check_alive(self) -> None:
+        """Raise PeerLostError when a stage is gone."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stage_name(self, i: int) -> str:
+        a = self.assigns[i]
+        return f"stage {i} (layers {a.layer_start}-{a.layer_end})"
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def _wait_ready(self) -> None:
@@ -94,40 +103,6 @@ class LocalCluster:
                 msg = self.recv_report(deadline, wait_s=0.05)
                 if isinstance(msg, Heartbeat) and msg.seq == seq:
                     answered.add(msg.sender)
-
-    def close(self) -> None:
-        if not self.procs:
-            return
-        with contextlib.suppress(zmq.ZMQError):
-            self.broadcast(Shutdown("head closing"))
-        deadline = time.monotonic() + 3.0
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-        self.procs = []
-        for s in (self.results, self.report, self.control, self.first):
-            s.close(linger=0)
-        shutil.rmtree(self._dir, ignore_errors=True)
-        atexit.unregister(self.close)
-
-    def __enter__(self) -> LocalCluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def check_alive(self) -> None:
-        for i, p in enumerate(self.procs):
-            code = p.poll()
-            if code is not None:
-                raise PeerLostError(
-                    f"stage {i} (pid {p.pid}, layers {self.assigns[i].layer_start}-{self.assigns[i].layer_end}) "
-                    f"exited with code {code}",
-                    hint="see the stage's log above; the request was cancelled",
-                )
 
     def collect_stats(self, request: int, wait_s: float = 2.0) -> list[StageStats]:
         """Every stage's StageStats for a finished request (sent on Abort), ordered by stage; missing ones are
@@ -180,6 +155,9 @@ class LocalCluster:
             events = dict(poller.poll(int(timeout * 1000)))
             if self.report in events:
                 msg = decode(self.report.recv_multipart(copy=False))
+                sender = getattr(msg, "sender", getattr(msg, "stage", None))
+                if isinstance(sender, int):
+                    self.last_heard[sender] = time.monotonic()
                 if isinstance(msg, Failure):
                     raise PeerLostError(f"stage {msg.stage} failed request {msg.request}: {msg.message}")
                 if isinstance(msg, StageStats):  # kept for collect_stats, whoever was reading (the newest 256)
@@ -189,7 +167,64 @@ class LocalCluster:
                 if sock is self.report:
                     return msg
             if sock in events and sock is not self.report:
+                self.last_heard[self.size - 1] = time.monotonic()
                 return decode(sock.recv_multipart(copy=False))
             self.check_alive()
             if time.monotonic() >= deadline:
                 return None
+
+
+class LocalCluster(Cluster):
+    def __init__(self, assigns: Sequence[Assign], progress: Callable[[str], None] | None = None) -> None:
+        """Start one process per Assign and wait until every stage has loaded; ``progress`` hears each one."""
+        super().__init__(assigns, progress)
+        self._dir = tempfile.mkdtemp(prefix="homespec-")
+        addr = {name: f"ipc://{self._dir}/{name}" for name in ("results", "report", "control")}
+        self.results = self._bind(zmq.PULL, addr["results"])
+        self.report = self._bind(zmq.PULL, addr["report"])
+        self.control = self._bind(zmq.PUB, addr["control"])
+        self.inputs = ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
+        self.first = self.ctx.socket(zmq.PUSH)
+        self.first.setsockopt(zmq.LINGER, 0)
+        self.first.connect(ins[0])
+        self.procs: list[subprocess.Popen[bytes]] = []
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        for i, a in enumerate(self.assigns):
+            addresses = {
+                "in": ins[i],
+                "out": ins[i + 1] if i + 1 < self.size else addr["results"],
+                "control": addr["control"],
+                "report": addr["report"],
+            }
+            cmd = [sys.executable, "-m", "homespec.pipeline.worker", "--assign", json.dumps(asdict(a))]
+            self.procs.append(subprocess.Popen([*cmd, "--addresses", json.dumps(addresses)], env=env))
+        atexit.register(self.close)
+        self._wait_ready()
+
+    def close(self) -> None:
+        if not self.procs:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.broadcast(Shutdown("head closing"))
+        deadline = time.monotonic() + 3.0
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        self.procs = []
+        for s in (self.results, self.report, self.control, self.first):
+            s.close(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        atexit.unregister(self.close)
+
+    def check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            code = p.poll()
+            if code is not None:
+                raise PeerLostError(
+                    f"stage {i} (pid {p.pid}, layers {self.assigns[i].layer_start}-{self.assigns[i].layer_end}) "
+                    f"exited with code {code}",
+                    hint="see the stage's log above; the request was cancelled",
+                )

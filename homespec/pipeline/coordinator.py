@@ -34,7 +34,7 @@ from homespec.errors import PeerLostError
 from homespec.events import TokenLogprob
 from homespec.model.drafts.base import DraftSource
 from homespec.model.sampling import token_logprobs
-from homespec.pipeline.cluster import LocalCluster
+from homespec.pipeline.cluster import Cluster
 from homespec.pipeline.frames import from_raw, to_raw
 from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep, tree_rows
 
@@ -62,7 +62,7 @@ class _Run:
 class PipelineDecoder:
     def __init__(
         self,
-        cluster: LocalCluster,
+        cluster: Cluster,
         mode: PipelineMode,
         wave_size: int = DEFAULT_WAVE_SIZE,
         by_score: bool = DEFAULT_BY_SCORE,

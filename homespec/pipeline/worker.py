@@ -64,15 +64,19 @@ class StageWorker:
         self.requests: dict[int, _Request] = {}
         self.bad_messages = 0
         ctx = zmq.Context.instance()
+        curve = _CurveSetup(ctx, addresses["curve"]) if "curve" in addresses else None
         self.inp = ctx.socket(zmq.PULL)
+        if curve:
+            curve.server(self.inp)
         self.inp.bind(addresses["in"])
         self.out = ctx.socket(zmq.PUSH)
-        self.out.connect(addresses["out"])
         self.control = ctx.socket(zmq.SUB)
         self.control.setsockopt(zmq.SUBSCRIBE, b"")
-        self.control.connect(addresses["control"])
         self.report = ctx.socket(zmq.PUSH)
-        self.report.connect(addresses["report"])
+        for sock, name in ((self.out, "out"), (self.control, "control"), (self.report, "report")):
+            if curve:
+                curve.client(sock, name)
+            sock.connect(addresses[name])
         for s in (self.out, self.report):
             s.setsockopt(zmq.LINGER, 2000)
             s.setsockopt(zmq.SNDHWM, 64)
@@ -358,6 +362,31 @@ class StageWorker:
         delay = (self.assign.emu_link_ms + self.assign.emu_link_ms_per_row * rows) / 1000
         if delay > 0:
             time.sleep(delay)
+
+
+class _CurveSetup:
+    """A remote stage's CurveZMQ (transport/channel.py): its input admits only ``allow`` (the previous stage's
+    worker key, or the head's), and it connects with its worker's key pair to servers whose keys it was given."""
+
+    def __init__(self, ctx: Any, spec: dict[str, Any]) -> None:
+        from homespec.transport.channel import Gatekeeper
+        from homespec.transport.keys import load_or_create
+
+        self.keys = load_or_create("worker")
+        self.server_keys = {"out": spec["out_key"], "control": spec["head_key"], "report": spec["head_key"]}
+        allow = frozenset(spec["allow"])
+        self.gatekeeper = Gatekeeper(ctx)
+        self.gatekeeper.allow("stage", lambda: allow)
+
+    def server(self, sock: Any) -> None:
+        from homespec.transport.channel import curve_server
+
+        curve_server(sock, self.keys, "stage")
+
+    def client(self, sock: Any, name: str) -> None:
+        from homespec.transport.channel import curve_client
+
+        curve_client(sock, self.keys, self.server_keys[name])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,388 @@
+"""Stages on other machines: the head's side of ``homespec worker`` (DESIGN §2, §6, §7).
+
+``connect`` opens a CurveZMQ connection to a worker's control socket (learning its public key from the advert, or
+from its plain ``info`` socket when only HOST:PORT is known) and tells a worker that refuses this head's key apart
+from one that does not answer. ``cluster_plan`` asks the workers what they have, plans the layers on their devices
+(``core/planner.py``), and ``RemoteCluster`` deploys that plan: one Deploy per stage, the stages wired to each other
+and to the head over CurveZMQ (each stage's input admits only its predecessor's key, the head's sockets only the
+session's workers).
+
+Liveness: a thread sends every worker a Heartbeat each second and reads what the workers say on their control
+sockets (a stage process that died is a Failure); the decoding loop pings the stages themselves on the control
+broadcast and fails the request with PeerLostError when a stage or a worker has been silent for ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from homespec.core.messages import Deploy, Deployed, Failure, Heartbeat, Hello, Release, Shutdown, WorkerInfo
+from homespec.core.planner import Device
+from homespec.errors import ConfigError, PeerLostError, TransportError
+from homespec.pipeline.cluster import Cluster
+from homespec.transport.channel import Gatekeeper, HandshakeWatch, curve_client, curve_server
+from homespec.transport.codec import decode, encode
+from homespec.transport.discovery import Peer, route_address
+from homespec.transport.keys import KeyPair, load_or_create
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+LIVENESS_TIMEOUT_S = 10.0
+PING_EVERY_S = 1.0
+PING_SEQ_BASE = 1 << 40  # liveness pings, apart from Cluster.sync's sequence numbers
+
+
+@dataclass
+class WorkerLink:
+    """An open, authenticated connection to one worker."""
+
+    peer: Peer
+    info: WorkerInfo
+    sock: Any  # DEALER, Curve client
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    def host_profile(self) -> Any:
+        import json
+
+        from homespec.profiling.profile import parse_profile
+
+        try:
+            return parse_profile({"hosts": [json.loads(self.info.profile)]}).hosts[0]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransportError(f"worker {self.peer.name} sent a malformed profile: {exc}") from exc
+
+    def request(self, msg: Any, timeout_s: float) -> Any:
+        """Send ``msg`` and return the next message the worker sends back (heartbeat replies skipped)."""
+        self.sock.send_multipart(encode(msg), copy=False)
+        deadline = time.monotonic() + timeout_s
+        while self.sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            reply = decode(self.sock.recv_multipart(copy=False))
+            if not isinstance(reply, Heartbeat):
+                return reply
+            if time.monotonic() >= deadline:
+                break
+        raise PeerLostError(f"worker {self.peer.name} at {self.peer.address}:{self.peer.port} did not answer in time")
+
+
+def fetch_key(ctx: Any, peer: Peer, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """A worker's public key from its plain ``info`` socket (port + 1)."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://{peer.address}:{peer.port + 1}")
+        sock.send_multipart(encode(Hello()))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise PeerLostError(
+                f"no worker answers at {peer.address}:{peer.port} (info port {peer.port + 1})",
+                hint="is `homespec worker` running there, and are ports 7650-7660 open?",
+            )
+        info = decode(sock.recv_multipart())
+    finally:
+        sock.close(linger=0)
+    if not isinstance(info, WorkerInfo):
+        raise TransportError(f"{peer.address}:{peer.port + 1} answered with a {type(info).__name__}")
+    return info.key
+
+
+def connect(ctx: Any, keys: KeyPair, peer: Peer, measure: bool = False) -> WorkerLink:
+    """An authenticated link to ``peer`` and its WorkerInfo (measured devices when ``measure``)."""
+    key = peer.key or fetch_key(ctx, peer)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    curve_client(sock, keys, key)
+    watch = HandshakeWatch(sock)
+    sock.connect(peer.endpoint)
+    state = watch.wait(CONNECT_TIMEOUT_S)
+    watch.close()
+    if state != "connected":
+        sock.close(linger=0)
+        if state == "refused":
+            raise PeerLostError(
+                f"worker {peer.name} at {peer.address}:{peer.port} refused this head's key",
+                hint=f"on that machine run: homespec keys trust {keys.public}",
+            )
+        raise PeerLostError(f"worker {peer.name} at {peer.address}:{peer.port} did not answer in time")
+    link = WorkerLink(peer, WorkerInfo("", key, peer.port, (), "{}"), sock)
+    info = link.request(Hello(measure=measure), timeout_s=120.0 if measure else CONNECT_TIMEOUT_S)
+    if not isinstance(info, WorkerInfo) or info.key != key:
+        sock.close(linger=0)
+        raise TransportError(f"worker {peer.name} answered Hello with {type(info).__name__}")
+    link.info = info
+    return link
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One stage of a remote plan: which worker, which of its devices (slot), which layers."""
+
+    link: WorkerLink
+    slot: int
+    layers: tuple[int, int]
+
+    @property
+    def device(self) -> str:
+        return self.link.info.devices[self.slot]
+
+
+def placements(links: Sequence[WorkerLink], chain: Sequence[tuple[Device, tuple[int, int]]]) -> list[Placement]:
+    """A plan's chain (planner devices, named by their worker's name and torch device) as Placements."""
+    by_name = {link.info.name: link for link in links}
+    out = []
+    for device, layers in chain:
+        link = by_name[device.host]
+        out.append(Placement(link, link.info.devices.index(device.torch_device), layers))
+    return out
+
+
+class RemoteCluster(Cluster):
+    def __init__(
+        self,
+        stages: Sequence[Placement],
+        model: str,
+        dtype: str,
+        max_context: int,
+        max_tree: int = 512,
+        keys: KeyPair | None = None,
+        progress: Callable[[str], None] | None = None,
+        timeout_s: float = LIVENESS_TIMEOUT_S,
+    ) -> None:
+        """Deploy one stage per Placement and wait until every stage has loaded."""
+        num = len(stages)
+        deploys = [
+            Deploy(i, num, model, p.layers[0], p.layers[1], dtype, p.device, max_context, max_tree)
+            for i, p in enumerate(stages)
+        ]
+        super().__init__(deploys, progress)
+        self.placements = list(stages)
+        self.keys = keys or load_or_create("head")
+        self.timeout_s = timeout_s
+        self.session = int(time.time() * 1000) & 0x7FFFFFFF
+        self.links = list({id(p.link): p.link for p in stages}.values())
+        worker_keys = frozenset(link.key for link in self.links)
+        self.gatekeeper = Gatekeeper(self.ctx)
+        self.gatekeeper.allow("cluster", lambda: worker_keys)
+
+        def server(sock: Any) -> Any:
+            return curve_server(sock, self.keys, "cluster")
+
+        self.results = self._bind(zmq.PULL, "tcp://0.0.0.0:*", server)
+        self.report = self._bind(zmq.PULL, "tcp://0.0.0.0:*", server)
+        self.control = self._bind(zmq.PUB, "tcp://0.0.0.0:*", server)
+        self.lost: str | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # the workers' DEALER sockets: the heartbeat thread's after deploying
+        self._deploy(deploys)
+        self.first = self.ctx.socket(zmq.PUSH)
+        self.first.setsockopt(zmq.LINGER, 0)
+        curve_client(self.first, self.keys, self.placements[0].link.key)
+        self.first.connect(self._input(0))
+        self._pinger = threading.Thread(target=self._heartbeats, name="homespec-heartbeats", daemon=True)
+        self._pinger.start()
+        self._ping_seq = itertools.count(PING_SEQ_BASE)
+        self._last_ping = 0.0
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self._ready_at = time.monotonic()
+
+    def _port_of(self, sock: Any) -> int:
+        return int(sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+
+    def _input(self, i: int) -> str:
+        p = self.placements[i]
+        return f"tcp://{p.link.peer.address}:{p.link.info.port + 2 + p.slot}"
+
+    def _deploy(self, deploys: Sequence[Deploy]) -> None:
+        from dataclasses import replace
+
+        for i, (d, p) in enumerate(zip(deploys, self.placements, strict=True)):
+            back = route_address(p.link.peer.address)  # where this worker reaches the head
+            last = i + 1 == len(deploys)
+            wired = replace(
+                d,
+                session=self.session,
+                slot=p.slot,
+                next_address=f"tcp://{back}:{self._port_of(self.results)}" if last else self._input(i + 1),
+                next_key=self.keys.public if last else self.placements[i + 1].link.key,
+                upstream_key=self.keys.public if i == 0 else self.placements[i - 1].link.key,
+                control_address=f"tcp://{back}:{self._port_of(self.control)}",
+                report_address=f"tcp://{back}:{self._port_of(self.report)}",
+                head_key=self.keys.public,
+            )
+            reply = p.link.request(wired, timeout_s=CONNECT_TIMEOUT_S)
+            if isinstance(reply, Failure):
+                self.close()
+                raise PeerLostError(f"worker {p.link.info.name} refused stage {i}: {reply.message}")
+            if not isinstance(reply, Deployed) or reply.stage != i:
+                self.close()
+                raise TransportError(f"worker {p.link.info.name} answered Deploy with {type(reply).__name__}")
+            self._progress(
+                f"stage {i + 1} starting on {p.link.info.name} {p.device} (layers {d.layer_start}-{d.layer_end - 1})"
+            )
+
+    # -- liveness ------------------------------------------------------------------------------------------------
+    def _heartbeats(self) -> None:
+        """Thread: a Heartbeat to every worker each second; what they say back (a stage process that died) and how
+        long each has been silent decide ``lost``."""
+        heard = {id(link): time.monotonic() for link in self.links}
+        seq = itertools.count()
+        while not self._closed:
+            with self._lock:
+                if self._closed:
+                    return
+                for link in self.links:
+                    link.sock.send_multipart(encode(Heartbeat(-1, next(seq))), copy=False)
+                end = time.monotonic() + PING_EVERY_S
+                while time.monotonic() < end and not self._closed:
+                    for link in self.links:
+                        while link.sock.poll(0):
+                            heard[id(link)] = time.monotonic()
+                            self._on_worker(link, link.sock.recv_multipart(copy=False))
+                    time.sleep(0.05)
+            for link in self.links:
+                silent = time.monotonic() - heard[id(link)]
+                if silent > self.timeout_s and self.lost is None:
+                    self.lost = f"worker {link.info.name} at {link.peer.address} has been silent for {silent:.0f} s"
+
+    def _on_worker(self, link: WorkerLink, frames: list[Any]) -> None:
+        try:
+            msg = decode(frames)
+        except TransportError as exc:
+            log.warning("dropped a malformed message from worker %s: %s", link.info.name, exc)
+            return
+        if isinstance(msg, Failure) and self.lost is None:
+            self.lost = f"{self.stage_name(msg.stage)} on worker {link.info.name}: {msg.message}"
+
+    def check_alive(self) -> None:
+        if self.lost is not None:
+            raise PeerLostError(self.lost, hint="the request was cancelled; the next one rebuilds the cluster")
+        now = time.monotonic()
+        if now - self._last_ping >= PING_EVERY_S:
+            self._last_ping = now
+            self.broadcast(Heartbeat(-1, next(self._ping_seq)))
+        since = getattr(self, "_ready_at", None)
+        if since is None:
+            return
+        for i in range(self.size):
+            silent = now - max(self.last_heard.get(i, since), since)
+            if silent > self.timeout_s:
+                p = self.placements[i]
+                raise PeerLostError(
+                    f"{self.stage_name(i)} on worker {p.link.info.name} has not answered for {silent:.0f} s",
+                    hint="the request was cancelled; the next one rebuilds the cluster",
+                )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for link in self.links:
+                with contextlib.suppress(zmq.ZMQError):
+                    link.sock.send_multipart(encode(Release(self.session, "head closing")), copy=False)
+        for sock in (self.control,):
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart(encode(Shutdown("head closing")), copy=False)
+        time.sleep(0.05)  # let the Release go out before the sockets close
+        for sock in (self.results, self.report, self.control, self.first):
+            if sock is not None:
+                sock.close(linger=0)
+        for link in self.links:
+            link.sock.close(linger=100)
+        self.gatekeeper.stop()
+
+
+def check_devices(links: Sequence[WorkerLink]) -> None:
+    """Refuse two workers with one name (the plan names devices by worker)."""
+    names = [link.info.name for link in links]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"two workers are named {', '.join(twice)}", hint="start them with distinct --name")
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """Where a remote cluster's stages go: workers by address (``--workers``; ``auto`` browses the LAN) or a profile
+    (``--cluster``, as written by ``homespec profile --lan``, whose figures and links the plan uses)."""
+
+    workers: tuple[str, ...] = ()
+    profile: str | None = None
+    stages: int | None = None  # exactly this many stages (None: the planner chooses)
+
+
+def build(
+    spec: RemoteSpec,
+    model: str,
+    shape: Any,
+    dtype: str,
+    mode: str,
+    max_context: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[RemoteCluster, Any]:
+    """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
+    the cluster and the plan."""
+    from homespec.core.planner import PlanOptions, plan
+    from homespec.profiling.local import host_name
+    from homespec.profiling.profile import ClusterProfile, load_profile
+    from homespec.transport.discovery import browse, parse_peer
+
+    say = progress or (lambda text: None)
+    ctx = zmq.Context.instance()
+    keys = load_or_create("head")
+    profile = load_profile(spec.profile) if spec.profile else None
+    if profile is not None:
+        peers = [Peer(h.name, h.address, h.port, h.key) for h in profile.hosts if h.address]
+        if not peers:
+            raise ConfigError(
+                f"profile {spec.profile} names no workers", hint="write one with `homespec profile --lan`"
+            )
+    elif spec.workers == ("auto",):
+        say("looking for workers on the LAN…")
+        peers = browse()
+        if not peers:
+            raise PeerLostError("no worker answered on the LAN", hint="start `homespec worker`, or give --workers")
+    else:
+        peers = [parse_peer(w) for w in spec.workers]
+    links: list[WorkerLink] = []
+    try:
+        for peer in peers:
+            say(f"connecting to worker {peer.name} at {peer.address}:{peer.port}…")
+            links.append(connect(ctx, keys, peer, measure=profile is None))
+        check_devices(links)
+        if profile is None:
+            profile = ClusterProfile("workers", [link.host_profile() for link in links], head=host_name())
+        else:  # the profile's figures, the names the workers give themselves
+            by_address = {(link.peer.address, link.peer.port): link.info.name for link in links}
+            for h in profile.hosts:
+                h.name = by_address.get((h.address, h.port), h.name)
+        weights = dtype if dtype in ("fp16", "bf16", "fp32") else "fp16"
+        opts = PlanOptions(
+            weights=weights, context=max_context, mode=mode if mode != "ar" else "pp", stages=spec.stages
+        )
+        the_plan = plan(shape, profile.topology(weights), opts)
+        chain = [(s.device, s.layers) for s in the_plan.stages]
+        used = {d.host for d, _ in chain}
+        for link in links:
+            if link.info.name not in used:
+                link.sock.close(linger=0)
+        cluster = RemoteCluster(placements(links, chain), model, dtype, max_context, keys=keys, progress=say)
+    except BaseException:
+        for link in links:
+            link.sock.close(linger=0)
+        raise
+    return cluster, the_plan
