@@ -4,7 +4,8 @@ Files, under ``config_dir()`` (``~/.config/homespec``, or ``$HOMESPEC_CONFIG``; 
 - ``head.key`` and ``worker.key``: this machine's key pair for each role, the z85 public key on the first line and
   the z85 secret key on the second; mode 0600, created on first use;
 - ``trusted_heads``: the public keys of the heads this machine's worker serves, one per line as ``KEY name``
-  (a line that starts with ``#`` is a comment); read again at every connection, so ``homespec keys trust`` needs no restart.
+  (a line that starts with ``#`` is a comment); read again at every connection, so ``homespec keys trust`` needs
+  no restart.
 
 A key is 40 z85 characters (32 bytes). Only public keys are ever shown, printed or sent; a secret key never leaves
 its file except into this process's sockets.

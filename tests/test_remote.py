@@ -1,0 +1,150 @@
+"""Stages on ``homespec worker`` processes (pipeline/daemon.py, pipeline/remote.py) over CurveZMQ on loopback: the
+planner's placement across two workers gives the tokens of transformers (greedy) and of the single-process run
+(seeded sampling) in every pipelined mode; an untrusted head is refused; a killed stage fails the request with a
+clear error in bounded time; a head that dies frees the worker for the next one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from homespec.config import GenerationConfig, SamplingConfig
+from homespec.errors import PeerLostError
+from homespec.events import GenerationFinished
+from tests.conftest import EQUIVALENCE_PROMPTS
+from tests.workers import HOMESPEC, free_port_block, public_key, stage_pids, start_worker, stop, trust
+
+pytestmark = pytest.mark.slow
+
+N = 32
+
+
+@pytest.fixture(scope="module")
+def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two workers (each its own key folder, trusting the head) and the head's key folder, set for this process."""
+    root = tmp_path_factory.mktemp("lan")
+    head = root / "head"
+    head_key = public_key(head, "head")
+    procs, ports = [], []
+    for name in ("w1", "w2"):
+        trust(root / name, head_key)
+        port = free_port_block()
+        procs.append(start_worker(root / name, port, name, log=root / f"{name}.log"))
+        ports.append(port)
+    before = os.environ.get("HOMESPEC_CONFIG")
+    os.environ["HOMESPEC_CONFIG"] = str(head)
+    try:
+        yield {"root": root, "head": head, "procs": procs, "workers": tuple(f"127.0.0.1:{p}" for p in ports)}
+    finally:
+        if before is None:
+            os.environ.pop("HOMESPEC_CONFIG", None)
+        else:
+            os.environ["HOMESPEC_CONFIG"] = before
+        stop(procs)
+
+
+def remote_engine(lan: dict[str, Any], draft: str = "ngram+recycle", stages: int = 2) -> Any:
+    from homespec.engine import Engine, EngineOptions
+
+    return Engine(EngineOptions(draft=draft, mode="specpipe", stages=stages, workers=lan["workers"]))
+
+
+GREEDY = SamplingConfig()
+
+
+def tokens(engine: Any, ids: list[int], sampling: SamplingConfig = GREEDY, mode: Any = None) -> tuple:
+    for event in engine.generate(ids, GenerationConfig(max_tokens=N, sampling=sampling), mode=mode):
+        if isinstance(event, GenerationFinished):
+            return event.tokens
+    raise AssertionError("no GenerationFinished")
+
+
+def test_two_workers_give_the_targets_tokens_in_every_mode(
+    lan: dict[str, Any], chat_ids: Any, reference_greedy: Any, engines: Any
+) -> None:
+    with remote_engine(lan) as engine:
+        plan = engine.plan
+        assert [s.device.host for s in plan.stages] == ["w1", "w2"] or [s.device.host for s in plan.stages] == [
+            "w2",
+            "w1",
+        ]
+        assert plan.stages[0].layers[0] == 0 and plan.stages[-1].layers[1] == 30
+        assert plan.stages[0].layers[1] == plan.stages[1].layers[0]
+        info = engine.stage_info()
+        assert len(info) == 2 and all("@ w" in s.device for s in info)
+        for prompt in EQUIVALENCE_PROMPTS[:2]:
+            ids = chat_ids(prompt)
+            want = tuple(reference_greedy(ids, N))
+            for mode in ("specpipe", "pp", "tree"):
+                got = tokens(engine, ids, mode=mode)
+                assert got == want[: len(got)] and len(got) in (N, want.index(2) + 1 if 2 in want else N), mode
+        seeded = SamplingConfig(temperature=0.8, seed=5)
+        ids = chat_ids(EQUIVALENCE_PROMPTS[3])
+        assert tokens(engine, ids, seeded) == tokens(engines("none"), ids, seeded)
+        assert engine.open_requests == 0
+
+
+def test_an_untrusted_head_is_refused_with_its_key_in_the_hint(lan: dict[str, Any], tmp_path: Path) -> None:
+    from homespec.engine import Engine, EngineOptions
+
+    os.environ["HOMESPEC_CONFIG"] = str(tmp_path / "stranger")
+    try:
+        with pytest.raises(PeerLostError, match="refused this head's key") as err:
+            Engine(EngineOptions(mode="specpipe", workers=lan["workers"][:1]))
+        assert err.value.hint and public_key(tmp_path / "stranger", "head") in err.value.hint
+    finally:
+        os.environ["HOMESPEC_CONFIG"] = str(lan["head"])
+
+
+def test_a_killed_stage_fails_the_request_quickly_and_the_workers_serve_the_next_head(
+    lan: dict[str, Any], chat_ids: Any, reference_greedy: Any
+) -> None:
+    engine = remote_engine(lan, draft="ngram")
+    try:
+        ids = chat_ids("Write a very long story about a dragon, with many chapters.")
+        events = engine.generate(ids, GenerationConfig(max_tokens=2000, stop_on_eos=False))
+        next(events)
+        victim = stage_pids(lan["procs"][1])
+        assert len(victim) == 1
+        os.kill(victim[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(PeerLostError, match=r"exited with code -9|has not answered"):
+            for _ in events:
+                pass
+        assert time.monotonic() - start < 10.0
+    finally:
+        engine.close()
+    deadline = time.monotonic() + 10
+    while any(stage_pids(p) for p in lan["procs"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(stage_pids(p) for p in lan["procs"]), "the released session left stage processes behind"
+    with remote_engine(lan, draft="none") as again:
+        prompt = chat_ids(EQUIVALENCE_PROMPTS[0])
+        assert tokens(again, prompt) == tuple(reference_greedy(prompt, N))
+
+
+def test_a_head_that_dies_frees_the_workers(lan: dict[str, Any]) -> None:
+    """SIGKILL a head mid-generation: it sends no Release; each worker ends the session when the head has been
+    silent for --head-timeout (3 s here) and stops its stage processes."""
+    cmd = [HOMESPEC, "generate", "--workers", ",".join(lan["workers"]), "--stages", "2", "--draft", "none"]
+    cmd += ["-n", "2000", "Write a very long story about a dragon, with many chapters."]
+    head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        assert head.stdout is not None and head.stdout.read(1), "generation never began"
+        assert all(stage_pids(p) for p in lan["procs"])
+        head.kill()
+        head.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(stage_pids(p) for p in lan["procs"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(stage_pids(p) for p in lan["procs"]), "stages outlived their head's session"
+        assert all(p.poll() is None for p in lan["procs"]), "a worker died with its head"
+    finally:
+        head.kill()
