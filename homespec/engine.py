@@ -84,7 +84,7 @@ class Engine:
                 raise ConfigError(f"split must be in [1, {total}], got {options.split}")
             self.decoder: Any = self._in_process(options.split)
         else:
-            say(f"starting {options.stages} stage processes…")
+            say("connecting to the workers…" if options.remote else f"starting {options.stages} stage processes…")
             self.decoder = self._pipeline(options, total, say)
         self._dtype = dtype
         self._drafts = {options.draft: self.build_draft(options.draft)}
@@ -189,6 +189,12 @@ class Engine:
             device = f"{t.device} @ {t.host}" if t else a.device
             out.append(StageInfo(device, (a.layer_start, a.layer_end), t.link_ms if t else 0.0, a.device if t else ""))
         return out
+
+    def stage_count(self, mode: str) -> int:
+        """Stages a request of ``mode`` runs on: the cluster's (local or remote, as planned), or the split here."""
+        if mode == "ar" or self.cluster is None:
+            return self.options.split if mode == self.options.mode else 1
+        return int(self.cluster.size)
 
     def modeled_step_ms(self, rows: int = 1) -> float:
         """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
@@ -388,7 +394,7 @@ class RequestRun:
         text = self.engine.token_text
         nodes = tuple(TreeNodeView(i, p, text(t), s, k) for i, p, t, s, k in step.tree)  # type: ignore[arg-type]
         v = step.verification
-        stages = self.engine.options.stages if self.mode != "ar" else self.engine.options.split
+        stages = self.engine.stage_count(self.mode)
         return TreeSnapshot(step.tick, stages, nodes, v.committed, v.dead, v.flushed)
 
     def _cut_at_stop(self, text: str, at: int) -> None:
@@ -419,7 +425,7 @@ class RequestRun:
             tokens_per_forward=n / forwards if forwards else 0.0,
             steps=steps,
             tokens_per_step=n / steps if steps else 0.0,
-            stages=engine.options.stages if self.mode != "ar" else engine.options.split,
+            stages=engine.stage_count(self.mode),
             accepted_per_step=self.accepted / forwards if forwards else 0.0,
             draft_forwards=self.draft.forwards - self._draft0[0],
             draft_cost=self.draft.cost - self._draft0[1],

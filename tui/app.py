@@ -35,6 +35,8 @@ def make_app(options: EngineOptions, config: GenerationConfig) -> ChatApp:
     """The app for these engine options; the engine is built inside it, behind the loading screen."""
     name = model_name(options.model)
     where = f"{options.stages} stage processes" if options.mode != "ar" else "this process"
+    if options.remote:
+        where = "remote workers"
     describe = f"{name} · {options.mode} on {where} · draft {options.draft}"
     return ChatApp(lambda progress: Engine(options, progress), config, name, describe)
 

@@ -20,8 +20,11 @@ import typer
 from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
+    ClusterOption,
     TimeScaleOption,
     WaveSizeOption,
+    WorkersOption,
+    parse_workers,
     quiet_libraries,
     user_errors,
 )
@@ -43,7 +46,9 @@ BUILTIN_PROMPTS = [
 
 def bench(
     model: Annotated[str | None, typer.Argument(help="folder, .gguf or repo id (default: bundled)")] = None,
-    stages: Annotated[int, typer.Option("--stages", "-s")] = 4,
+    stages: Annotated[
+        int | None, typer.Option("--stages", "-s", help="stage processes (default 4; remote: the planner's choice)")
+    ] = None,
     emulate: Annotated[str | None, typer.Option(help="profile JSON to emulate (profiles/*.json)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="JSONL with 'turns' (default: Spec-Bench dev set)")] = None,
     limit: Annotated[int, typer.Option(help="use N prompts spread evenly over the file (0 = all)")] = 0,
@@ -60,6 +65,8 @@ def bench(
         str | None,
         typer.Option(help="e.g. 1,2,4,8: serve all prompts at once, this many together, in tree and specpipe"),
     ] = None,
+    workers: WorkersOption = None,
+    cluster: ClusterOption = None,
 ) -> None:
     """Measure every decoding mode on the same prompts; print tables and optionally save JSON."""
     quiet_libraries()
@@ -77,6 +84,8 @@ def bench(
         runs += [(m, BASELINE_DRAFT) for m in wanted if m in BASELINES]
         runs += [(m, d) for m in wanted if m in ("tree", "specpipe") for d in draft_list]
         pipelined = any(m in PIPELINED_MODES for m, _ in runs)
+        remote = parse_workers(workers)
+        stages = stages or (1 if remote or cluster else 4)
         opts = EngineOptions(
             model=model,
             mode="specpipe" if pipelined else "ar",
@@ -85,6 +94,8 @@ def bench(
             by_score=by_score,
             emulate=emulate,
             time_scale=time_scale,
+            workers=remote,
+            cluster=cluster,
         )
         if concurrency is not None:
             engine = Engine(opts)
@@ -184,7 +195,7 @@ def _measure(
     row: dict[str, Any] = {
         "mode": mode,
         "draft": draft,
-        "stages": engine.options.stages if mode in PIPELINED_MODES else 1,
+        "stages": engine.stage_count(mode),
         "prompts": len(prompts),
         **_summary(done),
         "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,

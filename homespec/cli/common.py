@@ -40,6 +40,11 @@ ClusterOption = Annotated[
 ]
 
 
+def parse_workers(workers: str | None) -> tuple[str, ...]:
+    """``--workers`` as HOST:PORT items (or ``("auto",)``)."""
+    return tuple(w.strip() for w in (workers or "").split(",") if w.strip())
+
+
 def engine_options(
     model: str | None, stages: int, mode: str | None, draft: str, wave_size: int, by_score: bool,
     emulate: str | None, time_scale: float, dtype: str, device: str, max_context: int,
@@ -49,7 +54,7 @@ def engine_options(
     when the stages are several or remote (``--workers``, ``--cluster``), else ``ar``."""
     from homespec.engine import EngineOptions
 
-    remote = tuple(w.strip() for w in (workers or "").split(",") if w.strip())
+    remote = parse_workers(workers)
     pipelined = stages > 1 or bool(remote or cluster)
     return EngineOptions(
         model=model, draft=draft, mode=(mode or ("specpipe" if pipelined else "ar")),  # type: ignore[arg-type]

@@ -345,8 +345,9 @@ def build(
     ctx = zmq.Context.instance()
     keys = load_or_create("head")
     profile = load_profile(spec.profile) if spec.profile else None
-    if profile is not None:
-        peers = [Peer(h.name, h.address, h.port, h.key) for h in profile.hosts if h.address]
+    if profile is not None:  # its hosts that run a worker (this machine's own devices serve only through one)
+        profile.hosts = [h for h in profile.hosts if h.address]
+        peers = [Peer(h.name, h.address, h.port, h.key) for h in profile.hosts]
         if not peers:
             raise ConfigError(
                 f"profile {spec.profile} names no workers", hint="write one with `homespec profile --lan`"

@@ -1,0 +1,142 @@
+"""Several hosts on this one machine: network namespaces joined by a bridge (veth pairs made here; needs root, as CI
+has), a ``homespec worker`` in two of them and the head in a third. The head finds the workers by zeroconf inside that
+private network, measures them and the links to them (``homespec profile --lan``), and runs ``generate --mode
+specpipe`` across them with output identical to transformers'; a head with an untrusted key is refused; a link
+slowed with ``tc`` shows in the measured link profile."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EQUIVALENCE_PROMPTS
+from tests.workers import HOMESPEC, public_key, start_worker, stop, trust
+
+pytestmark = pytest.mark.slow
+
+TAG = f"{os.getpid() % 10000}"
+PORT = 7650
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make network namespaces"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc)"
+    probe = f"hs{TAG}probe"
+    made = sh("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"cannot make network namespaces here: {made.stderr.strip()}"
+    sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+REASON = _why_not()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A bridge and three namespaces (head, w1, w2) on 10.77.N.0/24, multicast routed on each veth."""
+    if REASON:
+        pytest.skip(REASON)
+    net = f"10.{77 + int(TAG) % 100}.{int(TAG) % 250}"
+    bridge = f"hsbr{TAG}"
+    hosts = {"head": 1, "w1": 2, "w2": 3}
+    ns = {name: f"hs{TAG}{name}" for name in hosts}
+    veth = {name: f"v{TAG}{name}" for name in hosts}
+    try:
+        sh("ip", "link", "add", bridge, "type", "bridge")
+        sh("ip", "link", "set", bridge, "up")
+        for name, host in hosts.items():
+            sh("ip", "netns", "add", ns[name])
+            sh("ip", "link", "add", veth[name], "type", "veth", "peer", "name", f"{veth[name]}p")
+            sh("ip", "link", "set", veth[name], "netns", ns[name])
+            sh("ip", "link", "set", f"{veth[name]}p", "master", bridge, "up")
+            inside = ("ip", "netns", "exec", ns[name])
+            sh(*inside, "ip", "addr", "add", f"{net}.{host}/24", "dev", veth[name])
+            sh(*inside, "ip", "link", "set", veth[name], "up")
+            sh(*inside, "ip", "link", "set", "lo", "up")
+            sh(*inside, "ip", "route", "add", "224.0.0.0/4", "dev", veth[name])
+        root = tmp_path_factory.mktemp("netns")
+        head_key = public_key(root / "head", "head")
+        procs = []
+        for name in ("w1", "w2"):
+            trust(root / name, head_key)
+            log = root / f"{name}.log"
+            procs.append(start_worker(root / name, PORT, name, host="0.0.0.0", netns=ns[name], advertise=True, log=log))
+        yield {"root": root, "ns": ns, "veth": veth, "net": net, "procs": procs}
+        stop(procs)
+    finally:
+        for name in ns.values():
+            sh("ip", "netns", "del", name, check=False)
+        sh("ip", "link", "del", bridge, check=False)
+
+
+def head_run(lab: dict[str, Any], *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HOMESPEC_CONFIG": str(config or lab["root"] / "head")}
+    cmd = ["ip", "netns", "exec", lab["ns"]["head"], HOMESPEC, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=lab["root"], timeout=300)
+
+
+def test_zeroconf_finds_the_workers_and_specpipe_across_them_is_lossless(
+    lab: dict[str, Any], chat_ids: Any, reference_greedy: Any
+) -> None:
+    out = head_run(lab, "profile", "--lan", "--budget", "0.05", "--browse", "3", "--out", "cluster.json", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    profile = json.loads(out.stdout)
+    workers = {h["name"]: h for h in profile["hosts"] if h["address"]}
+    assert set(workers) == {"w1", "w2"}, "zeroconf did not find both workers"
+    assert {h["address"] for h in workers.values()} == {f"{lab['net']}.2", f"{lab['net']}.3"}
+    assert all(len(h["key"]) == 40 and h["devices"][0]["tflops"] for h in workers.values())
+    links = {x["b"]: x for x in profile["links"]["measured"]}
+    assert set(links) == {"w1", "w2"} and all(x["latency_ms"] > 0 and x["mb_per_s"] > 0 for x in links.values())
+    prompt = EQUIVALENCE_PROMPTS[4]
+    gen = head_run(lab, "generate", prompt, "--cluster", "cluster.json", "--mode", "specpipe", "--stages", "2",
+                   "--draft", "ngram+recycle", "-n", "32", "--json")  # fmt: skip
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    result = json.loads(gen.stdout.strip().splitlines()[-1])
+    want = reference_greedy(chat_ids(prompt), 32)
+    assert result["tokens"] == want[: len(result["tokens"])] and len(result["tokens"]) >= min(len(want), 32) - 1
+    assert result["stats"]["mode"] == "specpipe" and result["stats"]["stages"] == 2
+
+
+def test_a_head_with_an_untrusted_key_is_refused(lab: dict[str, Any]) -> None:
+    out = head_run(lab, "generate", "hi", "--workers", f"{lab['net']}.2:{PORT}", "-n", "4",
+                   config=lab["root"] / "stranger")  # fmt: skip
+    assert out.returncode != 0
+    assert "refused this head's key" in out.stderr
+    assert public_key(lab["root"] / "stranger", "head") in out.stderr  # the hint names the key to trust
+
+
+def test_a_slowed_link_shows_in_the_measured_profile(lab: dict[str, Any]) -> None:
+    """netem delay where the kernel has it; otherwise (this VM's kernel lacks sch_netem) a tbf rate limit."""
+    inside = ("ip", "netns", "exec", lab["ns"]["w2"], "tc", "qdisc", "add", "dev", lab["veth"]["w2"], "root")
+    delayed = sh(*inside, "netem", "delay", "20ms", check=False).returncode == 0
+    if not delayed:
+        sh(*inside, "tbf", "rate", "16mbit", "burst", "64kbit", "latency", "400ms")
+    try:
+        peers = [f"--peer={lab['net']}.{i}:{PORT}" for i in (2, 3)]
+        out = head_run(lab, "profile", *peers, "--budget", "0.05", "--json")
+        assert out.returncode == 0, out.stderr[-3000:]
+        links = {x["b"]: x for x in json.loads(out.stdout)["links"]["measured"]}
+        fast, slow = links["w1"], links["w2"]
+        if delayed:
+            assert slow["latency_ms"] >= 15 > 5 > fast["latency_ms"]
+        else:
+            # 16 Mbit/s is 2 MB/s on the way back only; a round trip of n bytes each way measures at most 4 MB/s
+            assert slow["mb_per_s"] < 4.5 and slow["mb_per_s"] < fast["mb_per_s"] / 5
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            sh("ip", "netns", "exec", lab["ns"]["w2"], "tc", "qdisc", "del", "dev", lab["veth"]["w2"], "root")
