@@ -147,7 +147,7 @@ class Engine:
         where = remote.RemoteSpec(options.workers, options.cluster, options.stages if options.stages > 1 else None)
         shape = read_shape(str(self.source.folder))
         self.cluster, self.plan = remote.build(
-            where, model, shape, options.dtype, options.mode, options.max_context, progress
+            where, model, shape, options.dtype, options.mode, options.max_context, progress, self.source.digest()
         )
         return self._pipeline_decoder(options.mode)
 

@@ -6,6 +6,7 @@ clear error in bounded time; a head that dies frees the worker for the next one.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -79,12 +80,11 @@ def test_two_workers_give_the_targets_tokens_in_every_mode(
         assert plan.stages[0].layers[1] == plan.stages[1].layers[0]
         info = engine.stage_info()
         assert len(info) == 2 and all("@ w" in s.device for s in info)
-        for prompt in EQUIVALENCE_PROMPTS[:2]:
-            ids = chat_ids(prompt)
+        for mode, prompt in (("specpipe", 0), ("pp", 1), ("tree", 2), ("specpipe", 1)):
+            ids = chat_ids(EQUIVALENCE_PROMPTS[prompt])
             want = tuple(reference_greedy(ids, N))
-            for mode in ("specpipe", "pp", "tree"):
-                got = tokens(engine, ids, mode=mode)
-                assert got == want[: len(got)] and len(got) in (N, want.index(2) + 1 if 2 in want else N), mode
+            got = tokens(engine, ids, mode=mode)
+            assert got == want[: len(got)] and len(got) in (N, want.index(2) + 1 if 2 in want else N), mode
         seeded = SamplingConfig(temperature=0.8, seed=5)
         ids = chat_ids(EQUIVALENCE_PROMPTS[3])
         assert tokens(engine, ids, seeded) == tokens(engines("none"), ids, seeded)
@@ -148,3 +148,19 @@ def test_a_head_that_dies_frees_the_workers(lan: dict[str, Any]) -> None:
         assert all(p.poll() is None for p in lan["procs"]), "a worker died with its head"
     finally:
         head.kill()
+
+
+def test_a_stage_whose_model_differs_from_the_heads_refuses_to_run(bundled: Any, truncated_copy: Path) -> None:
+    """The digest covers the config, the tensor names and the size: two copies of a model agree, two models do not;
+    a stage given the head's digest of another model says so and never serves."""
+    from homespec.core.messages import Assign
+    from homespec.model.loader import open_folder
+    from homespec.pipeline.cluster import LocalCluster
+
+    copy = Path(shutil.copytree(bundled.folder, truncated_copy.parent / "bundled-copy"))
+    assert open_folder(copy, "copy").digest() == bundled.digest()
+    assert open_folder(truncated_copy, "t").digest() != bundled.digest()
+    wrong = open_folder(truncated_copy, "t").digest()
+    assign = Assign(0, 1, str(bundled.folder), 0, 30, "fp32", "cpu", 256, 64, model_digest=wrong)
+    with pytest.raises(PeerLostError, match=r"stage 0 failed to start: this copy of .* differs from the head.s"):
+        LocalCluster([assign])

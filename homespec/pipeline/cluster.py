@@ -159,7 +159,8 @@ class Cluster:
                 if isinstance(sender, int):
                     self.last_heard[sender] = time.monotonic()
                 if isinstance(msg, Failure):
-                    raise PeerLostError(f"stage {msg.stage} failed request {msg.request}: {msg.message}")
+                    what = f"request {msg.request}" if msg.request else "to start"
+                    raise PeerLostError(f"stage {msg.stage} failed {what}: {msg.message}")
                 if isinstance(msg, StageStats):  # kept for collect_stats, whoever was reading (the newest 256)
                     self.stage_stats.setdefault(msg.request, {})[msg.stage] = msg
                     if len(self.stage_stats) > 256:

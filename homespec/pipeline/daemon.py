@@ -4,7 +4,8 @@ Sockets, all on ``--port`` P and the ports after it:
 - ``control`` (ROUTER, P): a CurveZMQ server that admits only the heads in ``trusted_heads`` (read again at every
   handshake, so ``homespec keys trust`` needs no restart). Hello, Deploy, Release, Heartbeat and Echo arrive here.
 - ``info`` (REP, P + 1, plain): answers anything with WorkerInfo — the name, public key and devices that the zeroconf
-  advert carries too — so that a head given only HOST:PORT learns the key it needs to open ``control``.
+  advert carries too — so that a head given only HOST:PORT learns the key it needs to open ``control``. It never
+  parses what it receives (a request over 4 KiB drops the connection); a head can skip it with HOST:PORT@KEY.
 - each stage's input (P + 2 + slot, one slot per served device), bound by the stage process under CurveZMQ.
 
 A **session** is one head's use of this worker: one Deploy per stage it places here. The worker starts one stage
@@ -54,6 +55,8 @@ log = logging.getLogger("homespec.daemon")
 POLL_MS = 200
 DAEMON_SENDER = -2  # the sender id of the worker's own Heartbeats (stages are 0..S-1, the head -1)
 ASSIGN_FIELDS = tuple(f.name for f in fields(Assign))
+INFO_MAX_BYTES = 4096  # the plain info port reads nothing of a request; it only needs one to answer
+CONTROL_MAX_BYTES = 80 << 20  # the largest control message is a link-measuring Echo (64 MiB at most)
 
 
 @dataclass
@@ -92,10 +95,12 @@ class WorkerDaemon:
         self.gatekeeper.allow("head", lambda: trusted_heads().keys())
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
         curve_server(self.control, self.keys, "head")
         self.control.bind(f"tcp://{host}:{port}")
         self.info = self.ctx.socket(zmq.REP)
         self.info.setsockopt(zmq.LINGER, 0)
+        self.info.setsockopt(zmq.MAXMSGSIZE, INFO_MAX_BYTES)  # a bigger request drops the connection unread
         self.info.bind(f"tcp://{host}:{port + 1}")
         self.advert = None
         if advertise:

@@ -155,6 +155,7 @@ class RemoteCluster(Cluster):
         dtype: str,
         max_context: int,
         max_tree: int = 512,
+        model_digest: str = "",
         keys: KeyPair | None = None,
         progress: Callable[[str], None] | None = None,
         timeout_s: float = LIVENESS_TIMEOUT_S,
@@ -162,9 +163,10 @@ class RemoteCluster(Cluster):
         """Deploy one stage per Placement and wait until every stage has loaded."""
         num = len(stages)
         deploys = [
-            Deploy(i, num, model, p.layers[0], p.layers[1], dtype, p.device, max_context, max_tree)
+            Deploy(i, num, model, p.layers[0], p.layers[1], dtype, p.device, max_context, max_tree,
+                   model_digest=model_digest)
             for i, p in enumerate(stages)
-        ]
+        ]  # fmt: skip
         super().__init__(deploys, progress)
         self.placements = list(stages)
         self.keys = keys or load_or_create("head")
@@ -333,6 +335,7 @@ def build(
     mode: str,
     max_context: int,
     progress: Callable[[str], None] | None = None,
+    model_digest: str = "",
 ) -> tuple[RemoteCluster, Any]:
     """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
     the cluster and the plan."""
@@ -381,7 +384,9 @@ def build(
         for link in links:
             if link.info.name not in used:
                 link.sock.close(linger=0)
-        cluster = RemoteCluster(placements(links, chain), model, dtype, max_context, keys=keys, progress=say)
+        cluster = RemoteCluster(
+            placements(links, chain), model, dtype, max_context, model_digest=model_digest, keys=keys, progress=say
+        )
     except BaseException:
         for link in links:
             link.sock.close(linger=0)

@@ -90,8 +90,14 @@ class StageWorker:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
-        from homespec.core.messages import Heartbeat
+        from homespec.core.messages import Failure, Heartbeat
 
+        digest = self.stage.source.digest() if self.assign.model_digest else ""
+        if digest != self.assign.model_digest:
+            reason = f"this copy of {self.assign.model or 'the model'} differs from the head's (digest {digest})"
+            log.error("stage %d: %s", self.assign.stage, reason)
+            self._send(self.report, Failure(self.assign.stage, 0, reason))
+            return
         self._send(self.report, Heartbeat(sender=self.assign.stage, seq=0))  # ready
         while self._running:
             events = dict(self.poller.poll(POLL_MS))

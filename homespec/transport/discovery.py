@@ -36,7 +36,13 @@ class Peer:
 
 
 def parse_peer(text: str) -> Peer:
-    """``HOST[:PORT]`` (the default port 7650), the host name resolved now."""
+    """``HOST[:PORT][@KEY]`` (the default port 7650; KEY pins the worker's public key instead of asking its info
+    port), the host name resolved now."""
+    text, _, key = text.strip().partition("@")
+    if key:
+        from homespec.transport.keys import check_key
+
+        key = check_key(key)
     host, sep, port = text.strip().rpartition(":")
     if not sep:
         host, port = text.strip(), str(DEFAULT_PORT)
@@ -47,7 +53,7 @@ def parse_peer(text: str) -> Peer:
         address = socket.gethostbyname(host)
     except OSError as exc:
         raise ConfigError(f"cannot resolve worker host {host!r}: {exc}") from exc
-    return Peer(host, address, number)
+    return Peer(host, address, number, key)
 
 
 def local_addresses() -> list[str]:
