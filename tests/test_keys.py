@@ -49,63 +49,60 @@ def test_a_malformed_key_is_refused(bad: str) -> None:
         check_key(bad)
 
 
-def test_the_gate_admits_the_allowed_key_and_refuses_others_before_reading_them() -> None:
-    server, good, bad = pair(), pair(), pair()
-    ctx = zmq.Context()
-    allowed = {good.public}
-    keeper = Gatekeeper(ctx)
-    keeper.allow("head", lambda: allowed)
-    srv = curve_server(ctx.socket(zmq.ROUTER), server, "head")
-    port = srv.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        outcomes = {}
-        for name, keys in (("good", good), ("bad", bad), ("plain", None)):
-            sock = ctx.socket(zmq.DEALER)
-            if keys is not None:
-                curve_client(sock, keys, server.public)
-            watch = HandshakeWatch(sock)
-            sock.connect(f"tcp://127.0.0.1:{port}")
-            state = watch.wait(5.0)
-            sock.send(name.encode())
-            received = srv.poll(500)
-            outcomes[name] = (state, received and srv.recv_multipart(copy=False))
-            watch.close()
-            sock.close(linger=0)
-        state, frames = outcomes["good"]
-        assert state == "connected" and frames[1].bytes == b"good"
-        assert frames[1].get("User-Id") == good.public  # the server knows who sent it
-        assert outcomes["bad"] == ("refused", False) and outcomes["plain"] == ("refused", False)
-        assert keeper.gate.refused == {"head": 1} and keeper.gate.admitted == {"head": 1}
-        allowed.add(bad.public)  # the list is asked at every handshake: trusting needs no restart
-        sock = curve_client(ctx.socket(zmq.DEALER), bad, server.public)
+class Server:
+    """A Curve ROUTER of domain "head" on a free loopback port, admitting what ``allowed`` holds."""
+
+    def __init__(self, allowed: set[str]) -> None:
+        self.keys = pair()
+        self.ctx = zmq.Context()
+        self.keeper = Gatekeeper(self.ctx)
+        self.keeper.allow("head", lambda: allowed)
+        self.sock = curve_server(self.ctx.socket(zmq.ROUTER), self.keys, "head")
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+
+    def send_from(self, keys: KeyPair | None, server_key: str, payload: bytes, wait_s: float = 5.0) -> tuple:
+        """Connect a DEALER (Curve client with ``keys``, plain without), send ``payload``: (handshake state, the
+        frames the server read, or None)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        if keys is not None:
+            curve_client(sock, keys, server_key)
         watch = HandshakeWatch(sock)
-        sock.connect(f"tcp://127.0.0.1:{port}")
-        assert watch.wait(5.0) == "connected"
+        sock.connect(f"tcp://127.0.0.1:{self.port}")
+        state = watch.wait(wait_s)
+        sock.send(payload)
+        frames = self.sock.recv_multipart(copy=False) if self.sock.poll(400) else None
         watch.close()
         sock.close(linger=0)
+        return state, frames
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.keeper.stop()
+        self.ctx.term()
+
+
+def test_the_gate_admits_the_allowed_key_and_refuses_others_before_reading_them() -> None:
+    good, bad = pair(), pair()
+    allowed = {good.public}
+    server = Server(allowed)
+    try:
+        state, frames = server.send_from(good, server.keys.public, b"good")
+        assert state == "connected" and frames is not None and frames[1].bytes == b"good"
+        assert frames[1].get("User-Id") == good.public  # the server knows who sent it
+        assert server.send_from(bad, server.keys.public, b"bad") == ("refused", None)
+        assert server.send_from(None, server.keys.public, b"plain") == ("refused", None)
+        assert server.keeper.gate.refused == {"head": 1} and server.keeper.gate.admitted == {"head": 1}
+        allowed.add(bad.public)  # the list is asked at every handshake: trusting needs no restart
+        assert server.send_from(bad, server.keys.public, b"now")[0] == "connected"
     finally:
-        srv.close(linger=0)
-        keeper.stop()
-        ctx.term()
+        server.close()
 
 
 def test_a_client_with_the_wrong_server_key_never_connects() -> None:
-    server, client = pair(), pair()
-    ctx = zmq.Context()
-    keeper = Gatekeeper(ctx)
-    keeper.allow("head", lambda: {client.public})
-    srv = curve_server(ctx.socket(zmq.ROUTER), server, "head")
-    port = srv.bind_to_random_port("tcp://127.0.0.1")
+    client = pair()
+    server = Server({client.public})
     try:
-        sock = curve_client(ctx.socket(zmq.DEALER), client, pair().public)  # an impostor's key for the server
-        watch = HandshakeWatch(sock)
-        sock.connect(f"tcp://127.0.0.1:{port}")
-        assert watch.wait(1.0) != "connected"
-        sock.send(b"secret")
-        assert not srv.poll(300)
-        watch.close()
-        sock.close(linger=0)
+        state, frames = server.send_from(client, pair().public, b"secret", wait_s=1.0)  # an impostor's server key
+        assert state != "connected" and frames is None
     finally:
-        srv.close(linger=0)
-        keeper.stop()
-        ctx.term()
+        server.close()
