@@ -339,46 +339,19 @@ def build(
 ) -> tuple[RemoteCluster, Any]:
     """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
     the cluster and the plan."""
-    from homespec.core.planner import PlanOptions, plan
-    from homespec.profiling.local import host_name
-    from homespec.profiling.profile import ClusterProfile, load_profile
-    from homespec.transport.discovery import browse, parse_peer
+    from homespec.profiling.profile import load_profile
 
     say = progress or (lambda text: None)
     ctx = zmq.Context.instance()
     keys = load_or_create("head")
     profile = load_profile(spec.profile) if spec.profile else None
-    if profile is not None:  # its hosts that run a worker (this machine's own devices serve only through one)
-        profile.hosts = [h for h in profile.hosts if h.address]
-        peers = [Peer(h.name, h.address, h.port, h.key) for h in profile.hosts]
-        if not peers:
-            raise ConfigError(
-                f"profile {spec.profile} names no workers", hint="write one with `homespec profile --lan`"
-            )
-    elif spec.workers == ("auto",):
-        say("looking for workers on the LAN…")
-        peers = browse()
-        if not peers:
-            raise PeerLostError("no worker answered on the LAN", hint="start `homespec worker`, or give --workers")
-    else:
-        peers = [parse_peer(w) for w in spec.workers]
     links: list[WorkerLink] = []
     try:
-        for peer in peers:
+        for peer in find_peers(spec, profile, say):
             say(f"connecting to worker {peer.name} at {peer.address}:{peer.port}…")
             links.append(connect(ctx, keys, peer, measure=profile is None))
         check_devices(links)
-        if profile is None:
-            profile = ClusterProfile("workers", [link.host_profile() for link in links], head=host_name())
-        else:  # the profile's figures, the names the workers give themselves
-            by_address = {(link.peer.address, link.peer.port): link.info.name for link in links}
-            for h in profile.hosts:
-                h.name = by_address.get((h.address, h.port), h.name)
-        weights = dtype if dtype in ("fp16", "bf16", "fp32") else "fp16"
-        opts = PlanOptions(
-            weights=weights, context=max_context, mode=mode if mode != "ar" else "pp", stages=spec.stages
-        )
-        the_plan = plan(shape, profile.topology(weights), opts)
+        the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
         chain = [(s.device, s.layers) for s in the_plan.stages]
         used = {d.host for d, _ in chain}
         for link in links:
@@ -392,3 +365,49 @@ def build(
             link.sock.close(linger=0)
         raise
     return cluster, the_plan
+
+
+def find_peers(spec: RemoteSpec, profile: Any, say: Callable[[str], None]) -> list[Peer]:
+    """The workers to connect to: the profile's (its hosts that run one; this machine's own devices serve only
+    through a worker of its own), the LAN's (``auto``), or the addresses given."""
+    from homespec.transport.discovery import browse, parse_peer
+
+    if profile is not None:
+        profile.hosts = [h for h in profile.hosts if h.address]
+        if not profile.hosts:
+            raise ConfigError(
+                f"profile {spec.profile} names no workers", hint="write one with `homespec profile --lan`"
+            )
+        return [Peer(h.name, h.address, h.port, h.key) for h in profile.hosts]
+    if spec.workers == ("auto",):
+        say("looking for workers on the LAN…")
+        peers = browse()
+        if not peers:
+            raise PeerLostError("no worker answered on the LAN", hint="start `homespec worker`, or give --workers")
+        return peers
+    return [parse_peer(w) for w in spec.workers]
+
+
+def plan_on(
+    links: Sequence[WorkerLink], profile: Any, shape: Any, dtype: str, mode: str, max_context: int, stages: int | None
+) -> Any:
+    """The planner's placement over the connected workers: with the profile's figures and links when there is one
+    (its hosts must carry the names the workers give themselves), else with what the workers measured just now."""
+    from homespec.core.planner import PlanOptions, plan
+    from homespec.profiling.local import host_name
+    from homespec.profiling.profile import ClusterProfile
+
+    if profile is None:
+        profile = ClusterProfile("workers", [link.host_profile() for link in links], head=host_name())
+    else:
+        for link in links:
+            h = next(h for h in profile.hosts if (h.address, h.port) == (link.peer.address, link.peer.port))
+            if h.name != link.info.name:
+                raise ConfigError(
+                    f"profile {profile.name} calls the worker at {h.address}:{h.port} {h.name!r}, it calls itself "
+                    f"{link.info.name!r}",
+                    hint="measure the profile again with `homespec profile --lan`",
+                )
+    weights = dtype if dtype in ("fp16", "bf16", "fp32") else "fp16"
+    opts = PlanOptions(weights=weights, context=max_context, mode=mode if mode != "ar" else "pp", stages=stages)
+    return plan(shape, profile.topology(weights), opts)
