@@ -16,6 +16,11 @@ Mode = Literal["ar", "pp", "tree", "specpipe"]
 MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
 PIPELINED_MODES: tuple[Mode, ...] = ("pp", "tree", "specpipe")  # split into stage processes
 
+DRAFT_SPECS = (  # the grammar of --draft, parsed by model/drafts/__init__.py
+    "auto | none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + "
+    "(ngram+recycle)"
+)
+
 
 def cache_dir() -> Path:
     """HomeSpec's cache root: ``$HOMESPEC_CACHE`` or ``~/.cache/homespec``."""

@@ -89,3 +89,14 @@ def test_tui_talks_to_the_engine_only() -> None:
         source = file.read_text()
         for name in banned:
             assert f"import {name}" not in source and f"from {name}" not in source, f"{file} uses {name}"
+
+
+def test_a_stage_loads_without_transformers() -> None:
+    """A stage process reads config.json itself and computes its own RoPE (model/rope.py): importing transformers'
+    model code would cost it more than torch."""
+    code = (
+        "import sys; from homespec.model.loader import resolve; from homespec.model.stage import Stage;"
+        "Stage(resolve(None), 0, 30); print(any(m.startswith('transformers') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

