@@ -53,6 +53,7 @@ class EngineOptions:
     time_scale: float = 0.0  # emulation: run the modeled clock this many times slower (0: auto, pipeline/emulate.py)
     workers: tuple[str, ...] = ()  # remote stages on these workers (HOST:PORT, or "auto": browse the LAN)
     cluster: str | None = None  # remote stages as a profile names them (homespec profile --lan --save)
+    peer_timeout_s: float = 10.0  # a stage or worker silent this long fails the request
 
     @property
     def remote(self) -> bool:
@@ -110,6 +111,8 @@ class Engine:
             raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")
         if not (1 <= options.wave_size <= 64):
             raise ConfigError(f"wave size must be in [1, 64], got {options.wave_size}")
+        if not (1.0 <= options.peer_timeout_s <= 3600.0):
+            raise ConfigError(f"--peer-timeout must be in [1, 3600] seconds, got {options.peer_timeout_s}")
         self.timings: list[Any] = []
         if options.remote:
             return self._remote(options, progress)
@@ -129,7 +132,7 @@ class Engine:
             assigns.append(
                 Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512, *emu)
             )
-        self.cluster = LocalCluster(assigns, progress)
+        self.cluster = LocalCluster(assigns, progress, options.peer_timeout_s)
         return self._pipeline_decoder(options.mode)
 
     def _remote(self, options: EngineOptions, progress: Callable[[str], None]) -> Any:
@@ -147,8 +150,9 @@ class Engine:
         where = remote.RemoteSpec(options.workers, options.cluster, options.stages if options.stages > 1 else None)
         shape = read_shape(str(self.source.folder))
         self.cluster, self.plan = remote.build(
-            where, model, shape, options.dtype, options.mode, options.max_context, progress, self.source.digest()
-        )
+            where, model, shape, options.dtype, options.mode, options.max_context, progress, self.source.digest(),
+            options.peer_timeout_s,
+        )  # fmt: skip
         return self._pipeline_decoder(options.mode)
 
     def _pipeline_decoder(self, mode: str) -> Any:
@@ -208,6 +212,12 @@ class Engine:
     def clock_scale(self, mode: str) -> float:
         """Real seconds per reported second for ``mode``: the emulation's time scale, 1 for ``ar`` (never emulated)."""
         return 1.0 if mode == "ar" else self.time_scale
+
+    def outdated(self) -> bool:
+        """The cluster could be better now: a worker that was missing when it was built answers again (remote
+        clusters; a local one never is). The server rebuilds the engine when this holds between requests."""
+        check = getattr(self.cluster, "outdated", None)
+        return bool(check()) if check is not None else False
 
     def close(self) -> None:
         """Stop the stage processes (pipelined modes) and save draft state that has a file (``recycle:FILE``);

@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     veth = {name: f"v{TAG}{name}" for name in hosts}
     try:
         sh("ip", "link", "add", bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{net}.254/24", "dev", bridge)  # this namespace reaches them too (an in-process head)
         sh("ip", "link", "set", bridge, "up")
         for name, host in hosts.items():
             sh("ip", "netns", "add", ns[name])
@@ -77,7 +80,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             log = root / f"{name}.log"
             procs.append(start_worker(root / name, PORT, name, host="0.0.0.0", netns=ns[name], advertise=True, log=log))
         yield {"root": root, "ns": ns, "veth": veth, "net": net, "procs": procs}
-        stop(procs)
+        stop(procs)  # the list the tests update when they restart a worker
     finally:
         for name in ns.values():
             sh("ip", "netns", "del", name, check=False)
@@ -140,3 +143,92 @@ def test_a_slowed_link_shows_in_the_measured_profile(lab: dict[str, Any]) -> Non
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             sh("ip", "netns", "exec", lab["ns"]["w2"], "tc", "qdisc", "del", "dev", lab["veth"]["w2"], "root")
+
+
+@pytest.fixture
+def as_head(lab: dict[str, Any]) -> Iterator[None]:
+    """This process as the trusted head (in the root namespace, on the bridge)."""
+    before = os.environ.get("HOMESPEC_CONFIG")
+    os.environ["HOMESPEC_CONFIG"] = str(lab["root"] / "head")
+    yield
+    if before is None:
+        os.environ.pop("HOMESPEC_CONFIG", None)
+    else:
+        os.environ["HOMESPEC_CONFIG"] = before
+
+
+def _break(lab: dict[str, Any], fault: str) -> None:
+    """Break worker w2: SIGKILL the daemon (its stages follow), SIGSTOP all of it, or cut its link."""
+    proc = lab["procs"][1]
+    if fault == "kill":
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    elif fault == "stop":  # the whole worker, as when its machine sleeps: the daemon and its stage processes
+        os.killpg(proc.pid, signal.SIGSTOP)
+    else:
+        sh("ip", "netns", "exec", lab["ns"]["w2"], "ip", "link", "set", lab["veth"]["w2"], "down")
+
+
+def _mend(lab: dict[str, Any]) -> None:
+    """Whatever was broken, w2 is back: restarted if dead, continued if stopped, its link up (idempotent)."""
+    proc = lab["procs"][1]
+    sh("ip", "netns", "exec", lab["ns"]["w2"], "ip", "link", "set", lab["veth"]["w2"], "up")
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGCONT)
+    else:
+        lab["procs"][1] = start_worker(lab["root"] / "w2", PORT, "w2", host="0.0.0.0", netns=lab["ns"]["w2"])
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop", "link-down"])
+def test_a_lost_worker_fails_the_request_in_bounded_time_and_the_cluster_heals(
+    lab: dict[str, Any], as_head: None, fault: str, chat_ids: Any, reference_greedy: Any
+) -> None:
+    """Mid-generation across w1 and w2, w2 is killed, stopped, or cut off. The request fails within --peer-timeout
+    (3 s) with an error naming what was lost; the next engine plans over the devices left (w1 alone) and is
+    lossless; once w2 is back, the cluster says it is outdated and the one after plans over both again."""
+    from homespec.config import GenerationConfig
+    from homespec.engine import Engine, EngineOptions
+    from homespec.errors import PeerLostError
+    from homespec.events import GenerationFinished
+
+    workers = (f"{lab['net']}.2:{PORT}", f"{lab['net']}.3:{PORT}")
+
+    def engine(stages: int) -> Any:
+        options = EngineOptions(mode="specpipe", draft="none", stages=stages, workers=workers, peer_timeout_s=3.0)
+        return Engine(options)
+
+    def lossless(e: Any) -> None:
+        ids = chat_ids(EQUIVALENCE_PROMPTS[0])
+        done = [x for x in e.generate(ids, GenerationConfig(max_tokens=16)) if isinstance(x, GenerationFinished)]
+        assert list(done[0].tokens) == reference_greedy(ids, 16)[: len(done[0].tokens)]
+
+    first = engine(2)
+    try:
+        hosts = [s.device.host for s in first.plan.stages]
+        assert sorted(hosts) == ["w1", "w2"]
+        events = first.generate(chat_ids("Write a very long story about a dragon."),
+                                GenerationConfig(max_tokens=4000, stop_on_eos=False))  # fmt: skip
+        next(events)
+        _break(lab, fault)
+        start = time.monotonic()
+        with pytest.raises(PeerLostError, match=rf"w2|stage {hosts.index('w2')} "):
+            for _ in events:
+                pass
+        assert time.monotonic() - start < 3.0 + 3.0
+    finally:
+        first.close()
+    try:
+        with engine(1) as rest:
+            assert [s.device.host for s in rest.plan.stages] == ["w1"]
+            assert [p.address for p in rest.cluster.missing] == [f"{lab['net']}.3"]
+            lossless(rest)
+            _mend(lab)
+            deadline = time.monotonic() + 20
+            while not rest.cluster.outdated():
+                assert time.monotonic() < deadline, "w2 came back but was never re-admitted"
+                time.sleep(0.5)
+    finally:
+        _mend(lab)
+    with engine(2) as healed:
+        assert sorted(s.device.host for s in healed.plan.stages) == ["w1", "w2"]
+        lossless(healed)

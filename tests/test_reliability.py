@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,36 @@ def test_stages_exit_when_the_head_is_killed_mid_request() -> None:
         for pid in stages:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_request_works(
+    chat_ids: Any, reference_greedy: Any
+) -> None:
+    """SIGSTOP a local stage mid-generation: its process lives on, so only silence shows it. The request fails with
+    an error naming the stage within --peer-timeout (3 s here) plus a ping; a new engine serves the next request."""
+    from homespec.config import GenerationConfig
+    from homespec.engine import Engine, EngineOptions
+    from homespec.errors import PeerLostError
+    from homespec.events import GenerationFinished
+
+    options = EngineOptions(mode="specpipe", stages=3, draft="none", peer_timeout_s=3.0)
+    engine = Engine(options)
+    stopped: int | None = None
+    try:
+        events = engine.generate(chat_ids("Write a very long story about a dragon."),
+                                 GenerationConfig(max_tokens=2000, stop_on_eos=False))  # fmt: skip
+        next(events)
+        stopped = engine.cluster.procs[1].pid
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(PeerLostError, match=r"stage 1 \(layers 10-19\) has not answered for [34] s"):
+            for _ in events:
+                pass
+        assert time.monotonic() - start < 3.0 + 2.5
+    finally:
+        engine.close()  # kills what does not stop, the stopped stage included
+    assert stopped is not None and not alive(stopped)
+    with Engine(options) as again:
+        ids = chat_ids("Write a haiku about GPUs.")
+        done = [e for e in again.generate(ids, GenerationConfig(max_tokens=16)) if isinstance(e, GenerationFinished)]
+        assert list(done[0].tokens) == reference_greedy(ids, 16)[: len(done[0].tokens)]

@@ -15,6 +15,7 @@ from homespec.cli.common import (
     EmulateOption,
     MaxContextOption,
     ModeOption,
+    PeerTimeoutOption,
     StagesOption,
     TimeScaleOption,
     WaveSizeOption,
@@ -44,6 +45,7 @@ def chat(
     max_context: MaxContextOption = 4096,
     workers: WorkersOption = None,
     cluster: ClusterOption = None,
+    peer_timeout: PeerTimeoutOption = 10.0,
 ) -> None:
     """Chat with the model in the terminal, watching the speculation live (token tree, stage utilization)."""
     quiet_libraries()
@@ -51,7 +53,7 @@ def chat(
         from homespec.config import GenerationConfig, SamplingConfig
 
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context, workers, cluster)  # fmt: skip
+                                 max_context, workers, cluster, peer_timeout)  # fmt: skip
         config = GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed), trace=True
         )

@@ -35,6 +35,9 @@ WorkersOption = Annotated[
     str | None,
     typer.Option(help="run the stages on these workers: HOST:PORT,… (homespec worker), or 'auto' to find them"),
 ]
+PeerTimeoutOption = Annotated[
+    float, typer.Option("--peer-timeout", help="seconds of silence after which a stage or worker is lost")
+]
 ClusterOption = Annotated[
     str | None, typer.Option(help="run the stages on the workers of this profile (homespec profile --lan --save)")
 ]
@@ -48,7 +51,7 @@ def parse_workers(workers: str | None) -> tuple[str, ...]:
 def engine_options(
     model: str | None, stages: int, mode: str | None, draft: str, wave_size: int, by_score: bool,
     emulate: str | None, time_scale: float, dtype: str, device: str, max_context: int,
-    workers: str | None = None, cluster: str | None = None,
+    workers: str | None = None, cluster: str | None = None, peer_timeout: float = 10.0,
 ) -> EngineOptions:  # fmt: skip
     """The engine the options of ``chat``, ``serve`` and ``generate`` describe. The mode defaults to ``specpipe``
     when the stages are several or remote (``--workers``, ``--cluster``), else ``ar``."""
@@ -59,7 +62,7 @@ def engine_options(
     return EngineOptions(
         model=model, draft=draft, mode=(mode or ("specpipe" if pipelined else "ar")),  # type: ignore[arg-type]
         stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale, dtype=dtype,
-        device=device, max_context=max_context, workers=remote, cluster=cluster,
+        device=device, max_context=max_context, workers=remote, cluster=cluster, peer_timeout_s=peer_timeout,
     )  # fmt: skip
 
 

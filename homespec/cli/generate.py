@@ -12,6 +12,7 @@ from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
     ClusterOption,
+    PeerTimeoutOption,
     TimeScaleOption,
     WaveSizeOption,
     WorkersOption,
@@ -51,6 +52,7 @@ def generate(
     stats: Annotated[bool, typer.Option("--stats", help="print stats to stderr at the end")] = False,
     workers: WorkersOption = None,
     cluster: ClusterOption = None,
+    peer_timeout: PeerTimeoutOption = 10.0,
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
     quiet_libraries()
@@ -59,7 +61,7 @@ def generate(
             raise ConfigError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
         model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context, workers, cluster)  # fmt: skip
+                                 max_context, workers, cluster, peer_timeout)  # fmt: skip
         tree = None  # the mode's and device's default (config.default_tree) unless one is given
         if (tree_budget, tree_depth, tree_width) != (None, None, None):
             base = default_tree(options.mode, device)

@@ -15,6 +15,7 @@ from homespec.cli.common import (
     EmulateOption,
     MaxContextOption,
     ModeOption,
+    PeerTimeoutOption,
     StagesOption,
     TimeScaleOption,
     WaveSizeOption,
@@ -52,6 +53,7 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level")] = "warning",
     workers: WorkersOption = None,
     cluster: ClusterOption = None,
+    peer_timeout: PeerTimeoutOption = 10.0,
 ) -> None:
     """Serve the model with an OpenAI-compatible API (``/v1/chat/completions``, ``/v1/completions``)."""
     quiet_libraries()
@@ -71,7 +73,7 @@ def serve(
         from homespec.server.service import GenerationService
 
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context, workers, cluster)  # fmt: skip
+                                 max_context, workers, cluster, peer_timeout)  # fmt: skip
         where = "remote workers" if options.remote else f"{stages} stage(s)"
         typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {where})…", err=True)
         name = served_name or model_id(model)

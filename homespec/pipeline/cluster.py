@@ -33,14 +33,27 @@ from homespec.errors import PeerLostError
 from homespec.transport.codec import decode, encode
 
 READY_TIMEOUT_S = 120.0
+PEER_TIMEOUT_S = 10.0  # a stage silent this long (hung, stopped, cut off) fails the request (--peer-timeout)
+PING_EVERY_S = 1.0
+CHECK_EVERY_S = 0.2  # how often the head looks for a lost stage while it waits
+PING_SEQ_BASE = 1 << 40  # liveness pings, apart from sync's sequence numbers
 
 
 class Cluster:
     """The head's sockets and message loop; subclasses start the stages, say how a lost one is seen
     (``check_alive``) and stop them (``close``)."""
 
-    def __init__(self, assigns: Sequence[Assign], progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        assigns: Sequence[Assign],
+        progress: Callable[[str], None] | None = None,
+        timeout_s: float = PEER_TIMEOUT_S,
+    ) -> None:
         self._progress = progress or (lambda text: None)
+        self.timeout_s = timeout_s
+        self._ping_seq = itertools.count(PING_SEQ_BASE)
+        self._last_ping = self._checked = 0.0
+        self._since: float | None = None  # liveness counts from here (set once every stage has answered)
         self.assigns = list(assigns)
         self.size = len(assigns)
         self.ctx = zmq.Context.instance()
@@ -63,11 +76,29 @@ class Cluster:
         return sock
 
     def check_alive(self) -> None:
-        """Raise PeerLostError when a stage is gone."""
+        """Raise PeerLostError when a stage is gone: a subclass checks what it can see (a process that exited, a
+        worker's report), then ``check_heard``."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        raise NotImplementedError
+    def check_heard(self) -> None:
+        """While the head waits for the stages, ping every stage on the control broadcast once a second; a stage that
+        has not answered for ``timeout_s`` (hung, stopped, cut off) is a PeerLostError naming it. Silence while the
+        head was not waiting (between requests, or busy itself) is not counted against the stages."""
+        if self._since is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping > 2 * PING_EVERY_S:
+            self._since = now
+        if now - self._last_ping >= PING_EVERY_S:
+            self._last_ping = now
+            self.broadcast(Heartbeat(-1, next(self._ping_seq)))
+        for i in range(self.size):
+            silent = now - max(self.last_heard.get(i, self._since), self._since)
+            if silent > self.timeout_s:
+                raise PeerLostError(
+                    f"{self.stage_name(i)} has not answered for {silent:.0f} s (--peer-timeout {self.timeout_s:g})",
+                    hint="it may be hung, stopped or cut off; the request was cancelled",
+                )
 
     def __enter__(self) -> Cluster:
         return self
@@ -77,7 +108,7 @@ class Cluster:
 
     def stage_name(self, i: int) -> str:
         a = self.assigns[i]
-        return f"stage {i} (layers {a.layer_start}-{a.layer_end})"
+        return f"stage {i} (layers {a.layer_start}-{a.layer_end - 1})"
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def _wait_ready(self) -> None:
@@ -103,6 +134,7 @@ class Cluster:
                 msg = self.recv_report(deadline, wait_s=0.05)
                 if isinstance(msg, Heartbeat) and msg.seq == seq:
                     answered.add(msg.sender)
+        self._since = time.monotonic()
 
     def collect_stats(self, request: int, wait_s: float = 2.0) -> list[StageStats]:
         """Every stage's StageStats for a finished request (sent on Abort), ordered by stage; missing ones are
@@ -167,18 +199,26 @@ class Cluster:
                         del self.stage_stats[min(self.stage_stats)]
                 if sock is self.report:
                     return msg
+            now = time.monotonic()
+            if now - self._checked >= CHECK_EVERY_S or not events:  # also while results keep coming
+                self._checked = now
+                self.check_alive()
             if sock in events and sock is not self.report:
-                self.last_heard[self.size - 1] = time.monotonic()
+                self.last_heard[self.size - 1] = now
                 return decode(sock.recv_multipart(copy=False))
-            self.check_alive()
             if time.monotonic() >= deadline:
                 return None
 
 
 class LocalCluster(Cluster):
-    def __init__(self, assigns: Sequence[Assign], progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        assigns: Sequence[Assign],
+        progress: Callable[[str], None] | None = None,
+        timeout_s: float = PEER_TIMEOUT_S,
+    ) -> None:
         """Start one process per Assign and wait until every stage has loaded; ``progress`` hears each one."""
-        super().__init__(assigns, progress)
+        super().__init__(assigns, progress, timeout_s)
         self._dir = tempfile.mkdtemp(prefix="homespec-")
         addr = {name: f"ipc://{self._dir}/{name}" for name in ("results", "report", "control")}
         self.results = self._bind(zmq.PULL, addr["results"])
@@ -225,7 +265,7 @@ class LocalCluster(Cluster):
             code = p.poll()
             if code is not None:
                 raise PeerLostError(
-                    f"stage {i} (pid {p.pid}, layers {self.assigns[i].layer_start}-{self.assigns[i].layer_end}) "
-                    f"exited with code {code}",
+                    f"{self.stage_name(i)} (pid {p.pid}) exited with code {code}",
                     hint="see the stage's log above; the request was cancelled",
                 )
+        self.check_heard()

@@ -28,7 +28,7 @@ import zmq
 from homespec.core.messages import Deploy, Deployed, Failure, Heartbeat, Hello, Release, Shutdown, WorkerInfo
 from homespec.core.planner import Device
 from homespec.errors import ConfigError, PeerLostError, TransportError
-from homespec.pipeline.cluster import Cluster
+from homespec.pipeline.cluster import PEER_TIMEOUT_S, PING_EVERY_S, Cluster
 from homespec.transport.channel import Gatekeeper, HandshakeWatch, curve_client, curve_server
 from homespec.transport.codec import decode, encode
 from homespec.transport.discovery import Peer, route_address
@@ -37,9 +37,6 @@ from homespec.transport.keys import KeyPair, load_or_create
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
-LIVENESS_TIMEOUT_S = 10.0
-PING_EVERY_S = 1.0
-PING_SEQ_BASE = 1 << 40  # liveness pings, apart from Cluster.sync's sequence numbers
 
 
 @dataclass
@@ -95,6 +92,15 @@ def fetch_key(ctx: Any, peer: Peer, timeout_s: float = CONNECT_TIMEOUT_S) -> str
     if not isinstance(info, WorkerInfo):
         raise TransportError(f"{peer.address}:{peer.port + 1} answered with a {type(info).__name__}")
     return info.key
+
+
+def answers(ctx: Any, peer: Peer, timeout_s: float = 0.3) -> bool:
+    """Whether a worker answers on its info port now."""
+    try:
+        fetch_key(ctx, peer, timeout_s)
+    except (PeerLostError, TransportError):
+        return False
+    return True
 
 
 def connect(ctx: Any, keys: KeyPair, peer: Peer, measure: bool = False) -> WorkerLink:
@@ -158,7 +164,7 @@ class RemoteCluster(Cluster):
         model_digest: str = "",
         keys: KeyPair | None = None,
         progress: Callable[[str], None] | None = None,
-        timeout_s: float = LIVENESS_TIMEOUT_S,
+        timeout_s: float = PEER_TIMEOUT_S,
     ) -> None:
         """Deploy one stage per Placement and wait until every stage has loaded."""
         num = len(stages)
@@ -167,10 +173,9 @@ class RemoteCluster(Cluster):
                    model_digest=model_digest)
             for i, p in enumerate(stages)
         ]  # fmt: skip
-        super().__init__(deploys, progress)
+        super().__init__(deploys, progress, timeout_s)
         self.placements = list(stages)
         self.keys = keys or load_or_create("head")
-        self.timeout_s = timeout_s
         self.session = int(time.time() * 1000) & 0x7FFFFFFF
         self.links = list({id(p.link): p.link for p in stages}.values())
         worker_keys = frozenset(link.key for link in self.links)
@@ -184,6 +189,8 @@ class RemoteCluster(Cluster):
         self.report = self._bind(zmq.PULL, "tcp://0.0.0.0:*", server)
         self.control = self._bind(zmq.PUB, "tcp://0.0.0.0:*", server)
         self.lost: str | None = None
+        self.missing: list[Peer] = []  # workers that did not answer when this cluster was built
+        self.spec: RemoteSpec | None = None  # how the workers were named (for ``outdated``)
         self._closed = False
         self._lock = threading.Lock()  # the workers' DEALER sockets: the heartbeat thread's after deploying
         self._deploy(deploys)
@@ -193,14 +200,11 @@ class RemoteCluster(Cluster):
         self.first.connect(self._input(0))
         self._pinger = threading.Thread(target=self._heartbeats, name="homespec-heartbeats", daemon=True)
         self._pinger.start()
-        self._ping_seq = itertools.count(PING_SEQ_BASE)
-        self._last_ping = 0.0
         try:
             self._wait_ready()
         except BaseException:
             self.close()
             raise
-        self._ready_at = time.monotonic()
 
     def _port_of(self, sock: Any) -> int:
         return int(sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
@@ -273,21 +277,17 @@ class RemoteCluster(Cluster):
     def check_alive(self) -> None:
         if self.lost is not None:
             raise PeerLostError(self.lost, hint="the request was cancelled; the next one rebuilds the cluster")
-        now = time.monotonic()
-        if now - self._last_ping >= PING_EVERY_S:
-            self._last_ping = now
-            self.broadcast(Heartbeat(-1, next(self._ping_seq)))
-        since = getattr(self, "_ready_at", None)
-        if since is None:
-            return
-        for i in range(self.size):
-            silent = now - max(self.last_heard.get(i, since), since)
-            if silent > self.timeout_s:
-                p = self.placements[i]
-                raise PeerLostError(
-                    f"{self.stage_name(i)} on worker {p.link.info.name} has not answered for {silent:.0f} s",
-                    hint="the request was cancelled; the next one rebuilds the cluster",
-                )
+        self.check_heard()
+
+    def outdated(self) -> bool:
+        """A worker this cluster lacks answers now: one that was missing when it was built, or (``--workers auto``)
+        a new one on the LAN. Worth rebuilding for, between requests (re-admission)."""
+        if self.spec is not None and self.spec.workers == ("auto",):
+            from homespec.transport.discovery import browse
+
+            serving = {link.info.name for link in self.links}
+            return any(p.name not in serving for p in browse(1.0))
+        return any(answers(self.ctx, p) for p in self.missing)
 
     def close(self) -> None:
         if self._closed:
@@ -336,6 +336,7 @@ def build(
     max_context: int,
     progress: Callable[[str], None] | None = None,
     model_digest: str = "",
+    timeout_s: float = PEER_TIMEOUT_S,
 ) -> tuple[RemoteCluster, Any]:
     """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
     the cluster and the plan."""
@@ -346,10 +347,22 @@ def build(
     keys = load_or_create("head")
     profile = load_profile(spec.profile) if spec.profile else None
     links: list[WorkerLink] = []
+    missing: list[Peer] = []
     try:
         for peer in find_peers(spec, profile, say):
             say(f"connecting to worker {peer.name} at {peer.address}:{peer.port}…")
-            links.append(connect(ctx, keys, peer, measure=profile is None))
+            try:
+                links.append(connect(ctx, keys, peer, measure=profile is None))
+            except PeerLostError as exc:
+                if "refused this head's key" in exc.message:
+                    raise  # not a lost device: the user has to trust this head there
+                say(f"worker {peer.name} is not answering ({exc.message}): planning without it")
+                missing.append(peer)
+        if not links:
+            raise PeerLostError(f"none of the {len(missing)} workers answered", hint="is `homespec worker` running?")
+        if profile is not None:
+            answering = {(link.peer.address, link.peer.port) for link in links}
+            profile.hosts = [h for h in profile.hosts if (h.address, h.port) in answering]
         check_devices(links)
         the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
         chain = [(s.device, s.layers) for s in the_plan.stages]
@@ -358,8 +371,11 @@ def build(
             if link.info.name not in used:
                 link.sock.close(linger=0)
         cluster = RemoteCluster(
-            placements(links, chain), model, dtype, max_context, model_digest=model_digest, keys=keys, progress=say
-        )
+            placements(links, chain), model, dtype, max_context, model_digest=model_digest, keys=keys, progress=say,
+            timeout_s=timeout_s,
+        )  # fmt: skip
+        cluster.missing = missing
+        cluster.spec = spec
     except BaseException:
         for link in links:
             link.sock.close(linger=0)

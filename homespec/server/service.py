@@ -26,6 +26,8 @@ from homespec.server.openai import ApiError
 
 log = logging.getLogger("homespec.server")
 
+READMIT_EVERY_S = 5.0  # while idle, how often to ask whether a missing worker is back
+
 
 @dataclass(frozen=True)
 class Failed:
@@ -114,10 +116,14 @@ class GenerationService:
         jobs whose clients left; sleep when there is nothing to do."""
         while True:
             with self._wake:
-                while self._running and not self._queue and not self._jobs:
-                    self._wake.wait()
+                idle = False
+                while self._running and not self._queue and not self._jobs and not idle:
+                    idle = not self._wake.wait(timeout=READMIT_EVERY_S)
                 if not self._running:
                     return
+            if idle and not self._queue:
+                self._readmit()
+                continue
             try:
                 self._admit()
                 if self._jobs:
@@ -129,6 +135,22 @@ class GenerationService:
             except Exception as exc:  # a bug must fail the requests in flight, not the server
                 log.exception("generation failed")
                 self._fail_all(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+    def _readmit(self) -> None:
+        """Idle: when a worker the cluster lacks answers again (``Engine.outdated``), rebuild the engine around it
+        now rather than at the next request (a request that arrives meanwhile waits in the queue)."""
+        engine = self.engine
+        try:
+            if engine is None or not engine.outdated():
+                return
+            log.warning("a missing worker answers again: rebuilding the cluster")
+            self.batch = None
+            engine.close()
+            self._open_batch()
+            self.down_reason = None
+        except HomespecError as exc:  # the next request tries again (and says why if it cannot)
+            log.warning("rebuilding the cluster failed: %s", exc)
+            self.batch, self.down_reason = None, None
 
     def _admit(self) -> None:
         while True:
