@@ -5,6 +5,7 @@ clear error in bounded time; a head that dies frees the worker for the next one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -164,3 +165,55 @@ def test_a_stage_whose_model_differs_from_the_heads_refuses_to_run(bundled: Any,
     assign = Assign(0, 1, str(bundled.folder), 0, 30, "fp32", "cpu", 256, 64, model_digest=wrong)
     with pytest.raises(PeerLostError, match=r"stage 0 failed to start: this copy of .* differs from the head.s"):
         LocalCluster([assign])
+
+
+def test_an_unauthenticated_peer_is_refused_before_a_stage_parses_anything(
+    lan: dict[str, Any], chat_ids: Any, reference_greedy: Any
+) -> None:
+    """Garbage into a remote stage's input from a plain socket and from an unknown Curve key never reaches the
+    stage (its count of bad messages stays 0); the same garbage from the head, which the input admits, is counted."""
+    import zmq
+
+    from homespec.core.messages import Heartbeat
+    from homespec.transport.channel import curve_client
+    from homespec.transport.codec import decode, encode
+    from homespec.transport.keys import KeyPair
+
+    def counts(cluster: Any, seq: int) -> list[int]:
+        cluster.control.send_multipart(encode(Heartbeat(-1, seq)))
+        got: dict[int, int] = {}
+        deadline = time.monotonic() + 10
+        while len(got) < cluster.size and time.monotonic() < deadline:
+            if cluster.report.poll(100):
+                msg = decode(cluster.report.recv_multipart())
+                if isinstance(msg, Heartbeat) and msg.seq == seq:
+                    got[msg.sender] = msg.bad_messages
+        return [got[i] for i in sorted(got)]
+
+    with remote_engine(lan, draft="none") as engine:
+        cluster = engine.cluster
+        ctx = zmq.Context.instance()
+        stranger = KeyPair(*(k.decode() for k in zmq.curve_keypair()))
+        for i in range(cluster.size):
+            plain = ctx.socket(zmq.PUSH)
+            other = curve_client(ctx.socket(zmq.PUSH), stranger, cluster.placements[i].link.key)
+            for sock in (plain, other):
+                sock.setsockopt(zmq.SNDTIMEO, 0)
+                sock.connect(cluster._input(i))
+            time.sleep(0.5)  # their handshakes fail; nothing they queue is ever delivered
+            for _ in range(50):
+                for sock in (plain, other):
+                    with contextlib.suppress(zmq.Again):
+                        sock.send_multipart([b"\x93garbage", b"x"])
+            plain.close(linger=0)
+            other.close(linger=0)
+        time.sleep(0.5)
+        assert counts(cluster, 7001) == [0] * cluster.size
+        for _ in range(5):
+            cluster.first.send_multipart([b"\x93garbage", b"x"])  # the head is admitted: the stage reads and counts
+        deadline = time.monotonic() + 10
+        while counts(cluster, 7002)[0] < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert counts(cluster, 7003)[0] == 5
+        ids = chat_ids(EQUIVALENCE_PROMPTS[2])
+        assert tokens(engine, ids) == tuple(reference_greedy(ids, N))

@@ -85,6 +85,7 @@ class Assign(Message):
     emu_link_ms: float = 0.0
     emu_link_ms_per_row: float = 0.0
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
+    max_requests: int = 256  # requests open on the stage at once (each holds a preallocated KV cache); more: refused
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,12 @@ class Abort(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
+    """A ping (head -> stages, head -> workers) or its answer, which carries the answerer's count of bad messages."""
+
     kind: ClassVar[str] = "heartbeat"
     sender: int
     seq: int
+    bad_messages: int = 0
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ class WorkerDaemon:
         if isinstance(msg, Hello):
             self._reply(identity, self.worker_info(measure=msg.measure))
         elif isinstance(msg, Heartbeat):
-            self._reply(identity, Heartbeat(DAEMON_SENDER, msg.seq))
+            self._reply(identity, Heartbeat(DAEMON_SENDER, msg.seq, self.bad_messages))
         elif isinstance(msg, Echo):
             self._reply(identity, msg)
         elif isinstance(msg, Deploy):

@@ -27,7 +27,11 @@ from typing import Any
 log = logging.getLogger("homespec.worker")
 
 POLL_MS = 200
-START_WAIT_S = 10.0
+START_WAIT_S = 3.0  # a wave may overtake its request's Start (two sockets); longer means the Start never comes
+PRUNE_WAIT_S = 10.0  # a wave's prunes are broadcast before it; longer means they never come: the request fails
+AHEAD = 64  # how far a wave's request id or prune seq may run ahead of what the stage has seen, else it is bogus
+DISTRUST_S = 60.0  # after a Start or prune that never came, no wait for this long: a peer that lies gets no stalls
+CONTROL_MAX_BYTES = 8 << 20  # libzmq drops a bigger control message before it is allocated
 
 
 @dataclass
@@ -51,6 +55,7 @@ class StageWorker:
 
         from homespec.model.loader import resolve
         from homespec.model.stage import Stage, parse_dtype
+        from homespec.pipeline.inprocess import PREFIX_CHUNK
 
         torch.set_num_threads(int(os.environ.get("HOMESPEC_STAGE_THREADS", "1")))
         torch.set_grad_enabled(False)
@@ -62,16 +67,20 @@ class StageWorker:
         self.first = assign.stage == 0
         self.last = assign.stage == assign.num_stages - 1
         self.requests: dict[int, _Request] = {}
-        self.bad_messages = 0
+        self.bad_messages = 0  # undecodable, wrong for its socket, or refused (hostile input is counted, not obeyed)
+        # the largest wave: max(tree rows, a prompt chunk) of hidden states in fp32 (capped before allocation)
+        self.max_bytes = max(assign.max_tree, PREFIX_CHUNK) * self.stage.hidden * 4 + (1 << 20)
         ctx = zmq.Context.instance()
         curve = _CurveSetup(ctx, addresses["curve"]) if "curve" in addresses else None
         self.inp = ctx.socket(zmq.PULL)
+        self.inp.setsockopt(zmq.MAXMSGSIZE, self.max_bytes + (4 << 20))  # tensors + the header cap
         if curve:
             curve.server(self.inp)
         self.inp.bind(addresses["in"])
         self.out = ctx.socket(zmq.PUSH)
         self.control = ctx.socket(zmq.SUB)
         self.control.setsockopt(zmq.SUBSCRIBE, b"")
+        self.control.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
         self.report = ctx.socket(zmq.PUSH)
         for sock, name in ((self.out, "out"), (self.control, "control"), (self.report, "report")):
             if curve:
@@ -87,6 +96,7 @@ class StageWorker:
         self._running = True
         self.busy_total = 0.0  # seconds spent on steps (emulated: padded to the modeled time), sent with every wave
         self._newest = 0  # the highest request id started: ids grow, so a higher one's Start is still on its way
+        self._distrust_until = 0.0  # a wait timed out (something lied): until then, nothing is waited for
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -123,10 +133,11 @@ class StageWorker:
 
         frames = sock.recv_multipart(copy=False)
         try:
-            return decode(frames)
+            return decode(frames, self.max_bytes)
         except TransportError as exc:
             self.bad_messages += 1
-            log.warning("stage %d: dropped a malformed message: %s", self.assign.stage, exc)
+            if self.bad_messages <= 10 or self.bad_messages % 1000 == 0:  # a flood must not flood the log too
+                log.warning("stage %d: dropped malformed message %d: %s", self.assign.stage, self.bad_messages, exc)
             return None
 
     def _send(self, sock: Any, msg: Any) -> None:
@@ -147,6 +158,11 @@ class StageWorker:
         from homespec.core import messages as m
 
         if isinstance(msg, m.Start):
+            if msg.request not in self.requests and len(self.requests) >= self.assign.max_requests:
+                self.bad_messages += 1  # a flood of Starts would allocate KV for each: refused past the cap
+                log.warning("stage %d: refused request %d: %d open", self.assign.stage, msg.request, len(self.requests))
+                self._send(self.report, m.Failure(self.assign.stage, msg.request, "too many open requests"))
+                return
             self._newest = max(self._newest, msg.request)
             sampling = SamplingConfig(msg.temperature, msg.top_p, msg.top_k, msg.seed)
             cache = self.stage.new_cache(self.assign.max_context, self.assign.max_tree)
@@ -163,7 +179,7 @@ class StageWorker:
                 )
                 self._send(self.report, stats)
         elif isinstance(msg, m.Heartbeat):
-            self._send(self.report, m.Heartbeat(sender=self.assign.stage, seq=msg.seq))
+            self._send(self.report, m.Heartbeat(self.assign.stage, msg.seq, self.bad_messages))
         elif isinstance(msg, m.Shutdown):
             self._running = False
         else:
@@ -180,16 +196,19 @@ class StageWorker:
         if not isinstance(msg, Wave):
             self.bad_messages += 1
             return
+        if any(r > self._newest + AHEAD for r in msg.requests):
+            self.bad_messages += 1  # request ids grow one by one: a wave this far ahead of every Start is bogus
+            return
         for request, seq, _, _ in msg.segments():  # every prune each request's rows depend on, applied first
-            if request > self._newest:
-                self._await_start(request)
+            if request > self._newest and not self._await_start(request):
+                self.bad_messages += 1  # its Start never came
+                return
             req = self.requests.get(request)
-            while req is not None and req.pruned_seq < seq and self._running:
-                if self.control.poll(POLL_MS):
-                    self._drain_control()
-                elif self._orphaned():
-                    return
-                req = self.requests.get(request)
+            if req is not None and seq > req.pruned_seq + AHEAD:
+                self.bad_messages += 1
+                return
+            if req is not None and req.pruned_seq < seq and not self._await_prunes(request, seq):
+                return
         if not any(r in self.requests for r in msg.requests):
             return  # aborted or finished: drop quietly
         if msg.prefix:
@@ -201,15 +220,38 @@ class StageWorker:
                 for request in msg.requests:
                     self._fail(request, exc)
 
-    def _await_start(self, request: int) -> None:
+    def _await_prunes(self, request: int, seq: int) -> bool:
+        """Read control until ``request``'s prunes up to ``seq`` are applied (False: the stage is stopping). After
+        PRUNE_WAIT_S the prunes are not coming: the request fails (the head, if real, hears why)."""
+        deadline = time.monotonic() + (0.0 if time.monotonic() < self._distrust_until else PRUNE_WAIT_S)
+        req = self.requests.get(request)
+        while req is not None and req.pruned_seq < seq and self._running:
+            if time.monotonic() >= deadline:
+                self._distrust_until = time.monotonic() + DISTRUST_S
+                self._fail(request, TimeoutError(f"prune {seq} never came (applied: {req.pruned_seq})"))
+                return True
+            if self.control.poll(POLL_MS):
+                self._drain_control()
+            elif self._orphaned():
+                return False
+            req = self.requests.get(request)
+        return self._running
+
+    def _await_start(self, request: int) -> bool:
         """A wave of a request whose Start (on the control socket) has not been read yet: read control until it
-        is (the head sends Start first, but two sockets keep no order between them), for at most START_WAIT_S."""
-        deadline = time.monotonic() + START_WAIT_S
+        is (the head sends Start first, but two sockets keep no order between them), for at most START_WAIT_S.
+        False if it never came (and, for DISTRUST_S after, no more waiting: the next such wave is dropped at once)."""
+        now = time.monotonic()
+        deadline = now + (0.0 if now < self._distrust_until else START_WAIT_S)
         while request > self._newest and self._running and time.monotonic() < deadline:
             if self.control.poll(POLL_MS):
                 self._drain_control()
             elif self._orphaned():
-                return
+                return False
+        if request > self._newest:
+            self._distrust_until = time.monotonic() + DISTRUST_S
+            return False
+        return True
 
     def _guarded(self, request: int, fn: Any) -> None:
         try:

@@ -1,0 +1,299 @@
+"""Hostile wire input against live stages (issue: reliability). Messages recorded from a real generation are mutated
+(truncated and extra frames, flipped bytes, wrong dtypes and versions, huge declared shapes, unknown kinds and
+fields, wrong field types, random bytes) and sent by the thousand into a stage's data and control sockets:
+
+- phase A: over 10 000 messages the codec must reject — every one is counted in the stage's stats, exactly;
+- phase B: messages that decode but lie — a flood of Starts past the stage's cap, waves for requests that never
+  started or with prunes that never come, positions past the context, prunes of nodes that do not exist;
+
+and then no stage has crashed, none has grown its memory, and a real request through them is still lossless.
+The codec itself gets hypothesis-made headers of every kind (never anything but a Message or TransportError).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from homespec.config import SamplingConfig, TreeConfig
+from homespec.core.messages import (
+    REGISTRY,
+    Abort,
+    Assign,
+    Heartbeat,
+    Prune,
+    RawTensor,
+    Shutdown,
+    Start,
+    Wave,
+)
+from homespec.core.planner import even_split
+from homespec.errors import TransportError
+from homespec.pipeline.cluster import LocalCluster
+from homespec.pipeline.coordinator import PipelineDecoder
+from homespec.transport.codec import decode, encode
+from tests.conftest import EQUIVALENCE_PROMPTS
+
+MAX_REQUESTS = 8
+CONTEXT = 512
+BAD = 10_500
+
+
+class Recording(LocalCluster):
+    """A local cluster that keeps a copy of every message the head sends: (socket, frames)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.sent: list[tuple[str, list[bytes]]] = []
+        super().__init__(*args, **kwargs)
+
+    def send_first(self, msg: Any) -> None:
+        self.sent.append(("data", [bytes(f) for f in encode(msg)]))
+        super().send_first(msg)
+
+    def broadcast(self, msg: Any) -> None:
+        if not isinstance(msg, Heartbeat):
+            self.sent.append(("control", [bytes(f) for f in encode(msg)]))
+        super().broadcast(msg)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def bad_counts(c: LocalCluster, seq: int) -> dict[int, int]:
+    """Every stage's count of bad messages, from its answer to a ping (Failures on the report socket, which the
+    hostile messages cause, are read and set aside)."""
+    c.control.send_multipart(encode(Heartbeat(-1, seq)))
+    got: dict[int, int] = {}
+    deadline = time.monotonic() + 10
+    while len(got) < c.size and time.monotonic() < deadline:
+        if c.report.poll(100):
+            msg = decode(c.report.recv_multipart())
+            if isinstance(msg, Heartbeat) and msg.seq == seq:
+                got[msg.sender] = msg.bad_messages
+    assert len(got) == c.size, "a stage did not answer"
+    return got
+
+
+def settle(c: LocalCluster, want: dict[int, int], timeout_s: float = 60) -> dict[int, int]:
+    """Ping until the counts reach ``want`` (the stages read their two sockets in no fixed order) or time out."""
+    deadline, seq, got = time.monotonic() + timeout_s, 10_000, {}
+    while time.monotonic() < deadline:
+        seq += 1
+        got = bad_counts(c, seq)
+        if all(got[i] >= n for i, n in want.items()):
+            break
+        time.sleep(0.2)
+    return got
+
+
+# -- mutations -----------------------------------------------------------------------------------------------
+
+
+def _header(frames: list[bytes]) -> dict[str, Any]:
+    return dict(msgpack.unpackb(frames[0], raw=False))
+
+
+def _with(frames: list[bytes], header: dict[str, Any]) -> list[bytes]:
+    return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
+def _junk_value(rng: random.Random) -> Any:
+    return rng.choice([None, "x" * rng.randint(0, 40), -(2**63), 2**64 - 1, 3.5, [], [[1]], {"a": 1}, True, b"\x00"])
+
+
+def mutate(frames: list[bytes], rng: random.Random) -> list[bytes]:
+    """One malformed variant of a real message (the codec must reject it)."""
+    h = _header(frames)
+    kind = rng.randrange(14)
+    if kind == 0 and any(frames[1:]):  # a tensor frame cut short
+        i = rng.choice([i for i in range(1, len(frames)) if frames[i]])
+        return [*frames[:i], frames[i][: rng.randrange(len(frames[i]))], *frames[i + 1 :]]
+    if kind == 1:  # a frame more, or one fewer
+        return [*frames, bytes(rng.randrange(64))] if rng.random() < 0.5 or len(frames) == 1 else frames[:-1]
+    if kind == 2:  # the header's bytes flipped or cut
+        head = bytearray(frames[0])
+        for _ in range(rng.randint(1, 4)):
+            head[rng.randrange(len(head))] ^= 1 << rng.randrange(8)
+        return [bytes(head[: rng.randint(0, len(head))] if rng.random() < 0.3 else head), *frames[1:]]
+    if kind == 3:
+        return _with(frames, {**h, "v": rng.choice([0, 2, "1", None, 1.0])})
+    if kind == 4:
+        return _with(frames, {**h, "type": rng.choice(["", "wave ", "pickle", "exec", 7, None, "Wave"])})
+    if kind == 5 and h["tensors"]:  # a dtype that is not one, or another one (its size no longer matches)
+        t = [dict(x) for x in h["tensors"]]
+        t[0]["dtype"] = rng.choice(["float128", "object", "", "int8", "complex64", 3])
+        return _with(frames, {**h, "tensors": t})
+    if kind == 6 and h["tensors"]:  # a huge declared shape over a small frame
+        t = [dict(x) for x in h["tensors"]]
+        t[0]["shape"] = rng.choice([[2**31 - 1], [10**9, 10**9], [-1], [1.5], [1] * 9, "10", [2**40]])
+        return _with(frames, {**h, "tensors": t})
+    if kind == 7 and h["fields"]:  # a field of the wrong type
+        f = dict(h["fields"])
+        f[rng.choice(sorted(f))] = _junk_value(rng)
+        out = _with(frames, {**h, "fields": f})
+        return out if _rejected(out) else [b"\xc1", *frames[1:]]  # (a value that happens to fit: use garbage)
+    if kind == 8 and h["fields"]:  # a required field missing
+        f = dict(h["fields"])
+        del f[rng.choice(sorted(f))]
+        out = _with(frames, {**h, "fields": f})
+        return out if _rejected(out) else [b"\xc1"]
+    if kind == 9:
+        return _with(frames, {**h, "fields": {**h["fields"], "__reduce__": "os.system"}})
+    if kind == 10:  # another map entirely
+        return [msgpack.packb(rng.choice([{}, [], {"v": 1}, {"v": 1, "type": "wave"}, 5, "x"])), *frames[1:]]
+    if kind == 11:  # random bytes
+        return [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) for _ in range(rng.randint(1, 3))]
+    if kind == 12:  # a pickle, where a header should be
+        return [b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."]
+    return [b""] * rng.randint(1, 3)
+
+
+def _rejected(frames: list[bytes], max_bytes: int = 1 << 30) -> bool:
+    try:
+        decode(frames, max_bytes)
+    except TransportError:
+        return True
+    return False
+
+
+def hostile(rng: random.Random, open_ids: list[int], newest: int) -> tuple[str, Any]:
+    """One message that decodes but lies (phase B)."""
+    kind = rng.randrange(6)
+    req = rng.choice(open_ids) if open_ids and rng.random() < 0.7 else newest + rng.randint(1, 3)
+    ids = RawTensor("int64", (2,), bytes(16))
+    if kind == 0:  # a wave of a request far past every Start
+        return "data", Wave(1, False, (newest + 10_000,), (2,), (0,), (1, 2), (0, 1), (5, 6), ids)
+    if kind == 1:  # prunes that will never come
+        return "data", Wave(1, False, (req,), (2,), (10**6,), (1, 2), (0, 1), (5, 6), ids)
+    if kind == 2:  # positions far past the context
+        return "data", Wave(1, False, (req,), (2,), (0,), (1, 2), (0, 1), (10**6, 10**6 + 1), ids)
+    if kind == 3:  # a prefix chunk longer than the context
+        n = CONTEXT + 64
+        return "data", Wave(
+            -1, True, (req,), (n,), (0,), (), (), tuple(range(n)), RawTensor("int64", (n,), bytes(8 * n))
+        )
+    if kind == 4:  # prunes of nodes nobody made
+        return "control", Prune(req, 1, 1, tuple(rng.randrange(10**6) for _ in range(5)), (10**9,))
+    return "control", Abort(req, "fuzz")
+
+
+@pytest.mark.slow
+def test_thousands_of_hostile_messages_neither_crash_nor_bloat_a_stage(
+    bundled: Any, tokenizer: Any, chat_ids: Any, reference_greedy: Any
+) -> None:
+    from homespec.model.drafts import build_draft
+
+    assigns = [
+        Assign(i, 2, str(bundled.folder), a, b, "fp32", "cpu", CONTEXT, 64, max_requests=MAX_REQUESTS)
+        for i, (a, b) in enumerate(even_split(bundled.num_layers, 2))
+    ]
+    with Recording(assigns) as c:
+        decoder = PipelineDecoder(c, "specpipe", 8)
+        ids = chat_ids(EQUIVALENCE_PROMPTS[1])
+        steps = decoder.decode(ids, build_draft("ngram", bundled, tokenizer, TreeConfig()), SamplingConfig(),
+                               TreeConfig())  # fmt: skip
+        for _ in zip(range(12), steps, strict=False):
+            pass
+        steps.close()
+        recorded = [(where, frames) for where, frames in c.sent if len(frames[0]) < 4096]
+        assert {decode(f).kind for _, f in recorded} >= {"wave", "start", "prune", "abort"}
+        pids = [p.pid for p in c.procs]
+        before = {pid: rss_mb(pid) for pid in pids}
+        base = settle(c, {0: 0, 1: 0})
+
+        # phase A: every message malformed; stage 0 gets them on both sockets, stage 1 on its control
+        rng = random.Random(20261201)
+        junk = zmq.Context.instance().socket(zmq.PUSH)
+        junk.setsockopt(zmq.LINGER, 5000)
+        junk.connect(c.inputs[0])
+        sent = {"data": 0, "control": 0}
+        while sum(sent.values()) < BAD:
+            for _ in range(500):  # in rounds, so that no queue overflows (a PUB drops what a slow SUB cannot take)
+                where, frames = rng.choice(recorded)
+                bad = mutate(frames, rng)
+                if not _rejected(bad):
+                    continue
+                where = where if rng.random() < 0.8 else ("control" if where == "data" else "data")
+                (junk.send_multipart if where == "data" else c.control.send_multipart)(bad)
+                sent[where] += 1
+            want = {0: base[0] + sent["data"] + sent["control"], 1: base[1] + sent["control"]}
+            got = settle(c, want)
+            assert got == want, f"bad messages counted {got}, sent {sent} (before {base})"
+
+        # phase B: messages that decode but lie
+        open_ids: list[int] = []
+        newest = 1000
+        for i in range(1500):
+            if i % 100 == 0:  # a flood of Starts: only MAX_REQUESTS open at once, the rest refused and counted
+                for _ in range(3 * MAX_REQUESTS):
+                    newest += 1
+                    c.broadcast(Start(newest, 0.0, 1.0, 0, 0))
+                    open_ids.append(newest)
+                open_ids = open_ids[-3 * MAX_REQUESTS :]
+            where, msg = hostile(rng, open_ids, newest)
+            assert not isinstance(msg, Shutdown)
+            frames = encode(msg)
+            (junk.send_multipart if where == "data" else c.control.send_multipart)(frames)
+        for req in range(1001, newest + 1):  # the head ends what it started (the stages hold nothing after)
+            c.broadcast(Abort(req, "fuzz over"))
+        after_b = settle(c, {0: want[0] + 1, 1: want[1] + 1})
+        assert after_b[0] > want[0] and after_b[1] > want[1], "refused Starts and bogus waves were not counted"
+        junk.close(linger=2000)
+
+        assert all(p.poll() is None for p in c.procs), "a stage crashed"
+        growth = {pid: rss_mb(pid) - before[pid] for pid in pids}
+        assert all(g < 250 for g in growth.values()), f"stage memory grew by {growth} MB"
+        print(f"fuzz: phase A {sent} malformed, counted {got}; phase B 1500 lying + floods, counted {after_b}; "
+              f"RSS growth MB {[round(g, 1) for g in growth.values()]}")  # fmt: skip
+        c.stage_stats.clear()
+        while c.report.poll(0):  # what the hostile traffic made the stages say (Failures, stats)
+            c.report.recv_multipart()
+        ids = chat_ids(EQUIVALENCE_PROMPTS[0])
+        steps = decoder.decode(ids, build_draft("ngram", bundled, tokenizer, TreeConfig()), SamplingConfig(),
+                               TreeConfig())  # fmt: skip
+        out: list[int] = []
+        for step in steps:
+            out.extend(step.verification.emitted)
+            if len(out) >= 24:
+                break
+        steps.close()
+        assert out[:24] == reference_greedy(ids, 24)
+
+
+# -- the codec alone ----------------------------------------------------------------------------------------------
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(REGISTRY)),
+    fields=st.dictionaries(st.text(max_size=14), _values, max_size=8),
+    specs=st.lists(st.fixed_dictionaries({"dtype": st.text(max_size=9), "shape": _values}), max_size=3),
+    frames=st.lists(st.binary(max_size=64), max_size=3),
+)
+def test_hypothesis_headers_of_every_kind_decode_or_are_rejected(
+    kind: str, fields: dict[str, Any], specs: list[Any], frames: list[bytes]
+) -> None:
+    header = {"v": 1, "type": kind, "fields": fields, "tensors": specs}
+    try:
+        msg = decode([msgpack.packb(header, use_bin_type=True), *frames])
+    except TransportError:
+        return
+    assert msg.kind == kind  # it decoded: then it is a well-formed message of that kind
