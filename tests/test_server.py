@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.slow
 
@@ -247,6 +248,102 @@ def test_errors_have_the_openai_shape(server: Server) -> None:
     assert_openai_error(raw_post(server, "/v1/nothing", {}), 404)
     with pytest.raises(openai.BadRequestError):
         chat(server, temperature=-1)
+
+
+def test_a_chunked_body_over_the_limit_gets_413_and_a_chunked_small_one_works(server: Server) -> None:
+    """The body cap holds when the client sends no Content-Length (chunked transfer), too."""
+
+    def chunks(total: int) -> Iterator[bytes]:
+        for _ in range(total // 65536):
+            yield b" " * 65536
+
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    big = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(6 << 20), headers=headers, timeout=60)
+    assert_openai_error(big, 413, "body_too_large")
+
+    def small() -> Iterator[bytes]:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        yield body[:10].encode()
+        yield body[10:].encode()
+
+    ok = httpx.post(f"{server.url}/v1/chat/completions", content=small(), headers=headers, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+def _properties(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    """The request body's properties of a POST route, from the server's own OpenAPI schema."""
+    ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    return dict(schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"])
+
+
+@st.composite
+def hostile_bodies(draw: Any, schema: dict[str, Any]) -> tuple[str, Any]:
+    """A route and a body made from a valid one by a few mutations of its schema's fields (any JSON value, huge
+    numbers and strings, wrong types, fields removed or unknown), or no JSON at all."""
+    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 2}
+    body |= {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    fields = sorted(_properties(schema, path))
+    for _ in range(draw(st.integers(1, 3))):
+        how = draw(st.sampled_from(["set", "set", "set", "drop", "unknown", "huge"]))
+        name = draw(st.sampled_from(fields))
+        if how == "set":
+            body[name] = draw(_JSON)
+        elif how == "drop":
+            body.pop(name, None)
+        elif how == "unknown":
+            body[draw(st.text(min_size=1, max_size=12))] = draw(_JSON)
+        else:
+            body[name] = draw(st.sampled_from(["x" * 100_000, 10**30, -(10**30), 1e308, [0] * 10_000]))
+    for limit in ("max_tokens", "max_completion_tokens"):  # a valid request stays cheap: it runs the model
+        if type(body.get(limit)) is int and body[limit] > 4:
+            body[limit] = 4
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = 2  # (without either, a valid request would run to the end of the context)
+    form = draw(st.sampled_from(["json", "json", "json", "json", "bytes", "text", "nan"]))
+    if form == "nan":  # Python's JSON reads NaN and Infinity: they must be refused like any out-of-range number
+        body[draw(st.sampled_from(fields))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        return path, json.dumps(body)
+    if form == "bytes":
+        return path, draw(st.binary(max_size=200))
+    if form == "text":
+        return path, json.dumps(body)[: draw(st.integers(0, 40))]
+    return path, body
+
+
+def test_hostile_bodies_never_get_a_5xx(server: Server) -> None:
+    """Hypothesis over the server's own OpenAPI schema: whatever the body, the answer is a 200 or an OpenAI-shaped
+    4xx, never a 5xx, and the server keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(hostile_bodies(schema))
+    def check(route_body: tuple[str, Any]) -> None:
+        path, body = route_body
+        response = raw_post(server, path, body)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, response.text[:500]
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+    check()
+    assert set(seen) <= {200, 400, 404, 413, 429} and seen.get(400, 0) > 50, seen
+    assert chat(server, max_tokens=4).usage.completion_tokens == 4
 
 
 def test_queue_limit_429_and_disconnects_cancel(server: Server) -> None:

@@ -228,9 +228,48 @@ def _error_handlers(app: FastAPI, options: ServerOptions) -> None:
         log.exception("unhandled error in %s", request.url.path)
         return shaped(ApiError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
-            return shaped(ApiError(413, f"request body over {options.max_body_bytes} bytes", code="body_too_large"))
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 in OpenAI's shape before the app sees it,
+    whether it says its length (``Content-Length``) or not (chunked): the body is read here, up to the limit, and
+    handed on; what the client sends after it (a disconnect) goes to the app as usual."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._too_large(scope, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body was complete
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._too_large(scope, send)
+        body, delivered = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return dict(await receive())
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict[str, Any], send: Any) -> None:
+        error = ApiError(413, f"request body over {self.max_bytes} bytes", code="body_too_large")
+        await JSONResponse(error.body(), status_code=413)(scope, _nothing, send)
+
+
+async def _nothing() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
