@@ -214,7 +214,9 @@ def test_a_lost_worker_fails_the_request_in_bounded_time_and_the_cluster_heals(
         with pytest.raises(PeerLostError, match=rf"w2|stage {hosts.index('w2')} "):
             for _ in events:
                 pass
-        assert time.monotonic() - start < 3.0 + 3.0
+        took = time.monotonic() - start
+        print(f"netns {fault}: the request failed after {took:.1f} s")
+        assert took < 3.0 + 3.0
     finally:
         first.close()
     try:

@@ -92,7 +92,9 @@ def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_req
         with pytest.raises(PeerLostError, match=r"stage 1 \(layers 10-19\) has not answered for [34] s"):
             for _ in events:
                 pass
-        assert time.monotonic() - start < 3.0 + 2.5
+        took = time.monotonic() - start
+        print(f"local SIGSTOP: the request failed after {took:.1f} s")
+        assert took < 3.0 + 2.5
     finally:
         engine.close()  # kills what does not stop, the stopped stage included
     assert stopped is not None and not alive(stopped)

@@ -119,7 +119,9 @@ def test_a_killed_stage_fails_the_request_quickly_and_the_workers_serve_the_next
         with pytest.raises(PeerLostError, match=r"exited with code -9|has not answered"):
             for _ in events:
                 pass
-        assert time.monotonic() - start < 10.0
+        took = time.monotonic() - start
+        print(f"remote SIGKILL of a stage: the request failed after {took:.1f} s")
+        assert took < 10.0
     finally:
         engine.close()
     deadline = time.monotonic() + 10
