@@ -33,6 +33,7 @@ def test_training_lowers_the_loss_and_the_head_loads_for_its_target_only(
     data.save(tmp_path / "data.safetensors")
     data = Sequences.load(tmp_path / "data.safetensors")
     assert [len(t) for t in data.tokens] == [len(f) for f in data.features] == [len(y) for y in data.labels]
+    assert data.groups == [0, 1, 2]
     log: list[dict[str, float]] = []
     cfg = TrainConfig(epochs=6, lr=1e-3, holdout=0.34)
     head = train(engine, data, tmp_path, cfg, log.append)
@@ -67,3 +68,30 @@ def test_shipped_head_is_lossless_and_accepted(
         accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
         forwards += done.stats.target_forwards
     assert accepted / forwards > 0.2, f"the shipped head is accepted only {accepted / forwards:.2f} per forward"
+
+
+def test_batched_replies_are_the_targets_own(
+    engines: Callable[..., Any], reference_greedy: Callable[..., list[int]], assert_lossless: Callable[..., None]
+) -> None:
+    """Training data decoded in batches: each prompt's first reply is the target's greedy one, the others are
+    sampled (and differ), and every recorded feature and label is what one forward over the whole sequence gives."""
+    import torch
+
+    engine = engines("none")
+    done: list[int] = []
+    data = build_data(engine, TRAIN_PROMPTS, 16, lambda: done.append(1), samples=3, temperature=1.0, batch=4)
+    assert data.groups == [0, 0, 0, 1, 1, 1, 2, 2, 2] and len(done) == 3
+    stage = engine.decoder.stages[0]
+    for i, prompt in enumerate(TRAIN_PROMPTS):
+        ids = engine.encode(prompt)
+        greedy = data.tokens[3 * i].tolist()
+        assert greedy[: len(ids)] == ids
+        reply, ref = greedy[len(ids) :], reference_greedy(ids, 16)
+        assert_lossless(ids, reply, ref[: len(reply)])
+        assert len(reply) == 16 or ref[len(reply)] in engine.eos_ids  # an EOS drawn has no feature: not kept
+        assert any(data.tokens[3 * i + k].tolist() != greedy for k in (1, 2)), "sampled replies equal greedy"
+    for seq, feats, labels in zip(data.tokens, data.features, data.labels, strict=True):
+        cache = stage.new_cache(len(seq) + 1, 1)
+        logits = stage.forward_prefix(cache, seq, range(len(seq)))
+        torch.testing.assert_close(feats.float(), stage.last_hidden, atol=2e-2, rtol=1e-2)
+        assert (labels == logits.argmax(-1)).float().mean() > 0.98

@@ -102,3 +102,22 @@ def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_req
         ids = chat_ids("Write a haiku about GPUs.")
         done = [e for e in again.generate(ids, GenerationConfig(max_tokens=16)) if isinstance(e, GenerationFinished)]
         assert list(done[0].tokens) == reference_greedy(ids, 16)[: len(done[0].tokens)]
+
+
+def test_the_head_never_blocks_on_a_stage_that_takes_nothing(tmp_path: Path) -> None:
+    """A stage that stopped reading (hung, or its pipe torn down) fills the head's queue into it; the next send
+    then waits at most the peer timeout and fails as a lost stage, instead of blocking the head for ever."""
+    from homespec.core.messages import Heartbeat
+    from homespec.errors import PeerLostError
+    from homespec.pipeline.cluster import Cluster
+
+    cluster = Cluster([], timeout_s=0.2)
+    cluster._connect_first(f"ipc://{tmp_path}/nobody-reads")  # a real PUSH socket; nothing is bound there
+    sent, start = 0, time.monotonic()
+    try:
+        with pytest.raises(PeerLostError, match=r"stage 0 took no input for 0\.2 s"):
+            for sent in range(100_000):
+                cluster.send_first(Heartbeat(0, sent))
+        assert 0 < sent < 100_000 and time.monotonic() - start < 10
+    finally:
+        cluster.first.close(linger=0)

@@ -25,6 +25,11 @@ def train_draft(
     builtin: Annotated[bool, typer.Option("--builtin/--no-builtin", help="use the built-in prompt set")] = True,
     limit: Annotated[int, typer.Option(help="use at most N prompts (0 = all)")] = 0,
     max_new: Annotated[int, typer.Option("--max-new", help="reply tokens generated per prompt")] = 96,
+    samples: Annotated[
+        int, typer.Option(help="replies per prompt: the greedy one, then sampled ones at --temperature")
+    ] = 1,
+    temperature: Annotated[float, typer.Option(help="temperature of the sampled replies")] = 0.8,
+    batch: Annotated[int, typer.Option(help="replies decoded together (one forward per token for all)")] = 16,
     epochs: Annotated[int, typer.Option()] = 12,
     lr: Annotated[float, typer.Option()] = 5e-4,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
@@ -46,6 +51,10 @@ def train_draft(
             texts = texts[:limit]
         if not texts:
             raise ConfigError("no training prompts", hint="drop --no-builtin or give --prompts FILE")
+        if samples < 1 or batch < 1 or not temperature > 0:
+            raise ConfigError(
+                f"need --samples >= 1, --batch >= 1, --temperature > 0 (got {samples}, {batch}, {temperature})"
+            )
         cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr)
         from rich.progress import Progress
 
@@ -56,7 +65,9 @@ def train_draft(
             if not data_path.is_file():
                 with Progress(transient=True) as bar:
                     task = bar.add_task("generating training data", total=len(texts))
-                    data = build_data(engine, texts, cfg.max_new, lambda: bar.advance(task))
+                    data = build_data(
+                        engine, texts, cfg.max_new, lambda: bar.advance(task), samples, temperature, batch
+                    )
                 data.save(data_path)
             data = Sequences.load(data_path)
             rows = sum(len(t) - 1 for t in data.tokens)
@@ -74,7 +85,15 @@ def train_draft(
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
                 head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None)
-            extra = {"prompts": len(texts), "rows": rows, "max_new": cfg.max_new, "epochs": cfg.epochs, "log": log}
+            extra = {
+                "prompts": len(texts),
+                "samples": samples,
+                "temperature": temperature,
+                "rows": rows,
+                "max_new": cfg.max_new,
+                "epochs": cfg.epochs,
+                "log": log,
+            }
             head.save(out / "head.safetensors", extra)
             (out / "training.json").write_text(json.dumps(extra, indent=2))
         typer.echo(str(out / "head.safetensors"))

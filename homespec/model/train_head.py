@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from homespec.model.head import DraftHead, HeadConfig
-from homespec.model.stage import Stage
+from homespec.model.kv import TreeKVCache
+from homespec.model.stage import Segment, Stage
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Sequences:
     tokens: list[torch.Tensor]  # int64 [T]
     features: list[torch.Tensor]  # float16 [T, hidden]
     labels: list[torch.Tensor]  # int64 [T]: the target's greedy next token after each position
+    groups: list[int] = field(default_factory=list)  # the prompt each sequence answers (held out together)
+
+    def group_of(self, i: int) -> int:
+        return self.groups[i] if self.groups else i
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -53,42 +58,108 @@ class Sequences:
         for i, (t, f, y) in enumerate(zip(self.tokens, self.features, self.labels, strict=True)):
             tensors[f"{i}.tokens"], tensors[f"{i}.features"], tensors[f"{i}.labels"] = t, f.contiguous(), y
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"count": str(len(self.tokens))})
+        meta = {"count": str(len(self.tokens)), "groups": json.dumps(self.groups)}
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> Sequences:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            n = int((f.metadata() or {})["count"])
+            meta = f.metadata() or {}
+            n = int(meta["count"])
             get = f.get_tensor
             return cls(
                 [get(f"{i}.tokens") for i in range(n)],
                 [get(f"{i}.features") for i in range(n)],
                 [get(f"{i}.labels") for i in range(n)],
+                [int(g) for g in json.loads(meta.get("groups", "[]"))],
             )
 
 
-def build_data(engine: Any, prompts: Sequence[str], max_new: int, progress: Callable[[], None]) -> Sequences:
-    """The target's greedy replies to ``prompts`` and its features over prompt + reply."""
-    from homespec.config import GenerationConfig
-    from homespec.events import GenerationFinished
-
+def build_data(
+    engine: Any,
+    prompts: Sequence[str],
+    max_new: int,
+    progress: Callable[[], None],
+    samples: int = 1,
+    temperature: float = 0.8,
+    batch: int = 16,
+    seed: int = 0,
+) -> Sequences:
+    """``samples`` replies of the target to each prompt, the first greedy and the others sampled at
+    ``temperature`` (the target's own text, as the head will meet it), with every position's feature and greedy
+    next token recorded as they are computed. Replies are decoded ``batch`` at a time: one forward of the whole
+    target per token over all of them (``Stage.forward_batch``), so a CPU or GPU does the matrix work once for the
+    batch. ``progress`` is called once per prompt whose replies are all done."""
     stage: Stage = _whole_target(engine)
+    jobs = [(g, k, engine.encode(p)) for g, p in enumerate(prompts) for k in range(max(1, samples))]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     out = Sequences([], [], [])
-    for prompt in prompts:
-        ids = engine.encode(prompt)
-        done = list(engine.generate(ids, GenerationConfig(max_tokens=max_new)))[-1]
-        assert isinstance(done, GenerationFinished)
-        seq = torch.tensor([*ids, *done.tokens], dtype=torch.int64)
-        cache = stage.new_cache(len(seq) + 1, 1)
-        logits = stage.forward_prefix(cache, seq, range(len(seq)))
-        assert stage.last_hidden is not None
-        out.tokens.append(seq)
-        out.features.append(stage.last_hidden.to(torch.float16))
-        out.labels.append(torch.argmax(logits, dim=-1))
-        progress()
+    left = {g: max(1, samples) for g in range(len(prompts))}
+    for first in range(0, len(jobs), batch):
+        for g, seq, feats, labels in _decode_batch(
+            stage, jobs[first : first + batch], max_new, temperature, gen, engine.eos_ids
+        ):
+            out.tokens.append(seq)
+            out.features.append(feats)
+            out.labels.append(labels)
+            out.groups.append(g)
+            left[g] -= 1
+            if left[g] == 0:
+                progress()
     return out
+
+
+def _decode_batch(
+    stage: Stage,
+    jobs: Sequence[tuple[int, int, list[int]]],  # (prompt index, sample index: 0 is greedy, prompt ids)
+    max_new: int,
+    temperature: float,
+    gen: torch.Generator,
+    eos: frozenset[int],
+) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Decode one batch of replies; per job (prompt index, tokens, float16 features, greedy next tokens)."""
+    caches, tokens, feats, labels, last = [], [], [], [], []
+    for _, _, ids in jobs:
+        cache = stage.new_cache(len(ids) + max_new + 1, 1)
+        logits = stage.forward_prefix(cache, torch.tensor(ids), range(len(ids)))
+        assert stage.last_hidden is not None
+        caches.append(cache)
+        tokens.append(list(ids))
+        feats.append([stage.last_hidden.to(torch.float16)])
+        labels.append([torch.argmax(logits, dim=-1)])
+        last.append(logits[-1])
+    live = list(range(len(jobs)))
+    for _ in range(max_new):
+        picks = {}
+        for j in live:
+            greedy = jobs[j][1] == 0 or temperature <= 0
+            probs = None if greedy else torch.softmax(last[j].float() / temperature, dim=-1)
+            picks[j] = int(torch.argmax(last[j])) if probs is None else int(torch.multinomial(probs, 1, generator=gen))
+            tokens[j].append(picks[j])
+        live = [j for j in live if picks[j] not in eos]
+        if not live:
+            break
+        segments = [Segment(caches[j], *_one_row(caches[j])) for j in live]
+        x = torch.tensor([tokens[j][-1] for j in live])
+        logits = stage.forward_batch(segments, x, [len(tokens[j]) - 1 for j in live])
+        assert stage.last_hidden is not None
+        for row, j in enumerate(live):
+            feats[j].append(stage.last_hidden[row : row + 1].to(torch.float16))
+            labels[j].append(torch.argmax(logits[row : row + 1], dim=-1))
+            last[j] = logits[row]
+    results = []
+    for j, (g, _, _) in enumerate(jobs):
+        n = sum(len(f) for f in feats[j])  # positions computed: the last token drawn has no feature yet
+        seq = torch.tensor(tokens[j][:n], dtype=torch.int64)
+        results.append((g, seq, torch.cat(feats[j]), torch.cat(labels[j])))
+    return results
+
+
+def _one_row(cache: TreeKVCache) -> tuple[int, int, torch.Tensor]:
+    start, mask = cache.reserve_prefix(1)
+    return start, 1, mask
 
 
 def new_head(engine: Any) -> DraftHead:
@@ -124,10 +195,12 @@ def train(
     stage = _whole_target(engine)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    order = list(range(len(data.tokens)))
-    rng.shuffle(order)
-    n_hold = max(1, int(len(order) * cfg.holdout)) if len(order) > 1 else 0
-    held, train_ids = order[:n_hold], order[n_hold:] or order
+    groups = sorted({data.group_of(i) for i in range(len(data.tokens))})
+    rng.shuffle(groups)
+    n_hold = max(1, int(len(groups) * cfg.holdout)) if len(groups) > 1 else 0
+    held_groups = set(groups[:n_hold])  # every reply to a held-out prompt is held out
+    held = [i for i in range(len(data.tokens)) if data.group_of(i) in held_groups]
+    train_ids = [i for i in range(len(data.tokens)) if data.group_of(i) not in held_groups] or held
     head = new_head(engine)
     opt = torch.optim.AdamW([p for p in head.parameters()], lr=cfg.lr, weight_decay=0.0)
     total = cfg.epochs * len(train_ids) if max_steps is None else max_steps

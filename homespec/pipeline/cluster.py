@@ -153,7 +153,23 @@ class Cluster:
 
     # -- messaging -----------------------------------------------------------------------------------------
     def send_first(self, msg: Message) -> None:
-        self.first.send_multipart(encode(msg), copy=False)
+        """Into stage 0; a stage that takes nothing for ``timeout_s`` (hung, its queue full) is a lost stage."""
+        try:
+            self.first.send_multipart(encode(msg), copy=False)
+        except zmq.Again as exc:
+            raise PeerLostError(
+                f"stage 0 took no input for {self.timeout_s:g} s", hint="a stage may be hung or overloaded"
+            ) from exc
+
+    def _connect_first(self, address: str, setup: Callable[[Any], Any] | None = None) -> None:
+        """The PUSH into stage 0: sends wait at most ``timeout_s`` (``send_first``), so the head never blocks on a
+        stage that stopped reading."""
+        self.first = self.ctx.socket(zmq.PUSH)
+        self.first.setsockopt(zmq.LINGER, 0)
+        self.first.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
+        if setup is not None:
+            setup(self.first)
+        self.first.connect(address)
 
     def broadcast(self, msg: Message) -> None:
         self.control.send_multipart(encode(msg), copy=False)
@@ -225,9 +241,7 @@ class LocalCluster(Cluster):
         self.report = self._bind(zmq.PULL, addr["report"])
         self.control = self._bind(zmq.PUB, addr["control"])
         self.inputs = ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
-        self.first = self.ctx.socket(zmq.PUSH)
-        self.first.setsockopt(zmq.LINGER, 0)
-        self.first.connect(ins[0])
+        self._connect_first(ins[0])
         self.procs: list[subprocess.Popen[bytes]] = []
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         for i, a in enumerate(self.assigns):

@@ -63,7 +63,12 @@ class WorkerLink:
 
     def request(self, msg: Any, timeout_s: float) -> Any:
         """Send ``msg`` and return the next message the worker sends back (heartbeat replies skipped)."""
-        self.sock.send_multipart(encode(msg), copy=False)
+        try:
+            self.sock.send_multipart(encode(msg), copy=False)  # bounded: the link's SNDTIMEO
+        except zmq.Again as exc:
+            raise PeerLostError(
+                f"worker {self.peer.name} at {self.peer.address}:{self.peer.port} takes nothing"
+            ) from exc
         deadline = time.monotonic() + timeout_s
         while self.sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
             reply = decode(self.sock.recv_multipart(copy=False))
@@ -108,6 +113,7 @@ def connect(ctx: Any, keys: KeyPair, peer: Peer, measure: bool = False) -> Worke
     key = peer.key or fetch_key(ctx, peer)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, int(CONNECT_TIMEOUT_S * 1000))  # a link whose peer went away never blocks a send
     curve_client(sock, keys, key)
     watch = HandshakeWatch(sock)
     sock.connect(peer.endpoint)
@@ -194,10 +200,8 @@ class RemoteCluster(Cluster):
         self._closed = False
         self._lock = threading.Lock()  # the workers' DEALER sockets: the heartbeat thread's after deploying
         self._deploy(deploys)
-        self.first = self.ctx.socket(zmq.PUSH)
-        self.first.setsockopt(zmq.LINGER, 0)
-        curve_client(self.first, self.keys, self.placements[0].link.key)
-        self.first.connect(self._input(0))
+        first_key = self.placements[0].link.key
+        self._connect_first(self._input(0), lambda sock: curve_client(sock, self.keys, first_key))
         self._pinger = threading.Thread(target=self._heartbeats, name="homespec-heartbeats", daemon=True)
         self._pinger.start()
         try:
@@ -252,7 +256,8 @@ class RemoteCluster(Cluster):
                 if self._closed:
                     return
                 for link in self.links:
-                    link.sock.send_multipart(encode(Heartbeat(-1, next(seq))), copy=False)
+                    with contextlib.suppress(zmq.Again):  # a full or torn-down link: its silence is counted below
+                        link.sock.send_multipart(encode(Heartbeat(-1, next(seq))), copy=False, flags=zmq.NOBLOCK)
                 end = time.monotonic() + PING_EVERY_S
                 while time.monotonic() < end and not self._closed:
                     for link in self.links:
@@ -296,7 +301,9 @@ class RemoteCluster(Cluster):
         with self._lock:
             for link in self.links:
                 with contextlib.suppress(zmq.ZMQError):
-                    link.sock.send_multipart(encode(Release(self.session, "head closing")), copy=False)
+                    link.sock.send_multipart(
+                        encode(Release(self.session, "head closing")), copy=False, flags=zmq.NOBLOCK
+                    )
         for sock in (self.control,):
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart(encode(Shutdown("head closing")), copy=False)
