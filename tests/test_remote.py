@@ -219,3 +219,48 @@ def test_an_unauthenticated_peer_is_refused_before_a_stage_parses_anything(
         assert counts(cluster, 7003)[0] == 5
         ids = chat_ids(EQUIVALENCE_PROMPTS[2])
         assert tokens(engine, ids) == tuple(reference_greedy(ids, N))
+
+
+def test_the_server_serves_on_the_workers_left_and_readmits_one_that_comes_back(
+    lan: dict[str, Any], chat_ids: Any, reference_greedy: Any, tokenizer: Any
+) -> None:
+    """``serve`` over w1 and w2 (``--stages 2``): w2 is SIGKILLed (its worker and stages). The request that finds it
+    gone gets a 503 ``stage_lost`` within the peer timeout; the next one is served over w1 alone (2 stages no longer
+    fit: the planner chooses); w2 is started again, and while idle the server rebuilds around it: the request after
+    runs on 2 stages again. Every reply is the target's own greedy text."""
+    import openai
+
+    from tests.test_server import MODEL, Server
+
+    prompt = "Name three rivers in Europe."
+    want = tokenizer.decode(reference_greedy(chat_ids(prompt), 12), skip_special_tokens=True)
+
+    def ask() -> Any:
+        messages = [{"role": "user", "content": prompt}]
+        return server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+
+    def stages(reply: Any) -> int:
+        assert reply.choices[0].message.content == want
+        return int(reply.model_extra["homespec"]["stages"])
+
+    workers = ",".join(lan["workers"])
+    server = Server(
+        "--workers", workers, "--stages", "2", "--mode", "specpipe", "--draft", "none", "--peer-timeout", "3"
+    )
+    try:
+        assert stages(ask()) == 2
+        w2 = lan["procs"][1]
+        os.killpg(w2.pid, signal.SIGKILL)
+        w2.wait(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err:
+            ask()
+        assert err.value.status_code == 503 and err.value.body["code"] == "stage_lost"
+        assert time.monotonic() - start < 3.0 + 5.0
+        assert stages(ask()) == 1
+        port = int(lan["workers"][1].rsplit(":", 1)[1])
+        lan["procs"][1] = start_worker(lan["root"] / "w2", port, "w2", log=lan["root"] / "w2-again.log")
+        time.sleep(7.0)  # idle: the server asks every 5 s whether a missing worker answers again
+        assert stages(ask()) == 2
+    finally:
+        server.close()

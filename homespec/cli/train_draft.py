@@ -27,10 +27,10 @@ def train_draft(
     max_new: Annotated[int, typer.Option("--max-new", help="reply tokens generated per prompt")] = 96,
     samples: Annotated[
         int, typer.Option(help="replies per prompt: the greedy one, then sampled ones at --temperature")
-    ] = 1,
+    ] = 4,
     temperature: Annotated[float, typer.Option(help="temperature of the sampled replies")] = 0.8,
-    batch: Annotated[int, typer.Option(help="replies decoded together (one forward per token for all)")] = 16,
-    epochs: Annotated[int, typer.Option()] = 12,
+    batch: Annotated[int, typer.Option(help="replies decoded together (one forward per token for all)")] = 32,
+    epochs: Annotated[int, typer.Option()] = 10,
     lr: Annotated[float, typer.Option()] = 5e-4,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",

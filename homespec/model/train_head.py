@@ -1,8 +1,9 @@
 """Training a draft head (``homespec train-draft``) from the target's own greedy outputs (DESIGN §5 ``head``).
 
-1. **Data**: for each training prompt, the target's greedy reply (``max_new`` tokens, chat template on), then one
-   forward over prompt + reply for its last-layer features ``f`` and greedy next tokens. Written once to
-   ``DIR/data.safetensors``; a later run reuses it.
+1. **Data**: for each training prompt, the target's replies (``max_new`` tokens, chat template on): the greedy one
+   and ``samples - 1`` sampled at ``temperature``, decoded a batch at a time, with each position's last-layer
+   feature ``f`` and greedy next token recorded as the target computes them. Written once to
+   ``DIR/data.safetensors``; a later run reuses it. Every reply to a held-out prompt is held out.
 2. **Training**: the head sees ``(embed(x_q), f_{q-1})`` for every position q of a sequence (causal attention)
    and learns to predict ``f_q`` (smooth L1) and the target's greedy next token through the frozen norm and LM head
    (cross-entropy), EAGLE's objective. The decoder layer starts from the target's last layer, ``fc`` from "take the
@@ -33,7 +34,7 @@ from homespec.model.stage import Segment, Stage
 @dataclass(frozen=True)
 class TrainConfig:
     max_new: int = 96
-    epochs: int = 12
+    epochs: int = 10
     lr: float = 5e-4
     cls_weight: float = 0.2  # EAGLE uses 0.1; a small target's features are noisier, the token matters more
     noise: float = 0.05  # uniform noise on input features (EAGLE), for robustness to its own predictions

@@ -27,7 +27,7 @@ import zmq
 
 from homespec.core.messages import Deploy, Deployed, Failure, Heartbeat, Hello, Release, Shutdown, WorkerInfo
 from homespec.core.planner import Device
-from homespec.errors import ConfigError, PeerLostError, TransportError
+from homespec.errors import ConfigError, PeerLostError, PlanError, TransportError
 from homespec.pipeline.cluster import PEER_TIMEOUT_S, PING_EVERY_S, Cluster
 from homespec.transport.channel import Gatekeeper, HandshakeWatch, curve_client, curve_server
 from homespec.transport.codec import decode, encode
@@ -371,7 +371,14 @@ def build(
             answering = {(link.peer.address, link.peer.port) for link in links}
             profile.hosts = [h for h in profile.hosts if (h.address, h.port) in answering]
         check_devices(links)
-        the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
+        try:
+            the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
+        except PlanError:
+            if not (missing and spec.stages):
+                raise
+            # --stages asked for more than the devices left can give: serve on what answers rather than not at all
+            say(f"{len(missing)} worker(s) missing: {spec.stages} stages do not fit the rest, the planner chooses")
+            the_plan = plan_on(links, profile, shape, dtype, mode, max_context, None)
         chain = [(s.device, s.layers) for s in the_plan.stages]
         used = {d.host for d, _ in chain}
         for link in links:
