@@ -94,7 +94,8 @@ def build_data(
     target per token over all of them (``Stage.forward_batch``), so a CPU or GPU does the matrix work once for the
     batch. ``progress`` is called once per prompt whose replies are all done."""
     stage: Stage = _whole_target(engine)
-    jobs = [(g, k, engine.encode(p)) for g, p in enumerate(prompts) for k in range(max(1, samples))]
+    encoded = [engine.encode(p) for p in prompts]  # once per prompt, not once per reply
+    jobs = [(g, k, ids) for g, ids in enumerate(encoded) for k in range(max(1, samples))]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = Sequences([], [], [])
     left = {g: max(1, samples) for g in range(len(prompts))}
