@@ -170,3 +170,27 @@ def test_auto_builds_the_arms_it_can_and_refuses_unknown_bases() -> None:
         AutoDraft({"ngram": NgramDraft()}, ["ngram+head"])
     with pytest.raises(ValueError, match="period"):
         AutoDraft({"ngram": NgramDraft()}, ["ngram"], period=0)
+
+
+def test_auto_with_free_drafting_plays_the_widest_arm() -> None:
+    """In a pipelined mode an arm nested in a larger one has nothing to win (the larger tree holds its nodes):
+    auto plays the maximal arms only; in ``ar`` every arm plays, on a bandit of its own."""
+    from homespec.model.drafts.auto import AutoDraft, maximal_arms
+
+    assert maximal_arms(["ngram", "ngram+recycle", "recycle+head", "head"]) == ["ngram+recycle", "recycle+head"]
+    auto = AutoDraft({"ngram": NgramDraft(), "recycle": RecycleDraft(k=2)}, ["ngram", "ngram+recycle"], period=1)
+    prompt = [10, 11, 12, 13, 10, 11]
+    for _ in range(2):
+        auto.set_mode("specpipe")
+        auto.start(prompt)
+        assert auto.arm == "ngram+recycle" and "only arm" in auto.choices[0]
+        tree = TokenTree(prompt[-1], len(prompt) - 1)
+        assert auto.propose(tree, prompt, budget=4) > 0
+        tree.mark_sent(tree.in_state(NodeState.DRAFTED))
+        for node in list(tree):
+            tree.set_result(node.id, 99)
+        v = tree.verify()
+        auto.observe(v, [*prompt, *v.emitted])
+        auto.set_mode("ar")  # the specpipe window closes on its own bandit
+        auto.start(prompt)
+        assert "explore" in auto.choices[0] and auto.bandit.arms == ("ngram", "ngram+recycle")

@@ -40,7 +40,8 @@ class ArmEstimate:
 
 @dataclass(frozen=True)
 class Choice:
-    """One decision: the arm, why (``explore`` an unplayed arm, or the best ``ucb``), and every arm's estimate."""
+    """One decision: the arm, why (``explore`` an unplayed arm, the best ``ucb``, or the ``only arm``), and every
+    arm's estimate."""
 
     arm: str
     reason: str
@@ -88,7 +89,7 @@ class DraftBandit:
         best = max(e.bound for e in est)
         ties = [e.arm for e in est if e.bound == best]
         arm = ties[0] if len(ties) == 1 else self.rng.choice(ties)
-        reason = "explore" if math.isinf(best) else "ucb"
+        reason = "only arm" if len(self.arms) == 1 else "explore" if math.isinf(best) else "ucb"
         return Choice(arm, reason, est)
 
     def update(self, arm: str, reward: float) -> None:

@@ -8,6 +8,12 @@ window's reward is the tokens it emitted per unit of work, ``tokens / (verificat
 ``w = 1`` in ``ar`` (the draft runs on the target's device, in series) and ``w = 0`` in the pipelined modes (it
 runs beside the pipeline, on the head). The bandit's state lives as long as this object: an engine keeps it
 across requests.
+
+When draft compute is free (``w = 0``), an arm whose bases are all in a larger arm has nothing to win: the larger
+arm's tree holds its nodes too, and a score-ordered wave takes the best of them. Measured (BENCHMARKS.md §2), a
+bandit among such nested arms lost tokens to chance, since a window's reward depends more on its prompt than on
+its arm: the pipelined modes therefore choose among the maximal arms only (with the default arms, always the
+union). In ``ar``, where a head forward costs target time, every arm plays.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class AutoDraft(DraftSource):
             if missing or len(set(parts)) != len(parts):
                 raise ValueError(f"arm {arm!r} needs distinct sources among {sorted(self.bases)}")
             self.arms[arm] = MixDraft([self.bases[p] for p in parts])
-        self.bandit = DraftBandit(list(self.arms), seed=seed)
+        wide = maximal_arms(list(self.arms))
+        self._bandits = {True: DraftBandit(list(self.arms), seed=seed), False: DraftBandit(wide, seed=seed)}
         self.period, self.min_tokens = period, min_tokens
         self.learns = any(b.learns for b in self.bases.values())
         self.wants_features = any(b.wants_features for b in self.bases.values())
@@ -55,6 +62,11 @@ class AutoDraft(DraftSource):
         self.history: list[str] = []
         self._window = (0, 0, 0.0)  # verifications, tokens, draft cost at the window's start
         self._verifications = self._tokens = 0
+
+    @property
+    def bandit(self) -> DraftBandit:
+        """The bandit for the current mode: every arm when draft cost counts, the maximal arms when it is free."""
+        return self._bandits[self.cost_weight > 0]
 
     @property  # type: ignore[override]
     def forwards(self) -> int:
@@ -69,6 +81,9 @@ class AutoDraft(DraftSource):
         return tuple(self.history)
 
     def set_mode(self, mode: str) -> None:
+        if cost_weight(mode) != self.cost_weight:
+            self._close_window()  # the window so far belongs to the other mode's bandit
+            self.arm = ""
         self.cost_weight = cost_weight(mode)
         for b in self.bases.values():
             b.set_mode(mode)
@@ -129,3 +144,9 @@ class AutoDraft(DraftSource):
     def save(self) -> None:
         for b in self.bases.values():
             b.save()
+
+
+def maximal_arms(arms: Sequence[str]) -> list[str]:
+    """The arms whose bases are not all in another arm, in the order given."""
+    sets = [frozenset(a.split("+")) for a in arms]
+    return [a for a, s in zip(arms, sets, strict=True) if not any(s < other for other in sets)]
