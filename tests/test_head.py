@@ -13,7 +13,7 @@ from homespec.config import GenerationConfig, TreeConfig
 from homespec.errors import DraftError
 from homespec.events import GenerationFinished
 from homespec.model.head import load_head
-from homespec.model.train_head import Sequences, TrainConfig, build_data, train
+from homespec.model.train_head import Sequences, TrainConfig, build_data, draft_vocabulary, train
 from tests.conftest import EQUIVALENCE_PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,56 @@ def test_shipped_head_is_lossless_and_accepted(
         accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
         forwards += done.stats.target_forwards
     assert accepted / forwards > 0.2, f"the shipped head is accepted only {accepted / forwards:.2f} per forward"
+
+
+def test_draft_vocabulary_takes_the_most_written_tokens_then_the_lowest_ids() -> None:
+    import torch
+
+    vocab = draft_vocabulary([torch.tensor([5, 5, 5, 9, 9]), torch.tensor([2, 9])], vocab_size=12, k=4)
+    assert vocab.tolist() == [0, 2, 5, 9]  # 9 and 5 (written most), 2, then the lowest unseen id
+    with pytest.raises(ValueError, match="0 < k"):
+        draft_vocabulary([], 12, 0)
+
+
+def test_a_head_with_a_draft_vocabulary_scores_those_tokens_and_stays_lossless(
+    engines: Callable[..., Any],
+    chat_ids: Callable[[str], list[int]],
+    reference_greedy: Callable[..., list[int]],
+    assert_lossless: Callable[..., None],
+    tmp_path: Path,
+) -> None:
+    """``train-draft --vocab-for`` writes the vocabulary into a head file (weights unchanged); the head then scores
+    the vocabulary and the prompt's tokens only, and the output is still the target's own."""
+    import shutil
+
+    import torch
+
+    from homespec.cli.train_draft import _write_vocab
+    from homespec.model.drafts import SHIPPED_HEADS
+
+    config = engines("none").source.config
+    path = tmp_path / "head.safetensors"
+    shutil.copy(sorted(SHIPPED_HEADS.glob("*.safetensors"))[0], path)
+    vocab = draft_vocabulary([torch.tensor(chat_ids(p)) for p in EQUIVALENCE_PROMPTS], int(config.vocab_size), 4096)
+    _write_vocab(path, config, vocab)
+    before, after = load_head(sorted(SHIPPED_HEADS.glob("*.safetensors"))[0], config), load_head(path, config)
+    assert before.vocab is None and after.vocab is not None and torch.equal(after.vocab, vocab)
+    assert all(
+        torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True)
+    )
+    engine = engines(f"head:{path}")
+    draft = engine.build_draft(f"head:{path}")
+    accepted = 0
+    for prompt in EQUIVALENCE_PROMPTS[:2]:
+        ids = chat_ids(prompt)
+        draft.start(ids)
+        assert set(draft.columns.tolist()) == set(vocab.tolist()) | set(ids)
+        assert draft._head_w.shape[0] == len(draft.columns)
+        done = list(engine.generate(ids, GenerationConfig(max_tokens=32, tree=TreeConfig())))[-1]
+        assert isinstance(done, GenerationFinished)
+        assert_lossless(ids, list(done.tokens), reference_greedy(ids, 32))
+        accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
+    assert accepted > 0
 
 
 def test_batched_replies_are_the_targets_own(

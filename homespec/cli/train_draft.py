@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from homespec.cli.common import DEFAULT_DRAFT, quiet_libraries, user_errors
 from homespec.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "train_prompts.jsonl"
 
@@ -33,13 +36,27 @@ def train_draft(
     epochs: Annotated[int, typer.Option()] = 10,
     lr: Annotated[float, typer.Option()] = 5e-4,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
+    draft_vocab: Annotated[
+        int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")
+    ] = 0,
+    vocab_for: Annotated[
+        Path | None,
+        typer.Option("--vocab-for", help="only write the draft vocabulary from DIR's data into this head file"),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
 ) -> None:
     """Generate training data with the target (once), then train a draft head on it (resumable)."""
     quiet_libraries()
     with user_errors():
         texts: list[str] = []
-        from homespec.model.train_head import Sequences, TrainConfig, build_data, load_prompts, train
+        from homespec.model.train_head import (
+            Sequences,
+            TrainConfig,
+            build_data,
+            draft_vocabulary,
+            load_prompts,
+            train,
+        )
 
         if builtin:
             texts += load_prompts(BUILTIN_PROMPTS)
@@ -56,6 +73,8 @@ def train_draft(
                 f"need --samples >= 1, --batch >= 1, --temperature > 0 (got {samples}, {batch}, {temperature})"
             )
         cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr)
+        if vocab_for is not None and not vocab_for.is_file():
+            raise ConfigError(f"head file not found: {vocab_for}")
         from rich.progress import Progress
 
         from homespec.engine import Engine, EngineOptions
@@ -72,6 +91,14 @@ def train_draft(
             data = Sequences.load(data_path)
             rows = sum(len(t) - 1 for t in data.tokens)
             typer.echo(f"{len(data.tokens)} sequences, {rows} training rows", err=True)
+            size = int(engine.source.config.vocab_size)
+            if not 0 <= draft_vocab <= size:
+                raise ConfigError(f"--draft-vocab must be in [0, {size}], got {draft_vocab}")
+            vocab = draft_vocabulary(data.tokens, size, draft_vocab) if 0 < draft_vocab < size else None
+            if vocab_for is not None:
+                _write_vocab(vocab_for, engine.source.config, vocab)
+                typer.echo(str(vocab_for))
+                return
             log: list[dict[str, float]] = []
 
             def report(m: dict[str, float]) -> None:
@@ -85,6 +112,7 @@ def train_draft(
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
                 head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None)
+            head.vocab = vocab
             extra = {
                 "prompts": len(texts),
                 "samples": samples,
@@ -92,8 +120,24 @@ def train_draft(
                 "rows": rows,
                 "max_new": cfg.max_new,
                 "epochs": cfg.epochs,
+                "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
             }
             head.save(out / "head.safetensors", extra)
             (out / "training.json").write_text(json.dumps(extra, indent=2))
         typer.echo(str(out / "head.safetensors"))
+
+
+def _write_vocab(path: Path, target_config: Any, vocab: torch.Tensor | None) -> None:
+    """Rewrite a head file with this draft vocabulary (None: score every token), its weights and training
+    record unchanged."""
+    from safetensors import safe_open
+
+    from homespec.model.head import load_head
+
+    head = load_head(path, target_config)
+    with safe_open(str(path), framework="pt") as f:
+        extra = json.loads((f.metadata() or {}).get("training", "{}"))
+    head.vocab = vocab
+    extra["draft_vocab"] = 0 if vocab is None else len(vocab)
+    head.save(path, extra)

@@ -9,6 +9,11 @@ the head's own prediction for deeper draft levels.
 
 The head owns only ``fc`` and its layer (a few MB); embeddings, norm and LM head stay the target's. Files are
 safetensors with the config (and the target's fingerprint) in the metadata, so a head never runs on another model.
+
+A head file may also hold a **draft vocabulary** (``draft_vocab``: token ids, the tokens its target wrote most in
+the training data): the head then scores only those tokens (and the request's own prompt tokens). The LM head is
+most of a head's compute (49k x 576 against one layer of 576 for SmolLM2), so a third of the vocabulary drafts
+about 4x faster while covering almost every token the target writes (FR-Spec's frequency-ranked vocabulary).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from homespec.model.kv import TreeKVCache
 from homespec.model.stage import rms_norm, rotate_half
 
 FORMAT = "homespec-draft-head-1"
+VOCAB_KEY = "draft_vocab"
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class DraftHead(nn.Module):
         super().__init__()
         h, d = cfg.hidden, cfg.head_dim
         self.cfg = cfg
+        self.vocab: torch.Tensor | None = None  # the draft vocabulary (sorted token ids), None: all tokens
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.ln1 = nn.Parameter(torch.ones(h))
         self.ln2 = nn.Parameter(torch.ones(h))
@@ -130,6 +137,8 @@ class DraftHead(nn.Module):
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        if self.vocab is not None:
+            tensors[VOCAB_KEY] = self.vocab.to(torch.int64).contiguous()
         meta = {"format": FORMAT, "config": json.dumps(asdict(self.cfg)), "training": json.dumps(extra or {})}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -170,6 +179,11 @@ def load_head(path: Path, target_config: Any, dtype: torch.dtype = torch.float32
             f"draft head {path} was trained for another model (fingerprint {cfg.target}, target {want})",
             hint="train a head for this model: homespec train-draft MODEL --out DIR",
         )
+    vocab = tensors.pop(VOCAB_KEY, None)
+    size = int(target_config.vocab_size)
+    if vocab is not None and (vocab.dim() != 1 or not len(vocab) or int(vocab.min()) < 0 or int(vocab.max()) >= size):
+        raise DraftError(f"draft head {path} has a draft vocabulary outside the target's {size} tokens")
     head = DraftHead(cfg)
     head.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+    head.vocab = None if vocab is None else vocab.to(torch.int64)
     return head.to(device=device, dtype=dtype).eval()

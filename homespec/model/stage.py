@@ -196,10 +196,11 @@ class Stage:
         cos, sin = self.rotary(probe, pos)  # [1, n, d] each
         return cos[0], sin[0]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Features [n, hidden] -> logits [n, vocab] through the final norm and LM head (a stage with a head)."""
+    def logits(self, h: torch.Tensor, head_w: torch.Tensor | None = None) -> torch.Tensor:
+        """Features [n, hidden] -> logits [n, vocab] through the final norm and LM head (a stage with a head);
+        ``head_w``: some of the LM head's rows (a draft vocabulary), for logits over those tokens only."""
         assert self.head_w is not None
-        return F.linear(self._rms(h, self.norm_w), self.head_w)
+        return F.linear(self._rms(h, self.norm_w), self.head_w if head_w is None else head_w)
 
     def _layer(
         self,

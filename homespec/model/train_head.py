@@ -275,6 +275,22 @@ def _loss(
     return reg + cfg.cls_weight * cls, (hits, n)
 
 
+DRAFT_VOCAB = 16384  # tokens in a trained head's draft vocabulary (BENCHMARKS.md §3)
+
+
+def draft_vocabulary(tokens: Sequence[torch.Tensor], vocab_size: int, k: int = DRAFT_VOCAB) -> torch.Tensor:
+    """The ``k`` tokens the target wrote most in ``tokens`` (prompts and replies), sorted by id; ties and tokens never
+    seen are taken in id order (a BPE vocabulary's order is its merge order, most frequent first)."""
+    if not 0 < k <= vocab_size:
+        raise ValueError(f"a draft vocabulary needs 0 < k <= {vocab_size}, got {k}")
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for t in tokens:
+        counts += torch.bincount(t.to(torch.int64), minlength=vocab_size)[:vocab_size].to(torch.float64)
+    ids = torch.arange(vocab_size, dtype=torch.float64)
+    order = torch.argsort(counts * vocab_size - ids, descending=True)  # count first, then lower id
+    return torch.sort(order[:k]).values
+
+
 def _whole_target(engine: Any) -> Stage:
     stages = engine.decoder.stages
     if len(stages) != 1:

@@ -4,7 +4,8 @@ Same tree policy as the model drafts (``ModelDraft``: EAGLE-2 rounds over the be
 child always kept), different inputs: a row needs the feature before its token, so the target's last-layer
 hidden states come back with every result (``wants_features``) and the committed text's features are kept in
 order. The head's cache holds one row per committed token after the first (true features); draft rows use the
-head's own predicted features and are dropped at every verification, as in EAGLE.
+head's own predicted features and are dropped at every verification, as in EAGLE. With a draft vocabulary in the
+head file (``model/head.py``) the head scores those tokens and the prompt's only.
 """
 
 from __future__ import annotations
@@ -39,13 +40,20 @@ class HeadDraft(ModelDraft):
         target = forward_params(cfg, ends.source.num_layers, lm_head=True)
         h = int(cfg.hidden_size)
         self.layer_unit = (forward_params(cfg, 1, lm_head=False) + 2 * h * h) / target  # fc + one layer
-        self.lm_unit = forward_params(cfg, 0, lm_head=True) / target
+        self.lm_unit = self._lm_full = forward_params(cfg, 0, lm_head=True) / target
+        self._head_w: torch.Tensor | None = None  # the LM head's rows for ``columns`` (a draft vocabulary)
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
             self.cache = self.head.new_cache(self.max_context, 512, self.stage.dtype, self.stage.device)
         else:
             self.cache.reset()
+        if self.head.vocab is not None:  # the draft vocabulary and this prompt's own tokens (names, numbers)
+            assert self.stage.head_w is not None
+            ids = torch.tensor(list(prompt), dtype=torch.int64)
+            columns = torch.unique(torch.cat([self.head.vocab, ids])).to(self.stage.device)
+            self.columns, self._head_w = columns, self.stage.head_w.index_select(0, columns)
+            self.lm_unit = self._lm_full * len(columns) / self.stage.head_w.shape[0]
         self.features = []
         self.node_features = {}
         self.predicted = {}
@@ -116,7 +124,7 @@ class HeadDraft(ModelDraft):
         self.forwards += 1
         self.cost += self.lm_unit
         picked = torch.stack([self._feature_of(n) for n in nodes])
-        logits = self.stage.logits(picked)
+        logits = self.stage.logits(picked, self._head_w)
         return torch.log_softmax(logits.float(), dim=-1)
 
     def _feature_of(self, node: int) -> torch.Tensor:

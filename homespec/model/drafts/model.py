@@ -41,6 +41,7 @@ class ModelDraft(DraftSource):
         self.max_context = max_context
         self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.cache: TreeKVCache | None = None
+        self.columns: torch.Tensor | None = None  # the token id of each column of ``_run``'s log-probs (None: all)
         self.forwards = 0  # draft forward passes (waves and prefix chunks), for stats
         self.unit = unit
 
@@ -60,6 +61,8 @@ class ModelDraft(DraftSource):
                 break
             logp = self._run(cache, tree, frontier)  # [len(frontier), vocab]
             top_lp, top_tok = torch.topk(logp, self.width, dim=-1)  # [f, width] each
+            if self.columns is not None:
+                top_tok = self.columns[top_tok]
             candidates = [
                 (tree.node(f).score + float(top_lp[i, j]), float(top_lp[i, j]), f, int(top_tok[i, j]))
                 for i, f in enumerate(frontier)
