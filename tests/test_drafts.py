@@ -37,6 +37,34 @@ def test_ngram_draft_proposes_what_followed_in_the_prompt() -> None:
     assert set(draft_tokens(tree)) == {(12,), (12, 13), (12, 13, 14)}
 
 
+def test_ngram_scores_follow_how_often_this_requests_lookups_were_right() -> None:
+    """Each verification tells prompt lookup which of its children under committed nodes were right; a request
+    where they keep missing scores its next continuations lower (a summary), a new request starts from the prior."""
+    prompt = [10, 11, 12, 13, 14, 10, 11]
+    d = NgramDraft(depth=3, width=2)
+    d.start(prompt)
+    committed = list(prompt)
+    tree = TokenTree(committed[-1], len(committed) - 1)
+    d.propose(tree, committed, budget=8)
+    first = max(n.score for n in tree if n.parent is not None)
+    assert math.isclose(first, math.log(0.9)) and d.rate() == pytest.approx(0.9)
+    for i in range(3):  # the target never continues the copy: a new word each time
+        tree.mark_sent(tree.in_state(NodeState.DRAFTED))
+        for node in list(tree):
+            tree.set_result(node.id, 100 + i)
+        v = tree.verify()
+        committed.extend(v.emitted)
+        d.observe(v, committed)
+        committed.extend([10, 11])  # the text comes back to the repeated words
+        tree = TokenTree(committed[-1], len(committed) - 1)
+        d.propose(tree, committed, budget=8)
+    assert d.trials >= 3 and d.hits == 0  # every child of a committed root, each time
+    assert d.rate() < 0.5
+    assert max(n.score for n in tree if n.parent is not None) < first + math.log(d.rate() / 0.9) + 1e-9
+    d.start(prompt)
+    assert d.rate() == pytest.approx(0.9)
+
+
 def test_recycle_learns_the_latest_top_k_and_grows_best_first() -> None:
     d = RecycleDraft(k=2)
     d.learn([5, 6], [[6, 7], [8, 9]], [[-0.1, -2.0], [-0.2, -0.5]])
