@@ -92,14 +92,14 @@ def test_a_head_with_a_draft_vocabulary_scores_those_tokens_and_stays_lossless(
 
     import torch
 
-    from homespec.cli.train_draft import _write_vocab
     from homespec.model.drafts import SHIPPED_HEADS
+    from homespec.model.head import write_vocab
 
     config = engines("none").source.config
     path = tmp_path / "head.safetensors"
     shutil.copy(sorted(SHIPPED_HEADS.glob("*.safetensors"))[0], path)
     vocab = draft_vocabulary([torch.tensor(chat_ids(p)) for p in EQUIVALENCE_PROMPTS], int(config.vocab_size), 4096)
-    _write_vocab(path, config, vocab)
+    write_vocab(path, config, vocab)
     before, after = load_head(sorted(SHIPPED_HEADS.glob("*.safetensors"))[0], config), load_head(path, config)
     assert before.vocab is None and after.vocab is not None and torch.equal(after.vocab, vocab)
     assert all(

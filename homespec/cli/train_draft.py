@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from homespec.cli.common import DEFAULT_DRAFT, quiet_libraries, user_errors
 from homespec.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "train_prompts.jsonl"
 
@@ -96,7 +93,9 @@ def train_draft(
                 raise ConfigError(f"--draft-vocab must be in [0, {size}], got {draft_vocab}")
             vocab = draft_vocabulary(data.tokens, size, draft_vocab) if 0 < draft_vocab < size else None
             if vocab_for is not None:
-                _write_vocab(vocab_for, engine.source.config, vocab)
+                from homespec.model.head import write_vocab
+
+                write_vocab(vocab_for, engine.source.config, vocab)
                 typer.echo(str(vocab_for))
                 return
             log: list[dict[str, float]] = []
@@ -126,18 +125,3 @@ def train_draft(
             head.save(out / "head.safetensors", extra)
             (out / "training.json").write_text(json.dumps(extra, indent=2))
         typer.echo(str(out / "head.safetensors"))
-
-
-def _write_vocab(path: Path, target_config: Any, vocab: torch.Tensor | None) -> None:
-    """Rewrite a head file with this draft vocabulary (None: score every token), its weights and training
-    record unchanged."""
-    from safetensors import safe_open
-
-    from homespec.model.head import load_head
-
-    head = load_head(path, target_config)
-    with safe_open(str(path), framework="pt") as f:
-        extra = json.loads((f.metadata() or {}).get("training", "{}"))
-    head.vocab = vocab
-    extra["draft_vocab"] = 0 if vocab is None else len(vocab)
-    head.save(path, extra)

@@ -187,3 +187,16 @@ def load_head(path: Path, target_config: Any, dtype: torch.dtype = torch.float32
     head.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
     head.vocab = None if vocab is None else vocab.to(torch.int64)
     return head.to(device=device, dtype=dtype).eval()
+
+
+def write_vocab(path: Path, target_config: Any, vocab: torch.Tensor | None) -> None:
+    """Rewrite a head file with this draft vocabulary (None: score every token), its weights and training record
+    unchanged (``train-draft --vocab-for``)."""
+    from safetensors import safe_open
+
+    head = load_head(path, target_config)
+    with safe_open(str(path), framework="pt") as f:
+        extra = json.loads((f.metadata() or {}).get("training", "{}"))
+    head.vocab = vocab
+    extra["draft_vocab"] = 0 if vocab is None else len(vocab)
+    head.save(path, extra)

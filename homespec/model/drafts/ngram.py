@@ -61,6 +61,7 @@ class NgramDraft(DraftSource):
 
     def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
         added = 0
+        offset = math.log(self.rate() / _PRIOR_RATE)
         leaves = [tree.node(i) for i in tree.leaves() if i not in self._expanded]
         leaves.sort(key=lambda n: (-n.score, n.id))
         for leaf in leaves[: self.width]:
@@ -69,7 +70,6 @@ class NgramDraft(DraftSource):
             self._expanded.add(leaf.id)
             context = [*committed, *tree.path_tokens(leaf.id)[1:]]
             continuations = find_continuations(context, self.max_n, self.min_n, self.depth, 2 * self.width)
-            offset = math.log(self.rate() / _PRIOR_RATE)
             added += _add_trie(tree, leaf.id, continuations, budget - added, self.name, offset, self._parent)
         return added
 
