@@ -2,7 +2,8 @@
 
 ``Batch.add`` admits a request between steps; ``Batch.step`` advances every active request by one pipeline tick
 and returns, per request, the events that tick produced (the same events ``Engine.generate`` yields, in the same
-order, ending with a GenerationFinished); ``Batch.cancel`` drops a request and frees its KV. Each request has its
+order, ending with a GenerationFinished, or a GenerationFailed when a stage failed that request alone); ``Batch.cancel``
+drops a request and frees its KV. Each request has its
 own draft source (taken from a pool per draft spec, so learned tables and loaded heads are reused), its own tree and
 its own KV on every stage; the lossless contract holds per request whatever else is in the batch.
 
@@ -17,8 +18,8 @@ from typing import Any
 
 from homespec.config import GenerationConfig
 from homespec.engine import Engine, RequestRun
-from homespec.errors import ConfigError
-from homespec.events import Event
+from homespec.errors import ConfigError, HomespecError, RequestFailedError
+from homespec.events import Event, GenerationFailed
 
 
 @dataclass
@@ -41,18 +42,24 @@ class _Serial:
     def open_requests(self) -> int:
         return int(self.decoder.open_requests)
 
-    def join(self, prompt: Sequence[int], draft: Any, sampling: Any, tree: Any, trace: bool = False) -> int:
+    def join(
+        self, prompt: Sequence[int], draft: Any, sampling: Any, tree: Any, trace: bool = False, max_new: int = 0
+    ) -> int:
         if self.current is not None:
             raise ConfigError("mode ar decodes one request at a time")
         self.ids += 1
-        self.current = (self.ids, self.decoder.decode(prompt, draft, sampling, tree, trace))
+        self.current = (self.ids, self.decoder.decode(prompt, draft, sampling, tree, trace, max_new or None))
         return self.ids
 
     def step(self) -> list[tuple[int, Any]]:
         if self.current is None:
             return []
         req, steps = self.current
-        return [(req, next(steps))]
+        try:
+            return [(req, next(steps))]
+        except HomespecError as exc:  # this request's own fault (its context is full): it alone ends
+            self.current = None
+            return [(req, RequestFailedError(req, exc.message, exc.hint))]
 
     def leave(self, req: int, stats: bool = False) -> None:
         if self.current is not None and self.current[0] == req:
@@ -67,8 +74,11 @@ class Batch:
         self.mode = mode or engine.options.mode
         serial = self.mode == "ar"
         self.max_active = 1 if serial else max_active
-        if not (1 <= self.max_active <= 256):
-            raise ConfigError(f"max concurrency must be in [1, 256], got {max_active}")
+        if not (1 <= self.max_active <= engine.options.max_concurrency):
+            raise ConfigError(
+                f"{max_active} requests at once: this engine's stages hold at most {engine.options.max_concurrency}",
+                hint="build the engine with a larger max_concurrency (serve --max-concurrency)",
+            )
         decoder = engine.decoder_for(self.mode)
         self.decoder: Any = _Serial(decoder) if serial else decoder
         self.items: dict[int, _Item] = {}
@@ -98,7 +108,7 @@ class Batch:
         source = pool.pop() if pool else engine.build_draft(spec)
         try:
             run, tree = engine.start_run(prompt_ids, config, self.mode, source)
-            req = self.decoder.join(prompt_ids, source, config.sampling, tree, config.trace)
+            req = self.decoder.join(prompt_ids, source, config.sampling, tree, config.trace, config.max_tokens)
         except BaseException:
             pool.append(source)
             raise
@@ -114,6 +124,11 @@ class Batch:
         for req, step in self.decoder.step():
             i, item = by_req[req]
             events = out.setdefault(i, [])
+            if isinstance(step, RequestFailedError):  # the decoder has ended it on every stage already
+                del self.items[i]
+                self._pool.setdefault(item.spec, []).append(item.draft)
+                events.append(GenerationFailed(step.message))
+                continue
             events.extend(item.run.on_step(step))
             if item.run.done:
                 self._release(i, stats=True)

@@ -54,6 +54,7 @@ class EngineOptions:
     workers: tuple[str, ...] = ()  # remote stages on these workers (HOST:PORT, or "auto": browse the LAN)
     cluster: str | None = None  # remote stages as a profile names them (homespec profile --lan --save)
     peer_timeout_s: float = 10.0  # a stage or worker silent this long fails the request
+    max_concurrency: int = 8  # requests open on the stages at once (each holds a KV cache there; Assign.max_requests)
 
     @property
     def remote(self) -> bool:
@@ -111,6 +112,8 @@ class Engine:
             raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")
         if not (1 <= options.wave_size <= 64):
             raise ConfigError(f"wave size must be in [1, 64], got {options.wave_size}")
+        if not (1 <= options.max_concurrency <= 256):
+            raise ConfigError(f"max concurrency must be in [1, 256], got {options.max_concurrency}")
         if not (1.0 <= options.peer_timeout_s <= 3600.0):
             raise ConfigError(f"--peer-timeout must be in [1, 3600] seconds, got {options.peer_timeout_s}")
         self.timings: list[Any] = []
@@ -129,9 +132,8 @@ class Engine:
         for i, (a, b) in enumerate(even_split(total, options.stages)):
             t = self.timings[i] if self.timings else None
             emu = (t.base_ms * k, t.ms_per_row * k, t.link_ms * k, t.link_ms_per_row * k) if t else (0.0,) * 4
-            assigns.append(
-                Assign(i, options.stages, model, a, b, options.dtype, options.device, options.max_context, 512, *emu)
-            )
+            where = (options.dtype, options.device, options.max_context, 512, *emu)
+            assigns.append(Assign(i, options.stages, model, a, b, *where, max_requests=options.max_concurrency))
         self.cluster = LocalCluster(assigns, progress, options.peer_timeout_s)
         return self._pipeline_decoder(options.mode)
 
@@ -151,7 +153,7 @@ class Engine:
         shape = read_shape(str(self.source.folder))
         self.cluster, self.plan = remote.build(
             where, model, shape, options.dtype, options.mode, options.max_context, progress, self.source.digest(),
-            options.peer_timeout_s,
+            options.peer_timeout_s, options.max_concurrency,
         )  # fmt: skip
         return self._pipeline_decoder(options.mode)
 
@@ -296,7 +298,7 @@ class Engine:
         decoder, draft_source, mode_name = self._variant(mode, draft)
         config = config or GenerationConfig()
         run, tree = self.start_run(prompt_ids, config, mode_name, draft_source)
-        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree, config.trace)
+        steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree, config.trace, config.max_tokens)
         try:
             for step in steps_iter:
                 yield from run.on_step(step)

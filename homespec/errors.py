@@ -47,6 +47,15 @@ class PeerLostError(HomespecError):
     """A stage or worker stopped answering."""
 
 
+class RequestFailedError(HomespecError):
+    """One request failed on a stage (its cache is full, a stage refused it): that request alone ends; the stages
+    and every other request on them go on."""
+
+    def __init__(self, request: int, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.request = request
+
+
 class PlanError(HomespecError):
     """The model does not fit the devices, or a placement asked for cannot be made."""
 

@@ -76,6 +76,14 @@ class GenerationFinished:
 
 
 @dataclass(frozen=True)
+class GenerationFailed:
+    """The request ended with an error of its own (a stage failed it, e.g. its cache was full); the engine, its
+    stages and every other request go on. Batches yield it; ``Engine.generate`` raises RequestFailedError instead."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class TreeNodeView:
     """One node of a TreeSnapshot."""
 
@@ -119,4 +127,4 @@ class StageUtilization:
     draft: str = ""
 
 
-Event = TokensCommitted | StepCompleted | GenerationFinished | TreeSnapshot | StageUtilization
+Event = TokensCommitted | StepCompleted | GenerationFinished | GenerationFailed | TreeSnapshot | StageUtilization

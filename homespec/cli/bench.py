@@ -96,6 +96,7 @@ def bench(
             time_scale=time_scale,
             workers=remote,
             cluster=cluster,
+            max_concurrency=256 if concurrency is not None else 8,
         )
         if concurrency is not None:
             engine = Engine(opts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -78,6 +79,7 @@ def serve(
         typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {where})…", err=True)
         name = served_name or model_id(model)
         metrics = Metrics(name)
+        options = replace(options, max_concurrency=max_concurrency)  # each stage holds that many requests' KV
         service = GenerationService(lambda: Engine(options), metrics, max_concurrency, max_queue)
         tokenizer = service.engine.source.tokenizer()
         app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key))

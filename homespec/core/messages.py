@@ -18,6 +18,12 @@ PROTOCOL_VERSION = 1
 #: API's top_logprobs).
 RESULT_TOP_K = 8
 
+#: The most tree nodes a stage's cache may hold (``Assign.max_tree``), and so the longest id list one message may
+#: carry; a stage checks its own, smaller, ``max_tree`` too.
+MAX_TREE_LIMIT = 4096
+#: Every integer on the wire fits a signed 64-bit value (msgpack carries more; nothing here needs it).
+INT_LIMIT = 2**63
+
 #: dtype name -> bytes per element. The name, never the element size alone, says how to read the bytes.
 DTYPE_SIZES: dict[str, int] = {
     "float32": 4,
@@ -56,6 +62,20 @@ def check_tensor_spec(dtype: object, shape: object) -> None:
         raise ValueError(f"bad shape {shape!r}")
 
 
+def _in_range(kind: str, name: str, value: float, lo: float, hi: float) -> None:
+    """``lo <= value <= hi`` and finite, else ValueError (the codec's "malformed message")."""
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"{kind}.{name} = {value!r} is outside [{lo:g}, {hi:g}]")
+
+
+def _ids(kind: str, name: str, values: tuple[int, ...], lo: int = 0, most: int = MAX_TREE_LIMIT) -> None:
+    """A list of ids: at most ``most`` of them, each in [lo, 2**63)."""
+    if len(values) > most:
+        raise ValueError(f"{kind}.{name}: {len(values)} ids, at most {most}")
+    if values and (min(values) < lo or max(values) >= INT_LIMIT):
+        raise ValueError(f"{kind}.{name}: ids outside [{lo}, 2**63)")
+
+
 @dataclass(frozen=True)
 class Message:
     kind: ClassVar[str] = ""
@@ -86,6 +106,18 @@ class Assign(Message):
     emu_link_ms_per_row: float = 0.0
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
     max_requests: int = 256  # requests open on the stage at once (each holds a preallocated KV cache); more: refused
+
+    def __post_init__(self) -> None:
+        k = self.kind
+        _in_range(k, "num_stages", self.num_stages, 1, 4096)
+        _in_range(k, "stage", self.stage, 0, self.num_stages - 1)
+        _in_range(k, "layer_start", self.layer_start, 0, 1 << 20)
+        _in_range(k, "layer_end", self.layer_end, self.layer_start + 1, 1 << 20)
+        _in_range(k, "max_context", self.max_context, 1, 1 << 24)
+        _in_range(k, "max_tree", self.max_tree, 1, MAX_TREE_LIMIT)
+        _in_range(k, "max_requests", self.max_requests, 1, 4096)
+        for name in ("emu_base_ms", "emu_ms_per_row", "emu_link_ms", "emu_link_ms_per_row"):
+            _in_range(k, name, getattr(self, name), 0.0, 1e6)
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,14 @@ class Wave(Message):
             raise ValueError(f"wave: {len(self.nodes)} nodes and {len(self.parents)} parents for {rows} rows")
         if not self.data.shape or self.data.shape[0] != rows:
             raise ValueError(f"wave: data {list(self.data.shape)} for {rows} rows")
+        _in_range("wave", "step", self.step, -1, INT_LIMIT - 1)
+        _ids("wave", "requests", self.requests, lo=1)
+        _ids("wave", "prune_seqs", self.prune_seqs)
+        _ids("wave", "nodes", self.nodes)
+        _ids("wave", "parents", self.parents, lo=-1)
+        _ids("wave", "positions", self.positions, most=1 << 24)
+        if any(b < 0 or not math.isfinite(b) for b in self.busy_s) or len(self.busy_s) > 4096:
+            raise ValueError("wave: bad busy_s")
 
     def segments(self) -> list[tuple[int, int, int, int]]:
         """(request, prune_seq, first row, end row) of each request's rows."""
@@ -142,6 +182,13 @@ class Prune(Message):
     committed: tuple[int, ...]
     dead: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        _in_range("prune", "request", self.request, 1, INT_LIMIT - 1)
+        _in_range("prune", "seq", self.seq, 1, INT_LIMIT - 1)
+        _in_range("prune", "step", self.step, -1, INT_LIMIT - 1)
+        _ids("prune", "committed", self.committed)
+        _ids("prune", "dead", self.dead)
+
 
 @dataclass(frozen=True)
 class Result(Message):
@@ -158,6 +205,12 @@ class Result(Message):
     next_logprobs: tuple[float, ...] = ()  # per node, the log-prob of its next token (raw distribution)
     busy_s: tuple[float, ...] = ()  # every stage's busy seconds so far, carried along by the wave
 
+    def __post_init__(self) -> None:
+        _ids("result", "nodes", self.nodes)
+        _ids("result", "next_tokens", self.next_tokens, most=len(self.nodes))
+        if len(self.next_tokens) != len(self.nodes) or len(self.next_logprobs) not in (0, len(self.nodes)):
+            raise ValueError("result: nodes, next_tokens and next_logprobs differ in length")
+
 
 @dataclass(frozen=True)
 class Start(Message):
@@ -172,12 +225,22 @@ class Start(Message):
     features: bool = False  # the last stage returns its hidden states with every Result (a draft head needs them)
     prompt_top: bool = False  # prompt chunks' Results carry the top-k of every position (token recycling)
 
+    def __post_init__(self) -> None:  # the ranges of config.SamplingConfig, checked before a stage builds one
+        _in_range("start", "request", self.request, 1, INT_LIMIT - 1)
+        _in_range("start", "temperature", self.temperature, 0.0, 100.0)
+        _in_range("start", "top_p", self.top_p, 1e-12, 1.0)
+        _in_range("start", "top_k", self.top_k, 0, 1 << 31)
+        _in_range("start", "seed", self.seed, 0, INT_LIMIT - 1)
+
 
 @dataclass(frozen=True)
 class Abort(Message):
     kind: ClassVar[str] = "abort"
     request: int
     reason: str
+
+    def __post_init__(self) -> None:
+        _in_range("abort", "request", self.request, 0, INT_LIMIT - 1)
 
 
 @dataclass(frozen=True)
@@ -258,6 +321,11 @@ class Deploy(Assign):
     control_address: str = ""  # the head's broadcasts (SUB)
     report_address: str = ""  # the head's report socket (PUSH)
     head_key: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_range("deploy", "slot", self.slot, 0, 255)
+        _in_range("deploy", "session", self.session, 0, INT_LIMIT - 1)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def choose_wave(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size: 
             return []
         if mode == "pp":
             return [tree.root.id] if tree.root.state is NodeState.DRAFTED else []
-        return tree.in_state(NodeState.DRAFTED)
+        return tree.ready()
     return tree.wave_by_score(wave_size) if by_score else tree.wave_by_depth(wave_size)
 
 

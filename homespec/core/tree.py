@@ -15,6 +15,10 @@ Vocabulary (used everywhere in HomeSpec):
 - **committed** nodes: the accepted path above the new root; their KV moves into every stage's prefix.
 - **pruned subtree** / **dead** nodes: everything outside the new root's subtree; stages drop their rows and KV.
 
+**room**: a request may only need tokens up to a last position (its prompt plus ``max_tokens``, within the context);
+draft nodes past ``max_position`` stay in the tree but are never sent, so nothing past the room is ever computed or
+committed on a stage.
+
 Node ids are unique within one request (a counter never reused), so messages can name nodes across stages and
 steps. Positions are absolute token positions; depth = position - root position.
 """
@@ -79,9 +83,12 @@ class Verification:
 class TokenTree:
     """A token tree rooted at the last committed token; see the module docstring for the vocabulary."""
 
-    def __init__(self, root_token: int, root_position: int, first_id: int = 0) -> None:
+    def __init__(self, root_token: int, root_position: int, first_id: int = 0, max_position: int | None = None) -> None:
+        """``max_position``: the deepest position a draft node may be sent at (None: no limit). A request that may
+        write tokens up to position L - 1 needs nodes up to L - 2 (a node's result is the token after it)."""
         if root_position < 0:
             raise ValueError(f"root position must be >= 0, got {root_position}")
+        self.max_position = max_position
         self._next_id = first_id
         self._nodes: dict[NodeId, Node] = {}
         self._root = self._new_node(None, TokenId(root_token), root_position, 0.0, "").id
@@ -142,6 +149,10 @@ class TokenTree:
         nodes.sort(key=lambda n: (n.position, n.id))
         return [n.id for n in nodes]
 
+    def ready(self) -> list[NodeId]:
+        """Drafted nodes that may be sent (within the room), in topological order: a whole-tree wave."""
+        return [i for i in self.in_state(NodeState.DRAFTED) if self._in_room(self._nodes[i])]
+
     def rows(self, ids: Iterable[int]) -> list[WaveRow]:
         """Wave rows for nodes (their parent, token and position), in the order given."""
         out = []
@@ -169,7 +180,12 @@ class TokenTree:
         return node
 
     # -- waves ---------------------------------------------------------------------------------------------
+    def _in_room(self, n: Node) -> bool:
+        return n.parent is None or self.max_position is None or n.position <= self.max_position
+
     def _eligible(self, n: Node, picked: set[NodeId]) -> bool:
+        if not self._in_room(n):
+            return False
         return n.parent is None or self._nodes[n.parent].state is not NodeState.DRAFTED or n.parent in picked
 
     def wave_by_depth(self, k: int) -> list[NodeId]:
@@ -198,7 +214,7 @@ class TokenTree:
             picked_set.add(nid)
             for child in self._nodes[nid].children.values():
                 c = self._nodes[child]
-                if c.state is NodeState.DRAFTED:
+                if c.state is NodeState.DRAFTED and self._in_room(c):
                     heapq.heappush(heap, (-c.score, c.position, c.id))
         return picked
 

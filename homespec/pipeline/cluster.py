@@ -58,6 +58,7 @@ class Cluster:
         self.size = len(assigns)
         self.ctx = zmq.Context.instance()
         self._request_ids = itertools.count(1)
+        self.failed: dict[int, str] = {}  # request -> why a stage failed it (the request alone ends; newest 256)
         self.stage_stats: dict[int, dict[int, StageStats]] = {}  # request -> stage -> its stats, as they arrive
         self.tick = 0  # pipeline steps so far, over every decoder of this cluster (waves of one tick share a step)
         self.last_heard: dict[int, float] = {}  # stage -> when a message of it was last read (monotonic)
@@ -178,10 +179,11 @@ class Cluster:
         """Send arbitrary frames on the control channel (tests of hostile input)."""
         self.control.send_multipart(list(frames))
 
-    def recv_result(self, deadline: float) -> Message:
-        """The next message from the last stage; PeerLostError if a stage dies, fails or the deadline passes."""
+    def recv_result(self, deadline: float) -> Message | None:
+        """The next message from the last stage, or None when a stage failed a request meanwhile (see ``failed``);
+        PeerLostError if a stage dies or the deadline passes."""
         msg = self._recv(self.results, deadline)
-        if msg is None:
+        if msg is None and time.monotonic() >= deadline:
             raise PeerLostError("no result from the pipeline in time", hint="a stage may be hung or overloaded")
         return msg
 
@@ -206,9 +208,14 @@ class Cluster:
                 sender = getattr(msg, "sender", getattr(msg, "stage", None))
                 if isinstance(sender, int):
                     self.last_heard[sender] = time.monotonic()
-                if isinstance(msg, Failure):
-                    what = f"request {msg.request}" if msg.request else "to start"
-                    raise PeerLostError(f"stage {msg.stage} failed {what}: {msg.message}")
+                if isinstance(msg, Failure) and msg.request == 0:
+                    raise PeerLostError(f"stage {msg.stage} failed to start: {msg.message}")
+                if isinstance(msg, Failure):  # one request's fault: the decoder ends that request alone
+                    self.failed.setdefault(msg.request, f"stage {msg.stage} failed request: {msg.message}")
+                    if len(self.failed) > 256:
+                        del self.failed[min(self.failed)]
+                    if sock is not self.report:
+                        return None  # the reader of results decides whose request it was
                 if isinstance(msg, StageStats):  # kept for collect_stats, whoever was reading (the newest 256)
                     self.stage_stats.setdefault(msg.request, {})[msg.stage] = msg
                     if len(self.stage_stats) > 256:

@@ -30,13 +30,13 @@ from homespec.core.schedule import (
     split_budget,
 )
 from homespec.core.tree import NodeId, TokenTree, WaveRow
-from homespec.errors import PeerLostError
+from homespec.errors import PeerLostError, RequestFailedError
 from homespec.events import TokenLogprob
 from homespec.model.drafts.base import DraftSource
 from homespec.model.sampling import token_logprobs
 from homespec.pipeline.cluster import Cluster
 from homespec.pipeline.frames import from_raw, to_raw
-from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep, tree_rows
+from homespec.pipeline.inprocess import PREFIX_CHUNK, DecodeStep, room_end, tree_rows
 
 RESULT_TIMEOUT_S = 30.0  # a hung (not dead) stage; a dead one is seen within 0.1 s
 PREFIX_STEP = -1  # the step of prompt chunks (and of their results)
@@ -45,9 +45,11 @@ PREFIX_STEP = -1  # the step of prompt chunks (and of their results)
 class _Run:
     """One request's state at the head: its tree, committed tokens, draft source and waves in flight."""
 
-    def __init__(self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig, tick: int) -> None:
+    def __init__(
+        self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig, tick: int, max_position: int
+    ) -> None:
         self.req, self.draft, self.tree_cfg, self.joined = req, draft, tree_cfg, tick
-        self.tree = TokenTree(prompt[-1], len(prompt) - 1)
+        self.tree = TokenTree(prompt[-1], len(prompt) - 1, max_position=max_position)
         self.committed = list(prompt)
         self.in_flight: deque[tuple[int, list[NodeId]]] = deque()  # (tick sent, nodes)
         self.tokens: dict[int, int] = {}  # node -> token, for nodes in flight
@@ -85,13 +87,17 @@ class PipelineDecoder:
         sampling: SamplingConfig,
         tree_cfg: TreeConfig,
         trace: bool = False,
+        max_new: int | None = None,
     ) -> Iterator[DecodeStep]:
-        """One request alone: yield a DecodeStep each time one of its waves is verified, until the caller stops."""
-        req = self.join(prompt, draft, sampling, tree_cfg, trace)
+        """One request alone: yield a DecodeStep each time one of its waves is verified, until the caller stops;
+        RequestFailedError if a stage fails it."""
+        req = self.join(prompt, draft, sampling, tree_cfg, trace, max_new)
         done = False
         try:
             while True:
                 for r, step in self.step():
+                    if isinstance(step, RequestFailedError) and r == req:
+                        raise step
                     if r == req:
                         yield step
         except GeneratorExit:
@@ -107,13 +113,16 @@ class PipelineDecoder:
         sampling: SamplingConfig,
         tree_cfg: TreeConfig,
         trace: bool = False,
+        max_new: int | None = None,
     ) -> int:
-        """Start a request on every stage and send its prompt; its first wave goes in at the next ``step``."""
+        """Start a request on every stage and send its prompt; its first wave goes in at the next ``step``. Nothing
+        past ``max_new`` tokens (or the stages' context) is ever drafted into a wave (``TokenTree.max_position``)."""
         c = self.cluster
         req = c.new_request_id()
         s = sampling
         c.broadcast(Start(req, s.temperature, s.top_p, s.top_k, s.seed, draft.wants_features, prompt_top=draft.learns))
-        run = self.runs[req] = _Run(req, prompt, draft, tree_cfg, c.tick)
+        room = room_end(prompt, max_new, c.assigns[0].max_context)
+        run = self.runs[req] = _Run(req, prompt, draft, tree_cfg, c.tick, room)
         run.trace = trace
         try:  # no handshake: a stage that sees the prompt before the Start waits for the Start (ids only grow)
             draft.start(prompt)
@@ -145,12 +154,20 @@ class PipelineDecoder:
                 if got:
                     self.busy_fraction = [min(1.0, s.busy_s / wall) for s in got]
 
-    def step(self) -> list[tuple[int, DecodeStep]]:
-        """One tick for every active request: collect and verify what is due, then inject the next waves."""
+    def step(self) -> list[tuple[int, DecodeStep | RequestFailedError]]:
+        """One tick for every active request: collect and verify what is due, then inject the next waves. A request
+        that a stage failed (or that filled the context) leaves with a RequestFailedError; the others go on."""
         tick, out = self.cluster.tick, []
         for run in list(self.runs.values()):
-            if run.in_flight and run.in_flight[0][0] <= tick - self.stages:
-                out.append((run.req, self._verify(run, tick)))
+            try:
+                self._check_failed(run)
+                if run.in_flight and run.in_flight[0][0] <= tick - self.stages:
+                    out.append((run.req, self._verify(run, tick)))
+                if run.tree.root.position > run.tree.max_position + 1:
+                    raise RequestFailedError(run.req, f"the context of {self.cluster.assigns[0].max_context} is full")
+            except RequestFailedError as exc:
+                self.leave(run.req)
+                out.append((run.req, exc))
         runs = list(self.runs.values())
         parts = []
         for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True):
@@ -223,10 +240,16 @@ class PipelineDecoder:
             raise PeerLostError(f"result carries hidden states {tuple(hidden.shape)} for {rows} rows")
         return hidden
 
+    def _check_failed(self, run: _Run) -> None:
+        why = self.cluster.failed.pop(run.req, None)
+        if why is not None:
+            raise RequestFailedError(run.req, why)
+
     def _next_result(self, run: _Run, deadline: float) -> Result:
         """The run's next Result; results of other active requests read on the way go to their inboxes, those of
-        requests that left are dropped."""
+        requests that left are dropped. RequestFailedError once a stage says it failed the run's request."""
         while not run.inbox:
+            self._check_failed(run)
             msg = self.cluster.recv_result(deadline)
             if isinstance(msg, Result) and msg.request in self.runs:
                 self.runs[msg.request].inbox.append(msg)

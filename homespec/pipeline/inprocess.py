@@ -14,6 +14,7 @@ import torch
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.tree import NodeState, TokenTree, Verification
+from homespec.errors import CapacityError
 from homespec.events import TokenLogprob
 from homespec.model.drafts.base import DraftSource
 from homespec.model.kv import TreeKVCache
@@ -60,6 +61,7 @@ class InProcessDecoder:
             raise ValueError("the stage chain must start with embeddings and end with a head")
         self.stages = list(stages)
         self.max_tree = max_tree
+        self.max_context = max_context
         self.caches: list[TreeKVCache] = [s.new_cache(max_context, max_tree) for s in self.stages]
         self.open_requests = 0  # 1 while a request holds the caches
 
@@ -70,30 +72,42 @@ class InProcessDecoder:
         sampling: SamplingConfig,
         tree_cfg: TreeConfig,
         trace: bool = False,
+        max_new: int | None = None,
     ) -> Iterator[DecodeStep]:
-        """Yield one DecodeStep per target forward, forever; the caller stops when it has enough."""
+        """Yield one DecodeStep per target forward until the context is full; the caller stops when it has enough
+        (``max_new``: it stops after that many tokens, so nothing past them is drafted)."""
         if not prompt:
             raise ValueError("empty prompt")
         self.open_requests = 1
         try:
-            yield from self._decode(prompt, draft, sampling, tree_cfg, trace)
+            yield from self._decode(
+                prompt, draft, sampling, tree_cfg, trace, room_end(prompt, max_new, self.max_context)
+            )
         finally:
             self.open_requests = 0
 
     def _decode(
-        self, prompt: Sequence[int], draft: DraftSource, sampling: SamplingConfig, tree_cfg: TreeConfig, trace: bool
+        self,
+        prompt: Sequence[int],
+        draft: DraftSource,
+        sampling: SamplingConfig,
+        tree_cfg: TreeConfig,
+        trace: bool,
+        max_position: int,
     ) -> Iterator[DecodeStep]:
         for cache in self.caches:
             cache.reset()
         draft.start(prompt)
         self._prefill(prompt[:-1], draft)
-        tree = TokenTree(prompt[-1], len(prompt) - 1)
+        tree = TokenTree(prompt[-1], len(prompt) - 1, max_position=max_position)
         committed = list(prompt)
         budget = min(tree_cfg.budget, self.max_tree - 1)
         forwards = 0
         while True:
             draft.propose(tree, committed, budget)
-            wave = tree.in_state(NodeState.DRAFTED)
+            wave = tree.ready()
+            if tree.root.position > max_position + 1:
+                raise CapacityError(f"the context of {self.max_context} tokens is full")
             tree.mark_sent(wave)
             rows = tree.rows(wave)
             x: torch.Tensor = torch.tensor([r.token for r in rows])
@@ -130,6 +144,13 @@ class InProcessDecoder:
             _learn(draft, chunk, x)
             if draft.wants_features:
                 draft.prefix_features(a, self.stages[-1].last_hidden)
+
+
+def room_end(prompt: Sequence[int], max_new: int | None, max_context: int) -> int:
+    """The deepest position a draft node may be sent at (``TokenTree.max_position``): a request writes tokens up to
+    position min(len(prompt) + max_new, max_context) - 1, computed from nodes up to one before it."""
+    end = max_context if max_new is None else min(max_context, len(prompt) + max_new)
+    return end - 2
 
 
 def _learn(draft: DraftSource, tokens: Sequence[int], logits: torch.Tensor) -> None:

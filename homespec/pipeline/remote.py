@@ -171,12 +171,13 @@ class RemoteCluster(Cluster):
         keys: KeyPair | None = None,
         progress: Callable[[str], None] | None = None,
         timeout_s: float = PEER_TIMEOUT_S,
+        max_requests: int = 8,
     ) -> None:
         """Deploy one stage per Placement and wait until every stage has loaded."""
         num = len(stages)
         deploys = [
             Deploy(i, num, model, p.layers[0], p.layers[1], dtype, p.device, max_context, max_tree,
-                   model_digest=model_digest)
+                   model_digest=model_digest, max_requests=max_requests)
             for i, p in enumerate(stages)
         ]  # fmt: skip
         super().__init__(deploys, progress, timeout_s)
@@ -344,6 +345,7 @@ def build(
     progress: Callable[[str], None] | None = None,
     model_digest: str = "",
     timeout_s: float = PEER_TIMEOUT_S,
+    max_requests: int = 8,
 ) -> tuple[RemoteCluster, Any]:
     """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
     the cluster and the plan."""
@@ -386,7 +388,7 @@ def build(
                 link.sock.close(linger=0)
         cluster = RemoteCluster(
             placements(links, chain), model, dtype, max_context, model_digest=model_digest, keys=keys, progress=say,
-            timeout_s=timeout_s,
+            timeout_s=timeout_s, max_requests=max_requests,
         )  # fmt: skip
         cluster.missing = missing
         cluster.spec = spec

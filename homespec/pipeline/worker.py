@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,9 @@ class _Request:
     features: bool = False  # return hidden states with results
     prompt_top: bool = False  # return the top-k of prompt positions
     pruned_seq: int = 0
-    dead: set[int] = field(default_factory=set)
+    # dead ids this stage has not seen yet (their wave is still upstream), by the prune that named them: a wave sent
+    # at prune seq s holds no node of prunes <= s, so those are forgotten once a wave at s or later arrives
+    unseen_dead: deque[tuple[int, frozenset[int]]] = field(default_factory=deque)
     steps: int = 0
     rows: int = 0
     dropped: int = 0
@@ -67,6 +70,7 @@ class StageWorker:
         self.first = assign.stage == 0
         self.last = assign.stage == assign.num_stages - 1
         self.requests: dict[int, _Request] = {}
+        self.max_requests = _request_cap(assign, self.stage, local="curve" not in addresses)
         self.bad_messages = 0  # undecodable, wrong for its socket, or refused (hostile input is counted, not obeyed)
         # the largest wave: max(tree rows, a prompt chunk) of hidden states in fp32 (capped before allocation)
         self.max_bytes = max(assign.max_tree, PREFIX_CHUNK) * self.stage.hidden * 4 + (1 << 20)
@@ -158,7 +162,7 @@ class StageWorker:
         from homespec.core import messages as m
 
         if isinstance(msg, m.Start):
-            if msg.request not in self.requests and len(self.requests) >= self.assign.max_requests:
+            if msg.request not in self.requests and len(self.requests) >= self.max_requests:
                 self.bad_messages += 1  # a flood of Starts would allocate KV for each: refused past the cap
                 log.warning("stage %d: refused request %d: %d open", self.assign.stage, msg.request, len(self.requests))
                 self._send(self.report, m.Failure(self.assign.stage, msg.request, "too many open requests"))
@@ -186,9 +190,20 @@ class StageWorker:
             self.bad_messages += 1
 
     def _apply_prune(self, req: _Request, msg: Any) -> None:
-        req.dead.update(msg.dead)
-        req.cache.commit(msg.committed, msg.dead)
-        req.pruned_seq = max(req.pruned_seq, msg.seq)
+        """Commit and free what the cache holds; remember (bounded) the dead ids whose rows are still upstream. A
+        prune longer than the tree can be, or older than one applied, is a lie: counted and dropped."""
+        cap = self.assign.max_tree
+        if len(msg.committed) + len(msg.dead) > 2 * cap or msg.seq <= req.pruned_seq:
+            self.bad_messages += 1
+            return
+        cache = req.cache
+        unseen = frozenset(d for d in msg.dead if d not in cache.slot_of and d not in cache.committed)
+        cache.commit(msg.committed, msg.dead)
+        req.pruned_seq = msg.seq
+        if unseen:
+            req.unseen_dead.append((msg.seq, unseen))
+            while sum(len(ids) for _, ids in req.unseen_dead) > 4 * cap:
+                req.unseen_dead.popleft()  # only a lying head names this many nodes it never sent
 
     def _on_data(self, msg: Any) -> None:
         from homespec.core.messages import Wave
@@ -304,10 +319,13 @@ class StageWorker:
             req = self.requests.get(request)
             if req is None:
                 continue  # aborted, or failed here before
+            while req.unseen_dead and req.unseen_dead[0][0] <= seq:
+                req.unseen_dead.popleft()  # this wave and every later one were sent after those prunes
+            dead = set().union(*(ids for _, ids in req.unseen_dead))
             keep = []
             for i in range(lo, hi):
-                if msg.nodes[i] in req.dead or msg.parents[i] in req.dead:
-                    req.dead.add(msg.nodes[i])
+                if msg.nodes[i] in dead or msg.parents[i] in dead:
+                    dead.add(msg.nodes[i])  # a row of a dead subtree: its children in this wave are dead too
                 else:
                     keep.append(i)
             req.dropped += hi - lo - len(keep)
@@ -410,6 +428,27 @@ class StageWorker:
         delay = (self.assign.emu_link_ms + self.assign.emu_link_ms_per_row * rows) / 1000
         if delay > 0:
             time.sleep(delay)
+
+
+def _request_cap(assign: Any, stage: Any, local: bool) -> int:
+    """How many requests may be open here at once: ``Assign.max_requests`` (the head's concurrency), and no more
+    than the KV caches (``max_context + max_tree`` slots each) that 90% of the device's free memory holds, shared by
+    the stages of a local cluster. Never below 1: a stage that cannot hold one request fails it with CapacityError."""
+    import torch
+
+    slots = assign.max_context + assign.max_tree
+    element = torch.empty((), dtype=stage.dtype).element_size()
+    per_request = 2 * len(stage.layers) * stage.kv_heads * stage.head_dim * slots * element
+    if str(stage.device).startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(stage.device))[0]
+    else:
+        import psutil  # type: ignore[import-untyped]
+
+        free = psutil.virtual_memory().available
+    share = free * 0.9 / (assign.num_stages if local else 1)
+    cap = max(1, min(assign.max_requests, int(share // per_request)))
+    log.info("stage %d: at most %d open requests (%.0f MB of KV each)", assign.stage, cap, per_request / 1e6)
+    return cap
 
 
 class _CurveSetup:

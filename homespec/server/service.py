@@ -20,7 +20,7 @@ from typing import Any
 
 from homespec.config import GenerationConfig
 from homespec.errors import HomespecError, PeerLostError
-from homespec.events import GenerationFinished, StageUtilization
+from homespec.events import GenerationFailed, GenerationFinished, StageUtilization
 from homespec.server.metrics import Metrics
 from homespec.server.openai import ApiError
 
@@ -176,6 +176,10 @@ class GenerationService:
         for i, events in self.batch.step().items():
             job = self._jobs[i]
             for event in events:
+                if isinstance(event, GenerationFailed):  # this request's own fault: the others go on
+                    del self._jobs[i]
+                    self._fail(job, ApiError(500, event.message, "server_error", code="request_failed"))
+                    break
                 job.post(event)
                 if isinstance(event, GenerationFinished):
                     self.metrics.finished("ok", event.stats)
