@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
+from homespec.core.messages import DEFAULT_MAX_REQUESTS
 from homespec.core.planner import even_split
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.core.stops import find_stop, held_back
@@ -54,7 +55,7 @@ class EngineOptions:
     workers: tuple[str, ...] = ()  # remote stages on these workers (HOST:PORT, or "auto": browse the LAN)
     cluster: str | None = None  # remote stages as a profile names them (homespec profile --lan --save)
     peer_timeout_s: float = 10.0  # a stage or worker silent this long fails the request
-    max_concurrency: int = 8  # requests open on the stages at once (each holds a KV cache there; Assign.max_requests)
+    max_concurrency: int = DEFAULT_MAX_REQUESTS  # requests open on the stages at once (Assign.max_requests)
 
     @property
     def remote(self) -> bool:

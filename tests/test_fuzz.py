@@ -272,6 +272,133 @@ def test_thousands_of_hostile_messages_neither_crash_nor_bloat_a_stage(
         assert out[:24] == reference_greedy(ids, 24)
 
 
+# -- phase C: every field of every kind out of range, at the production defaults ----------------------------------
+
+#: For each message a stage reads: a valid example, and per field the values that decode (right type) but lie.
+OUT_OF_RANGE: list[tuple[str, Any, dict[str, list[Any]]]] = [
+    ("control", Start(5, 0.7, 0.9, 40, 1), {
+        "request": [0, -1], "temperature": [float("nan"), -1.0, float("inf"), 101.0],
+        "top_p": [0.0, -0.5, 1.5, float("nan")], "top_k": [-1, -(2**40)], "seed": [-1, 2**63, -(2**63)],
+    }),
+    ("control", Prune(5, 3, 1, (1, 2), (3,)), {
+        "request": [0, -3], "seq": [0, -1], "step": [-9], "committed": [[-5, 1]], "dead": [list(range(300_000))],
+    }),
+    ("control", Abort(5, "x"), {"request": [-1, 2**63]}),
+    ("data", Wave(4, False, (5,), (2,), (0,), (1, 2), (0, 1), (5, 6), RawTensor("int64", (2,), bytes(16))), {
+        "requests": [[0], [-5]], "prune_seqs": [[-1]], "nodes": [[-2, 1]], "parents": [[-7, 0]],
+        "positions": [[-1, 5], [2**40, 5]], "step": [-5], "busy_s": [[-1.0], [float("nan")]],
+    }),
+    ("control", Assign(0, 2, "m", 0, 15, "fp32", "cpu", 4096, 512), {
+        "stage": [5, -1], "layer_end": [0], "max_context": [0, -4096], "max_tree": [0, 10**6], "max_requests": [0],
+        "emu_base_ms": [-1.0, float("nan")],
+    }),
+]  # fmt: skip
+
+
+ROUNDS = 40  # of every out-of-range variant
+PRUNES = 100  # lying prunes per open request
+
+
+def lies(rounds: int) -> list[tuple[str, list[bytes]]]:
+    """Every out-of-range variant of OUT_OF_RANGE, ``rounds`` times: each decodes as msgpack and has the right
+    types, and each must be refused by the codec's range checks."""
+    out = []
+    for where, msg, table in OUT_OF_RANGE:
+        frames = [bytes(f) for f in encode(msg)]
+        h = _header(frames)
+        for name, values in table.items():
+            for value in values:
+                bad = _with(frames, {**h, "fields": {**h["fields"], name: value}})
+                assert _rejected(bad, 1 << 30), f"{msg.kind}.{name} = {str(value)[:20]} was accepted"
+                out.append((where, bad))
+    return out * rounds
+
+
+@pytest.mark.slow
+def test_every_field_out_of_range_is_refused_and_memory_stays_flat_per_message(
+    bundled: Any, tokenizer: Any, chat_ids: Any, reference_greedy: Any
+) -> None:
+    """Production defaults (context 4096, tree 512, ``Assign.max_requests``' default): a lie in any field of any
+    kind is counted and dropped, never obeyed; a flood of Starts opens no more than the cap; prunes naming thousands
+    of nodes that never were keep no more than a bounded set per request. RSS growth is bounded per message."""
+    from homespec.model.drafts import build_draft
+
+    assigns = [
+        Assign(i, 2, str(bundled.folder), a, b, "fp32", "cpu", 4096, 512)
+        for i, (a, b) in enumerate(even_split(bundled.num_layers, 2))
+    ]
+    cap = assigns[0].max_requests
+    with LocalCluster(assigns) as c:
+        pids = [p.pid for p in c.procs]
+        base = settle(c, {0: 0, 1: 0})
+        junk = zmq.Context.instance().socket(zmq.PUSH)
+        junk.setsockopt(zmq.LINGER, 5000)
+        junk.connect(c.inputs[0])
+        sent = {"data": 0, "control": 0}
+        batch = lies(1)
+        rss: list[dict[int, float]] = []  # after each round: growth per message is the slope, once warm
+        for _ in range(ROUNDS):
+            rss.append({pid: rss_mb(pid) for pid in pids})
+            for where, frames in batch:
+                (junk.send_multipart if where == "data" else c.control.send_multipart)(frames)
+                sent[where] += 1
+            want = {0: base[0] + sent["data"] + sent["control"], 1: base[1] + sent["control"]}
+            got = settle(c, want)
+            assert got == want, f"out-of-range messages counted {got}, sent {sent} (before {base})"
+
+        # in range but lying: a flood of Starts (3 x the cap), each stage opens `cap` and refuses the rest, counted
+        for r in range(1, 3 * cap + 1):
+            c.broadcast(Start(r, 0.0, 1.0, 0, 0))
+        want = {0: want[0] + 2 * cap, 1: want[1] + 2 * cap}
+        got = settle(c, want)
+        assert got == want, f"refused Starts: counted {got}, expected {want}"
+        # prunes that name 1000 nodes nobody made, 400 of them over the open requests: kept bounded, not counted
+        lying = 0
+        for seq in range(1, PRUNES + 1):
+            if seq % 10 == 1:  # in rounds, so that no queue overflows (a PUB drops what a slow SUB cannot take)
+                settle(c, want)
+            if seq == 11:
+                warm = {pid: rss_mb(pid) for pid in pids}
+            for r in range(1, cap + 1):
+                c.broadcast(Prune(r, seq, seq, (), tuple(range(seq * 10**6, seq * 10**6 + 1000))))
+                lying += 1
+        # a prune that does not advance, and one longer than the tree can be: counted
+        for r in range(1, cap + 1):
+            c.broadcast(Prune(r, 1, 1, (), (7,)))
+            c.broadcast(Prune(r, PRUNES + 9, PRUNES + 9, (), tuple(range(1100))))
+        want = {0: want[0] + 2 * cap, 1: want[1] + 2 * cap}
+        got = settle(c, want)
+        assert got == want, f"stale and oversized prunes: counted {got}, expected {want}"
+        settle(c, want)
+        pruned = {pid: rss_mb(pid) for pid in pids}
+        for r in range(1, 3 * cap + 1):
+            c.broadcast(Abort(r, "fuzz over"))
+        settle(c, want)
+        junk.close(linger=2000)
+        assert all(p.poll() is None for p in c.procs), "a stage crashed"
+        # the slope once warm: out-of-range rounds 5.., and lying prunes 11.. (the unseen ids kept per request are
+        # capped at 4 x max_tree, reached within the first prunes); a few MB of allocator noise spread over them
+        lie_kb = {p: 1024 * (rss[-1][p] - rss[4][p]) / ((ROUNDS - 5) * len(batch)) for p in pids}
+        prune_kb = {p: 1024 * (pruned[p] - warm[p]) / ((PRUNES - 10) * cap) for p in pids}
+        total = {p: round(rss_mb(p) - rss[0][p], 1) for p in pids}
+        print(f"phase C: {ROUNDS * len(batch)} out-of-range messages, {lying} lying prunes, {5 * cap} Starts and "
+              f"bad prunes; RSS growth MB {total}; KB per message once warm: out of range {lie_kb}, "
+              f"prunes {prune_kb}")  # fmt: skip
+        assert all(k < 4 for k in [*lie_kb.values(), *prune_kb.values()]), "memory grows with every message"
+
+        while c.report.poll(0):
+            c.report.recv_multipart()
+        decoder = PipelineDecoder(c, "specpipe", 8)
+        ids = chat_ids(EQUIVALENCE_PROMPTS[0])
+        draft = build_draft("ngram", bundled, tokenizer, TreeConfig())
+        out: list[int] = []
+        for step in decoder.decode(ids, draft, SamplingConfig(), TreeConfig(), max_new=24):
+            out.extend(step.verification.emitted)
+            if len(out) >= 24:
+                break
+        assert out[:24] == reference_greedy(ids, 24)
+
+
 # -- the codec alone ----------------------------------------------------------------------------------------------
 
 _values = st.recursive(

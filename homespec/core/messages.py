@@ -21,6 +21,11 @@ RESULT_TOP_K = 8
 #: The most tree nodes a stage's cache may hold (``Assign.max_tree``), and so the longest id list one message may
 #: carry; a stage checks its own, smaller, ``max_tree`` too.
 MAX_TREE_LIMIT = 4096
+#: Requests a stage holds open at once unless the head says otherwise (the server's --max-concurrency); a stage
+#: also holds no more than its free memory has KV caches for.
+DEFAULT_MAX_REQUESTS = 8
+#: The longest context any stage is given (positions are below it).
+MAX_CONTEXT_LIMIT = 1 << 24
 #: Every integer on the wire fits a signed 64-bit value (msgpack carries more; nothing here needs it).
 INT_LIMIT = 2**63
 
@@ -68,12 +73,14 @@ def _in_range(kind: str, name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"{kind}.{name} = {value!r} is outside [{lo:g}, {hi:g}]")
 
 
-def _ids(kind: str, name: str, values: tuple[int, ...], lo: int = 0, most: int = MAX_TREE_LIMIT) -> None:
-    """A list of ids: at most ``most`` of them, each in [lo, 2**63)."""
+def _ids(
+    kind: str, name: str, values: tuple[int, ...], lo: int = 0, most: int = MAX_TREE_LIMIT, hi: int = INT_LIMIT
+) -> None:
+    """A list of ids: at most ``most`` of them, each in [lo, hi)."""
     if len(values) > most:
         raise ValueError(f"{kind}.{name}: {len(values)} ids, at most {most}")
-    if values and (min(values) < lo or max(values) >= INT_LIMIT):
-        raise ValueError(f"{kind}.{name}: ids outside [{lo}, 2**63)")
+    if values and (min(values) < lo or max(values) >= hi):
+        raise ValueError(f"{kind}.{name}: ids outside [{lo}, {hi})")
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ class Assign(Message):
     emu_link_ms: float = 0.0
     emu_link_ms_per_row: float = 0.0
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
-    max_requests: int = 256  # requests open on the stage at once (each holds a preallocated KV cache); more: refused
+    max_requests: int = DEFAULT_MAX_REQUESTS  # requests open on the stage at once (each holds a KV cache)
 
     def __post_init__(self) -> None:
         k = self.kind
@@ -113,7 +120,7 @@ class Assign(Message):
         _in_range(k, "stage", self.stage, 0, self.num_stages - 1)
         _in_range(k, "layer_start", self.layer_start, 0, 1 << 20)
         _in_range(k, "layer_end", self.layer_end, self.layer_start + 1, 1 << 20)
-        _in_range(k, "max_context", self.max_context, 1, 1 << 24)
+        _in_range(k, "max_context", self.max_context, 1, MAX_CONTEXT_LIMIT)
         _in_range(k, "max_tree", self.max_tree, 1, MAX_TREE_LIMIT)
         _in_range(k, "max_requests", self.max_requests, 1, 4096)
         for name in ("emu_base_ms", "emu_ms_per_row", "emu_link_ms", "emu_link_ms_per_row"):
@@ -158,7 +165,7 @@ class Wave(Message):
         _ids("wave", "prune_seqs", self.prune_seqs)
         _ids("wave", "nodes", self.nodes)
         _ids("wave", "parents", self.parents, lo=-1)
-        _ids("wave", "positions", self.positions, most=1 << 24)
+        _ids("wave", "positions", self.positions, most=1 << 24, hi=MAX_CONTEXT_LIMIT)
         if any(b < 0 or not math.isfinite(b) for b in self.busy_s) or len(self.busy_s) > 4096:
             raise ValueError("wave: bad busy_s")
 
