@@ -27,6 +27,14 @@ class ConfigError(HomespecError):
     exit_code = 2
 
 
+class UntrustedPeerError(ConfigError):
+    """A worker whose key this head has not been told to trust (DESIGN §7): it is never deployed to."""
+
+    def __init__(self, message: str, key: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.key = key
+
+
 class ModelError(HomespecError):
     """A model cannot be found, read or is of an unsupported architecture."""
 

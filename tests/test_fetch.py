@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import EQUIVALENCE_PROMPTS
 from tests.fake_hub import FakeHub
-from tests.workers import HOMESPEC, free_port_block, public_key, start_worker, stop, trust
+from tests.workers import HOMESPEC, free_port_block, pair, start_worker, stop
 
 REPO = "local/smollm2-sharded"
 SHARDS = 5
@@ -117,11 +117,10 @@ def test_two_workers_each_fetch_their_shards_and_generate_the_bundled_models_tok
     hub: FakeHub, sharded: Path, tmp_path: Path, chat_ids: Any, reference_greedy: Any
 ) -> None:
     head_config, homes = tmp_path / "head", {n: tmp_path / f"hf-{n}" for n in ("head", "w1", "w2")}
-    head_key = public_key(head_config, "head")
     procs, ports = [], []
     try:
         for name in ("w1", "w2"):
-            trust(tmp_path / name, head_key)
+            pair(tmp_path / name, head_config)
             ports.append(free_port_block())
             procs.append(start_worker(tmp_path / name, ports[-1], name, env=hub_env(hub, homes[name])))
         workers = ",".join(f"127.0.0.1:{p}" for p in ports)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EQUIVALENCE_PROMPTS
-from tests.workers import HOMESPEC, public_key, start_worker, stop, trust
+from tests.workers import HOMESPEC, pair, public_key, start_worker, stop
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +73,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             sh(*inside, "ip", "link", "set", "lo", "up")
             sh(*inside, "ip", "route", "add", "224.0.0.0/4", "dev", veth[name])
         root = tmp_path_factory.mktemp("netns")
-        head_key = public_key(root / "head", "head")
         procs = []
         for name in ("w1", "w2"):
-            trust(root / name, head_key)
+            pair(root / name, root / "head")
             log = root / f"{name}.log"
             procs.append(start_worker(root / name, PORT, name, host="0.0.0.0", netns=ns[name], advertise=True, log=log))
         yield {"root": root, "ns": ns, "veth": veth, "net": net, "procs": procs}
@@ -116,8 +115,8 @@ def test_zeroconf_finds_the_workers_and_specpipe_across_them_is_lossless(
 
 
 def test_a_head_with_an_untrusted_key_is_refused(lab: dict[str, Any]) -> None:
-    out = head_run(lab, "generate", "hi", "--workers", f"{lab['net']}.2:{PORT}", "-n", "4",
-                   config=lab["root"] / "stranger")  # fmt: skip
+    pinned = f"{lab['net']}.2:{PORT}@{public_key(lab['root'] / 'w1', 'worker')}"  # it trusts w1; w1 does not trust it
+    out = head_run(lab, "generate", "hi", "--workers", pinned, "-n", "4", config=lab["root"] / "stranger")
     assert out.returncode != 0
     assert "refused this head's key" in out.stderr
     assert public_key(lab["root"] / "stranger", "head") in out.stderr  # the hint names the key to trust

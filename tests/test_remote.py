@@ -21,7 +21,7 @@ from homespec.config import GenerationConfig, SamplingConfig
 from homespec.errors import PeerLostError
 from homespec.events import GenerationFinished
 from tests.conftest import EQUIVALENCE_PROMPTS
-from tests.workers import HOMESPEC, free_port_block, public_key, stage_pids, start_worker, stop, trust
+from tests.workers import HOMESPEC, free_port_block, pair, public_key, stage_pids, start_worker, stop
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,9 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two workers (each its own key folder, trusting the head) and the head's key folder, set for this process."""
     root = tmp_path_factory.mktemp("lan")
     head = root / "head"
-    head_key = public_key(head, "head")
     procs, ports = [], []
     for name in ("w1", "w2"):
-        trust(root / name, head_key)
+        pair(root / name, head)
         port = free_port_block()
         procs.append(start_worker(root / name, port, name, log=root / f"{name}.log"))
         ports.append(port)
@@ -95,10 +94,11 @@ def test_two_workers_give_the_targets_tokens_in_every_mode(
 def test_an_untrusted_head_is_refused_with_its_key_in_the_hint(lan: dict[str, Any], tmp_path: Path) -> None:
     from homespec.engine import Engine, EngineOptions
 
+    pinned = f"{lan['workers'][0]}@{public_key(lan['root'] / 'w1', 'worker')}"  # this head trusts w1; w1 not it
     os.environ["HOMESPEC_CONFIG"] = str(tmp_path / "stranger")
     try:
         with pytest.raises(PeerLostError, match="refused this head's key") as err:
-            Engine(EngineOptions(mode="specpipe", workers=lan["workers"][:1]))
+            Engine(EngineOptions(mode="specpipe", workers=(pinned,)))
         assert err.value.hint and public_key(tmp_path / "stranger", "head") in err.value.hint
     finally:
         os.environ["HOMESPEC_CONFIG"] = str(lan["head"])

@@ -41,13 +41,26 @@ def public_key(config: Path, role: str) -> str:
                          text=True, check=True)  # fmt: skip
     for line in out.stdout.splitlines():
         if line.startswith(f"{role} key:"):
-            return line.split(":", 1)[1].strip()
+            return line.split(":", 1)[1].split()[0]  # "head key: KEY  (fingerprint …)"
     raise AssertionError(out.stdout)
 
 
 def trust(config: Path, head_key: str) -> None:
     env = {**os.environ, "HOMESPEC_CONFIG": str(config)}
     subprocess.run([HOMESPEC, "keys", "trust", head_key], env=env, check=True, capture_output=True)
+
+
+def trust_worker(head_config: Path, worker_config: Path) -> None:
+    """The head (``head_config``) trusts the worker whose keys are in ``worker_config``."""
+    env = {**os.environ, "HOMESPEC_CONFIG": str(head_config)}
+    key = public_key(worker_config, "worker")
+    subprocess.run([HOMESPEC, "keys", "trust-worker", key], env=env, check=True, capture_output=True)
+
+
+def pair(worker_config: Path, head_config: Path) -> None:
+    """Trust both ways, as a user does once per machine: the worker serves the head, the head deploys to it."""
+    trust(worker_config, public_key(head_config, "head"))
+    trust_worker(head_config, worker_config)
 
 
 def start_worker(
@@ -74,13 +87,12 @@ def start_worker(
 
 
 def wait_for_info(host: str, port: int, netns: str | None, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    """Until the worker's info socket answers (from inside ``netns`` when given)."""
+    """Until the worker's info port answers (from inside ``netns`` when given)."""
     probe = (
-        "import sys,zmq; from homespec.core.messages import Hello; from homespec.transport.codec import encode;"
-        "s=zmq.Context().socket(zmq.REQ); s.setsockopt(zmq.LINGER,0); s.connect(sys.argv[1]);"
-        "s.send_multipart(encode(Hello())); sys.exit(0 if s.poll(1000) else 1)"
+        "import sys; from homespec.transport.discovery import Peer; from homespec.pipeline.remote import fetch_info;"
+        "fetch_info(Peer('w', sys.argv[1], int(sys.argv[2])), 1.0)"
     )
-    cmd = [sys.executable, "-c", probe, f"tcp://{host}:{port + 1}"]
+    cmd = [sys.executable, "-c", probe, "127.0.0.1" if host == "0.0.0.0" else host, str(port)]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     deadline = time.monotonic() + timeout

@@ -36,8 +36,23 @@ def profile(
         cluster = this_machine(measure_host(name, budget_s=budget, progress=say))
         if lan or peer:
             from homespec.profiling.lan import add_workers
+            from homespec.transport.keys import fingerprint
 
-            add_workers(cluster, browse_s=browse if lan else 0.0, peers=peer or [], progress=say)
+            untrusted = add_workers(
+                cluster, browse_s=browse if lan else 0.0, peers=peer or [], progress=say, confirm=_ask_if_terminal()
+            )
+            for p, key in untrusted:
+                typer.echo(
+                    f"untrusted, not used: worker {p.name} at {p.address}:{p.port}, key {key} "
+                    f"(fingerprint {fingerprint(key)})",
+                    err=True,
+                )
+            if untrusted:
+                typer.echo(
+                    "if a fingerprint is the one `homespec worker` printed on that machine: homespec keys "
+                    "trust-worker KEY, then measure again",
+                    err=True,
+                )
         if save or out:
             path = save_profile(cluster, out or saved_path(cluster.name))
             say(f"saved {path}")
@@ -45,6 +60,29 @@ def profile(
             typer.echo(json.dumps(cluster.to_json(), indent=2))
         else:
             print_profile(cluster)
+
+
+def _ask_if_terminal() -> Any:
+    """At a terminal, ask the user about each untrusted worker (compare the fingerprint with the worker's own);
+    elsewhere nothing is trusted without ``homespec keys trust-worker``."""
+    import sys
+
+    if not sys.stdin.isatty():
+        return None
+
+    def confirm(peer: Any, key: str) -> bool:
+        from homespec.transport.keys import fingerprint
+
+        return bool(
+            typer.confirm(
+                f"worker {peer.name} at {peer.address}:{peer.port} has key fingerprint {fingerprint(key)}; is that "
+                "the fingerprint `homespec worker` printed there? Trust it",
+                default=False,
+                err=True,
+            )
+        )
+
+    return confirm
 
 
 def print_profile(cluster: Any) -> None:

@@ -29,13 +29,14 @@ def worker(
         if not (1.0 <= head_timeout <= 3600):
             raise ConfigError(f"--head-timeout must be in [1, 3600] seconds, got {head_timeout}")
         from homespec.pipeline.daemon import WorkerDaemon
-        from homespec.transport.keys import trusted_heads
+        from homespec.transport.keys import fingerprint, trusted_heads
 
         wanted = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
         daemon = WorkerDaemon(port, name, wanted, host, head_timeout, advertise, bench_budget)
         trusted = len(trusted_heads())
         typer.echo(f"worker {daemon.name} on {host}:{port}, devices {', '.join(daemon.devices)}", err=True)
-        typer.echo(f"worker key: {daemon.keys.public}", err=True)
+        typer.echo(f"worker key: {daemon.keys.public}  (fingerprint {fingerprint(daemon.keys.public)})", err=True)
+        typer.echo("a head uses this worker once told: homespec keys trust-worker <worker key>", err=True)
         if trusted:
             typer.echo(f"trusts {trusted} head(s); waiting for one (ctrl+c stops)", err=True)
         else:

@@ -3,9 +3,10 @@
 Sockets, all on ``--port`` P and the ports after it:
 - ``control`` (ROUTER, P): a CurveZMQ server that admits only the heads in ``trusted_heads`` (read again at every
   handshake, so ``homespec keys trust`` needs no restart). Hello, Deploy, Release, Heartbeat and Echo arrive here.
-- ``info`` (REP, P + 1, plain): answers anything with WorkerInfo — the name, public key and devices that the zeroconf
-  advert carries too — so that a head given only HOST:PORT learns the key it needs to open ``control``. It never
-  parses what it receives (a request over 4 KiB drops the connection); a head can skip it with HOST:PORT@KEY.
+- ``info`` (plain TCP, P + 1): each connection is accepted, sent one packed WorkerInfo — the name, public key and
+  devices that the zeroconf advert carries too — and closed at once; nothing is read from it, so no connection is
+  held open and a flood of them costs the daemon no file descriptors. What it says is a claim: a head deploys only to
+  a key its user trusts (HOST:PORT@KEY, ``homespec keys trust-worker``).
 - each stage's input (P + 2 + slot, one slot per served device), bound by the stage process under CurveZMQ.
 
 A **session** is one head's use of this worker: one Deploy per stage it places here. The worker starts one stage
@@ -16,15 +17,20 @@ processes are stopped, which frees their memory, and the worker waits for the ne
 while a session's head is alive. A stage process that dies mid-session is reported to its head as a Failure.
 
 The loop survives any input: an undecodable message is counted and dropped, an untrusted peer never gets past the
-handshake (the refusals are counted by the gate).
+handshake (the refusals are counted by the gate), a connection that never finishes its handshake is dropped after
+HANDSHAKE_S, and a failure inside a handler (a Deploy whose process cannot start, say) is answered to that head as
+a Failure while the daemon goes on. At start the daemon raises its soft file limit to the hard one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +53,7 @@ from homespec.core.messages import (
 )
 from homespec.errors import TransportError
 from homespec.transport.channel import Gatekeeper, curve_server
-from homespec.transport.codec import decode, encode
+from homespec.transport.codec import decode, encode, pack_frames
 from homespec.transport.keys import load_or_create, trusted_heads
 
 log = logging.getLogger("homespec.daemon")
@@ -55,7 +61,8 @@ log = logging.getLogger("homespec.daemon")
 POLL_MS = 200
 DAEMON_SENDER = -2  # the sender id of the worker's own Heartbeats (stages are 0..S-1, the head -1)
 ASSIGN_FIELDS = tuple(f.name for f in fields(Assign))
-INFO_MAX_BYTES = 4096  # the plain info port reads nothing of a request; it only needs one to answer
+HANDSHAKE_S = 5.0  # a connection to the control port that has not completed CurveZMQ by then is dropped
+INFO_ACCEPTS_PER_POLL = 256  # info connections answered per loop turn (the rest wait in the listen backlog)
 CONTROL_MAX_BYTES = 80 << 20  # the largest control message is a link-measuring Echo (64 MiB at most)
 
 
@@ -90,18 +97,18 @@ class WorkerDaemon:
         self.measured = False
         self.session: _Session | None = None
         self.bad_messages = 0
+        raise_file_limit()
         self.ctx = zmq.Context.instance()
         self.gatekeeper = Gatekeeper(self.ctx)
         self.gatekeeper.allow("head", lambda: trusted_heads().keys())
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
+        self.control.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
         curve_server(self.control, self.keys, "head")
         self.control.bind(f"tcp://{host}:{port}")
-        self.info = self.ctx.socket(zmq.REP)
-        self.info.setsockopt(zmq.LINGER, 0)
-        self.info.setsockopt(zmq.MAXMSGSIZE, INFO_MAX_BYTES)  # a bigger request drops the connection unread
-        self.info.bind(f"tcp://{host}:{port + 1}")
+        self.info = socket.create_server((host, port + 1), backlog=128)
+        self.info.setblocking(False)
         self.advert = None
         if advertise:
             from homespec.transport.discovery import Advertiser
@@ -115,13 +122,12 @@ class WorkerDaemon:
             signal.signal(sig, lambda *_: self.stop())
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self.info, zmq.POLLIN)
+        poller.register(self.info.fileno(), zmq.POLLIN)
         try:
             while self._running:
                 events = dict(poller.poll(POLL_MS))
-                if self.info in events:
-                    self.info.recv_multipart(copy=False)
-                    self.info.send_multipart(encode(self.worker_info()))
+                if self.info.fileno() in events:
+                    self._answer_info()
                 if self.control in events:
                     self._on_control(self.control.recv_multipart(copy=False))
                 self._watch_session()
@@ -137,8 +143,23 @@ class WorkerDaemon:
             self.advert.close()
             self.advert = None
         self.control.close(linger=0)
-        self.info.close(linger=0)
+        self.info.close()
         self.gatekeeper.stop()
+
+    def _answer_info(self) -> None:
+        """Each waiting info connection gets this worker's WorkerInfo and is closed; nothing is read from it."""
+        payload = pack_frames(encode(self.worker_info()))
+        for _ in range(INFO_ACCEPTS_PER_POLL):
+            try:
+                conn, _ = self.info.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: the connection stays in the backlog for later
+                log.warning("info port: %s", exc)
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(payload)  # a few KiB into an empty socket buffer; a peer that lost it asks again
 
     def _on_control(self, frames: list[Any]) -> None:
         if len(frames) < 2:
@@ -154,6 +175,15 @@ class WorkerDaemon:
         s = self.session
         if s is not None and s.head_key == head_key:
             s.heard = time.monotonic()
+        try:
+            self._dispatch(identity, head_key, msg)
+        except Exception as exc:  # a handler's failure is that head's answer, never the daemon's end
+            log.exception("handling a %s from head %s failed", msg.kind, head_key[:8])
+            stage = msg.stage if isinstance(msg, Deploy) else 0
+            self._reply(identity, Failure(stage, 0, f"worker {self.name} failed: {type(exc).__name__}: {exc}"))
+
+    def _dispatch(self, identity: bytes, head_key: str, msg: Message) -> None:
+        s = self.session
         if isinstance(msg, Hello):
             self._reply(identity, self.worker_info(measure=msg.measure))
         elif isinstance(msg, Heartbeat):
@@ -250,6 +280,14 @@ class WorkerDaemon:
             json.dumps(asdict(self.host_profile)),
             self.session.id if self.session else 0,
         )
+
+
+def raise_file_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit (each connection holds one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _torch_device(kind: str, index: int) -> str:

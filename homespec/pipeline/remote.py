@@ -1,8 +1,13 @@
 """Stages on other machines: the head's side of ``homespec worker`` (DESIGN §2, §6, §7).
 
-``connect`` opens a CurveZMQ connection to a worker's control socket (learning its public key from the advert, or
-from its plain ``info`` socket when only HOST:PORT is known) and tells a worker that refuses this head's key apart
-from one that does not answer. ``cluster_plan`` asks the workers what they have, plans the layers on their devices
+``connect`` opens a CurveZMQ connection to a worker's control socket and tells a worker that refuses this head's key
+apart from one that does not answer. Trust (DESIGN §7): the head connects only to a key the user gave it — pinned
+(``HOST:PORT@KEY``, a profile saved by ``homespec profile --lan --save``) or in ``trusted_workers`` (``homespec keys
+trust-worker``). A key from the advert or the worker's plain info port is only a claim, checked against those before
+anything is sent: an unknown key is refused with UntrustedPeerError (naming the key, its fingerprint, and how to
+trust it), and the handshake then proves the worker holds the secret of the key it was trusted for.
+
+``build`` asks the workers what they have, plans the layers on their devices
 (``core/planner.py``), and ``RemoteCluster`` deploys that plan: one Deploy per stage, the stages wired to each other
 and to the head over CurveZMQ (each stage's input admits only its predecessor's key, the head's sockets only the
 session's workers).
@@ -19,7 +24,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +32,17 @@ import zmq
 
 from homespec.core.messages import Deploy, Deployed, Failure, Heartbeat, Hello, Release, Shutdown, WorkerInfo
 from homespec.core.planner import Device
-from homespec.errors import ConfigError, PeerLostError, PlanError, TransportError
+from homespec.errors import ConfigError, PeerLostError, PlanError, TransportError, UntrustedPeerError
 from homespec.pipeline.cluster import PEER_TIMEOUT_S, PING_EVERY_S, Cluster
 from homespec.transport.channel import Gatekeeper, HandshakeWatch, curve_client, curve_server
 from homespec.transport.codec import decode, encode
 from homespec.transport.discovery import Peer, route_address
-from homespec.transport.keys import KeyPair, load_or_create
+from homespec.transport.keys import KeyPair, fingerprint, load_or_create, trusted_workers
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+INFO_MAX_BYTES = 64 << 10  # a worker's info message (its name, key and host profile) is a few KiB
 
 
 @dataclass
@@ -79,38 +85,64 @@ class WorkerLink:
         raise PeerLostError(f"worker {self.peer.name} at {self.peer.address}:{self.peer.port} did not answer in time")
 
 
-def fetch_key(ctx: Any, peer: Peer, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
-    """A worker's public key from its plain ``info`` socket (port + 1)."""
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
+def fetch_info(peer: Peer, timeout_s: float = CONNECT_TIMEOUT_S) -> WorkerInfo:
+    """What a worker's plain info port (control port + 1) says about it: its name, key (a claim) and devices. The
+    port speaks plain TCP: it writes one framed message (``transport.codec.pack_frames``) and closes."""
+    import socket
+
+    from homespec.transport.codec import unpack_frames
+
     try:
-        sock.connect(f"tcp://{peer.address}:{peer.port + 1}")
-        sock.send_multipart(encode(Hello()))
-        if not sock.poll(int(timeout_s * 1000)):
-            raise PeerLostError(
-                f"no worker answers at {peer.address}:{peer.port} (info port {peer.port + 1})",
-                hint="is `homespec worker` running there, and are ports 7650-7660 open?",
-            )
-        info = decode(sock.recv_multipart())
-    finally:
-        sock.close(linger=0)
+        with socket.create_connection((peer.address, peer.port + 1), timeout=timeout_s) as conn:
+            data = bytearray()
+            while len(data) <= INFO_MAX_BYTES:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as exc:
+        raise PeerLostError(
+            f"no worker answers at {peer.address}:{peer.port} (info port {peer.port + 1}): {exc}",
+            hint="is `homespec worker` running there, and are ports 7650-7660 open?",
+        ) from exc
+    info = decode(unpack_frames(bytes(data)))
     if not isinstance(info, WorkerInfo):
         raise TransportError(f"{peer.address}:{peer.port + 1} answered with a {type(info).__name__}")
-    return info.key
+    return info
 
 
-def answers(ctx: Any, peer: Peer, timeout_s: float = 0.3) -> bool:
-    """Whether a worker answers on its info port now."""
+def answers(peer: Peer, trusted: Collection[str], timeout_s: float = 0.5) -> bool:
+    """Whether a worker answers on its info port now, claiming a key this head trusts for it."""
     try:
-        fetch_key(ctx, peer, timeout_s)
+        info = fetch_info(peer, timeout_s)
     except (PeerLostError, TransportError):
         return False
-    return True
+    return info.key == peer.key if peer.pinned else info.key in trusted
 
 
-def connect(ctx: Any, keys: KeyPair, peer: Peer, measure: bool = False) -> WorkerLink:
-    """An authenticated link to ``peer`` and its WorkerInfo (measured devices when ``measure``)."""
-    key = peer.key or fetch_key(ctx, peer)
+def trusted_key(peer: Peer, trusted: Collection[str]) -> str:
+    """The key to open ``peer`` with: the pinned one, or the one it claims (advert, info port) if the user trusts
+    it; UntrustedPeerError otherwise (nothing is sent to it)."""
+    if peer.pinned:
+        return peer.key
+    key = peer.key or fetch_info(peer).key
+    if key not in trusted:
+        raise UntrustedPeerError(
+            f"worker {peer.name} at {peer.address}:{peer.port} has a key this head does not trust: {key} "
+            f"(fingerprint {fingerprint(key)})",
+            key,
+            hint=f"if `homespec worker` there printed that fingerprint, run: homespec keys trust-worker {key}; or "
+            f"pin it: --workers {peer.address}:{peer.port}@{key}",
+        )
+    return key
+
+
+def connect(
+    ctx: Any, keys: KeyPair, peer: Peer, measure: bool = False, trusted: Collection[str] | None = None
+) -> WorkerLink:
+    """An authenticated link to ``peer`` and its WorkerInfo (measured devices when ``measure``), if its key is
+    trusted (``trusted``: default this machine's ``trusted_workers``)."""
+    key = trusted_key(peer, trusted_workers() if trusted is None else trusted)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, int(CONNECT_TIMEOUT_S * 1000))  # a link whose peer went away never blocks a send
@@ -288,12 +320,13 @@ class RemoteCluster(Cluster):
     def outdated(self) -> bool:
         """A worker this cluster lacks answers now: one that was missing when it was built, or (``--workers auto``)
         a new one on the LAN. Worth rebuilding for, between requests (re-admission)."""
+        trusted = trusted_workers()
         if self.spec is not None and self.spec.workers == ("auto",):
             from homespec.transport.discovery import browse
 
-            serving = {link.info.name for link in self.links}
-            return any(p.name not in serving for p in browse(1.0))
-        return any(answers(self.ctx, p) for p in self.missing)
+            serving = {link.key for link in self.links}
+            return any(p.key in trusted and p.key not in serving for p in browse(1.0))  # adverts of others: no
+        return any(answers(p, trusted) for p in self.missing)
 
     def close(self) -> None:
         if self._closed:
@@ -315,14 +348,6 @@ class RemoteCluster(Cluster):
         for link in self.links:
             link.sock.close(linger=100)
         self.gatekeeper.stop()
-
-
-def check_devices(links: Sequence[WorkerLink]) -> None:
-    """Refuse two workers with one name (the plan names devices by worker)."""
-    names = [link.info.name for link in links]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"two workers are named {', '.join(twice)}", hint="start them with distinct --name")
 
 
 @dataclass(frozen=True)
@@ -358,21 +383,11 @@ def build(
     links: list[WorkerLink] = []
     missing: list[Peer] = []
     try:
-        for peer in find_peers(spec, profile, say):
-            say(f"connecting to worker {peer.name} at {peer.address}:{peer.port}…")
-            try:
-                links.append(connect(ctx, keys, peer, measure=profile is None))
-            except PeerLostError as exc:
-                if "refused this head's key" in exc.message:
-                    raise  # not a lost device: the user has to trust this head there
-                say(f"worker {peer.name} is not answering ({exc.message}): planning without it")
-                missing.append(peer)
-        if not links:
-            raise PeerLostError(f"none of the {len(missing)} workers answered", hint="is `homespec worker` running?")
+        links, missing = _connect_all(ctx, keys, find_peers(spec, profile, say), profile is None,
+                                      spec.workers == ("auto",), say)  # fmt: skip
         if profile is not None:
             answering = {(link.peer.address, link.peer.port) for link in links}
             profile.hosts = [h for h in profile.hosts if (h.address, h.port) in answering]
-        check_devices(links)
         try:
             the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
         except PlanError:
@@ -399,6 +414,55 @@ def build(
     return cluster, the_plan
 
 
+def _connect_all(
+    ctx: Any, keys: KeyPair, peers: Sequence[Peer], measure: bool, browsed: bool, say: Callable[[str], None]
+) -> tuple[list[WorkerLink], list[Peer]]:
+    """Links to the trusted workers among ``peers`` and the ones that did not answer. A peer the user named with an
+    untrusted key is an error; one found on the LAN (``browsed``) is skipped with a warning, and so is a peer that
+    misbehaves or repeats a key or name already connected: none of them stops the build."""
+    trusted = trusted_workers()
+    links: list[WorkerLink] = []
+    missing: list[Peer] = []
+    untrusted: list[UntrustedPeerError] = []
+    for peer in peers:
+        say(f"connecting to worker {peer.name} at {peer.address}:{peer.port}…")
+        try:
+            link = connect(ctx, keys, peer, measure=measure, trusted=trusted)
+        except UntrustedPeerError as exc:
+            if not browsed:
+                raise
+            say(f"warning: skipped {exc.message}")
+            untrusted.append(exc)
+            continue
+        except TransportError as exc:
+            say(f"warning: skipped worker {peer.name} at {peer.address}:{peer.port}: {exc.message}")
+            continue
+        except PeerLostError as exc:
+            if "refused this head's key" in exc.message:
+                raise  # not a lost device: the user has to trust this head there
+            say(f"worker {peer.name} is not answering ({exc.message}): planning without it")
+            missing.append(peer)
+            continue
+        twin = next((x for x in links if x.key == link.key or x.info.name == link.info.name), None)
+        if twin is not None:
+            say(f"warning: skipped worker {link.info.name} at {peer.address}:{peer.port}: the same key or name as "
+                f"the one at {twin.peer.address}:{twin.peer.port}")  # fmt: skip
+            link.sock.close(linger=0)
+            continue
+        links.append(link)
+    if not links and untrusted:
+        keys_seen = "; ".join(f"{e.key} ({fingerprint(e.key)})" for e in untrusted)
+        raise UntrustedPeerError(
+            f"no trusted worker answered; {len(untrusted)} untrusted: {keys_seen}",
+            untrusted[0].key,
+            hint="compare each fingerprint with what `homespec worker` printed there, then: homespec keys "
+            "trust-worker KEY",
+        )
+    if not links:
+        raise PeerLostError(f"none of the {len(missing)} workers answered", hint="is `homespec worker` running?")
+    return links, missing
+
+
 def find_peers(spec: RemoteSpec, profile: Any, say: Callable[[str], None]) -> list[Peer]:
     """The workers to connect to: the profile's (its hosts that run one; this machine's own devices serve only
     through a worker of its own), the LAN's (``auto``), or the addresses given."""
@@ -410,7 +474,7 @@ def find_peers(spec: RemoteSpec, profile: Any, say: Callable[[str], None]) -> li
             raise ConfigError(
                 f"profile {spec.profile} names no workers", hint="write one with `homespec profile --lan`"
             )
-        return [Peer(h.name, h.address, h.port, h.key) for h in profile.hosts]
+        return [Peer(h.name, h.address, h.port, h.key, pinned=bool(h.key)) for h in profile.hosts]  # saved by the user
     if spec.workers == ("auto",):
         say("looking for workers on the LAN…")
         peers = browse()

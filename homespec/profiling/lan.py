@@ -2,6 +2,11 @@
 measures them itself, and the link from this head to it measured over the real transport (CurveZMQ, the worker's
 control socket): latency from round trips of a small Echo, bandwidth from round trips of a large one.
 
+Only trusted workers are measured and written into the profile (DESIGN §7): a worker whose key this head does not
+trust (``homespec keys trust-worker``, or ``--peer HOST:PORT@KEY``) is listed with its key and fingerprint and left
+out, unless the user confirms it when asked (``confirm``), which adds it to ``trusted_workers``. A saved profile's
+keys are therefore keys the user vouched for, and ``--cluster PROFILE`` deploys to them.
+
 Links between two workers are not measured (a worker talks only to trusted heads); the profile's default link
 between hosts becomes the slowest measured one, which the planner uses for every pair it has no figure for.
 """
@@ -25,15 +30,21 @@ LONG_ENOUGH_S = 0.05
 
 
 def add_workers(
-    cluster: ClusterProfile, browse_s: float, peers: list[str], progress: Callable[[str], None] | None = None
-) -> None:
-    """Find the workers (zeroconf for ``browse_s`` seconds, plus ``peers``), ask each to measure its devices, measure
-    the link to each, and add them to ``cluster`` (this machine's profile)."""
+    cluster: ClusterProfile,
+    browse_s: float,
+    peers: list[str],
+    progress: Callable[[str], None] | None = None,
+    confirm: Callable[[Any, str], bool] | None = None,
+) -> list[tuple[Any, str]]:
+    """Find the workers (zeroconf for ``browse_s`` seconds, plus ``peers``), ask each trusted one to measure its
+    devices, measure the link to each, and add them to ``cluster`` (this machine's profile). Returns the untrusted
+    ones, (peer, the key it claims), that ``confirm(peer, key)`` (when given) did not accept."""
     import zmq
 
-    from homespec.pipeline.remote import connect
+    from homespec.errors import UntrustedPeerError
+    from homespec.pipeline.remote import connect, trusted_key
     from homespec.transport.discovery import browse, parse_peer
-    from homespec.transport.keys import load_or_create
+    from homespec.transport.keys import TRUSTED_WORKERS, load_or_create, trust, trusted_workers
 
     say = progress or (lambda text: None)
     found = browse(browse_s) if browse_s > 0 else []
@@ -43,7 +54,18 @@ def add_workers(
     ctx = zmq.Context.instance()
     keys = load_or_create("head")
     head = cluster.head or cluster.hosts[0].name
+    untrusted: list[tuple[Any, str]] = []
     for peer in found:
+        try:
+            trusted_key(peer, trusted_workers())
+        except UntrustedPeerError as exc:
+            if confirm is None or not confirm(peer, exc.key):
+                untrusted.append((peer, exc.key))
+                continue
+            trust(exc.key, peer.name, list_name=TRUSTED_WORKERS)
+        except TransportError as exc:
+            say(f"warning: skipped {peer.name} at {peer.address}:{peer.port}: {exc.message}")
+            continue
         say(f"measuring worker {peer.name} at {peer.address}:{peer.port}…")
         link = connect(ctx, keys, peer, measure=True)
         try:
@@ -58,6 +80,7 @@ def add_workers(
         slowest_latency = max(x.latency_ms for x in cluster.links)
         slowest_rate = min(x.mb_per_s for x in cluster.links)
         cluster.inter_host = Link(slowest_latency / 1e3, slowest_rate * 1e6)
+    return untrusted
 
 
 def measure_link(sock: Any) -> tuple[float, float, float]:

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from homespec.errors import HomespecError
 from homespec.transport.keys import KeyPair
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,11 @@ class KeyGate:
 
     def callback(self, domain: str, key: bytes) -> bool:
         source = self.domains.get(domain)
-        ok = source is not None and key.decode("ascii", "replace") in source()
+        try:
+            ok = source is not None and key.decode("ascii", "replace") in source()
+        except HomespecError as exc:  # a trust list that cannot be used (e.g. others can write it) admits nobody
+            log.error("refused a peer on %s: %s (%s)", domain, exc.message, exc.hint or "")
+            ok = False
         with self._lock:
             counts = self.admitted if ok else self.refused
             counts[domain] = counts.get(domain, 0) + 1

@@ -72,6 +72,26 @@ def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Message
         raise TransportError(str(exc)) from exc
 
 
+def pack_frames(frames: Sequence[Frame]) -> bytes:
+    """Frames as one byte string, for a plain stream (a worker's info port): each frame as a 4-byte big-endian
+    length and its bytes."""
+    return b"".join(len(f).to_bytes(4, "big") + bytes(f) for f in frames)
+
+
+def unpack_frames(data: bytes, max_frames: int = 64) -> list[bytes]:
+    """The frames of ``pack_frames``; TransportError if the lengths do not add up."""
+    frames, at = [], 0
+    while at < len(data):
+        if len(frames) >= max_frames or at + 4 > len(data):
+            raise TransportError("a packed message with a cut length or too many frames")
+        n = int.from_bytes(data[at : at + 4], "big")
+        if at + 4 + n > len(data):
+            raise TransportError(f"a packed frame of {n} bytes runs past the {len(data)} received")
+        frames.append(data[at + 4 : at + 4 + n])
+        at += 4 + n
+    return frames
+
+
 def _tensors(specs: list[Any], frames: list[memoryview], max_bytes: int) -> list[RawTensor]:
     total = 0
     out = []

@@ -2,8 +2,9 @@
 multicast does not reach (``--peer HOST:PORT``).
 
 An advert carries what a head needs to open a CurveZMQ connection: the worker's name, its address and control port,
-and its public key (TXT ``key``); nothing secret. Everything a head learns from an advert it checks again over the
-authenticated connection (a forged advert can at most point a head at a worker that will not answer its key).
+and its public key (TXT ``key``); nothing secret, and nothing trusted: anyone on the LAN can advertise anything. A
+key from an advert (or a worker's plain info port) is a claim; the head deploys only to keys the user trusts
+(``Peer.pinned``, ``trusted_workers``; pipeline/remote.py), and the CurveZMQ handshake proves the worker holds it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class Peer:
     name: str
     address: str
     port: int
-    key: str = ""  # from the advert; empty for a manual peer until asked
+    key: str = ""  # from the advert (a claim), or pinned by the user (HOST:PORT@KEY, a saved profile)
+    pinned: bool = False  # the user gave this key: trusted without the trusted_workers list
 
     @property
     def endpoint(self) -> str:
@@ -53,7 +55,7 @@ def parse_peer(text: str) -> Peer:
         address = socket.gethostbyname(host)
     except OSError as exc:
         raise ConfigError(f"cannot resolve worker host {host!r}: {exc}") from exc
-    return Peer(host, address, number, key)
+    return Peer(host, address, number, key, pinned=bool(key))
 
 
 def local_addresses() -> list[str]:
