@@ -13,7 +13,17 @@ import zmq
 
 from homespec.errors import ConfigError
 from homespec.transport.channel import Gatekeeper, HandshakeWatch, curve_client, curve_server
-from homespec.transport.keys import KeyPair, check_key, load_or_create, trust, trusted_heads, untrust
+from homespec.transport.keys import (
+    TRUSTED_WORKERS,
+    KeyPair,
+    check_key,
+    fingerprint,
+    load_or_create,
+    trust,
+    trusted_heads,
+    trusted_workers,
+    untrust,
+)
 
 
 def pair() -> KeyPair:
@@ -22,13 +32,64 @@ def pair() -> KeyPair:
 
 
 def test_key_pairs_are_made_once_in_private_files(tmp_path: Path) -> None:
-    head = load_or_create("head", tmp_path)
-    assert load_or_create("head", tmp_path) == head
-    assert load_or_create("worker", tmp_path) != head
+    folder = tmp_path / "made"  # a folder HomeSpec creates is private
+    head = load_or_create("head", folder)
+    assert load_or_create("head", folder) == head
+    assert load_or_create("worker", folder) != head
     for name in ("head.key", "worker.key"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
-    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert zmq.curve_public(head.secret.encode()).decode() == head.public
+
+
+def test_an_existing_folder_keeps_its_mode(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)  # e.g. $HOMESPEC_CONFIG pointed at a folder of the user's
+    load_or_create("head", tmp_path)
+    trust(pair().public, "h", tmp_path)
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+def test_key_files_and_trust_lists_others_can_write_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_or_create("head", tmp_path)
+    key_file = tmp_path / "head.key"
+    key_file.chmod(0o644)  # readable by others: used, with a warning
+    with caplog.at_level("WARNING"):
+        load_or_create("head", tmp_path)
+    assert "can be read by other users" in caplog.text
+    key_file.chmod(0o666)
+    with pytest.raises(ConfigError, match="can be written by other users") as err:
+        load_or_create("head", tmp_path)
+    assert err.value.hint == f"chmod 600 {key_file}"
+    other = pair().public
+    trust(other, "h", tmp_path)
+    (tmp_path / "trusted_heads").chmod(0o622)
+    with pytest.raises(ConfigError, match="can be written by other users"):
+        trusted_heads(tmp_path)
+    assert not trusted_workers(tmp_path)  # a list that does not exist trusts nobody, and is no error
+
+
+def test_a_gate_whose_trust_list_others_can_write_admits_nobody(tmp_path: Path) -> None:
+    from homespec.transport.channel import KeyGate
+
+    k = pair().public
+    trust(k, "h", tmp_path)
+    gate = KeyGate()
+    gate.domains["head"] = lambda: trusted_heads(tmp_path)
+    assert gate.callback("head", k.encode())
+    (tmp_path / "trusted_heads").chmod(0o666)
+    assert not gate.callback("head", k.encode())
+
+
+def test_worker_trust_is_a_list_of_its_own_with_fingerprints(tmp_path: Path) -> None:
+    k = pair().public
+    assert trust(k, "gaming pc", tmp_path, list_name=TRUSTED_WORKERS)
+    assert trusted_workers(tmp_path) == {k: "gaming pc"} and k not in trusted_heads(tmp_path)
+    assert stat.S_IMODE((tmp_path / TRUSTED_WORKERS).stat().st_mode) == 0o600
+    fp = fingerprint(k)
+    assert len(fp) == 19 and fp.count("-") == 3 and fp != fingerprint(pair().public)
+    assert untrust(k, tmp_path, list_name=TRUSTED_WORKERS) and not trusted_workers(tmp_path)
 
 
 def test_the_trusted_list_takes_keys_with_any_z85_character(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from homespec.config import GenerationConfig, SamplingConfig
 from homespec.errors import PeerLostError
 from homespec.events import GenerationFinished
 from tests.conftest import EQUIVALENCE_PROMPTS
-from tests.workers import HOMESPEC, free_port_block, pair, public_key, stage_pids, start_worker, stop
+from tests.workers import HOMESPEC, free_port_block, pair, public_key, stage_pids, start_worker, stop, trust
 
 pytestmark = pytest.mark.slow
 
@@ -264,3 +265,111 @@ def test_the_server_serves_on_the_workers_left_and_readmits_one_that_comes_back(
         assert stages(ask()) == 2
     finally:
         server.close()
+
+
+# -- trust and hostile peers (DESIGN §7) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rogue(lan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A real ``homespec worker`` with a fresh key pair of its own, which trusts the head (so that it would take
+    a Deploy) but which the head was never told to trust; it calls itself w1, the name of a real worker."""
+    config = lan["root"] / "rogue"
+    trust(config, public_key(lan["head"], "head"))
+    port = free_port_block()
+    proc = start_worker(config, port, "w1", log=lan["root"] / "rogue.log")
+    try:
+        yield {"port": port, "key": public_key(config, "worker"), "proc": proc}
+    finally:
+        stop([proc])
+
+
+def _session(port: int) -> int:
+    from homespec.pipeline.remote import fetch_info
+    from homespec.transport.discovery import Peer
+
+    return fetch_info(Peer("x", "127.0.0.1", port)).session
+
+
+def test_a_worker_with_an_unknown_key_is_refused_and_sees_nothing(lan: dict[str, Any], rogue: dict[str, Any]) -> None:
+    """Named with HOST:PORT, a worker whose key the head does not trust gets no Deploy (and so never sees a prompt):
+    the error names its key and fingerprint and says how to trust it."""
+    from homespec.engine import Engine, EngineOptions
+    from homespec.errors import UntrustedPeerError
+    from homespec.transport.keys import fingerprint
+
+    with pytest.raises(UntrustedPeerError) as err:
+        Engine(EngineOptions(mode="specpipe", workers=(f"127.0.0.1:{rogue['port']}", lan["workers"][1])))
+    assert rogue["key"] in err.value.message and fingerprint(rogue["key"]) in err.value.message
+    assert err.value.hint and f"homespec keys trust-worker -- {shlex.quote(rogue['key'])}" in err.value.hint
+    assert _session(rogue["port"]) == 0, "the rogue worker was given a session"
+
+
+def test_rogue_and_duplicate_peers_on_the_lan_are_skipped_never_abort_the_build(
+    lan: dict[str, Any], rogue: dict[str, Any]
+) -> None:
+    """As ``--workers auto`` finds them: the rogue advertising w1's name with its own key, the rogue claiming w1's
+    key (it cannot finish the handshake), and w1 advertised twice. The build connects to the real w1 and w2 only,
+    with a warning for each of the others, and a generation over them is the target's."""
+    import zmq
+
+    from homespec.pipeline.remote import _connect_all
+    from homespec.transport.discovery import Peer
+    from homespec.transport.keys import load_or_create
+
+    ports = [int(w.rsplit(":", 1)[1]) for w in lan["workers"]]
+    keys = [public_key(lan["root"] / n, "worker") for n in ("w1", "w2")]
+    peers = [
+        Peer("w1", "127.0.0.1", rogue["port"], rogue["key"]),  # an advert of its own key, under w1's name
+        Peer("w1", "127.0.0.1", ports[0], keys[0]),
+        Peer("w1", "127.0.0.1", rogue["port"], keys[0]),  # an advert that claims w1's key
+        Peer("w1-again", "127.0.0.1", ports[0], keys[0]),  # the same worker seen twice
+        Peer("w2", "127.0.0.1", ports[1], keys[1]),
+    ]
+    said: list[str] = []
+    links, missing = _connect_all(zmq.Context.instance(), load_or_create("head"), peers, False, True, said.append)
+    try:
+        assert [(link.info.name, link.key) for link in links] == [("w1", keys[0]), ("w2", keys[1])]
+        assert [p.port for p in missing] == [rogue["port"]]  # the claim of w1's key: its handshake never completes
+        warnings = [s for s in said if s.startswith("warning")]
+        assert len(warnings) == 2 and rogue["key"] in warnings[0] and "same key or name" in warnings[1]
+    finally:
+        for link in links:
+            link.sock.close(linger=0)
+    assert _session(rogue["port"]) == 0
+
+
+def test_a_flood_of_idle_connections_locks_no_trusted_head_out(lan: dict[str, Any], reference_greedy: Any) -> None:
+    """2 000 connections that never speak, to a worker's plain info port and to its CurveZMQ control port (more
+    than the default limit of 1 024 open files): the info port still answers, a trusted head still deploys and
+    generates the target's tokens, and the worker is alive afterwards."""
+    import resource
+    import socket
+
+    from homespec.engine import Engine, EngineOptions
+    from homespec.pipeline.remote import fetch_info
+    from homespec.transport.discovery import Peer
+
+    config = lan["root"] / "w3"
+    pair(config, lan["head"])
+    port = free_port_block()
+    proc = start_worker(config, port, "w3", log=lan["root"] / "w3.log")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    idle: list[socket.socket] = []
+    try:
+        for i in range(2000):
+            idle.append(socket.create_connection(("127.0.0.1", port + (i % 2)), timeout=5))
+        assert fetch_info(Peer("w3", "127.0.0.1", port)).name == "w3"
+        ids = [1, 9707, 28, 2]  # any prompt: the point is that the head gets in
+        with Engine(EngineOptions(mode="specpipe", draft="none", workers=(f"127.0.0.1:{port}",))) as engine:
+            events = list(engine.generate(ids, GenerationConfig(8, SamplingConfig())))
+        finished = events[-1]
+        assert isinstance(finished, GenerationFinished) and len(finished.tokens) == 8
+        assert list(finished.tokens) == reference_greedy(ids, 8)
+        assert proc.poll() is None, "the worker died"
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        stop([proc])

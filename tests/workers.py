@@ -47,14 +47,14 @@ def public_key(config: Path, role: str) -> str:
 
 def trust(config: Path, head_key: str) -> None:
     env = {**os.environ, "HOMESPEC_CONFIG": str(config)}
-    subprocess.run([HOMESPEC, "keys", "trust", head_key], env=env, check=True, capture_output=True)
+    subprocess.run([HOMESPEC, "keys", "trust", "--", head_key], env=env, check=True, capture_output=True)
 
 
 def trust_worker(head_config: Path, worker_config: Path) -> None:
     """The head (``head_config``) trusts the worker whose keys are in ``worker_config``."""
     env = {**os.environ, "HOMESPEC_CONFIG": str(head_config)}
     key = public_key(worker_config, "worker")
-    subprocess.run([HOMESPEC, "keys", "trust-worker", key], env=env, check=True, capture_output=True)
+    subprocess.run([HOMESPEC, "keys", "trust-worker", "--", key], env=env, check=True, capture_output=True)
 
 
 def pair(worker_config: Path, head_config: Path) -> None:

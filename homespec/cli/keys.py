@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated
 
 import typer
@@ -35,8 +36,8 @@ def show(ctx: typer.Context) -> None:
             f"(in {config_dir()}; this worker trusts {len(trusted_heads())} head(s), this head "
             f"{len(trusted_workers())} worker(s))"
         )
-        typer.echo("to let a worker serve this head, run there: homespec keys trust <head key>")
-        typer.echo("to let this head use a worker: homespec keys trust-worker <worker key>")
+        typer.echo(f"to let a worker serve this head, run there: homespec keys trust -- {shlex.quote(head)}")
+        typer.echo("to let this head use a worker: homespec keys trust-worker -- '<worker key>'")
 
 
 @keys.command()

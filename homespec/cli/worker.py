@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated
 
 import typer
@@ -36,7 +37,10 @@ def worker(
         trusted = len(trusted_heads())
         typer.echo(f"worker {daemon.name} on {host}:{port}, devices {', '.join(daemon.devices)}", err=True)
         typer.echo(f"worker key: {daemon.keys.public}  (fingerprint {fingerprint(daemon.keys.public)})", err=True)
-        typer.echo("a head uses this worker once told: homespec keys trust-worker <worker key>", err=True)
+        typer.echo(
+            f"a head uses this worker once told: homespec keys trust-worker -- {shlex.quote(daemon.keys.public)}",
+            err=True,
+        )
         if trusted:
             typer.echo(f"trusts {trusted} head(s); waiting for one (ctrl+c stops)", err=True)
         else:

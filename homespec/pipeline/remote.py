@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -131,8 +132,8 @@ def trusted_key(peer: Peer, trusted: Collection[str]) -> str:
             f"worker {peer.name} at {peer.address}:{peer.port} has a key this head does not trust: {key} "
             f"(fingerprint {fingerprint(key)})",
             key,
-            hint=f"if `homespec worker` there printed that fingerprint, run: homespec keys trust-worker {key}; or "
-            f"pin it: --workers {peer.address}:{peer.port}@{key}",
+            hint=f"if `homespec worker` there printed that fingerprint, run: homespec keys trust-worker -- "
+            f"{shlex.quote(key)}; or pin it: --workers {shlex.quote(f'{peer.address}:{peer.port}@{key}')}",
         )
     return key
 
@@ -156,7 +157,7 @@ def connect(
         if state == "refused":
             raise PeerLostError(
                 f"worker {peer.name} at {peer.address}:{peer.port} refused this head's key",
-                hint=f"on that machine run: homespec keys trust {keys.public}",
+                hint=f"on that machine run: homespec keys trust -- {shlex.quote(keys.public)}",
             )
         raise PeerLostError(f"worker {peer.name} at {peer.address}:{peer.port} did not answer in time")
     link = WorkerLink(peer, WorkerInfo("", key, peer.port, (), "{}"), sock)
@@ -456,7 +457,7 @@ def _connect_all(
             f"no trusted worker answered; {len(untrusted)} untrusted: {keys_seen}",
             untrusted[0].key,
             hint="compare each fingerprint with what `homespec worker` printed there, then: homespec keys "
-            "trust-worker KEY",
+            "trust-worker -- 'KEY'",
         )
     if not links:
         raise PeerLostError(f"none of the {len(missing)} workers answered", hint="is `homespec worker` running?")
