@@ -16,6 +16,9 @@ Mode = Literal["ar", "pp", "tree", "specpipe"]
 MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
 PIPELINED_MODES: tuple[Mode, ...] = ("pp", "tree", "specpipe")  # split into stage processes
 
+#: ``homespec serve``: seconds a client has to send a request's head, and then its body (--read-timeout).
+DEFAULT_READ_TIMEOUT_S = 10.0
+
 DRAFT_SPECS = (  # the grammar of --draft, parsed by model/drafts/__init__.py
     "auto | none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + "
     "(ngram+recycle)"

@@ -25,6 +25,7 @@ from homespec.cli.common import (
     quiet_libraries,
     user_errors,
 )
+from homespec.config import DEFAULT_READ_TIMEOUT_S
 from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 
@@ -48,6 +49,12 @@ def serve(
         int, typer.Option("--max-concurrency", help="requests sharing the pipeline's steps (ar: 1)")
     ] = 4,
     max_queue: Annotated[int, typer.Option("--max-queue", help="waiting requests before 429")] = 32,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="HTTP connections open at once (past it: 503 at once)")
+    ] = 256,
+    read_timeout: Annotated[
+        float, typer.Option("--read-timeout", help="seconds a client has to send a request's head, then its body")
+    ] = DEFAULT_READ_TIMEOUT_S,
     dtype: DtypeOption = "fp32",
     device: DeviceOption = "cpu",
     max_context: MaxContextOption = 4096,
@@ -65,11 +72,16 @@ def serve(
             raise ConfigError(f"--max-concurrency must be in [1, 256], got {max_concurrency}")
         if not (1 <= max_queue <= 10_000):
             raise ConfigError(f"--max-queue must be in [1, 10000], got {max_queue}")
+        if not (4 <= max_connections <= 100_000):
+            raise ConfigError(f"--max-connections must be in [4, 100000], got {max_connections}")
+        if not (0.5 <= read_timeout <= 3600):
+            raise ConfigError(f"--read-timeout must be in [0.5, 3600] seconds, got {read_timeout}")
         import uvicorn
 
         from homespec.engine import Engine
         from homespec.model.loader import model_id
         from homespec.server.app import ServerOptions, create_app
+        from homespec.server.guard import timed_h11
         from homespec.server.metrics import Metrics
         from homespec.server.service import GenerationService
 
@@ -82,10 +94,13 @@ def serve(
         options = replace(options, max_concurrency=max_concurrency)  # each stage holds that many requests' KV
         service = GenerationService(lambda: Engine(options), metrics, max_concurrency, max_queue)
         tokenizer = service.engine.source.tokenizer()
-        app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key))
+        app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key, read_timeout_s=read_timeout))
         service.start()
         typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (ctrl+c stops)", err=True)
         try:
-            uvicorn.run(app, host=host, port=port, log_level=log_level)
+            uvicorn.run(
+                app, host=host, port=port, log_level=log_level, http=timed_h11(read_timeout),
+                limit_concurrency=max_connections,
+            )  # fmt: skip
         finally:
             service.close()
