@@ -49,6 +49,7 @@ class _Run:
         self, req: int, prompt: Sequence[int], draft: DraftSource, tree_cfg: TreeConfig, tick: int, max_position: int
     ) -> None:
         self.req, self.draft, self.tree_cfg, self.joined = req, draft, tree_cfg, tick
+        self.max_position = max_position
         self.tree = TokenTree(prompt[-1], len(prompt) - 1, max_position=max_position)
         self.committed = list(prompt)
         self.in_flight: deque[tuple[int, list[NodeId]]] = deque()  # (tick sent, nodes)
@@ -96,10 +97,11 @@ class PipelineDecoder:
         try:
             while True:
                 for r, step in self.step():
-                    if isinstance(step, RequestFailedError) and r == req:
+                    if r != req:
+                        continue
+                    if isinstance(step, RequestFailedError):
                         raise step
-                    if r == req:
-                        yield step
+                    yield step
         except GeneratorExit:
             done = True  # the caller has all the tokens it wanted
             raise
@@ -157,13 +159,14 @@ class PipelineDecoder:
     def step(self) -> list[tuple[int, DecodeStep | RequestFailedError]]:
         """One tick for every active request: collect and verify what is due, then inject the next waves. A request
         that a stage failed (or that filled the context) leaves with a RequestFailedError; the others go on."""
-        tick, out = self.cluster.tick, []
+        tick = self.cluster.tick
+        out: list[tuple[int, DecodeStep | RequestFailedError]] = []
         for run in list(self.runs.values()):
             try:
                 self._check_failed(run)
                 if run.in_flight and run.in_flight[0][0] <= tick - self.stages:
                     out.append((run.req, self._verify(run, tick)))
-                if run.tree.root.position > run.tree.max_position + 1:
+                if run.tree.root.position > run.max_position + 1:
                     raise RequestFailedError(run.req, f"the context of {self.cluster.assigns[0].max_context} is full")
             except RequestFailedError as exc:
                 self.leave(run.req)

@@ -446,7 +446,7 @@ def _request_cap(assign: Any, stage: Any, local: bool) -> int:
 
         free = psutil.virtual_memory().available
     share = free * 0.9 / (assign.num_stages if local else 1)
-    cap = max(1, min(assign.max_requests, int(share // per_request)))
+    cap = max(1, min(int(assign.max_requests), int(share // per_request)))
     log.info("stage %d: at most %d open requests (%.0f MB of KV each)", assign.stage, cap, per_request / 1e6)
     return cap
 

@@ -31,7 +31,7 @@ def timed_h11(read_timeout_s: float) -> type[H11Protocol]:
     class TimedH11(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._await_head()
 
@@ -78,7 +78,8 @@ class BodyLimit:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return None
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _error(scope, send, 413, f"request body over {self.max_bytes} bytes", "body_too_large")

@@ -80,7 +80,8 @@ def pack_frames(frames: Sequence[Frame]) -> bytes:
 
 def unpack_frames(data: bytes, max_frames: int = 64) -> list[bytes]:
     """The frames of ``pack_frames``; TransportError if the lengths do not add up."""
-    frames, at = [], 0
+    frames: list[bytes] = []
+    at = 0
     while at < len(data):
         if len(frames) >= max_frames or at + 4 > len(data):
             raise TransportError("a packed message with a cut length or too many frames")
