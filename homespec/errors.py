@@ -30,9 +30,10 @@ class ConfigError(HomespecError):
 class UntrustedPeerError(ConfigError):
     """A worker whose key this head has not been told to trust (DESIGN §7): it is never deployed to."""
 
-    def __init__(self, message: str, key: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, key: str, hint: str | None = None, name: str = "") -> None:
         super().__init__(message, hint)
         self.key = key
+        self.name = name  # the name it gives itself (a claim too)
 
 
 class ModelError(HomespecError):

@@ -373,3 +373,22 @@ def test_a_flood_of_idle_connections_locks_no_trusted_head_out(lan: dict[str, An
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         stop([proc])
+
+
+def test_profile_lists_an_untrusted_worker_and_leaves_it_out(lan: dict[str, Any], rogue: dict[str, Any]) -> None:
+    """``homespec profile --peer`` (not at a terminal, so nothing is asked): the trusted w2 is measured into the
+    profile; the rogue is listed with its key and fingerprint as untrusted, and is not in the profile."""
+    import json
+
+    from homespec.transport.keys import fingerprint
+
+    env = {**os.environ, "HOMESPEC_CONFIG": str(lan["head"])}
+    cmd = [HOMESPEC, "profile", "--json", "--budget", "0.05", "--peer", f"127.0.0.1:{rogue['port']}",
+           "--peer", lan["workers"][1]]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hosts = {h["name"]: h for h in json.loads(out.stdout)["hosts"] if h.get("address")}
+    assert set(hosts) == {"w2"}
+    assert f"untrusted, not used: worker w1 at 127.0.0.1:{rogue['port']}, key {rogue['key']}" in out.stderr
+    assert fingerprint(rogue["key"]) in out.stderr
+    assert _session(rogue["port"]) == 0

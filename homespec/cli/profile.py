@@ -50,7 +50,7 @@ def profile(
             if untrusted:
                 typer.echo(
                     "if a fingerprint is the one `homespec worker` printed on that machine: homespec keys "
-                    "trust-worker KEY, then measure again",
+                    "trust-worker -- 'KEY', then measure again",
                     err=True,
                 )
         if save or out:

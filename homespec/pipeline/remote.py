@@ -126,14 +126,18 @@ def trusted_key(peer: Peer, trusted: Collection[str]) -> str:
     it; UntrustedPeerError otherwise (nothing is sent to it)."""
     if peer.pinned:
         return peer.key
-    key = peer.key or fetch_info(peer).key
+    name, key = peer.name, peer.key
+    if not key:
+        info = fetch_info(peer)
+        name, key = info.name, info.key
     if key not in trusted:
         raise UntrustedPeerError(
-            f"worker {peer.name} at {peer.address}:{peer.port} has a key this head does not trust: {key} "
+            f"worker {name} at {peer.address}:{peer.port} has a key this head does not trust: {key} "
             f"(fingerprint {fingerprint(key)})",
             key,
             hint=f"if `homespec worker` there printed that fingerprint, run: homespec keys trust-worker -- "
             f"{shlex.quote(key)}; or pin it: --workers {shlex.quote(f'{peer.address}:{peer.port}@{key}')}",
+            name=name,
         )
     return key
 

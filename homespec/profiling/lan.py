@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from homespec.core.messages import Echo, RawTensor
@@ -59,6 +60,7 @@ def add_workers(
         try:
             trusted_key(peer, trusted_workers())
         except UntrustedPeerError as exc:
+            peer = replace(peer, name=exc.name or peer.name)  # the name it gives itself
             if confirm is None or not confirm(peer, exc.key):
                 untrusted.append((peer, exc.key))
                 continue
