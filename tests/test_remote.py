@@ -34,15 +34,16 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two workers (each its own key folder, trusting the head) and the head's key folder, set for this process."""
     root = tmp_path_factory.mktemp("lan")
     head = root / "head"
-    procs, ports = [], []
-    for name in ("w1", "w2"):
-        pair(root / name, head)
-        port = free_port_block()
-        procs.append(start_worker(root / name, port, name, log=root / f"{name}.log"))
-        ports.append(port)
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
     before = os.environ.get("HOMESPEC_CONFIG")
-    os.environ["HOMESPEC_CONFIG"] = str(head)
-    try:
+    try:  # the workers started so far are stopped even when a later one fails to start
+        for name in ("w1", "w2"):
+            pair(root / name, head)
+            port = free_port_block()
+            procs.append(start_worker(root / name, port, name, log=root / f"{name}.log"))
+            ports.append(port)
+        os.environ["HOMESPEC_CONFIG"] = str(head)
         yield {"root": root, "head": head, "procs": procs, "workers": tuple(f"127.0.0.1:{p}" for p in ports)}
     finally:
         if before is None:
