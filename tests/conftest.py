@@ -87,29 +87,77 @@ def reference_greedy(reference_model: Any) -> Callable[[Sequence[int], int], lis
     return run
 
 
+#: Near-tie excuses (DESIGN §4.4) granted this session: (test, token index, top-two gap). Reported at the end of the
+#: run; more than MAX_EXCUSES in a session, or more than one in a reply, fails it.
+EXCUSES: list[tuple[str, int, float]] = []
+MAX_EXCUSES = 3
+TIE_GAP = 1e-4
+
+
 @pytest.fixture(scope="session")
-def assert_lossless(reference_model: Any) -> Callable[[Sequence[int], Sequence[int], Sequence[int]], None]:
-    """Tokens must equal the reference; a divergence passes only at a numeric tie of the target (top-two logit
-    gap under 1e-4 there, with our token one of the two), which this check proves with the reference model."""
+def reference_continuation(reference_model: Any) -> Callable[[Sequence[int], int], list[int]]:
+    """transformers' greedy continuation of ``ids`` by up to ``n`` tokens (stopping at EOS, as ``generate`` does)."""
     import torch
 
+    def run(ids: Sequence[int], n: int) -> list[int]:
+        if n <= 0:
+            return []
+        x = torch.tensor([list(ids)])
+        with torch.no_grad():
+            out = reference_model.generate(x, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(x))
+        return [int(t) for t in out[0, x.shape[1] :]]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def assert_lossless(
+    reference_model: Any, reference_continuation: Callable[[Sequence[int], int], list[int]], tokenizer: Any
+) -> Callable[[Sequence[int], Sequence[int], Sequence[int]], None]:
+    """Our whole reply must equal the reference (transformers' greedy ``generate`` for as many tokens): the same
+    length, or shorter only when ours ends in EOS. A divergence is excused only at a numeric tie of the target
+    (top-two logit gap under TIE_GAP there, with our token one of the two), proved with the reference model; the
+    excuse is recorded (EXCUSES, reported at the end of the run), and the comparison goes on against a reference
+    regenerated from our prefix, so the rest of the reply is still checked token for token."""
+    import torch
+
+    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+
     def check(prompt_ids: Sequence[int], ours: Sequence[int], ref: Sequence[int]) -> None:
-        for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
-            if a == b:
+        ours, ref, n = list(ours), list(ref), len(ref)
+        excused = 0
+        for i, a in enumerate(ours):
+            assert i < len(ref), f"ours is longer than the reference ({len(ours)} vs {len(ref)} tokens)"
+            if a == ref[i]:
                 continue
             with torch.no_grad():
-                logits = reference_model(torch.tensor([[*prompt_ids, *ref[:i]]])).logits[0, -1]
+                logits = reference_model(torch.tensor([[*prompt_ids, *ours[:i]]])).logits[0, -1]
             top = torch.topk(logits, 2)
             gap = float(top.values[0] - top.values[1])
-            assert gap < 1e-4 and a in top.indices.tolist(), (
-                f"diverged at token {i}: ours {a}, reference {b}, top-two gap {gap:.3g} (not a tie)"
+            assert gap < TIE_GAP and a in top.indices.tolist(), (
+                f"diverged at token {i}: ours {a}, reference {ref[i]}, top-two gap {gap:.3g} (not a tie)"
             )
-            return
-        assert len(ours) == len(ref) or (ours and ours[-1] == ref[len(ours) - 1]), (
-            f"lengths differ: {len(ours)} vs {len(ref)}"
-        )
+            excused += 1
+            assert excused <= 1, f"a second near tie in one reply (token {i}, gap {gap:.3g})"
+            test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+            EXCUSES.append((test, i, gap))
+            print(f"near-tie excuse: {test} token {i}, top-two gap {gap:.3g}")
+            ref = ours[: i + 1] + reference_continuation([*prompt_ids, *ours[: i + 1]], n - i - 1)
+        whole = len(ours) == len(ref) or (ours and ours[-1] in eos)
+        assert whole, f"a reply of {len(ours)} tokens against a reference of {len(ref)} (and ours ends in no EOS)"
 
     return check
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(f"near-tie excuses granted: {len(EXCUSES)} (at most {MAX_EXCUSES})")
+    for test, i, gap in EXCUSES:
+        terminalreporter.write_line(f"  {test}: token {i}, top-two gap {gap:.3g}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if len(EXCUSES) > MAX_EXCUSES and exitstatus == 0:
+        session.exitstatus = 1  # more ties than the model plausibly has: something is wrong, not tied
 
 
 @pytest.fixture(scope="session")
