@@ -118,12 +118,11 @@ def test_a_killed_stage_fails_the_request_quickly_and_the_workers_serve_the_next
         assert len(victim) == 1
         os.kill(victim[0], signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(PeerLostError, match=r"exited with code -9|has not answered"):
+        # the cause: the worker saw its stage process die and said so (not the head's silence timeout, 10 s here)
+        with pytest.raises(PeerLostError, match=r"on worker w2: the stage process on worker w2 exited with code -9"):
             for _ in events:
                 pass
-        took = time.monotonic() - start
-        print(f"remote SIGKILL of a stage: the request failed after {took:.1f} s")
-        assert took < 10.0
+        print(f"remote SIGKILL of a stage: the request failed after {time.monotonic() - start:.1f} s")
     finally:
         engine.close()
     deadline = time.monotonic() + 10
@@ -359,8 +358,8 @@ def test_a_flood_of_idle_connections_locks_no_trusted_head_out(lan: dict[str, An
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     idle: list[socket.socket] = []
     try:
-        for i in range(2000):
-            idle.append(socket.create_connection(("127.0.0.1", port + (i % 2)), timeout=5))
+        for i in range(2000):  # from 127.0.0.2, so that no ephemeral port of theirs takes the stage's data port
+            idle.append(socket.create_connection(("127.0.0.1", port + (i % 2)), 5, ("127.0.0.2", 0)))
         assert fetch_info(Peer("w3", "127.0.0.1", port)).name == "w3"
         ids = [1, 9707, 28, 2]  # any prompt: the point is that the head gets in
         with Engine(EngineOptions(mode="specpipe", draft="none", workers=(f"127.0.0.1:{port}",))) as engine:
