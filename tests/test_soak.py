@@ -5,6 +5,7 @@ queued or open on the stages and the server holds no more file descriptors than 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -39,11 +40,25 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def open_connections(port: int) -> int:
+    """TCP connections to ``port`` the server still holds open (ESTABLISHED or CLOSE_WAIT, from /proc/net/tcp*)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state in ("01", "08")
+    return count
+
+
 def server_fds(server: Server) -> int:
-    """The server's open file descriptors with no client connected (the openai client's pooled keep-alive
-    connections closed first, and the server given a moment to see them go)."""
+    """The server's open file descriptors with no client connected: the openai client's pooled keep-alive
+    connections are closed first, and the count taken once the server has closed its ends of them."""
     server.client.close()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30  # watchdog
+    while open_connections(server.port):
+        assert time.monotonic() < deadline, f"the server still holds {open_connections(server.port)} connections"
+        time.sleep(0.05)
     count = fds(server.proc.pid)
     server.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.client.api_key, max_retries=0,
                                   timeout=120)  # fmt: skip

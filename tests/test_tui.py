@@ -113,8 +113,7 @@ def test_a_recorded_high_rate_stream_is_coalesced(chat_ids: Callable[[str], list
             for _ in range(rounds):
                 assert isinstance(app.bridge.relay(recorded), GenerationFinished)
             await wait_for(pilot, lambda: chat.reply_text == text * rounds, 60)
-            await pilot.pause(0.3)  # one more frame of the tree pane
-            assert tree.snapshot is snapshots[-1]
+            await wait_for(pilot, lambda: tree.snapshot is snapshots[-1], 30)  # the pane's next frame: the newest
             assert 1 <= tree.renders < len(snapshots) * rounds / 5, f"{tree.renders} draws"
 
     asyncio.run(run())

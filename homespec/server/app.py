@@ -39,6 +39,8 @@ from homespec.server.service import Failed, GenerationService, Job
 log = logging.getLogger("homespec.server")
 
 DISCONNECT_POLL_S = 0.25  # non-streaming requests: how often to check that the client is still there
+STALL_TICK_S = 0.05  # the event loop's watchdog ticks this often ...
+STALL_S = 0.5  # ... and counts a stall when a tick comes this much late (nothing in a route may hold the loop)
 CHARS_PER_TOKEN_LIMIT = 64  # a prompt of more than max_context x this many characters cannot fit: refused untokenized
 
 
@@ -56,8 +58,37 @@ class ServerOptions:
         return self.max_context * CHARS_PER_TOKEN_LIMIT
 
 
+class _LoopStalls:
+    """The event loop's own clock: a task that should wake every ``STALL_TICK_S``; each wake later than ``STALL_S``
+    is a stall (a route that held the loop). ``/metrics`` reports the count and the worst."""
+
+    def __init__(self) -> None:
+        self.count, self.worst_s = 0, 0.0
+
+    def worst(self) -> float:
+        return self.worst_s
+
+    async def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(STALL_TICK_S)
+            late = loop.time() - before - STALL_TICK_S
+            self.worst_s = max(self.worst_s, late)
+            self.count += late > STALL_S
+
+
 def create_app(service: GenerationService, tokenizer: Any, options: ServerOptions) -> FastAPI:
-    app = FastAPI(title="HomeSpec", summary="OpenAI-compatible API over a HomeSpec pipeline")
+    stalls = _LoopStalls()
+    service.metrics.gauges |= {"event_loop_stalls": lambda: stalls.count, "event_loop_stall_max_seconds": stalls.worst}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        watch = asyncio.create_task(stalls.watch())
+        yield
+        watch.cancel()
+
+    app = FastAPI(title="HomeSpec", summary="OpenAI-compatible API over a HomeSpec pipeline", lifespan=lifespan)
     _error_handlers(app, options)
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="homespec-tokenize")  # one tokenizer, in turn
 

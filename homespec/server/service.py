@@ -63,6 +63,7 @@ class GenerationService:
             "queue_length": lambda: len(self._queue),
             "requests_active": lambda: len(self._jobs),
             "requests_open_on_stages": self.open_on_stages,
+            "pipeline_stages": self.stages,
         }
 
     def _open_batch(self) -> None:
@@ -81,6 +82,11 @@ class GenerationService:
 
     def start(self) -> None:
         self._thread.start()
+
+    def stages(self) -> int:
+        """Stages the engine runs on now: 0 while it is down or being rebuilt (re-admission shows here)."""
+        engine = self.engine
+        return int(engine.stage_count(engine.options.mode)) if engine is not None else 0
 
     def open_on_stages(self) -> int:
         """Requests whose KV is held on the stages (or in the in-process decoder) right now."""
