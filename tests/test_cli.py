@@ -73,10 +73,11 @@ def test_generate_json_on_summarization_with_ngram_reports_real_acceptance() -> 
                           "tokens_per_s", "draft", "mode"}  # fmt: skip
     assert stats["tokens"] == len(payload["tokens"]) == 64
     assert stats["tokens_per_forward"] >= 1.5
+    # every token is an accepted draft or the one fresh token of its forward (the last forward's fresh token may be
+    # cut by --max-tokens): so forwards <= 64 / 1.5, and the accepted drafts the run counted make up the rest
     forwards = stats["target_forwards"]
-    assert stats["tokens_per_forward"] * forwards == pytest.approx(64)
-    # every token is an accepted draft or one bonus token per forward
-    assert round(stats["accepted_per_step"] * forwards) >= 64 - forwards
+    assert forwards <= 64 / 1.5
+    assert 64 - forwards <= round(stats["accepted_per_step"] * forwards) <= 64 - forwards + 1
     # the same tokens as plain decoding
     plain = homespec("generate", prompt, "--draft", "none", "--max-tokens", "64", "--json")
     assert json.loads(plain.stdout.strip().splitlines()[-1])["tokens"] == payload["tokens"]
@@ -120,7 +121,9 @@ def test_bench_runs_every_mode_in_one_run(tmp_path: Path) -> None:
     }  # fmt: skip
     pp = rows[("pp", "none")]
     assert pp["steps"] == 3 * pp["tokens"] and pp["speedup_vs_pp"] == pytest.approx(1.0)
-    assert len({r["tokens"] for r in rows.values()}) == 1  # every mode and transformers: the same greedy length
+    # every mode and transformers gave the same greedy tokens, prompt by prompt (and bench says so)
+    assert {r["output_sha256"] for r in rows.values()} == {rows[("hf", "transformers")]["output_sha256"]}
+    assert "every row gave the same tokens" in out.stdout
     assert rows[("hf", "transformers")]["steps"] == pp["tokens"]  # one forward per token
     assert rows[("specpipe", draft)]["predicted_tbt_ms"] > 0
     spec = rows[("specpipe", draft)]

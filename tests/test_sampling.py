@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from homespec.config import SamplingConfig
@@ -50,7 +50,8 @@ def test_a_near_tie_in_the_tail_does_not_flip_the_draw() -> None:
     assert flips == 0
 
 
-def brute_force_probs(logits: list[float], cfg: SamplingConfig) -> list[float]:
+def brute_force_probs(logits: list[float], cfg: SamplingConfig) -> tuple[list[float], list[float]]:
+    """The filtered distribution by its definition, and the cumulative masses the top-p cut compared."""
     x = [v / cfg.temperature for v in logits]
     if cfg.top_k and cfg.top_k < len(x):
         kth = sorted(x, reverse=True)[cfg.top_k - 1]
@@ -58,34 +59,48 @@ def brute_force_probs(logits: list[float], cfg: SamplingConfig) -> list[float]:
     m = max(x)
     e = [math.exp(v - m) for v in x]
     p = [v / sum(e) for v in e]
+    masses: list[float] = []
     if cfg.top_p < 1.0:
         order = sorted(range(len(p)), key=lambda i: -p[i])
         kept, mass = set(), 0.0
         for i in order:
+            masses.append(mass)
             if mass >= cfg.top_p:
                 break
             kept.add(i)
             mass += p[i]
         p = [v if i in kept else 0.0 for i, v in enumerate(p)]
         p = [v / sum(p) for v in p]
-    return p
+    return p, masses
 
 
-@given(
-    st.lists(st.floats(-10, 10), min_size=2, max_size=12),
-    st.floats(0.1, 2.0),
-    st.floats(0.05, 1.0),
-    st.integers(0, 5),
-)
+# distinct logits (0.01 apart), so that no boundary of top-k or top-p is a tie
+DISTINCT = st.lists(st.integers(-1000, 1000), min_size=2, max_size=12, unique=True).map(lambda v: [x / 100 for x in v])
+
+
+@given(DISTINCT, st.floats(0.1, 2.0), st.floats(0.05, 1.0), st.integers(0, 5))
 def test_filtered_probs_match_brute_force(logits: list[float], temp: float, top_p: float, top_k: int) -> None:
+    """Every probability equals the definition's, the zeros included (which tokens top-k and top-p keep)."""
     cfg = SamplingConfig(temperature=temp, top_p=top_p, top_k=top_k)
+    want, masses = brute_force_probs(logits, cfg)
+    assume(all(abs(m - top_p) > 1e-9 for m in masses))  # a cut exactly at a cumulative mass is a rounding tie
     got = filtered_probs(torch.tensor([logits], dtype=torch.float64), cfg)[0].tolist()
-    want = brute_force_probs(logits, cfg)
     assert sum(got) == pytest.approx(1.0)
-    # ties at the top-p / top-k boundary may keep either member: compare only where unambiguous
-    for g, w in zip(got, want, strict=True):
-        if (g == 0) == (w == 0):
-            assert g == pytest.approx(w, rel=1e-6, abs=1e-9) or len(set(logits)) < len(logits)
+    assert [g > 0 for g in got] == [w > 0 for w in want], (got, want)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+@given(st.integers(2, 10), st.integers(1, 4), st.floats(0.1, 2.0))
+def test_a_tie_at_the_top_k_boundary_keeps_every_tied_token(n: int, k: int, temp: float) -> None:
+    """Logits in equal pairs: top-k keeps every token whose logit is at least the k-th largest (ties at the
+    boundary all kept, as transformers' TopKLogitsWarper does), with their softmax mass and nothing else."""
+    logits = [float(i // 2) for i in range(n)]
+    got = filtered_probs(torch.tensor([logits], dtype=torch.float64), SamplingConfig(temp, top_k=k))[0].tolist()
+    kth = sorted(logits, reverse=True)[min(k, n) - 1]
+    kept = [i for i in range(n) if logits[i] >= kth]
+    assert [i for i, g in enumerate(got) if g > 0] == kept
+    want = {i: math.exp(logits[i] / temp) for i in kept}
+    assert [got[i] for i in kept] == pytest.approx([want[i] / sum(want.values()) for i in kept], rel=1e-9)
 
 
 def test_greedy_is_argmax() -> None:

@@ -8,6 +8,7 @@ acceptance, the speed-ups against ``pp`` and ``tree``, and for emulated runs the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -167,6 +168,7 @@ class _PromptRun:
     decode_s: float = 0.0  # from the first token to the last
     gaps: list[float] = field(default_factory=list)  # time between tokens after the first
     runs: list[int] = field(default_factory=list)  # accepted drafts between two fresh (not drafted) tokens
+    output: list[int] = field(default_factory=list)  # the tokens it gave (every mode must give the same)
 
     def committed(self, at: float, last: float, n: int, first: bool) -> None:
         k = n - 1 if first else n
@@ -200,6 +202,7 @@ def _measure(
         "prompts": len(prompts),
         **_summary(done),
         "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,
+        "output_sha256": _digest([r.output for r in done]),
     }
     row["by_category"] = {c: _summary([r for r in done if r.category == c]) for c in dict.fromkeys(categories)}
     modeled = engine.modeled_step_ms()
@@ -207,6 +210,11 @@ def _measure(
         row["predicted_tbt_ms"] = modeled * row["steps"] / row["tokens"] if row["tokens"] else 0.0
         row["measured_tbt_ms"] = 1000 * row["decode_s"] / row["gaps"] if row["gaps"] else 0.0
     return row
+
+
+def _digest(outputs: list[list[int]]) -> str:
+    """One hash of every prompt's tokens: rows with equal digests gave token-identical outputs."""
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
 
 
 def _run_engine(engine: Any, mode: str, draft: str, ids: list[int], category: str, n: int) -> _PromptRun:
@@ -233,7 +241,7 @@ def _run_engine(engine: Any, mode: str, draft: str, ids: list[int], category: st
                 run.runs.append(streak)
                 streak = 0
         elif isinstance(event, GenerationFinished):
-            run.tokens, run.steps = event.stats.tokens, event.stats.steps
+            run.tokens, run.steps, run.output = event.stats.tokens, event.stats.steps, list(event.tokens)
     run.decode_s = last - (first or last)
     return run
 
@@ -241,7 +249,7 @@ def _run_engine(engine: Any, mode: str, draft: str, ids: list[int], category: st
 def _run_baseline(baseline: Any, mode: str, ids: list[int], category: str, n: int) -> _PromptRun:
     start = time.perf_counter()
     out = baseline.generate(ids, n, mode)
-    run = _PromptRun(category, tokens=len(out.tokens), steps=out.forwards)
+    run = _PromptRun(category, tokens=len(out.tokens), steps=out.forwards, output=list(out.tokens))
     run.accepted = max(0, run.tokens - run.steps)  # each forward commits one token plus the lookups it accepted
     times = out.commit_times[1:]  # the first put is the prompt
     last = start
@@ -350,6 +358,17 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
         if r["draft"] not in ("none", BASELINE_DRAFT):
             hits.add_row(r["mode"], r["draft"], *(_f(h) for h in r["hit_by_depth"]))
     console.print(hits)
+    reference = next((r for r in rows if r["mode"] == "hf"), rows[0] if rows else None)
+    differ = [
+        f"{r['mode']}/{r['draft']}" for r in rows if reference and r["output_sha256"] != reference["output_sha256"]
+    ]
+    if differ:  # greedy is lossless in every mode: a difference is a bug (or a near-tie the dtype decides)
+        where = f"{reference['mode']}/{reference['draft']}" if reference else "-"
+        console.print(f"[bold red]tokens differ from {where}'s: {', '.join(differ)}[/]")
+    else:
+        console.print(
+            f"every row gave the same tokens (sha256 {reference['output_sha256'][:12] if reference else '-'})"
+        )
 
 
 def _f(x: Any, d: int = 2) -> str:
