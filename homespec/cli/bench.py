@@ -358,17 +358,15 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
         if r["draft"] not in ("none", BASELINE_DRAFT):
             hits.add_row(r["mode"], r["draft"], *(_f(h) for h in r["hit_by_depth"]))
     console.print(hits)
-    reference = next((r for r in rows if r["mode"] == "hf"), rows[0] if rows else None)
-    differ = [
-        f"{r['mode']}/{r['draft']}" for r in rows if reference and r["output_sha256"] != reference["output_sha256"]
-    ]
-    if differ:  # greedy is lossless in every mode: a difference is a bug (or a near-tie the dtype decides)
-        where = f"{reference['mode']}/{reference['draft']}" if reference else "-"
-        console.print(f"[bold red]tokens differ from {where}'s: {', '.join(differ)}[/]")
-    else:
-        console.print(
-            f"every row gave the same tokens (sha256 {reference['output_sha256'][:12] if reference else '-'})"
-        )
+    if rows:
+        reference = next((r for r in rows if r["mode"] == "hf"), rows[0])
+        digest = reference["output_sha256"]
+        differ = [f"{r['mode']}/{r['draft']}" for r in rows if r["output_sha256"] != digest]
+        if differ:  # greedy is lossless in every mode: a difference is a bug (or a near-tie the dtype decides)
+            where = f"{reference['mode']}/{reference['draft']}"
+            console.print(f"[bold red]tokens differ from {where}'s: {', '.join(differ)}[/]")
+        else:
+            console.print(f"every row gave the same tokens (sha256 {digest[:12]})")
 
 
 def _f(x: Any, d: int = 2) -> str:
