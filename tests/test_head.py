@@ -120,6 +120,9 @@ def test_a_head_with_a_draft_vocabulary_scores_those_tokens_and_stays_lossless(
     assert accepted > 0
 
 
+LABEL_TIE = 1e-3  # logits apart less than this are a near-tie that float rounding may order either way
+
+
 def test_batched_replies_are_the_targets_own(
     engines: Callable[..., Any], reference_greedy: Callable[..., list[int]], assert_lossless: Callable[..., None]
 ) -> None:
@@ -144,4 +147,7 @@ def test_batched_replies_are_the_targets_own(
         cache = stage.new_cache(len(seq) + 1, 1)
         logits = stage.forward_prefix(cache, seq, range(len(seq)))
         torch.testing.assert_close(feats.float(), stage.last_hidden, atol=2e-2, rtol=1e-2)
-        assert (labels == logits.argmax(-1)).float().mean() > 0.98
+        # every label is the whole-sequence forward's argmax, or ties with it: the batched decoding's logits differ
+        # from it by float rounding only, so a label that differs must be within LABEL_TIE of the top logit
+        gap = logits.max(-1).values - logits.gather(-1, labels[:, None]).squeeze(-1)
+        assert bool((gap <= LABEL_TIE).all()), f"labels off the argmax by {gap.max():.2e} (> {LABEL_TIE})"
