@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -105,20 +107,37 @@ def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_req
         assert_lossless(ids, list(done[0].tokens), reference_greedy(ids, 16))
 
 
-def test_the_head_never_blocks_on_a_stage_that_takes_nothing(tmp_path: Path) -> None:
-    """A stage that stopped reading (hung, or its pipe torn down) fills the head's queue into it; the next send
-    then waits at most the peer timeout and fails as a lost stage, instead of blocking the head for ever."""
-    from homespec.core.messages import Heartbeat
+def test_the_head_never_blocks_on_a_stage_that_takes_nothing(bundled: Any) -> None:
+    """Two real stage processes; stage 0 is SIGSTOPped, so it reads nothing and the head's queue into it fills.
+    The next send then waits at most the peer timeout and fails as a lost stage naming that timeout, instead of
+    blocking the head for ever."""
+    from homespec.core.messages import Assign, Heartbeat
+    from homespec.core.planner import even_split
     from homespec.errors import PeerLostError
-    from homespec.pipeline.cluster import Cluster
+    from homespec.pipeline.cluster import LocalCluster
 
-    cluster = Cluster([], timeout_s=0.2)
-    cluster._connect_first(f"ipc://{tmp_path}/nobody-reads")  # a real PUSH socket; nothing is bound there
-    sent = 0
-    try:
-        with pytest.raises(PeerLostError, match=r"stage 0 took no input for 0\.2 s"):  # the send timeout fired
-            for sent in range(100_000):  # the watchdog: a head that blocked would never leave this loop
-                cluster.send_first(Heartbeat(0, sent))
-        assert 0 < sent < 100_000
-    finally:
-        cluster.first.close(linger=0)
+    assigns = [Assign(i, 2, str(bundled.folder), a, b, "fp32", "cpu", 256, 8)
+               for i, (a, b) in enumerate(even_split(bundled.num_layers, 2))]  # fmt: skip
+    with LocalCluster(assigns, timeout_s=0.5) as cluster:
+        stage0 = cluster.procs[0]
+        os.kill(stage0.pid, signal.SIGSTOP)
+        outcome: list[BaseException | int] = []
+
+        def flood() -> None:
+            try:
+                for sent in range(1_000_000):
+                    cluster.send_first(Heartbeat(-1, sent))
+                outcome.append(sent)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        try:
+            sender = threading.Thread(target=flood, daemon=True)
+            sender.start()
+            sender.join(timeout=120)  # the watchdog: a head that blocked in a send would never come back
+            assert outcome, "the head blocked sending into a stage that reads nothing"
+            assert isinstance(outcome[0], PeerLostError), outcome[0]
+            assert re.fullmatch(r"stage 0 took no input for 0\.5 s", outcome[0].message)  # the send timeout fired
+            assert stage0.poll() is None  # the stage is stopped, not dead: only the send timeout can tell
+        finally:
+            os.kill(stage0.pid, signal.SIGCONT)
