@@ -173,5 +173,22 @@ def test_chat_on_two_stages() -> None:
             await ask(pilot, app, prompt)
             await wait_for(pilot, lambda: app.replies == 5)
             assert app.last_done is not None and app.last_done.finished is not None
+            # t toggles the tree pane (not while typing: there the prompt gets the letter); ctrl+l clears the
+            # conversation, so the same prompt then gets the single-turn reply again
+            box = app.query_one("#tree-box")
+            app.query_one("#prompt", Input).focus()
+            await pilot.press("t")
+            assert app.query_one("#prompt", Input).value == "t" and box.display
+            app.query_one("#prompt", Input).value = ""
+            await pilot.press("escape", "t")
+            await wait_for(pilot, lambda: not box.display, 30)
+            await pilot.press("t")
+            await wait_for(pilot, lambda: box.display, 30)
+            assert app.conversation
+            await pilot.press("ctrl+l")
+            await wait_for(pilot, lambda: not app.conversation, 30)
+            await ask(pilot, app, prompt)
+            await wait_for(pilot, lambda: app.replies == 6)
+            assert chat.reply_text + "\n" == solo  # a fresh conversation: the first turn's reply, to the token
 
     asyncio.run(run())

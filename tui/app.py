@@ -240,7 +240,7 @@ class ChatApp(App[None]):
             await self.chat_log.clear()
 
     def action_toggle_tree(self) -> None:
-        self.get_screen("_default").query_one("#right").toggle_class("hidden-tree")
+        self.screen_stack[0].query_one("#right").toggle_class("hidden-tree")  # the main screen, under any modal
 
     def action_tree(self) -> None:
         self.action_toggle_tree()
