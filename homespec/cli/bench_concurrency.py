@@ -9,6 +9,8 @@ ratios to c = 1 of the same mode. Times are on the emulated clock when a profile
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections import deque
@@ -43,6 +45,7 @@ def _serve_all(engine: Any, mode: str, draft: str, c: int, prompts: list[list[in
     first: dict[int, float] = {}
     last: dict[int, float] = {}
     tokens: dict[int, int] = {}
+    outputs: dict[int, list[int]] = {}  # prompt index -> its tokens (each must equal its solo run)
     steps = 0
     start = time.perf_counter()
     while waiting or batch.active:
@@ -57,7 +60,7 @@ def _serve_all(engine: Any, mode: str, draft: str, c: int, prompts: list[list[in
                     first.setdefault(i, now)
                     last[i] = now
                 elif isinstance(e, GenerationFinished):
-                    tokens[i] = e.stats.tokens
+                    tokens[i], outputs[i] = e.stats.tokens, list(e.tokens)
         steps += 1
     wall = (time.perf_counter() - start) / scale
     total = sum(tokens.values())
@@ -74,7 +77,13 @@ def _serve_all(engine: Any, mode: str, draft: str, c: int, prompts: list[list[in
         "tokens_per_s": total / wall if wall else 0.0,
         "tbt_ms": statistics.median(tbts) if tbts else 0.0,
         "time_scale": scale,
+        "output_sha256": _digest([outputs[i] for i in range(len(prompts))]),
     }
+
+
+def _digest(outputs: list[list[int]]) -> str:
+    """One hash of every request's tokens, in prompt order: equal at every level when batching is lossless."""
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
 
 
 def print_levels(rows: list[dict[str, Any]], stages: int, emulate: str | None) -> None:
@@ -93,4 +102,12 @@ def print_levels(rows: list[dict[str, Any]], stages: int, emulate: str | None) -
             f"{r['tokens_per_step']:.3f}", f"{r['tokens_per_s']:.2f}", f"{r['tbt_ms']:.1f}",
             f"{r['throughput_vs_solo']:.2f}", f"{r['tbt_vs_solo']:.2f}",
         )  # fmt: skip
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    differ = [
+        f"{r['mode']}/{r['draft']} x{r['concurrency']}" for r in rows if r["output_sha256"] != rows[0]["output_sha256"]
+    ]
+    if differ:
+        console.print(f"[bold red]tokens differ from the first row's: {', '.join(differ)}[/]")
+    elif rows:
+        console.print(f"every level gave every request its solo tokens (sha256 {rows[0]['output_sha256'][:12]})")
