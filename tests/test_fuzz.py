@@ -424,3 +424,55 @@ def test_hypothesis_headers_of_every_kind_decode_or_are_rejected(
     except TransportError:
         return
     assert msg.kind == kind  # it decoded: then it is a well-formed message of that kind
+
+
+@pytest.mark.slow
+def test_a_frame_past_libzmqs_size_cap_never_reaches_the_stage(
+    bundled: Any, tokenizer: Any, chat_ids: Any, reference_greedy: Any
+) -> None:
+    """A message bigger than the stage input's MAXMSGSIZE: libzmq drops the sender's connection before allocating it,
+    so the stage never sees it (its bad-message count does not move), while a small malformed message from a new
+    connection is read and counted; the stage lives and a real request through it is lossless."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    from homespec.model.drafts import build_draft
+
+    assigns = [
+        Assign(i, 2, str(bundled.folder), a, b, "fp32", "cpu", 256, 64, max_requests=2)
+        for i, (a, b) in enumerate(even_split(bundled.num_layers, 2))
+    ]
+    with LocalCluster(assigns) as c:
+        base = settle(c, {0: 0, 1: 0})
+        ctx = zmq.Context.instance()
+        big = ctx.socket(zmq.PUSH)
+        monitor = big.get_monitor_socket()
+        big.connect(c.inputs[0])
+        frames = encode(Heartbeat(-1, 1))
+        big.send_multipart([*frames, bytes(64 << 20)])  # 64 MiB: past the cap (the largest wave plus 4 MiB, ~6 MiB here)
+        events = []
+        while monitor.poll(30_000):  # watchdog
+            events.append(recv_monitor_message(monitor)["event"])
+            if zmq.EVENT_DISCONNECTED in events:
+                break
+        assert zmq.EVENT_DISCONNECTED in events, f"libzmq kept the oversized sender's connection: {events}"
+        big.disable_monitor()
+        monitor.close(linger=0)
+        big.close(linger=0)
+        assert settle(c, {0: 0, 1: 0}) == base  # nothing reached the stage
+        small = ctx.socket(zmq.PUSH)
+        small.connect(c.inputs[0])
+        small.send_multipart([b"\x93garbage", b"x"])
+        assert settle(c, {0: base[0] + 1}) == {0: base[0] + 1, 1: base[1]}  # the same path, under the cap: counted
+        small.close(linger=1000)
+        assert all(p.poll() is None for p in c.procs)
+        decoder = PipelineDecoder(c, "specpipe", 8)
+        ids = chat_ids(EQUIVALENCE_PROMPTS[0])
+        steps = decoder.decode(ids, build_draft("ngram", bundled, tokenizer, TreeConfig()), SamplingConfig(),
+                               TreeConfig())  # fmt: skip
+        out: list[int] = []
+        for step in steps:
+            out.extend(step.verification.emitted)
+            if len(out) >= 16:
+                break
+        steps.close()
+        assert out[:16] == reference_greedy(ids, 16)

@@ -6,6 +6,7 @@ clear error in bounded time; a head that dies frees the worker for the next one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -153,6 +154,47 @@ def test_a_head_that_dies_frees_the_workers(lan: dict[str, Any]) -> None:
         assert all(p.poll() is None for p in lan["procs"]), "a worker died with its head"
     finally:
         head.kill()
+
+
+def test_a_worker_serves_one_head_at_a_time_and_pinned_keys_need_no_trust_list(
+    lan: dict[str, Any], tmp_path: Path, chat_ids: Any, reference_greedy: Any, assert_lossless: Any
+) -> None:
+    """While one head holds both workers, a second head (another process with its own key, which the workers
+    trust) is refused with the worker's own reason, and the first head's request goes on. That second head lists
+    no trusted workers: it reaches them by ``HOST:PORT@KEY`` alone, and once the first head is gone its request
+    runs there, lossless."""
+    from homespec.config import GenerationConfig
+    from homespec.events import GenerationFinished
+    from homespec.transport.keys import trusted_workers
+
+    second = tmp_path / "second"
+    for name in ("w1", "w2"):
+        trust(lan["root"] / name, public_key(second, "head"))  # the workers serve it; it trusts no worker by list
+    assert trusted_workers(second) == {}
+    keys = [public_key(lan["root"] / name, "worker") for name in ("w1", "w2")]
+    pinned = ",".join(f"{w}@{k}" for w, k in zip(lan["workers"], keys, strict=True))
+    prompt = EQUIVALENCE_PROMPTS[5]
+    ids = chat_ids(prompt)
+
+    def second_head() -> subprocess.CompletedProcess[str]:
+        cmd = [HOMESPEC, "generate", prompt, "--workers", pinned, "--stages", "2", "--draft", "none", "-n", str(N),
+               "--json"]  # fmt: skip
+        env = {**os.environ, "HOMESPEC_CONFIG": str(second)}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    with remote_engine(lan, draft="none") as first:
+        events = first.generate(ids, GenerationConfig(max_tokens=N))
+        next(events)
+        refused = second_head()
+        assert refused.returncode != 0
+        assert re.search(r"worker w[12] is busy with another head's session", refused.stderr), refused.stderr[-2000:]
+        done = [e for e in events if isinstance(e, GenerationFinished)]
+        assert_lossless(ids, list(done[0].tokens), reference_greedy(ids, N))
+    served = second_head()
+    assert served.returncode == 0, served.stderr[-3000:]
+    result = json.loads(served.stdout.strip().splitlines()[-1])
+    assert result["stats"]["stages"] == 2
+    assert_lossless(ids, result["tokens"], reference_greedy(ids, N))
 
 
 def test_a_stage_whose_model_differs_from_the_heads_refuses_to_run(bundled: Any, truncated_copy: Path) -> None:
