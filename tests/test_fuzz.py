@@ -448,7 +448,9 @@ def test_a_frame_past_libzmqs_size_cap_never_reaches_the_stage(
         monitor = big.get_monitor_socket()
         big.connect(c.inputs[0])
         frames = encode(Heartbeat(-1, 1))
-        big.send_multipart([*frames, bytes(64 << 20)])  # 64 MiB: past the cap (the largest wave plus 4 MiB, ~6 MiB here)
+        big.send_multipart(
+            [*frames, bytes(64 << 20)]
+        )  # 64 MiB: past the cap (the largest wave plus 4 MiB, ~6 MiB here)
         events = []
         while monitor.poll(30_000):  # watchdog
             events.append(recv_monitor_message(monitor)["event"])

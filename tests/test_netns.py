@@ -115,6 +115,13 @@ def test_zeroconf_finds_the_workers_and_specpipe_across_them_is_lossless(
     result = json.loads(gen.stdout.strip().splitlines()[-1])
     assert_lossless(chat_ids(prompt), result["tokens"], reference_greedy(chat_ids(prompt), 32))
     assert result["stats"]["mode"] == "specpipe" and result["stats"]["stages"] == 2
+    # --workers auto: the head browses the LAN itself, and deploys to the trusted workers it finds
+    auto = head_run(lab, "generate", prompt, "--workers", "auto", "--mode", "specpipe", "--stages", "2",
+                    "--draft", "none", "-n", "16", "--json")  # fmt: skip
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    result = json.loads(auto.stdout.strip().splitlines()[-1])
+    assert result["stats"]["stages"] == 2
+    assert_lossless(chat_ids(prompt), result["tokens"], reference_greedy(chat_ids(prompt), 16))
 
 
 def test_a_head_with_an_untrusted_key_is_refused(lab: dict[str, Any]) -> None:
