@@ -3,6 +3,7 @@ shipped head for the bundled model drafts losslessly and is accepted more often 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,24 @@ def test_batched_replies_are_the_targets_own(
         # from it by float rounding only, so a label that differs must be within LABEL_TIE of the top logit
         gap = logits.max(-1).values - logits.gather(-1, labels[:, None]).squeeze(-1)
         assert bool((gap <= LABEL_TIE).all()), f"labels off the argmax by {gap.max():.2e} (> {LABEL_TIE})"
+
+
+@pytest.mark.slow
+def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
+    tmp_path: Path, chat_ids: Callable[[str], list[int]], reference_greedy: Any, assert_lossless: Any
+) -> None:
+    """``homespec train-draft`` end to end, kept tiny (2 prompts, 8 reply tokens, 2 optimizer steps): it writes
+    ``head.safetensors``, and ``generate --draft head:FILE`` uses that head and gives transformers' tokens."""
+    from tests.test_cli import homespec
+
+    out = homespec("train-draft", "--limit", "2", "--max-new", "8", "--samples", "1", "--epochs", "1",
+                   "--max-steps", "2", "--draft-vocab", "2048", "--out", str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    head = tmp_path / "head.safetensors"
+    assert head.is_file()
+    prompt = EQUIVALENCE_PROMPTS[6]
+    gen = homespec("generate", prompt, "--draft", f"head:{head}", "-n", "16", "--json")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    result = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert result["stats"]["draft"].startswith("head:")
+    assert_lossless(chat_ids(prompt), result["tokens"], reference_greedy(chat_ids(prompt), 16))
