@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from homespec.core.tree import WaveRow
-from homespec.errors import ConfigError
+from homespec.errors import CapacityError, ConfigError
 from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
 
@@ -164,7 +164,11 @@ class Stage:
 
     @staticmethod
     def segment(cache: TreeKVCache, rows: Sequence[WaveRow]) -> Segment:
-        """Reserve ``rows``' tree slots in one request's cache, for ``forward_batch``."""
+        """Reserve ``rows``' tree slots in one request's cache, for ``forward_batch``. A row placed past the
+        cache's context (a head that lies, or a bug) fails the request before anything is computed."""
+        past = [r.position for r in rows if not 0 <= r.position < cache.max_prefix]
+        if past:
+            raise CapacityError(f"position {past[0]} is past this cache's context of {cache.max_prefix} tokens")
         start, mask = cache.reserve_tree([r.node for r in rows], [r.parent for r in rows])
         return Segment(cache, start, len(rows), mask)
 
