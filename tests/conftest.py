@@ -149,13 +149,24 @@ def assert_lossless(
     return check
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, on the controller: gather each worker's excuses (sent in its ``workeroutput``)."""
+    EXCUSES.extend(tuple(e) for e in json.loads(node.workeroutput.get("homespec_excuses", "[]")))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if hasattr(terminalreporter.config, "workerinput"):
+        return  # a worker: the controller reports for all
     terminalreporter.write_line(f"near-tie excuses granted: {len(EXCUSES)} (at most {MAX_EXCUSES})")
     for test, i, gap in EXCUSES:
         terminalreporter.write_line(f"  {test}: token {i}, top-two gap {gap:.3g}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):  # a worker: hand the excuses to the controller
+        session.config.workeroutput["homespec_excuses"] = json.dumps(EXCUSES)  # type: ignore[attr-defined]
+        return
     if len(EXCUSES) > MAX_EXCUSES and exitstatus == 0:
         session.exitstatus = 1  # more ties than the model plausibly has: something is wrong, not tied
 
