@@ -311,8 +311,8 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
             )
             for cat, summary in r["by_category"].items():
                 b = base["by_category"].get(cat) if base else None
-                ok = b and b["tokens_per_s"]
-                summary[f"speedup_vs_{name}"] = summary["tokens_per_s"] / b["tokens_per_s"] if ok else None
+                ratio = summary["tokens_per_s"] / b["tokens_per_s"] if b is not None and b["tokens_per_s"] else None
+                summary[f"speedup_vs_{name}"] = ratio
 
 
 def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: float) -> None:

@@ -14,6 +14,7 @@ import json
 import statistics
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from homespec.config import GenerationConfig
@@ -21,7 +22,7 @@ from homespec.events import GenerationFinished, TokensCommitted
 
 
 def run_levels(
-    engine: Any, prompts: list[list[int]], modes: list[str], drafts: list[str], levels: list[int], n: int
+    engine: Any, prompts: list[list[int]], modes: Sequence[str], drafts: list[str], levels: list[int], n: int
 ) -> list[dict[str, Any]]:
     """One row per (mode, draft, level); ratios against the first level of the same mode and draft (give 1 first)."""
     rows = []
