@@ -17,7 +17,7 @@ from typing import Any
 from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
 from homespec.core.messages import DEFAULT_MAX_REQUESTS
 from homespec.core.planner import even_split
-from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.core.stops import find_stop, held_back
 from homespec.errors import ConfigError
 from homespec.events import (
@@ -405,7 +405,7 @@ class RequestRun:
 
     def snapshot(self, step: Any) -> TreeSnapshot:
         text = self.engine.token_text
-        nodes = tuple(TreeNodeView(i, p, text(t), s, k) for i, p, t, s, k in step.tree)  # type: ignore[arg-type]
+        nodes = tuple(TreeNodeView(n.node, n.parent, text(n.token), n.state, n.stage) for n in step.tree or ())  # type: ignore[arg-type]
         v = step.verification
         stages = self.engine.stage_count(self.mode)
         return TreeSnapshot(step.tick, stages, nodes, v.committed, v.dead, v.flushed)

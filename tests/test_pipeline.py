@@ -16,7 +16,7 @@ import zmq
 from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
 from homespec.core.messages import Assign
 from homespec.core.planner import even_split
-from homespec.core.schedule import DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_WAVE_SIZE
 from homespec.errors import PeerLostError
 from homespec.events import GenerationFinished
 from homespec.model.drafts import build_draft

@@ -1,11 +1,11 @@
-"""SpecPipe-DB's per-step budget split (core/schedule.split_budget): literal cases and properties."""
+"""SpecPipe-DB's per-step budget split (core/step.split_budget): literal cases and properties."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from homespec.core.schedule import split_budget
+from homespec.core.step import split_budget
 
 
 def test_literal_cases() -> None:

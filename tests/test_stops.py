@@ -55,10 +55,10 @@ def test_streaming_never_leaks_a_stop(engine: Any, text: str, stops: list[str], 
     the first stop to appear in a commit, cut where it begins; the final text is the same, and the tokens kept are
     those up to the one that completed the stop."""
     from homespec.config import GenerationConfig
+    from homespec.core.step import DecodeStep
     from homespec.core.tree import Verification
     from homespec.engine import RequestRun
     from homespec.events import GenerationFinished, TokensCommitted
-    from homespec.pipeline.inprocess import DecodeStep
 
     ids = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
     assume(ids)

@@ -30,7 +30,7 @@ from homespec.cli.common import (
     user_errors,
 )
 from homespec.config import MODES, PIPELINED_MODES, GenerationConfig
-from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 from homespec.model.baseline import BASELINES
 

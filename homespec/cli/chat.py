@@ -24,7 +24,7 @@ from homespec.cli.common import (
     quiet_libraries,
     user_errors,
 )
-from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 
 
 def chat(

@@ -21,7 +21,7 @@ from homespec.cli.common import (
     user_errors,
 )
 from homespec.config import DRAFT_SPECS, GenerationConfig, SamplingConfig, TreeConfig, default_tree
-from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 
 

@@ -26,7 +26,7 @@ from homespec.cli.common import (
     user_errors,
 )
 from homespec.config import DEFAULT_READ_TIMEOUT_S
-from homespec.core.schedule import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
 from homespec.errors import ConfigError
 
 

@@ -144,7 +144,7 @@ class PlanOptions:
     context: int = 4096  # tokens of KV each stage reserves
     mode: str = "specpipe"  # the mode whose modeled TBT the plan minimizes
     stages: int | None = None  # exactly this many stages (None: as many as help)
-    wave_rows: int = 32  # specpipe: rows per step (core.schedule.DEFAULT_WAVE_SIZE)
+    wave_rows: int = 32  # specpipe: rows per step (core.step.DEFAULT_WAVE_SIZE)
     tree_rows: int = 25  # tree: draft budget + the root
     hit_rate: float = 0.6  # specpipe: the draft's per-depth hit rate (BENCHMARKS.md §2: 0.61 at S = 8, auto)
     tree_tokens: float = 1.85  # tree: tokens per round of a 24-node tree (BENCHMARKS.md §2: 0.23 per step at S = 8)

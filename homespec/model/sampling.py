@@ -24,7 +24,6 @@ import torch
 
 from homespec.config import SamplingConfig
 from homespec.core.messages import RESULT_TOP_K
-from homespec.events import TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -98,13 +97,3 @@ def top_logprobs(
     values, tokens = torch.topk(logp, k, dim=-1)
     picked = logp.gather(-1, torch.tensor(list(chosen), device=logp.device)[:, None])[:, 0].tolist() if chosen else []
     return tokens, values, picked
-
-
-def token_logprobs(
-    tokens: Sequence[int], chosen_lp: Sequence[float], top_t: list[list[int]], top_lp: list[list[float]]
-) -> list[TokenLogprob]:
-    """Per row: the chosen token's log-prob and the top alternatives, as the engine reports them."""
-    return [
-        TokenLogprob(t, lp, tuple(zip(tt, tl, strict=True)))
-        for t, lp, tt, tl in zip(tokens, chosen_lp, top_t, top_lp, strict=True)
-    ]

@@ -1,55 +1,38 @@
 """Tree speculative decoding with the whole target in this process (mode ``ar``; with S in-process stages it is
-the single-host form of mode ``tree``): draft a tree, run it through the stages as one wave, verify, commit.
+the single-host form of mode ``tree``): an executor of ``core.step.StepMachine`` in mode ``tree`` at latency 1.
 
-This is a shell: the tree, the wave and the verification walk are ``core.tree``'s; the math is ``model``'s.
+Each tick the machine verifies the wave of the tick before and drafts the next; this module runs the wave through
+the stages at once, picks the target's next token per node (``model.sampling``) and hands the results back, and
+commits the caches when the machine prunes. The decisions are all the machine's; the math is ``model``'s.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from homespec.config import SamplingConfig, TreeConfig
-from homespec.core.tree import NodeState, TokenTree, Verification
+from homespec.core.step import (
+    PREFIX_STEP,
+    DecodeStep,
+    Draft,
+    Emit,
+    EndRequest,
+    Fail,
+    SendPrefix,
+    SendPrune,
+    SendWave,
+    StageResult,
+    StepMachine,
+)
 from homespec.errors import CapacityError
-from homespec.events import TokenLogprob
-from homespec.model.drafts.base import DraftSource
 from homespec.model.kv import TreeKVCache
-from homespec.model.sampling import next_tokens, token_logprobs, top_logprobs
+from homespec.model.sampling import next_tokens, top_logprobs
 from homespec.model.stage import Stage
 
-PREFIX_CHUNK = 256
-
-
-@dataclass(frozen=True)
-class DecodeStep:
-    verification: Verification
-    wave_size: int  # nodes in the wave these results belong to
-    tick: int  # pipeline steps elapsed when the results were verified (in process: target forwards)
-    logprobs: tuple[TokenLogprob, ...] = ()  # one per emitted token
-    stage_busy: tuple[float, ...] = ()  # per stage, its busy seconds so far (utilization over time)
-    tree: tuple[NodeRow, ...] | None = None  # traced requests: the tree as this verification found it
-
-
-#: (node id, parent id or -1, token, state, the last stage its wave went through: -1 drafted, the last one when done)
-NodeRow = tuple[int, int, int, str, int]
-
-
-def tree_rows(tree: TokenTree, stage_of: dict[int, int], done: int) -> tuple[NodeRow, ...]:
-    """The tree before verification, for a TreeSnapshot: every node with its state and where its wave is."""
-    return tuple(
-        (
-            n.id,
-            -1 if n.parent is None else n.parent,
-            n.token,
-            n.state.value,
-            done if n.state is NodeState.DONE else stage_of.get(n.id, -1),
-        )
-        for n in tree
-    )
+REQUEST = 1  # the one request in flight
 
 
 class InProcessDecoder:
@@ -68,7 +51,7 @@ class InProcessDecoder:
     def decode(
         self,
         prompt: Sequence[int],
-        draft: DraftSource,
+        draft: Draft,
         sampling: SamplingConfig,
         tree_cfg: TreeConfig,
         trace: bool = False,
@@ -80,82 +63,73 @@ class InProcessDecoder:
             raise ValueError("empty prompt")
         self.open_requests = 1
         try:
-            yield from self._decode(
-                prompt, draft, sampling, tree_cfg, trace, room_end(prompt, max_new, self.max_context)
-            )
+            yield from self._decode(prompt, draft, sampling, tree_cfg, trace, max_new)
         finally:
             self.open_requests = 0
 
     def _decode(
         self,
         prompt: Sequence[int],
-        draft: DraftSource,
+        draft: Draft,
         sampling: SamplingConfig,
         tree_cfg: TreeConfig,
         trace: bool,
-        max_position: int,
+        max_new: int | None,
     ) -> Iterator[DecodeStep]:
         for cache in self.caches:
             cache.reset()
-        draft.start(prompt)
-        self._prefill(prompt[:-1], draft)
-        tree = TokenTree(prompt[-1], len(prompt) - 1, max_position=max_position)
-        committed = list(prompt)
-        budget = min(tree_cfg.budget, self.max_tree - 1)
-        forwards = 0
+        machine = StepMachine(
+            "tree", latency=1, stages=len(self.stages), max_tree=self.max_tree, max_context=self.max_context
+        )
+        for action in machine.join(REQUEST, prompt, draft, tree_cfg.budget, 0, max_new, trace):
+            assert isinstance(action, SendPrefix)
+            machine.deliver(self._prefix(action, draft.learns, draft.wants_features))
+        tick = 0
         while True:
-            draft.propose(tree, committed, budget)
-            wave = tree.ready()
-            if tree.root.position > max_position + 1:
-                raise CapacityError(f"the context of {self.max_context} tokens is full")
-            tree.mark_sent(wave)
-            rows = tree.rows(wave)
-            x: torch.Tensor = torch.tensor([r.token for r in rows])
-            for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
-                started = time.perf_counter()
-                x = stage.forward_tree(cache, rows, x)
-                self.busy[i] += time.perf_counter() - started
-            picked = next_tokens(x, [r.position for r in rows], sampling)
-            for row, token in zip(rows, picked, strict=True):
-                tree.set_result(row.node, token)
-            top_t, top_lp, chosen = top_logprobs(x, chosen=picked)
-            top_t_l, top_lp_l = top_t.tolist(), top_lp.tolist()
-            logprobs = dict(zip(wave, token_logprobs(picked, chosen, top_t_l, top_lp_l), strict=True))
-            if draft.learns:
-                draft.learn([r.token for r in rows], top_t_l, top_lp_l)
-            if draft.wants_features:
-                draft.tree_features([r.node for r in rows], self.stages[-1].last_hidden)
-            snapshot = tree_rows(tree, {}, len(self.stages) - 1) if trace else None
-            v = tree.verify()
-            for cache in self.caches:
-                cache.commit(v.committed, v.dead)
-            committed.extend(v.emitted)
-            draft.observe(v, committed)
-            forwards += 1
-            lps = tuple(logprobs[n] for n in v.committed)
-            yield DecodeStep(v, len(wave), forwards, lps, tuple(self.busy), snapshot)
+            for action in [*machine.collect(tick), *machine.inject(tick)]:
+                if isinstance(action, SendWave):
+                    machine.deliver(self._wave(action, sampling, draft.wants_features))
+                elif isinstance(action, SendPrune):
+                    for cache in self.caches:
+                        cache.commit(action.committed, action.dead)
+                elif isinstance(action, Emit):
+                    yield action.step
+                elif isinstance(action, Fail):
+                    raise CapacityError(action.why)
+                elif not isinstance(action, EndRequest):
+                    raise AssertionError(f"unexpected action {action!r}")
+            tick += 1
 
-    def _prefill(self, tokens: Sequence[int], draft: DraftSource) -> None:
-        for a in range(0, len(tokens), PREFIX_CHUNK):
-            chunk = tokens[a : a + PREFIX_CHUNK]
-            x: torch.Tensor = torch.tensor(list(chunk))
-            for stage, cache in zip(self.stages, self.caches, strict=True):
-                x = stage.forward_prefix(cache, x, range(a, a + len(chunk)))
-            _learn(draft, chunk, x)
-            if draft.wants_features:
-                draft.prefix_features(a, self.stages[-1].last_hidden)
+    def _prefix(self, chunk: SendPrefix, learns: bool, features: bool) -> StageResult:
+        x: torch.Tensor = torch.tensor(list(chunk.tokens))
+        positions = range(chunk.start, chunk.start + len(chunk.tokens))
+        for stage, cache in zip(self.stages, self.caches, strict=True):
+            x = stage.forward_prefix(cache, x, positions)
+        top_t: list[list[int]] = []
+        top_lp: list[list[float]] = []
+        if learns:
+            t, lp, _ = top_logprobs(x)
+            top_t, top_lp = t.tolist(), lp.tolist()
+        hidden = self.stages[-1].last_hidden if features else None
+        return StageResult(REQUEST, PREFIX_STEP, top_tokens=top_t, top_logprobs=top_lp, hidden=hidden)
 
-
-def room_end(prompt: Sequence[int], max_new: int | None, max_context: int) -> int:
-    """The deepest position a draft node may be sent at (``TokenTree.max_position``): a request writes tokens up to
-    position min(len(prompt) + max_new, max_context) - 1, computed from nodes up to one before it."""
-    end = max_context if max_new is None else min(max_context, len(prompt) + max_new)
-    return end - 2
-
-
-def _learn(draft: DraftSource, tokens: Sequence[int], logits: torch.Tensor) -> None:
-    """Tell the draft the target's top next tokens after each token (logits [n, vocab])."""
-    if not draft.learns:
-        return
-    top_t, top_lp, _ = top_logprobs(logits)
-    draft.learn(tokens, top_t.tolist(), top_lp.tolist())
+    def _wave(self, wave: SendWave, sampling: SamplingConfig, features: bool) -> StageResult:
+        rows = wave.rows
+        x: torch.Tensor = torch.tensor([r.token for r in rows])
+        for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
+            started = time.perf_counter()
+            x = stage.forward_tree(cache, rows, x)
+            self.busy[i] += time.perf_counter() - started
+        picked = next_tokens(x, [r.position for r in rows], sampling)
+        top_t, top_lp, chosen = top_logprobs(x, chosen=picked)
+        return StageResult(
+            REQUEST,
+            wave.step,
+            nodes=tuple(r.node for r in rows),
+            next_tokens=tuple(picked),
+            next_logprobs=tuple(chosen),
+            top_tokens=top_t.tolist(),
+            top_logprobs=top_lp.tolist(),
+            hidden=self.stages[-1].last_hidden if features else None,
+            busy_s=tuple(self.busy),
+        )

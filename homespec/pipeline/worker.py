@@ -56,9 +56,9 @@ class StageWorker:
         import torch
         import zmq
 
+        from homespec.core.step import PREFIX_CHUNK
         from homespec.model.loader import resolve
         from homespec.model.stage import Stage, parse_dtype
-        from homespec.pipeline.inprocess import PREFIX_CHUNK
 
         torch.set_num_threads(int(os.environ.get("HOMESPEC_STAGE_THREADS", "1")))
         torch.set_grad_enabled(False)
