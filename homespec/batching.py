@@ -8,18 +8,22 @@ own draft source (taken from a pool per draft spec, so learned tables and loaded
 its own KV on every stage; the lossless contract holds per request whatever else is in the batch.
 
 In mode ``ar`` the whole model is in this process and decodes one request at a time: a Batch there holds one.
+Both kinds of decoder take the same calls (``backends.Decoder``: join, step, leave).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homespec.config import GenerationConfig
 from homespec.engine import Engine, RequestRun
-from homespec.errors import ConfigError, HomespecError, RequestFailedError
+from homespec.errors import ConfigError, RequestFailedError
 from homespec.events import Event, GenerationFailed
+
+if TYPE_CHECKING:
+    from homespec.backends import Decoder
 
 
 @dataclass
@@ -28,43 +32,6 @@ class _Item:
     run: RequestRun
     spec: str
     draft: Any
-
-
-class _Serial:
-    """The in-process decoder behind the batch interface: one request at a time, one forward per step."""
-
-    def __init__(self, decoder: Any) -> None:
-        self.decoder = decoder
-        self.current: tuple[int, Iterator[Any]] | None = None
-        self.ids = 0
-
-    @property
-    def open_requests(self) -> int:
-        return int(self.decoder.open_requests)
-
-    def join(
-        self, prompt: Sequence[int], draft: Any, sampling: Any, tree: Any, trace: bool = False, max_new: int = 0
-    ) -> int:
-        if self.current is not None:
-            raise ConfigError("mode ar decodes one request at a time")
-        self.ids += 1
-        self.current = (self.ids, self.decoder.decode(prompt, draft, sampling, tree, trace, max_new or None))
-        return self.ids
-
-    def step(self) -> list[tuple[int, Any]]:
-        if self.current is None:
-            return []
-        req, steps = self.current
-        try:
-            return [(req, next(steps))]
-        except HomespecError as exc:  # this request's own fault (its context is full): it alone ends
-            self.current = None
-            return [(req, RequestFailedError(req, exc.message, exc.hint))]
-
-    def leave(self, req: int, stats: bool = False) -> None:
-        if self.current is not None and self.current[0] == req:
-            self.current[1].close()
-            self.current = None
 
 
 class Batch:
@@ -79,8 +46,7 @@ class Batch:
                 f"{max_active} requests at once: this engine's stages hold at most {engine.options.max_concurrency}",
                 hint="build the engine with a larger max_concurrency (serve --max-concurrency)",
             )
-        decoder = engine.decoder_for(self.mode)
-        self.decoder: Any = _Serial(decoder) if serial else decoder
+        self.decoder: Decoder = engine.decoder_for(self.mode)
         self.items: dict[int, _Item] = {}
         self._pool: dict[str, list[Any]] = {}
         self._ids = 0
@@ -132,7 +98,7 @@ class Batch:
             events.extend(item.run.on_step(step))
             if item.run.done:
                 self._release(i, stats=True)
-                events.extend(item.run.finish(tuple(getattr(self.decoder, "busy_fraction", ()))))
+                events.extend(item.run.finish(tuple(self.decoder.busy_fraction)))
         return out
 
     def cancel(self, i: int) -> None:

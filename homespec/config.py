@@ -1,6 +1,10 @@
 """Configuration as frozen dataclasses, validated once on construction.
 
-Precedence (lowest first): these defaults < profile files < ``HOMESPEC_*`` environment < flags.
+There is no layered loader: a command's flags build these (their defaults are the defaults here), and the only
+settings read from the environment are paths and switches named where they are read (``HOMESPEC_CACHE`` and
+``HOMESPEC_CONFIG`` here, ``HOMESPEC_API_KEY`` by ``serve``, ``HOMESPEC_LOG``, ``HOMESPEC_STAGE_THREADS``).
+Devices and links come from profile files (``profiling/profile.py``), the cluster to emulate from
+``pipeline/emulate.py``'s.
 """
 
 from __future__ import annotations

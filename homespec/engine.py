@@ -1,8 +1,9 @@
 """The one public API that ``cli/``, ``server/`` and ``tui/`` use: load a model once, then
 ``generate(prompt_ids, config)`` yields typed events (``homespec.events``) as tokens are committed.
 
-The engine owns the tokenizer, the draft source and the stop rules (EOS, max tokens); decoding itself is done by a
-decoder from ``pipeline/``. It reads the clock only to report wall time.
+The engine owns the tokenizer, the draft sources and the stop rules (EOS, max tokens); decoding itself is done by a
+decoder of its backend (``backends.py``: in process, or over stage processes here or on workers). It reads the clock
+only to report wall time.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
 from homespec.core.messages import DEFAULT_MAX_REQUESTS
-from homespec.core.planner import even_split
-from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE, DecodeStep
 from homespec.core.stops import find_stop, held_back
 from homespec.errors import ConfigError
 from homespec.events import (
@@ -34,11 +34,17 @@ from homespec.events import (
     TreeSnapshot,
 )
 
+if TYPE_CHECKING:
+    from homespec.backends import Backend, Decoder
+    from homespec.model.stage import Stage
+
 IMPLEMENTED_MODES: tuple[Mode, ...] = ("ar", "pp", "tree", "specpipe")
 
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """How to build an engine; checked on construction (a ConfigError names the bad option)."""
+
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
     draft: str = "none"
     mode: Mode = "ar"
@@ -57,6 +63,22 @@ class EngineOptions:
     peer_timeout_s: float = 10.0  # a stage or worker silent this long fails the request
     max_concurrency: int = DEFAULT_MAX_REQUESTS  # requests open on the stages at once (Assign.max_requests)
 
+    def __post_init__(self) -> None:
+        if self.mode not in IMPLEMENTED_MODES:
+            raise ConfigError(f"mode {self.mode!r} is not available here", hint=f"use {IMPLEMENTED_MODES}")
+        if not (1 <= self.wave_size <= 64):
+            raise ConfigError(f"wave size must be in [1, 64], got {self.wave_size}")
+        if not (1 <= self.max_concurrency <= 256):
+            raise ConfigError(f"max concurrency must be in [1, 256], got {self.max_concurrency}")
+        if not (1.0 <= self.peer_timeout_s <= 3600.0):
+            raise ConfigError(f"--peer-timeout must be in [1, 3600] seconds, got {self.peer_timeout_s}")
+        if not (0 <= self.time_scale <= 1000):
+            raise ConfigError(f"time scale must be in [0, 1000] (0 = auto), got {self.time_scale}")
+        if self.emulate and self.remote:
+            raise ConfigError("--emulate runs local stages; it cannot be combined with --workers or --cluster")
+        if self.split < 1 or self.stages < 1:
+            raise ConfigError(f"split and stages must be at least 1, got {self.split} and {self.stages}")
+
     @property
     def remote(self) -> bool:
         return bool(self.workers or self.cluster)
@@ -68,100 +90,24 @@ class Engine:
         say = progress or (lambda text: None)
         import torch
 
+        from homespec.backends import build_backend
         from homespec.model.loader import resolve
         from homespec.model.stage import parse_dtype
 
-        if options.mode not in IMPLEMENTED_MODES:
-            raise ConfigError(f"mode {options.mode!r} is not available here", hint=f"use {IMPLEMENTED_MODES}")
         torch.set_grad_enabled(False)
         self.options = options
-        self.cluster: Any = None
-        self.time_scale = 1.0  # emulation only: real seconds per emulated second
-        dtype = parse_dtype(options.dtype)
+        self._dtype = parse_dtype(options.dtype)
         say(f"reading {options.model or 'the bundled model'}…")
         self.source = resolve(options.model)
         self.tokenizer = self.source.tokenizer()
-        total = self.source.num_layers
-        if options.mode == "ar":
-            if not (1 <= options.split <= total):
-                raise ConfigError(f"split must be in [1, {total}], got {options.split}")
-            self.decoder: Any = self._in_process(options.split)
-        else:
-            say("connecting to the workers…" if options.remote else f"starting {options.stages} stage processes…")
-            self.decoder = self._pipeline(options, total, say)
-        self._dtype = dtype
-        self._drafts = {options.draft: self.build_draft(options.draft)}
-        self._decoders = {options.mode: self.decoder}
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
-
-    def _in_process(self, split: int) -> Any:
-        from homespec.model.stage import Stage, parse_dtype
-        from homespec.pipeline.inprocess import InProcessDecoder
-
-        o = self.options
-        stages = [
-            Stage(self.source, a, b, dtype=parse_dtype(o.dtype), device=o.device)
-            for a, b in even_split(self.source.num_layers, split)
-        ]
-        return InProcessDecoder(stages, max_context=o.max_context)
-
-    def _pipeline(self, options: EngineOptions, total: int, progress: Callable[[str], None]) -> Any:
-        from homespec.core.messages import Assign
-        from homespec.pipeline.cluster import LocalCluster
-
-        if not (1 <= options.stages <= total):
-            raise ConfigError(f"--stages must be in [1, {total}] for a {total}-layer model, got {options.stages}")
-        if not (1 <= options.wave_size <= 64):
-            raise ConfigError(f"wave size must be in [1, 64], got {options.wave_size}")
-        if not (1 <= options.max_concurrency <= 256):
-            raise ConfigError(f"max concurrency must be in [1, 256], got {options.max_concurrency}")
-        if not (1.0 <= options.peer_timeout_s <= 3600.0):
-            raise ConfigError(f"--peer-timeout must be in [1, 3600] seconds, got {options.peer_timeout_s}")
-        self.timings: list[Any] = []
-        if options.remote:
-            return self._remote(options, progress)
-        model = "" if options.model is None else str(self.source.folder)
-        if options.emulate:
-            from homespec.pipeline.emulate import auto_time_scale, load_profile, stage_timings
-
-            if options.time_scale < 0 or options.time_scale > 1000:
-                raise ConfigError(f"time scale must be in [0, 1000] (0 = auto), got {options.time_scale}")
-            self.timings = stage_timings(load_profile(options.emulate), options.stages)
-            self.time_scale = options.time_scale or auto_time_scale(options.stages)
-        assigns = []
-        k = self.time_scale
-        for i, (a, b) in enumerate(even_split(total, options.stages)):
-            t = self.timings[i] if self.timings else None
-            emu = (t.base_ms * k, t.ms_per_row * k, t.link_ms * k, t.link_ms_per_row * k) if t else (0.0,) * 4
-            where = (options.dtype, options.device, options.max_context, 512, *emu)
-            assigns.append(Assign(i, options.stages, model, a, b, *where, max_requests=options.max_concurrency))
-        self.cluster = LocalCluster(assigns, progress, options.peer_timeout_s)
-        return self._pipeline_decoder(options.mode)
-
-    def _remote(self, options: EngineOptions, progress: Callable[[str], None]) -> Any:
-        """Stages on ``homespec worker`` processes (pipeline/remote.py), placed by the planner; ``--stages`` other
-        than 1 asks for exactly that many."""
-        from pathlib import Path
-
-        from homespec.model.shape import read_shape
-        from homespec.pipeline import remote
-
-        if options.emulate:
-            raise ConfigError("--emulate runs local stages; it cannot be combined with --workers or --cluster")
-        spec = options.model or ""
-        model = str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().exists() else spec
-        where = remote.RemoteSpec(options.workers, options.cluster, options.stages if options.stages > 1 else None)
-        shape = read_shape(str(self.source.folder))
-        self.cluster, self.plan = remote.build(
-            where, model, shape, options.dtype, options.mode, options.max_context, progress, self.source.digest(),
-            options.peer_timeout_s, options.max_concurrency,
-        )  # fmt: skip
-        return self._pipeline_decoder(options.mode)
-
-    def _pipeline_decoder(self, mode: str) -> Any:
-        from homespec.pipeline.coordinator import PipelineDecoder
-
-        return PipelineDecoder(self.cluster, mode, self.options.wave_size, self.options.by_score)  # type: ignore[arg-type]
+        self._closed = False
+        self.backend: Backend = build_backend(self.source, options, say)
+        try:
+            self._drafts = {options.draft: self.build_draft(options.draft)}
+        except BaseException:
+            self.backend.close()
+            raise
 
     def build_draft(self, spec: str) -> Any:
         """A new draft source ``spec`` for this engine's target (a batch gives each concurrent request its own)."""
@@ -172,7 +118,7 @@ class Engine:
 
     def token_text(self, token: int) -> str:
         """One token's own text (cached; for displays)."""
-        return self._token_text(token)
+        return str(self._token_text(token))
 
     @functools.cached_property
     def _token_text(self) -> Any:
@@ -181,31 +127,15 @@ class Engine:
     def stage_info(self) -> list[StageInfo]:
         """What each stage is (for the TUI's stage pane): its device, layers and outgoing link latency; the modeled
         device and link when emulated. Mode ``ar``: the in-process stages."""
-        o = self.options
-        if self.cluster is None:
-            spans = even_split(self.source.num_layers, o.split)
-            return [StageInfo(f"{o.device} (this process)", (a, b)) for a, b in spans]
-        if hasattr(self.cluster, "placements"):
-            return [
-                StageInfo(f"{s.device.torch_device} {s.device.name} @ {s.device.host}", s.layers, s.link_s * 1e3)
-                for s in self.plan.stages
-            ]
-        out = []
-        for i, a in enumerate(self.cluster.assigns):
-            t = self.timings[i] if self.timings else None
-            device = f"{t.device} @ {t.host}" if t else a.device
-            out.append(StageInfo(device, (a.layer_start, a.layer_end), t.link_ms if t else 0.0, a.device if t else ""))
-        return out
+        return self.backend.stage_info()
 
     def stage_count(self, mode: str) -> int:
         """Stages a request of ``mode`` runs on: the cluster's (local or remote, as planned), or the split here."""
-        if mode == "ar" or self.cluster is None:
-            return self.options.split if mode == self.options.mode else 1
-        return int(self.cluster.size)
+        return self.backend.stage_count(mode)
 
     def modeled_step_ms(self, rows: int = 1) -> float:
         """Emulated runs: the modeled time of one pipeline step (the slowest stage plus its outgoing link)."""
-        return max((t.step_ms(rows) + t.send_ms(rows) for t in getattr(self, "timings", [])), default=0.0)
+        return self.backend.modeled_step_ms(rows)
 
     def fresh_draft(self, spec: str) -> None:
         """Forget what the draft source ``spec`` learned (its recycling table, say): the next request that uses it
@@ -214,22 +144,22 @@ class Engine:
 
     def clock_scale(self, mode: str) -> float:
         """Real seconds per reported second for ``mode``: the emulation's time scale, 1 for ``ar`` (never emulated)."""
-        return 1.0 if mode == "ar" else self.time_scale
+        return self.backend.clock_scale(mode)
 
     def outdated(self) -> bool:
         """The cluster could be better now: a worker that was missing when it was built answers again (remote
         clusters; a local one never is). The server rebuilds the engine when this holds between requests."""
-        check = getattr(self.cluster, "outdated", None)
-        return bool(check()) if check is not None else False
+        return self.backend.outdated()
 
     def close(self) -> None:
         """Stop the stage processes (pipelined modes) and save draft state that has a file (``recycle:FILE``);
         the engine cannot generate afterwards."""
+        if self._closed:
+            return
+        self._closed = True
         for d in self._drafts.values():
             d.save()
-        if self.cluster is not None:
-            self.cluster.close()
-            self.cluster = None
+        self.backend.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -240,7 +170,11 @@ class Engine:
     @property
     def open_requests(self) -> int:
         """Requests whose KV is held right now, on the stages or in process (0 when the engine is idle)."""
-        return sum(int(getattr(d, "open_requests", 0)) for d in self._decoders.values())
+        return self.backend.open_requests
+
+    def fresh_tokenizer(self) -> Any:
+        """A tokenizer of its own, for another thread (the server's event loop) than the one that decodes."""
+        return self.source.tokenizer()
 
     @property
     def model_name(self) -> str:
@@ -269,23 +203,26 @@ class Engine:
     def draft(self) -> Any:
         return self._drafts[self.options.draft]
 
-    def decoder_for(self, mode: str) -> Any:
+    def decoder_for(self, mode: str) -> Decoder:
         """The decoder of ``mode`` (pipelined modes share this engine's stages)."""
-        return self._variant(mode, None)[0]  # type: ignore[arg-type]
+        return self.backend.decoder(mode)
 
-    def _variant(self, mode: str | None, draft: str | None) -> tuple[Any, Any, str]:
-        mode = mode or self.options.mode
-        draft = draft or self.options.draft
-        if draft not in self._drafts:
-            self._drafts[draft] = self.build_draft(draft)
-        if mode not in self._decoders:
-            if mode == "ar":
-                self._decoders[mode] = self._in_process(1)
-            elif self.cluster is None or mode not in IMPLEMENTED_MODES:
-                raise ConfigError(f"mode {mode!r} needs an engine built for it", hint="make another Engine")
-            else:
-                self._decoders[mode] = self._pipeline_decoder(mode)
-        return self._decoders[mode], self._drafts[draft], mode
+    def target_stages(self) -> list[Stage]:
+        """The stages of mode ``ar`` (built on first use): the target in this process, for work beside decoding
+        (``train-draft`` generates its data through them)."""
+        from homespec.pipeline.inprocess import InProcessDecoder
+
+        decoder = self.decoder_for("ar")
+        if not isinstance(decoder, InProcessDecoder):
+            raise ConfigError("mode ar does not run in this process here")
+        return list(decoder.stages)
+
+    def draft_for(self, spec: str | None) -> Any:
+        """The engine's draft source ``spec`` (built on first use; default: the engine's own)."""
+        spec = spec or self.options.draft
+        if spec not in self._drafts:
+            self._drafts[spec] = self.build_draft(spec)
+        return self._drafts[spec]
 
     def generate(
         self,
@@ -296,7 +233,8 @@ class Engine:
     ) -> Iterator[Event]:
         """Stream events until EOS, a stop string or ``max_tokens``; the last event is a GenerationFinished.
         ``mode`` and ``draft`` override the engine's for this request (pipelined modes share the engine's stages)."""
-        decoder, draft_source, mode_name = self._variant(mode, draft)
+        mode_name = mode or self.options.mode
+        decoder, draft_source = self.decoder_for(mode_name), self.draft_for(draft)
         config = config or GenerationConfig()
         run, tree = self.start_run(prompt_ids, config, mode_name, draft_source)
         steps_iter = decoder.decode(prompt_ids, draft_source, config.sampling, tree, config.trace, config.max_tokens)
@@ -307,7 +245,7 @@ class Engine:
                     break
         finally:
             steps_iter.close()  # ends the request on every stage (and frees its KV) now, also when abandoned
-        yield from run.finish(tuple(getattr(decoder, "busy_fraction", ())))
+        yield from run.finish(tuple(decoder.busy_fraction))
 
     def start_run(
         self, prompt_ids: Sequence[int], config: GenerationConfig, mode: str, draft: Any
@@ -318,7 +256,16 @@ class Engine:
         self.check_fits(prompt_ids, config)
         draft.set_mode(mode)
         tree = config.tree or default_tree(mode, self.options.device)
-        return RequestRun(self, prompt_ids, config, mode, draft), tree
+        return RequestRun(self.run_context(mode), prompt_ids, config, mode, draft), tree
+
+    def run_context(self, mode: str) -> RunContext:
+        """What a request of ``mode`` needs of this engine, as plain values."""
+        tokenizer = self.tokenizer
+
+        def decode(tokens: Sequence[int]) -> str:
+            return str(tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+        return RunContext(decode, self.token_text, self.eos_ids, self.stage_count(mode), self.clock_scale(mode))
 
     def check_fits(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
         """Refuse a request that cannot fit the context (before any stage is touched)."""
@@ -332,15 +279,26 @@ class Engine:
             )
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a request's run needs of its engine: its text functions and the numbers it reports."""
+
+    decode: Callable[[Sequence[int]], str]  # tokens -> text (special tokens skipped)
+    token_text: Callable[[int], str]  # one token's own text (traced trees)
+    eos_ids: frozenset[int]
+    stages: int  # stages the request runs on
+    clock_scale: float  # real seconds per reported second (emulation)
+
+
 class RequestRun:
     """One request's side of decoding: the stop rules (EOS, max tokens, stop strings), the text streamed so far
     (never a partial character, never any part of a stop string) and the statistics. Fed with the decoder's
     steps; whoever drives the decoder (``Engine.generate``, a batch) yields what it returns."""
 
     def __init__(
-        self, engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig, mode: str, draft: Any
+        self, ctx: RunContext, prompt_ids: Sequence[int], config: GenerationConfig, mode: str, draft: Any
     ) -> None:
-        self.engine, self.config, self.mode, self.draft = engine, config, mode, draft
+        self.ctx, self.config, self.mode, self.draft = ctx, config, mode, draft
         self.prompt_tokens = len(prompt_ids)
         self.started = time.perf_counter()
         self.out: list[int] = []
@@ -355,9 +313,9 @@ class RequestRun:
         self.utilization = BusyWindow()
 
     def _decode(self, tokens: Sequence[int]) -> str:
-        return str(self.engine.tokenizer.decode(list(tokens), skip_special_tokens=True))
+        return self.ctx.decode(tokens)
 
-    def on_step(self, step: Any) -> Iterator[Event]:
+    def on_step(self, step: DecodeStep) -> Iterator[Event]:
         """Events for one verified wave (a ``DecodeStep``); sets ``done`` when the request is complete."""
         config = self.config
         self.forwards += 1
@@ -367,7 +325,7 @@ class RequestRun:
         new = list(v.emitted[: config.max_tokens - before])
         if config.stop_on_eos:
             for i, t in enumerate(new):
-                if t in self.engine.eos_ids:
+                if t in self.ctx.eos_ids:
                     new, self.reason = new[: i + 1], "eos"
                     break
         self.accepted += min(v.accepted_drafts, len(new))
@@ -403,12 +361,11 @@ class RequestRun:
         arm = getattr(self.draft, "arm", "")
         return f"{self.draft.name} → {arm}" if arm else str(self.draft.name)
 
-    def snapshot(self, step: Any) -> TreeSnapshot:
-        text = self.engine.token_text
-        nodes = tuple(TreeNodeView(n.node, n.parent, text(n.token), n.state, n.stage) for n in step.tree or ())  # type: ignore[arg-type]
+    def snapshot(self, step: DecodeStep) -> TreeSnapshot:
+        text = self.ctx.token_text
+        nodes = tuple(TreeNodeView(n.node, n.parent, text(n.token), n.state, n.stage) for n in step.tree or ())
         v = step.verification
-        stages = self.engine.stage_count(self.mode)
-        return TreeSnapshot(step.tick, stages, nodes, v.committed, v.dead, v.flushed)
+        return TreeSnapshot(step.tick, self.ctx.stages, nodes, v.committed, v.dead, v.flushed)
 
     def _cut_at_stop(self, text: str, at: int) -> None:
         """Keep the tokens up to the one that completes the stop string (they were generated; usage counts them)."""
@@ -426,8 +383,8 @@ class RequestRun:
         yield GenerationFinished(self.reason, text, tuple(self.out), self.stats(busy_fraction), tuple(self.logprobs))
 
     def stats(self, busy_fraction: tuple[float, ...] = ()) -> GenerationStats:
-        engine, n, forwards, steps = self.engine, len(self.out), self.forwards, self.steps
-        scale = engine.clock_scale(self.mode)
+        n, forwards, steps = len(self.out), self.forwards, self.steps
+        scale = self.ctx.clock_scale
         wall = (time.perf_counter() - self.started) / scale
         return GenerationStats(
             mode=self.mode,
@@ -438,7 +395,7 @@ class RequestRun:
             tokens_per_forward=n / forwards if forwards else 0.0,
             steps=steps,
             tokens_per_step=n / steps if steps else 0.0,
-            stages=engine.stage_count(self.mode),
+            stages=self.ctx.stages,
             accepted_per_step=self.accepted / forwards if forwards else 0.0,
             draft_forwards=self.draft.forwards - self._draft0[0],
             draft_cost=self.draft.cost - self._draft0[1],

@@ -5,17 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from homespec.core.step import TokenLogprob
+
+__all__ = ["TokenLogprob"]  # defined with the decoding step that computes it; part of the events API
+
 FinishReason = Literal["eos", "length", "stop"]
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The target's log-probability of a committed token and its top alternatives, from the raw distribution
-    (before temperature, top-k and top-p), as the last stage computed them."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token, log-prob), most probable first
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def test_stages_in_half_precision_give_the_single_process_tokens(dtype: str, cha
 
     with Engine(EngineOptions(dtype=dtype, draft="none")) as single:
         want = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        stage = single.decoder.stages[0]
+        stage = single.decoder_for("ar").stages[0]
         weights = [t for layer in stage.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
         assert weights and {t.dtype for t in [*weights, stage.embed_w, stage.head_w]} == {want}
         plain = run(single)

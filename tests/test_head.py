@@ -135,7 +135,7 @@ def test_batched_replies_are_the_targets_own(
     done: list[int] = []
     data = build_data(engine, TRAIN_PROMPTS, 16, lambda: done.append(1), samples=3, temperature=1.0, batch=4)
     assert data.groups == [0, 0, 0, 1, 1, 1, 2, 2, 2] and len(done) == 3
-    stage = engine.decoder.stages[0]
+    stage = engine.decoder_for("ar").stages[0]
     for i, prompt in enumerate(TRAIN_PROMPTS):
         ids = engine.encode(prompt)
         greedy = data.tokens[3 * i].tolist()

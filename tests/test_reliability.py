@@ -88,7 +88,7 @@ def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_req
         events = engine.generate(chat_ids("Write a very long story about a dragon."),
                                  GenerationConfig(max_tokens=2000, stop_on_eos=False))  # fmt: skip
         next(events)
-        stopped = engine.cluster.procs[1].pid
+        stopped = engine.backend.cluster.procs[1].pid
         os.kill(stopped, signal.SIGSTOP)
         start = time.monotonic()
         with pytest.raises(PeerLostError, match=r"stage 1 \(layers 10-19\) has not answered") as lost:

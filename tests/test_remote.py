@@ -75,7 +75,7 @@ def test_two_workers_give_the_targets_tokens_in_every_mode(
     lan: dict[str, Any], chat_ids: Any, reference_greedy: Any, engines: Any
 ) -> None:
     with remote_engine(lan) as engine:
-        plan = engine.plan
+        plan = engine.backend.plan
         assert [s.device.host for s in plan.stages] == ["w1", "w2"] or [s.device.host for s in plan.stages] == [
             "w2",
             "w1",
@@ -254,7 +254,7 @@ def test_an_unauthenticated_peer_is_refused_before_a_stage_parses_anything(
             monitor.close(linger=0)
 
     with remote_engine(lan, draft="none") as engine:
-        cluster = engine.cluster
+        cluster = engine.backend.cluster
         ctx = zmq.Context.instance()
         stranger = KeyPair(*(k.decode() for k in zmq.curve_keypair()))
         for i in range(cluster.size):

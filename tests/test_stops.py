@@ -67,7 +67,7 @@ def test_streaming_never_leaks_a_stop(engine: Any, text: str, stops: list[str], 
         return str(engine.tokenizer.decode(ids[:n], skip_special_tokens=True))
 
     config = GenerationConfig(max_tokens=len(ids), stop=tuple(stops), stop_on_eos=False)
-    run = RequestRun(engine, [1, 2, 3], config, "ar", engine.build_draft("none"))
+    run = RequestRun(engine.run_context("ar"), [1, 2, 3], config, "ar", engine.build_draft("none"))
     streamed, at, ends = "", 0, []
     for tick, n in enumerate([*cuts, len(ids)], 1):
         chunk = ids[at : at + n]

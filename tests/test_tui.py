@@ -158,13 +158,13 @@ def test_chat_on_two_stages() -> None:
             assert app.last_done is not None and app.last_done.finished is not None
             done = app.last_done.finished
             assert done.reason in ("eos", "length") and done.text and chat.reply_text == done.text and not app.busy
-            assert app.bridge.engine.decoder.open_requests == 0
+            assert app.bridge.engine.open_requests == 0
             # a stage dies mid-reply: an error screen, and enter starts new stages for the next prompt
             app.config = GenerationConfig(max_tokens=400, trace=True)
             before = len(chat.reply_text)
             await ask(pilot, app, "Tell me about the history of bridges.")
             await wait_for(pilot, lambda: chat.reply_text and len(chat.reply_text) != before)
-            os.kill(app.bridge.engine.cluster.procs[-1].pid, signal.SIGKILL)
+            os.kill(app.bridge.engine.backend.cluster.procs[-1].pid, signal.SIGKILL)
             await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), 60)
             assert "stage" in str(app.screen.query_one("#error-message").render())
             await pilot.press("enter")

@@ -31,8 +31,12 @@ class Bridge:
     def load(self) -> None:
         """Build the engine (model load, stage processes): EngineReady or EngineFailed."""
         self.post(m.LoadProgress("loading the model and starting the stages…"))
+
+        def progress(text: str) -> None:
+            self.post(m.LoadProgress(text))
+
         try:
-            self.engine = self._make_engine(lambda text: self.post(m.LoadProgress(text)))
+            self.engine = self._make_engine(progress)
         except HomespecError as exc:
             self.post(m.EngineFailed(exc.message, exc.hint or ""))
             return

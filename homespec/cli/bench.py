@@ -109,7 +109,7 @@ def bench(
             baseline = _baseline(engine) if any(m in BASELINES for m, _ in runs) else None
             rows = [_measure(engine, baseline, m, d, ids, categories, max_tokens, advance) for m, d in runs]
         _ratios(rows)
-        _print(rows, stages, emulate, engine.time_scale)
+        _print(rows, stages, emulate, engine.clock_scale(opts.mode))
         if json_out:
             json_out.write_text(json.dumps(rows, indent=2))
 

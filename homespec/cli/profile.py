@@ -32,7 +32,10 @@ def profile(
         from homespec.profiling.local import measure_host, saved_path, this_machine
         from homespec.profiling.local import save as save_profile
 
-        say = (lambda text: None) if as_json else (lambda text: typer.echo(text, err=True))
+        def say(text: str) -> None:
+            if not as_json:
+                typer.echo(text, err=True)
+
         cluster = this_machine(measure_host(name, budget_s=budget, progress=say))
         if lan or peer:
             from homespec.profiling.lan import add_workers

@@ -93,7 +93,7 @@ def serve(
         metrics = Metrics(name)
         options = replace(options, max_concurrency=max_concurrency)  # each stage holds that many requests' KV
         service = GenerationService(lambda: Engine(options), metrics, max_concurrency, max_queue)
-        tokenizer = service.engine.source.tokenizer()
+        tokenizer = service.fresh_tokenizer()
         app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key, read_timeout_s=read_timeout))
         service.start()
         typer.echo(f"serving {name!r} at http://{host}:{port}/v1 (ctrl+c stops)", err=True)

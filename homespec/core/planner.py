@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.errors import PlanError
 
 GB = 1e9
@@ -151,7 +152,7 @@ class PlanOptions:
     efficiency: float = 0.5  # achieved share of peak FLOP/s
     overhead_s: float = 0.5e-3  # fixed cost of a stage step (launches, the step loop)
     headroom_bytes: float = 1 * GiB  # per device: runtime, allocator slack
-    max_rows: int = 512  # activations are reserved for this many rows (Assign.max_tree)
+    max_rows: int = DEFAULT_MAX_TREE  # activations are reserved for this many rows (Assign.max_tree)
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_BYTES:

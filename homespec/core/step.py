@@ -43,7 +43,6 @@ from typing import Any, Literal, Protocol
 
 from homespec.core.tree import NodeId, NodeState, TokenTree, Verification, WaveRow
 from homespec.errors import PeerLostError
-from homespec.events import TokenLogprob
 
 PipelineMode = Literal["pp", "tree", "specpipe"]
 
@@ -58,6 +57,16 @@ DEFAULT_MAX_TREE = 512
 PREFIX_CHUNK = 256
 #: the step number of prompt chunks (and of their results)
 PREFIX_STEP = -1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of a committed token and its top alternatives, from the raw distribution
+    (before temperature, top-k and top-p), as the last stage computed them (``homespec.events`` re-exports it)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, log-prob), most probable first
 
 
 class Draft(Protocol):
@@ -89,7 +98,7 @@ class NodeRow:
     node: int
     parent: int  # -1 for the root
     token: int
-    state: str  # NodeState's value
+    state: Literal["drafted", "sent", "done"]  # NodeState's value
     stage: int  # the last stage its wave went through: -1 drafted (not sent), the last stage when its result is in
 
 
@@ -178,6 +187,7 @@ class Fail:
 
     request: int
     why: str
+    hint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,13 @@ def room_end(prompt_len: int, max_new: int | None, max_context: int) -> int:
     return end - 2
 
 
+_STATE_NAMES: dict[NodeState, Literal["drafted", "sent", "done"]] = {
+    NodeState.DRAFTED: "drafted",
+    NodeState.SENT: "sent",
+    NodeState.DONE: "done",
+}
+
+
 def tree_rows(tree: TokenTree, stage_of: dict[int, int], done: int) -> tuple[NodeRow, ...]:
     """The tree before verification, for a TreeSnapshot: every node with its state and where its wave is."""
     return tuple(
@@ -236,7 +253,7 @@ def tree_rows(tree: TokenTree, stage_of: dict[int, int], done: int) -> tuple[Nod
             n.id,
             -1 if n.parent is None else n.parent,
             n.token,
-            n.state.value,
+            _STATE_NAMES[n.state],
             done if n.state is NodeState.DONE else stage_of.get(n.id, -1),
         )
         for n in tree
@@ -330,11 +347,11 @@ class StepMachine:
         """The request ends (it has its tokens, or its client left): its results still on the way are dropped."""
         return [EndRequest(request)] if self.runs.pop(request, None) is not None else []
 
-    def fail(self, request: int, why: str) -> list[Action]:
+    def fail(self, request: int, why: str, hint: str | None = None) -> list[Action]:
         """A stage failed the request: it ends with ``why``."""
         if self.runs.pop(request, None) is None:
             return []
-        return [EndRequest(request), Fail(request, why)]
+        return [EndRequest(request), Fail(request, why, hint)]
 
     # -- results --------------------------------------------------------------------------------------------
     def deliver(self, result: StageResult) -> None:
@@ -423,7 +440,7 @@ class StepMachine:
         self._apply_wave(run, msg)
         snapshot = None
         if run.trace:
-            stage_of = {n: tick - t - 1 for t, nodes in run.in_flight for n in nodes}  # the stage it left last
+            stage_of = {int(n): tick - t - 1 for t, nodes in run.in_flight for n in nodes}  # the stage it left last
             snapshot = tree_rows(run.tree, stage_of, self.stages - 1)
         v = run.tree.verify()
         actions: list[Action] = []

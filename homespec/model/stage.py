@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.core.tree import WaveRow
 from homespec.errors import CapacityError, ConfigError
 from homespec.model.kv import TreeKVCache
@@ -145,7 +146,7 @@ class Stage:
         return rotary_for(self.source.raw, lambda: self.source.config, self.device)
 
     # -- caches --------------------------------------------------------------------------------------------
-    def new_cache(self, max_context: int = 4096, max_tree: int = 256) -> TreeKVCache:
+    def new_cache(self, max_context: int = 4096, max_tree: int = DEFAULT_MAX_TREE) -> TreeKVCache:
         return TreeKVCache(
             len(self.layers), self.kv_heads, self.head_dim, max_context, max_tree, self.dtype, self.device
         )

@@ -292,7 +292,7 @@ def draft_vocabulary(tokens: Sequence[torch.Tensor], vocab_size: int, k: int = D
 
 
 def _whole_target(engine: Any) -> Stage:
-    stages = engine.decoder.stages
+    stages = engine.target_stages()
     if len(stages) != 1:
         raise ValueError("train-draft needs the whole target in one in-process stage")
     stage: Stage = stages[0]

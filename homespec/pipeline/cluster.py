@@ -15,13 +15,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -30,6 +28,7 @@ import zmq
 
 from homespec.core.messages import Assign, Failure, Heartbeat, Message, Shutdown, StageStats
 from homespec.errors import PeerLostError
+from homespec.pipeline.procs import start_stage, stop_stages
 from homespec.transport.codec import decode, encode
 
 READY_TIMEOUT_S = 120.0
@@ -39,7 +38,7 @@ CHECK_EVERY_S = 0.2  # how often the head looks for a lost stage while it waits
 PING_SEQ_BASE = 1 << 40  # liveness pings, apart from sync's sequence numbers
 
 
-class Cluster:
+class Cluster(ABC):
     """The head's sockets and message loop; subclasses start the stages, say how a lost one is seen
     (``check_alive``) and stop them (``close``)."""
 
@@ -56,7 +55,7 @@ class Cluster:
         self._since: float | None = None  # liveness counts from here (set once every stage has answered)
         self.assigns = list(assigns)
         self.size = len(assigns)
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self._request_ids = itertools.count(1)
         self.failed: dict[int, str] = {}  # request -> why a stage failed it (the request alone ends; newest 256)
         self.stage_stats: dict[int, dict[int, StageStats]] = {}  # request -> stage -> its stats, as they arrive
@@ -76,10 +75,18 @@ class Cluster:
         sock.bind(address)
         return sock
 
+    @abstractmethod
     def check_alive(self) -> None:
         """Raise PeerLostError when a stage is gone: a subclass checks what it can see (a process that exited, a
         worker's report), then ``check_heard``."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the stages and close the sockets (idempotent)."""
+
+    def outdated(self) -> bool:
+        """The cluster could be better now (a worker missing when it was built answers again): never, here."""
+        return False
 
     def check_heard(self) -> None:
         """While the head waits for the stages, ping every stage on the control broadcast once a second; a stage that
@@ -250,7 +257,6 @@ class LocalCluster(Cluster):
         self.inputs = ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
         self._connect_first(ins[0])
         self.procs: list[subprocess.Popen[bytes]] = []
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         for i, a in enumerate(self.assigns):
             addresses = {
                 "in": ins[i],
@@ -258,8 +264,7 @@ class LocalCluster(Cluster):
                 "control": addr["control"],
                 "report": addr["report"],
             }
-            cmd = [sys.executable, "-m", "homespec.pipeline.worker", "--assign", json.dumps(asdict(a))]
-            self.procs.append(subprocess.Popen([*cmd, "--addresses", json.dumps(addresses)], env=env))
+            self.procs.append(start_stage(asdict(a), addresses))
         atexit.register(self.close)
         self._wait_ready()
 
@@ -268,13 +273,7 @@ class LocalCluster(Cluster):
             return
         with contextlib.suppress(zmq.ZMQError):
             self.broadcast(Shutdown("head closing"))
-        deadline = time.monotonic() + 3.0
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop_stages(self.procs, terminate=False)
         self.procs = []
         for s in (self.results, self.report, self.control, self.first):
             s.close(linger=0)

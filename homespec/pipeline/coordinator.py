@@ -18,7 +18,7 @@ stages' Results into ``StageResult``s, checking their tensors' shapes on the way
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ from homespec.core.step import (
 from homespec.errors import PeerLostError, RequestFailedError
 from homespec.pipeline.cluster import Cluster
 from homespec.pipeline.frames import from_raw, to_raw
+from homespec.pipeline.solo import decode_alone
 
 RESULT_TIMEOUT_S = 30.0  # a hung (not dead) stage; a dead one is seen within 0.1 s
 
@@ -81,24 +82,10 @@ class PipelineDecoder:
         tree_cfg: TreeConfig,
         trace: bool = False,
         max_new: int | None = None,
-    ) -> Iterator[DecodeStep]:
+    ) -> Generator[DecodeStep, None, None]:
         """One request alone: yield a DecodeStep each time one of its waves is verified, until the caller stops;
         RequestFailedError if a stage fails it."""
-        req = self.join(prompt, draft, sampling, tree_cfg, trace, max_new)
-        done = False
-        try:
-            while True:
-                for r, step in self.step():
-                    if r != req:
-                        continue
-                    if isinstance(step, RequestFailedError):
-                        raise step
-                    yield step
-        except GeneratorExit:
-            done = True  # the caller has all the tokens it wanted
-            raise
-        finally:
-            self.leave(req, stats=done)
+        return decode_alone(self, prompt, draft, sampling, tree_cfg, trace, max_new)
 
     def join(
         self,
@@ -209,7 +196,7 @@ class PipelineDecoder:
                 self._started.pop(a.request, None)
                 c.broadcast(Abort(a.request, "finished"))
             elif isinstance(a, Fail):
-                out.append((a.request, RequestFailedError(a.request, a.why)))
+                out.append((a.request, RequestFailedError(a.request, a.why, a.hint)))
         return out
 
     def _result(self, msg: Result) -> StageResult:
@@ -217,8 +204,8 @@ class PipelineDecoder:
         top_t, top_lp = from_raw(msg.top_tokens), from_raw(msg.top_logprobs)
         if top_t.shape != top_lp.shape or (msg.step != PREFIX_STEP and top_t.shape[0] != len(msg.nodes)):
             raise PeerLostError(f"malformed result: {len(msg.nodes)} nodes, top-k {tuple(top_t.shape)}")
-        hidden = from_raw(msg.hidden)
-        if not hidden.numel():
+        hidden: torch.Tensor | None = from_raw(msg.hidden)
+        if hidden is None or not hidden.numel():
             hidden = None  # the request's draft wants no features
         elif hidden.dim() != 2:
             raise PeerLostError(f"result carries hidden states of shape {tuple(hidden.shape)}")

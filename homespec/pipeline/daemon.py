@@ -27,12 +27,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -52,6 +50,7 @@ from homespec.core.messages import (
     WorkerInfo,
 )
 from homespec.errors import TransportError
+from homespec.pipeline.procs import start_stage, stop_stages
 from homespec.transport.channel import Gatekeeper, curve_server
 from homespec.transport.codec import decode, encode, pack_frames
 from homespec.transport.keys import load_or_create, trusted_heads
@@ -98,7 +97,7 @@ class WorkerDaemon:
         self.session: _Session | None = None
         self.bad_messages = 0
         raise_file_limit()
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.gatekeeper = Gatekeeper(self.ctx)
         self.gatekeeper.allow("head", lambda: trusted_heads().keys())
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -227,9 +226,7 @@ class WorkerDaemon:
             "curve": {"out_key": msg.next_key, "head_key": msg.head_key, "allow": [msg.upstream_key]},
         }
         assign = {k: v for k, v in asdict(msg).items() if k in ASSIGN_FIELDS}
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "homespec.pipeline.worker", "--assign", json.dumps(assign)]
-        s.stages[msg.stage] = subprocess.Popen([*cmd, "--addresses", json.dumps(addresses)], env=env)
+        s.stages[msg.stage] = start_stage(assign, addresses)
         log.info(
             "session %d: stage %d (layers %d-%d) on %s", s.id, msg.stage, msg.layer_start, msg.layer_end, msg.device
         )
@@ -254,16 +251,7 @@ class WorkerDaemon:
         if s is None:
             return
         log.info("session %d ends: %s", s.id, reason)
-        for proc in s.stages.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 3.0
-        for proc in s.stages.values():
-            try:
-                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_stages(list(s.stages.values()), terminate=True)
 
     # -- what the worker is --------------------------------------------------------------------------------------
     def worker_info(self, measure: bool = False) -> WorkerInfo:

@@ -1,4 +1,6 @@
-"""torch tensors <-> ``RawTensor`` (dtype by name, shape, bytes), without copies where the layout allows."""
+"""torch tensors <-> ``RawTensor`` (dtype by name, shape, bytes). ``to_raw`` shares a contiguous CPU tensor's memory
+(no copy; others are made contiguous on the CPU first); ``from_raw`` copies the frame's bytes once, since a
+received frame is read-only and a tensor over it could not be written."""
 
 from __future__ import annotations
 

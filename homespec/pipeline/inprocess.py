@@ -1,25 +1,26 @@
 """Tree speculative decoding with the whole target in this process (mode ``ar``; with S in-process stages it is
 the single-host form of mode ``tree``): an executor of ``core.step.StepMachine`` in mode ``tree`` at latency 1.
 
-Each tick the machine verifies the wave of the tick before and drafts the next; this module runs the wave through
-the stages at once, picks the target's next token per node (``model.sampling``) and hands the results back, and
-commits the caches when the machine prunes. The decisions are all the machine's; the math is ``model``'s.
+A step drafts and chooses a wave (the machine), runs it through the stages at once and picks the target's next
+token per node (``model.sampling``), then the machine verifies it and this module commits the caches. The
+decisions are all the machine's; the math is ``model``'s. One request at a time: the caches are this decoder's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 
 import torch
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.step import (
+    DEFAULT_MAX_TREE,
     PREFIX_STEP,
+    Action,
     DecodeStep,
     Draft,
     Emit,
-    EndRequest,
     Fail,
     SendPrefix,
     SendPrune,
@@ -27,18 +28,17 @@ from homespec.core.step import (
     StageResult,
     StepMachine,
 )
-from homespec.errors import CapacityError
+from homespec.errors import ConfigError, HomespecError, RequestFailedError
 from homespec.model.kv import TreeKVCache
 from homespec.model.sampling import next_tokens, top_logprobs
 from homespec.model.stage import Stage
-
-REQUEST = 1  # the one request in flight
+from homespec.pipeline.solo import decode_alone
 
 
 class InProcessDecoder:
     """Runs requests one at a time over a chain of in-process stages (the last one has the head)."""
 
-    def __init__(self, stages: Sequence[Stage], max_context: int = 4096, max_tree: int = 256) -> None:
+    def __init__(self, stages: Sequence[Stage], max_context: int = 4096, max_tree: int = DEFAULT_MAX_TREE) -> None:
         self.busy = [0.0] * len(stages)  # seconds each in-process stage has computed
         if not stages or not stages[0].has_embed or not stages[-1].has_head:
             raise ValueError("the stage chain must start with embeddings and end with a head")
@@ -46,7 +46,16 @@ class InProcessDecoder:
         self.max_tree = max_tree
         self.max_context = max_context
         self.caches: list[TreeKVCache] = [s.new_cache(max_context, max_tree) for s in self.stages]
-        self.open_requests = 0  # 1 while a request holds the caches
+        self.machine = StepMachine("tree", 1, len(self.stages), max_tree=max_tree, max_context=max_context)
+        self.busy_fraction: tuple[float, ...] = ()  # per stage, for the last request that left (in process: none)
+        self.tick = 0
+        self._ids = 0
+        self._sampling = SamplingConfig()
+        self._features = False
+
+    @property
+    def open_requests(self) -> int:
+        return self.machine.open_requests
 
     def decode(
         self,
@@ -56,80 +65,98 @@ class InProcessDecoder:
         tree_cfg: TreeConfig,
         trace: bool = False,
         max_new: int | None = None,
-    ) -> Iterator[DecodeStep]:
-        """Yield one DecodeStep per target forward until the context is full; the caller stops when it has enough
-        (``max_new``: it stops after that many tokens, so nothing past them is drafted)."""
-        if not prompt:
-            raise ValueError("empty prompt")
-        self.open_requests = 1
-        try:
-            yield from self._decode(prompt, draft, sampling, tree_cfg, trace, max_new)
-        finally:
-            self.open_requests = 0
+    ) -> Generator[DecodeStep, None, None]:
+        """Yield one DecodeStep per target forward until the caller stops (``max_new``: it stops after that many
+        tokens, so nothing past them is drafted)."""
+        return decode_alone(self, prompt, draft, sampling, tree_cfg, trace, max_new)
 
-    def _decode(
+    def join(
         self,
         prompt: Sequence[int],
         draft: Draft,
         sampling: SamplingConfig,
         tree_cfg: TreeConfig,
-        trace: bool,
-        max_new: int | None,
-    ) -> Iterator[DecodeStep]:
+        trace: bool = False,
+        max_new: int | None = None,
+    ) -> int:
+        """Start a request: its prompt goes through the stages now, and the draft learns it before it drafts."""
+        if self.machine.runs:
+            raise ConfigError("mode ar decodes one request at a time")
+        if not prompt:
+            raise ValueError("empty prompt")
         for cache in self.caches:
             cache.reset()
-        machine = StepMachine(
-            "tree", latency=1, stages=len(self.stages), max_tree=self.max_tree, max_context=self.max_context
-        )
-        for action in machine.join(REQUEST, prompt, draft, tree_cfg.budget, 0, max_new, trace):
-            assert isinstance(action, SendPrefix)
-            machine.deliver(self._prefix(action, draft.learns, draft.wants_features))
-        tick = 0
-        while True:
-            for action in [*machine.collect(tick), *machine.inject(tick)]:
-                if isinstance(action, SendWave):
-                    machine.deliver(self._wave(action, sampling, draft.wants_features))
-                elif isinstance(action, SendPrune):
-                    for cache in self.caches:
-                        cache.commit(action.committed, action.dead)
-                elif isinstance(action, Emit):
-                    yield action.step
-                elif isinstance(action, Fail):
-                    raise CapacityError(action.why)
-                elif not isinstance(action, EndRequest):
-                    raise AssertionError(f"unexpected action {action!r}")
-            tick += 1
+        self._ids += 1
+        self._sampling, self._features = sampling, draft.wants_features
+        req = self._ids
+        try:
+            self._perform(self.machine.join(req, prompt, draft, tree_cfg.budget, self.tick, max_new, trace))
+            self._perform(self.machine.collect(self.tick))  # the prompt's results: due now, at latency 1
+        except BaseException:
+            self.leave(req)
+            raise
+        return req
 
-    def _prefix(self, chunk: SendPrefix, learns: bool, features: bool) -> StageResult:
+    def step(self) -> list[tuple[int, DecodeStep | RequestFailedError]]:
+        """One target forward: draft, run the wave, verify it."""
+        m = self.machine
+        try:
+            out = self._perform(m.inject(self.tick))
+            self.tick += 1
+            out += self._perform(m.collect(self.tick))
+        except HomespecError as exc:  # this request's own fault (a cache refused its tree): it alone ends
+            out = [a for req in list(m.runs) for a in self._perform(m.fail(req, exc.message, exc.hint))]
+        return out
+
+    def leave(self, req: int, stats: bool = False) -> None:
+        self._perform(self.machine.leave(req))
+
+    def _perform(self, actions: list[Action]) -> list[tuple[int, DecodeStep | RequestFailedError]]:
+        out: list[tuple[int, DecodeStep | RequestFailedError]] = []
+        for a in actions:
+            if isinstance(a, SendWave):
+                self.machine.deliver(self._wave(a))
+            elif isinstance(a, SendPrefix):
+                self.machine.deliver(self._prefix(a))
+            elif isinstance(a, SendPrune):
+                for cache in self.caches:
+                    cache.commit(a.committed, a.dead)
+            elif isinstance(a, Emit):
+                out.append((a.request, a.step))
+            elif isinstance(a, Fail):
+                out.append((a.request, RequestFailedError(a.request, a.why, a.hint)))
+        return out
+
+    def _prefix(self, chunk: SendPrefix) -> StageResult:
         x: torch.Tensor = torch.tensor(list(chunk.tokens))
         positions = range(chunk.start, chunk.start + len(chunk.tokens))
         for stage, cache in zip(self.stages, self.caches, strict=True):
             x = stage.forward_prefix(cache, x, positions)
         top_t: list[list[int]] = []
         top_lp: list[list[float]] = []
-        if learns:
+        if self.machine.runs[chunk.request].draft.learns:
             t, lp, _ = top_logprobs(x)
             top_t, top_lp = t.tolist(), lp.tolist()
-        hidden = self.stages[-1].last_hidden if features else None
-        return StageResult(REQUEST, PREFIX_STEP, top_tokens=top_t, top_logprobs=top_lp, hidden=hidden)
+        hidden = self.stages[-1].last_hidden if self._features else None
+        return StageResult(chunk.request, PREFIX_STEP, top_tokens=top_t, top_logprobs=top_lp, hidden=hidden)
 
-    def _wave(self, wave: SendWave, sampling: SamplingConfig, features: bool) -> StageResult:
+    def _wave(self, wave: SendWave) -> StageResult:
         rows = wave.rows
         x: torch.Tensor = torch.tensor([r.token for r in rows])
         for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
             started = time.perf_counter()
             x = stage.forward_tree(cache, rows, x)
             self.busy[i] += time.perf_counter() - started
-        picked = next_tokens(x, [r.position for r in rows], sampling)
+        picked = next_tokens(x, [r.position for r in rows], self._sampling)
         top_t, top_lp, chosen = top_logprobs(x, chosen=picked)
         return StageResult(
-            REQUEST,
+            wave.parts[0].request,
             wave.step,
             nodes=tuple(r.node for r in rows),
             next_tokens=tuple(picked),
             next_logprobs=tuple(chosen),
             top_tokens=top_t.tolist(),
             top_logprobs=top_lp.tolist(),
-            hidden=self.stages[-1].last_hidden if features else None,
+            hidden=self.stages[-1].last_hidden if self._features else None,
             busy_s=tuple(self.busy),
         )

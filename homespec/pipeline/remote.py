@@ -33,6 +33,7 @@ import zmq
 
 from homespec.core.messages import Deploy, Deployed, Failure, Heartbeat, Hello, Release, Shutdown, WorkerInfo
 from homespec.core.planner import Device
+from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.errors import ConfigError, PeerLostError, PlanError, TransportError, UntrustedPeerError
 from homespec.pipeline.cluster import PEER_TIMEOUT_S, PING_EVERY_S, Cluster
 from homespec.transport.channel import Gatekeeper, HandshakeWatch, curve_client, curve_server
@@ -203,7 +204,7 @@ class RemoteCluster(Cluster):
         model: str,
         dtype: str,
         max_context: int,
-        max_tree: int = 512,
+        max_tree: int = DEFAULT_MAX_TREE,
         model_digest: str = "",
         keys: KeyPair | None = None,
         progress: Callable[[str], None] | None = None,
@@ -382,7 +383,7 @@ def build(
     from homespec.profiling.profile import load_profile
 
     say = progress or (lambda text: None)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     keys = load_or_create("head")
     profile = load_profile(spec.profile) if spec.profile else None
     links: list[WorkerLink] = []

@@ -23,7 +23,10 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from homespec.core.messages import Assign
 
 log = logging.getLogger("homespec.worker")
 
@@ -52,7 +55,7 @@ class _Request:
 
 
 class StageWorker:
-    def __init__(self, assign: Any, addresses: dict[str, str]) -> None:
+    def __init__(self, assign: Assign, addresses: dict[str, Any]) -> None:
         import torch
         import zmq
 
@@ -74,7 +77,7 @@ class StageWorker:
         self.bad_messages = 0  # undecodable, wrong for its socket, or refused (hostile input is counted, not obeyed)
         # the largest wave: max(tree rows, a prompt chunk) of hidden states in fp32 (capped before allocation)
         self.max_bytes = max(assign.max_tree, PREFIX_CHUNK) * self.stage.hidden * 4 + (1 << 20)
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         curve = _CurveSetup(ctx, addresses["curve"]) if "curve" in addresses else None
         self.inp = ctx.socket(zmq.PULL)
         self.inp.setsockopt(zmq.MAXMSGSIZE, self.max_bytes + (4 << 20))  # tensors + the header cap
@@ -349,23 +352,40 @@ class StageWorker:
             out = x[:0]
         busy = (*msg.busy_s, self.busy_total + self._step_s(started, n))
         replies, at = [], 0
-        fields: list[list[int]] = [[], [], [], [], [], []]  # requests, counts, prune_seqs, nodes, parents, positions
+        ahead: dict[str, list[int]] = {
+            k: [] for k in ("requests", "counts", "prune_seqs", "nodes", "parents", "positions")
+        }
         for request, seq, req, rows in live:
             k = len(rows)
             if self.last:
-                hidden = self.stage.last_hidden[at : at + k] if k else None
+                features = self.stage.last_hidden
+                hidden = features[at : at + k] if k and features is not None else None
                 replies.append(self._result(req, request, msg.step, out[at : at + k], rows, hidden=hidden, busy=busy))
             else:
-                for f, values in zip(fields, ([request], [k], [seq]), strict=False):
-                    f.extend(values)
-                fields[3].extend(r.node for r in rows)
-                fields[4].extend(r.parent for r in rows)
-                fields[5].extend(r.position for r in rows)
+                ahead["requests"].append(request)
+                ahead["counts"].append(k)
+                ahead["prune_seqs"].append(seq)
+                ahead["nodes"].extend(r.node for r in rows)
+                ahead["parents"].extend(r.parent for r in rows)
+                ahead["positions"].extend(r.position for r in rows)
             req.steps += 1
             req.rows += k
             at += k
         if not self.last:
-            replies.append(Wave(msg.step, False, *(tuple(f) for f in fields), to_raw(out), busy))
+            replies.append(
+                Wave(
+                    step=msg.step,
+                    prefix=False,
+                    requests=tuple(ahead["requests"]),
+                    counts=tuple(ahead["counts"]),
+                    prune_seqs=tuple(ahead["prune_seqs"]),
+                    nodes=tuple(ahead["nodes"]),
+                    parents=tuple(ahead["parents"]),
+                    positions=tuple(ahead["positions"]),
+                    data=to_raw(out),
+                    busy_s=busy,
+                )
+            )
         took = self._emulate_stage(started, n)
         for _, _, req, _ in live:
             req.busy_s += took  # the stage was busy for each request in the step
@@ -401,9 +421,18 @@ class StageWorker:
         hidden = hidden if req.features and (prefix or rows) else None
         h = to_raw(hidden.float()) if hidden is not None else to_raw(logits.new_zeros((0,)).float())
         t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
-        if prefix:
-            return Result(request, step, (), (), t, lp, h, (), busy)
-        return Result(request, step, tuple(r.node for r in rows), tuple(tokens), t, lp, h, tuple(chosen), busy)
+        nodes = () if prefix else tuple(r.node for r in rows)
+        return Result(
+            request=request,
+            step=step,
+            nodes=nodes,
+            next_tokens=() if prefix else tuple(tokens),
+            top_tokens=t,
+            top_logprobs=lp,
+            hidden=h,
+            next_logprobs=() if prefix else tuple(chosen),
+            busy_s=busy,
+        )
 
     def _modeled_s(self, rows: int) -> float:
         a = self.assign
@@ -442,7 +471,7 @@ def _request_cap(assign: Any, stage: Any, local: bool) -> int:
     if str(stage.device).startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(stage.device))[0]
     else:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         free = psutil.virtual_memory().available
     share = free * 0.9 / (assign.num_stages if local else 1)

@@ -26,7 +26,9 @@ def detect(torch_mod: Any = None, nvml: Any = None, psutil_mod: Any = None) -> l
     if torch_mod is None:
         import torch as torch_mod
     if psutil_mod is None:
-        import psutil as psutil_mod
+        import psutil
+
+        psutil_mod = psutil
     out = cuda_devices(torch_mod, nvml if nvml is not None else _nvml())
     mps = mps_device(torch_mod, psutil_mod)
     if mps is not None:

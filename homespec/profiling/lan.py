@@ -52,7 +52,7 @@ def add_workers(
     say(f"{len(found)} worker(s) answered on the LAN")
     known = {(p.address, p.port) for p in found}
     found += [p for p in map(parse_peer, peers) if (p.address, p.port) not in known]
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     keys = load_or_create("head")
     head = cluster.head or cluster.hosts[0].name
     untrusted: list[tuple[Any, str]] = []

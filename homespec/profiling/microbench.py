@@ -8,6 +8,7 @@ GEMM for compute, a device-to-device copy for the weight reads.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,11 +49,11 @@ def matmul_tflops(torch_mod: Any, device: str, dtype: str, budget_s: float = 0.6
         while True:
             a = torch_mod.randn(n, n, device=device, dtype=torch_dtype)
             b = torch_mod.randn(n, n, device=device, dtype=torch_dtype)
-            took = _best_time(lambda a=a, b=b: a @ b, sync, budget_s / 4, reps=3)
+            took = _best_time(functools.partial(torch_mod.matmul, a, b), sync, budget_s / 4, reps=3)
             if took > budget_s / 10 or n >= 8192:
                 break
             n *= 2
-        took = _best_time(lambda a=a, b=b: a @ b, sync, budget_s / 2)
+        took = _best_time(functools.partial(torch_mod.matmul, a, b), sync, budget_s / 2)
     except (RuntimeError, TypeError):  # e.g. a dtype this device's kernels lack
         return 0.0
     return 2 * n**3 / took / 1e12
@@ -66,11 +67,11 @@ def memory_gb_s(torch_mod: Any, device: str, budget_s: float = 0.4, max_bytes: i
     while True:
         src = torch_mod.empty(size, dtype=torch_mod.uint8, device=device).fill_(1)
         dst = torch_mod.empty_like(src)
-        took = _best_time(lambda s=src, d=dst: d.copy_(s), sync, budget_s / 4, reps=3)
+        took = _best_time(functools.partial(dst.copy_, src), sync, budget_s / 4, reps=3)
         if took > budget_s / 10 or size * 2 > max_bytes:
             break
         size *= 2
-    took = _best_time(lambda s=src, d=dst: d.copy_(s), sync, budget_s / 2)
+    took = _best_time(functools.partial(dst.copy_, src), sync, budget_s / 2)
     return 2 * size / took / 1e9
 
 

@@ -75,6 +75,10 @@ class GenerationService:
     def engine(self) -> Any:
         return self.batch.engine if self.batch is not None else None
 
+    def fresh_tokenizer(self) -> Any:
+        """A tokenizer for the HTTP event loop (the engine's own is used by the generation thread)."""
+        return self.batch.engine.fresh_tokenizer()
+
     @property
     def down(self) -> bool:
         """The engine failed to rebuild: requests get 503 until one rebuild succeeds."""

@@ -60,7 +60,7 @@ def parse_peer(text: str) -> Peer:
 
 def local_addresses() -> list[str]:
     """This machine's IPv4 addresses other than loopback."""
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     out = []
     for addrs in psutil.net_if_addrs().values():

@@ -68,16 +68,16 @@ class AutoDraft(DraftSource):
         """The bandit for the current mode: every arm when draft cost counts, the maximal arms when it is free."""
         return self._bandits[self.cost_weight > 0]
 
-    @property  # type: ignore[override]
-    def forwards(self) -> int:
+    @property
+    def forwards(self) -> int:  # type: ignore[override]
         return sum(b.forwards for b in self.bases.values())
 
-    @property  # type: ignore[override]
-    def cost(self) -> float:
+    @property
+    def cost(self) -> float:  # type: ignore[override]
         return sum(b.cost for b in self.bases.values())
 
-    @property  # type: ignore[override]
-    def choices(self) -> tuple[str, ...]:
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.history)
 
     def set_mode(self, mode: str) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.core.tree import NodeId, TokenTree, Verification
 from homespec.model.drafts.base import forward_params
 from homespec.model.drafts.model import ModelDraft
@@ -45,7 +46,7 @@ class HeadDraft(ModelDraft):
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
-            self.cache = self.head.new_cache(self.max_context, 512, self.stage.dtype, self.stage.device)
+            self.cache = self.head.new_cache(self.max_context, DEFAULT_MAX_TREE, self.stage.dtype, self.stage.device)
         else:
             self.cache.reset()
         if self.head.vocab is not None:  # the draft vocabulary and this prompt's own tokens (names, numbers)

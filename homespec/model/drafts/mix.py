@@ -18,12 +18,12 @@ class MixDraft(DraftSource):
         self.learns = any(s.learns for s in self.sources)
         self.wants_features = any(s.wants_features for s in self.sources)
 
-    @property  # type: ignore[override]
-    def forwards(self) -> int:
+    @property
+    def forwards(self) -> int:  # type: ignore[override]
         return sum(s.forwards for s in self.sources)
 
-    @property  # type: ignore[override]
-    def cost(self) -> float:
+    @property
+    def cost(self) -> float:  # type: ignore[override]
         return sum(s.cost for s in self.sources)
 
     def set_mode(self, mode: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.core.tree import NodeId, TokenTree, Verification
 from homespec.model.drafts.base import DraftSource
 from homespec.model.kv import TreeKVCache
@@ -47,7 +48,7 @@ class ModelDraft(DraftSource):
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
-            self.cache = self.stage.new_cache(self.max_context, max_tree=512)
+            self.cache = self.stage.new_cache(self.max_context, DEFAULT_MAX_TREE)
         else:
             self.cache.reset()
 
