@@ -69,7 +69,7 @@ def test_stages_in_half_precision_give_the_single_process_tokens(dtype: str, cha
         assert weights and {t.dtype for t in [*weights, stage.embed_w, stage.head_w]} == {want}
         plain = run(single)
     with Engine(EngineOptions(dtype=dtype, stages=2, mode="specpipe", draft="ngram")) as pipeline:
-        assert [a.dtype for a in pipeline.cluster.assigns] == [dtype, dtype]
+        assert [a.dtype for a in pipeline.backend.cluster.assigns] == [dtype, dtype]
         assert run(pipeline) == plain
 
 

@@ -213,7 +213,7 @@ def test_a_lost_worker_fails_the_request_in_bounded_time_and_the_cluster_heals(
 
     first = engine(2)
     try:
-        hosts = [s.device.host for s in first.plan.stages]
+        hosts = [s.device.host for s in first.backend.plan.stages]
         assert sorted(hosts) == ["w1", "w2"]
         events = first.generate(chat_ids("Write a very long story about a dragon."),
                                 GenerationConfig(max_tokens=4000, stop_on_eos=False))  # fmt: skip
@@ -230,16 +230,16 @@ def test_a_lost_worker_fails_the_request_in_bounded_time_and_the_cluster_heals(
         first.close()
     try:
         with engine(1) as rest:
-            assert [s.device.host for s in rest.plan.stages] == ["w1"]
-            assert [p.address for p in rest.cluster.missing] == [f"{lab['net']}.3"]
+            assert [s.device.host for s in rest.backend.plan.stages] == ["w1"]
+            assert [p.address for p in rest.backend.cluster.missing] == [f"{lab['net']}.3"]
             lossless(rest)
             _mend(lab)
             deadline = time.monotonic() + 20
-            while not rest.cluster.outdated():
+            while not rest.backend.cluster.outdated():
                 assert time.monotonic() < deadline, "w2 came back but was never re-admitted"
                 time.sleep(0.5)
     finally:
         _mend(lab)
     with engine(2) as healed:
-        assert sorted(s.device.host for s in healed.plan.stages) == ["w1", "w2"]
+        assert sorted(s.device.host for s in healed.backend.plan.stages) == ["w1", "w2"]
         lossless(healed)
