@@ -216,7 +216,8 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
     timings: list[StageTiming] = []
     scale = 1.0
     if options.emulate:
-        from homespec.pipeline.emulate import auto_time_scale, load_profile, stage_timings
+        from homespec.pipeline.emulate import auto_time_scale, stage_timings
+        from homespec.profiling.profile import load_profile
 
         timings = stage_timings(load_profile(options.emulate), options.stages)
         scale = options.time_scale or auto_time_scale(options.stages)
@@ -235,8 +236,9 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
                 device=options.device,
                 max_context=options.max_context,
                 max_tree=DEFAULT_MAX_TREE,
-                emu_base_ms=t.base_ms * scale if t else 0.0,
-                emu_ms_per_row=t.ms_per_row * scale if t else 0.0,
+                emu_base_ms=t.time.read_s * 1e3 * scale if t else 0.0,
+                emu_ms_per_row=t.time.row_s * 1e3 * scale if t else 0.0,
+                emu_overhead_ms=t.time.overhead_s * 1e3 * scale if t else 0.0,
                 emu_link_ms=t.link_ms * scale if t else 0.0,
                 emu_link_ms_per_row=t.link_ms_per_row * scale if t else 0.0,
                 max_requests=options.max_concurrency,

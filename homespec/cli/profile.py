@@ -41,7 +41,7 @@ def profile(
             from homespec.profiling.lan import add_workers
             from homespec.transport.keys import fingerprint
 
-            untrusted = add_workers(
+            cluster, untrusted = add_workers(
                 cluster, browse_s=browse if lan else 0.0, peers=peer or [], progress=say, confirm=_ask_if_terminal()
             )
             for p, key in untrusted:

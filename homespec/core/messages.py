@@ -105,10 +105,11 @@ class Assign(Message):
     device: str
     max_context: int
     max_tree: int
-    # emulation (DESIGN §10; all 0 = off): a step of n rows is padded to max(emu_base_ms, emu_ms_per_row * n),
-    # and sending it on takes emu_link_ms + emu_link_ms_per_row * n
+    # emulation (DESIGN §10; all 0 = off): a step of n rows is padded to the planner's time model,
+    # max(emu_base_ms, emu_ms_per_row * n) + emu_overhead_ms; sending it on takes emu_link_ms + emu_link_ms_per_row * n
     emu_base_ms: float = 0.0
     emu_ms_per_row: float = 0.0
+    emu_overhead_ms: float = 0.0
     emu_link_ms: float = 0.0
     emu_link_ms_per_row: float = 0.0
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
@@ -123,7 +124,7 @@ class Assign(Message):
         _in_range(k, "max_context", self.max_context, 1, MAX_CONTEXT_LIMIT)
         _in_range(k, "max_tree", self.max_tree, 1, MAX_TREE_LIMIT)
         _in_range(k, "max_requests", self.max_requests, 1, 4096)
-        for name in ("emu_base_ms", "emu_ms_per_row", "emu_link_ms", "emu_link_ms_per_row"):
+        for name in ("emu_base_ms", "emu_ms_per_row", "emu_overhead_ms", "emu_link_ms", "emu_link_ms_per_row"):
             _in_range(k, name, getattr(self, name), 0.0, 1e6)
 
 

@@ -228,13 +228,30 @@ def stage_memory(shape: ModelShape, opts: PlanOptions, n: int, embed: bool, head
     return params * opts.weight_bytes, kv, activations
 
 
+@dataclass(frozen=True)
+class StageTime:
+    """The time model of one stage step (module docstring), the one the planner and the emulator share:
+    ``max(read_s, row_s · rows) + overhead_s``."""
+
+    read_s: float  # the bytes a step reads (weights, KV) / memory bandwidth
+    row_s: float  # one row's compute: 2 · params / (FLOP/s · efficiency)
+    overhead_s: float  # fixed cost of a step
+
+    def seconds(self, rows: int) -> float:
+        return max(self.read_s, self.row_s * rows) + self.overhead_s
+
+
+def stage_time(params: float, read_bytes: float, device: Device, efficiency: float, overhead_s: float) -> StageTime:
+    """The step model of ``params`` parameters that read ``read_bytes`` per step on ``device``."""
+    return StageTime(read_bytes / device.mem_bw, 2 * params / (device.flops * efficiency), overhead_s)
+
+
 def stage_seconds(shape: ModelShape, opts: PlanOptions, device: Device, n: int, head: bool, rows: int) -> float:
     """Modeled time of one step of ``rows`` rows over ``n`` layers (module docstring); the embedding lookup reads
     only its rows and is left out."""
     params = n * shape.layer_params + (shape.head_params if head else 0)
     read = params * opts.weight_bytes + n * shape.kv_bytes_per_token(opts.act_bytes) * opts.context / 2
-    compute = 2 * params * rows / (device.flops * opts.efficiency)
-    return max(read / device.mem_bw, compute) + opts.overhead_s
+    return stage_time(params, read, device, opts.efficiency, opts.overhead_s).seconds(rows)
 
 
 def row_bytes(shape: ModelShape, opts: PlanOptions) -> float:

@@ -32,7 +32,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import zmq
@@ -258,7 +258,7 @@ class WorkerDaemon:
         """This worker's identity and devices; ``measure``: its micro-benchmarks first (once, then cached; not while
         a session runs, since they would compete with its stages)."""
         if measure and not self.measured and self.session is None:
-            _measure(self.host_profile, self.devices, self.bench_budget_s)
+            self.host_profile = _measure(self.host_profile, self.devices, self.bench_budget_s)
             self.measured = True
         return WorkerInfo(
             self.name,
@@ -295,14 +295,17 @@ def _host_profile(name: str, devices: list[str] | None) -> Any:
         if missing:
             raise ConfigError(f"no such device here: {', '.join(missing)}", hint=f"found: {', '.join(by_name)}")
         found = [by_name[d] for d in devices]
-    return HostProfile(name, found)
+    return HostProfile(name, tuple(found))
 
 
-def _measure(host: Any, devices: list[str], budget_s: float) -> None:
+def _measure(host: Any, devices: list[str], budget_s: float) -> Any:
+    """``host`` with each of its devices measured."""
     import torch
 
     from homespec.profiling.microbench import measure
 
+    measured = []
     for d, where in zip(host.devices, devices, strict=True):
         figures = measure(torch, where, budget_s=budget_s)
-        d.mem_bw_gb_s, d.tflops = figures["mem_bw_gb_s"], figures["tflops"]
+        measured.append(replace(d, mem_bw_gb_s=figures["mem_bw_gb_s"], tflops=figures["tflops"]))
+    return replace(host, devices=tuple(measured))

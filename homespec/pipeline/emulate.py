@@ -2,10 +2,11 @@
 for the emulated target, and each link adds its modeled latency and bytes / bandwidth. The math is the real small
 model's; only the clock follows the profile.
 
-Profile format (``profiles/*.json``): ``emulated_model`` {layers, hidden_size, bytes_per_param, params_per_layer},
-``hosts`` [{name, devices [{name, memory_gb, mem_bw_gb_s, tflops}]}], ``links`` {intra_host, inter_host:
-{latency_ms, mb_per_s}}, ``overhead_ms``, ``compute_efficiency``. Stage i runs on the i-th device; the emulated
-layers are split in proportion to device memory.
+The profile is read by ``profiling/profile.py`` (the one profile reader; format in ``profiles/README.md``): an
+emulation profile adds ``emulated_model`` {layers, hidden_size, bytes_per_param, params_per_layer}, ``overhead_ms``
+and ``compute_efficiency``. Stage i runs on the i-th device; the emulated layers are split in proportion to device
+memory. A stage's step follows the planner's time model (``core/planner.py`` ``StageTime``: max(weight bytes /
+bandwidth, rows · 2 · params / (FLOP/s · efficiency)) + overhead), a link's its ``Link``: latency + bytes / bandwidth.
 
 **Time scale.** S stage processes share this machine's cores, and each really computes its layers of the small
 model. When S exceeds the cores, their real compute competes for the CPU and the stages fall behind the modeled
@@ -16,13 +17,12 @@ modeled step. Default: ``S / cores`` (at least 1).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
+from homespec.core.planner import StageTime, stage_time
 from homespec.errors import ConfigError
+from homespec.profiling.profile import ClusterProfile
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,12 @@ class StageTiming:
     device: str
     host: str
     layers: int  # emulated target layers on this stage
-    base_ms: float  # weights read once per step: bytes / bandwidth, plus overhead
-    ms_per_row: float  # compute per wave row: 2 * params / (FLOP/s * efficiency)
+    time: StageTime  # the planner's step model of those layers on this device
     link_ms: float  # latency of the outgoing link
     link_ms_per_row: float  # hidden-state bytes per row / link bandwidth
 
     def step_ms(self, rows: int) -> float:
-        return max(self.base_ms, self.ms_per_row * rows)
+        return self.time.seconds(rows) * 1e3
 
     def send_ms(self, rows: int) -> float:
         return self.link_ms + self.link_ms_per_row * rows
@@ -47,41 +46,31 @@ def auto_time_scale(stages: int, cores: int | None = None) -> float:
     return max(1.0, stages / (cores or os.cpu_count() or 1))
 
 
-def load_profile(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"profile not found: {p}", hint="see profiles/ for examples")
-    try:
-        data: dict[str, Any] = json.loads(p.read_text())
-        for key in ("emulated_model", "hosts", "links"):
-            data[key]  # presence check: KeyError if missing
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ConfigError(f"profile {p} is malformed: {exc}") from exc
-    return data
-
-
-def stage_timings(profile: dict[str, Any], stages: int) -> list[StageTiming]:
+def stage_timings(profile: ClusterProfile, stages: int) -> list[StageTiming]:
     """The modeled timing of each of ``stages`` stages (one per device, in profile order)."""
-    devices = [(h["name"], d) for h in profile["hosts"] for d in h["devices"]]
-    if not (1 <= stages <= len(devices)):
-        raise ConfigError(f"profile {profile.get('name')} has {len(devices)} devices; cannot emulate {stages} stages")
-    devices = devices[:stages]
-    model = profile["emulated_model"]
-    layers = _split(model["layers"], [d["memory_gb"] for _, d in devices])
-    eff = float(profile.get("compute_efficiency", 0.5))
-    overhead = float(profile.get("overhead_ms", 0.0))
-    row_bytes = model["hidden_size"] * model["bytes_per_param"]
+    model = profile.emulated
+    if model is None:
+        raise ConfigError(
+            f"profile {profile.name} names no emulated_model, so it cannot be emulated",
+            hint="--emulate takes a profile written for emulation (profiles/README.md), e.g. "
+            "profiles/home-8x3090-1gbe.json",
+        )
+    topo = profile.topology("fp32" if model.bytes_per_param >= 4 else "fp16")
+    if not (1 <= stages <= len(topo.devices)):
+        raise ConfigError(f"profile {profile.name} has {len(topo.devices)} devices; cannot emulate {stages} stages")
+    devices = topo.devices[:stages]
+    layers = _split(model.layers, [d.memory_bytes for d in devices])
+    row_bytes = model.hidden_size * model.bytes_per_param
     out = []
-    for i, ((host, dev), n_layers) in enumerate(zip(devices, layers, strict=True)):
-        params = n_layers * model["params_per_layer"]
-        base = params * model["bytes_per_param"] / (dev["mem_bw_gb_s"] * 1e9) * 1e3 + overhead
-        per_row = 2 * params / (dev["tflops"] * 1e12 * eff) * 1e3
-        next_host = devices[i + 1][0] if i + 1 < len(devices) else devices[0][0]  # the last stage answers the head
-        link = profile["links"]["intra_host" if next_host == host else "inter_host"]
+    for i, (dev, n_layers) in enumerate(zip(devices, layers, strict=True)):
+        params = n_layers * model.params_per_layer
+        time = stage_time(
+            params, params * model.bytes_per_param, dev, profile.compute_efficiency, profile.overhead_ms / 1e3
+        )
+        next_host = devices[i + 1].host if i + 1 < len(devices) else devices[0].host  # the last answers the head
+        link = topo.link(dev.host, next_host)
         out.append(
-            StageTiming(
-                dev["name"], host, n_layers, base, per_row, link["latency_ms"], row_bytes / (link["mb_per_s"] * 1e3)
-            )
+            StageTiming(dev.name, dev.host, n_layers, time, link.latency_s * 1e3, row_bytes / link.bytes_per_s * 1e3)
         )
     return out
 

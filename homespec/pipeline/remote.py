@@ -393,7 +393,7 @@ def build(
                                       spec.workers == ("auto",), say)  # fmt: skip
         if profile is not None:
             answering = {(link.peer.address, link.peer.port) for link in links}
-            profile.hosts = [h for h in profile.hosts if (h.address, h.port) in answering]
+            profile = profile.only_hosts(lambda h: (h.address, h.port) in answering)
         try:
             the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
         except PlanError:
@@ -475,12 +475,12 @@ def find_peers(spec: RemoteSpec, profile: Any, say: Callable[[str], None]) -> li
     from homespec.transport.discovery import browse, parse_peer
 
     if profile is not None:
-        profile.hosts = [h for h in profile.hosts if h.address]
-        if not profile.hosts:
+        workers = [h for h in profile.hosts if h.address]
+        if not workers:
             raise ConfigError(
                 f"profile {spec.profile} names no workers", hint="write one with `homespec profile --lan`"
             )
-        return [Peer(h.name, h.address, h.port, h.key, pinned=bool(h.key)) for h in profile.hosts]  # saved by the user
+        return [Peer(h.name, h.address, h.port, h.key, pinned=bool(h.key)) for h in workers]  # saved by the user
     if spec.workers == ("auto",):
         say("looking for workers on the LAN…")
         peers = browse()
@@ -500,7 +500,7 @@ def plan_on(
     from homespec.profiling.profile import ClusterProfile
 
     if profile is None:
-        profile = ClusterProfile("workers", [link.host_profile() for link in links], head=host_name())
+        profile = ClusterProfile("workers", tuple(link.host_profile() for link in links), head=host_name())
     else:
         for link in links:
             h = next(h for h in profile.hosts if (h.address, h.port) == (link.peer.address, link.peer.port))

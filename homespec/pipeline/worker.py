@@ -436,7 +436,7 @@ class StageWorker:
 
     def _modeled_s(self, rows: int) -> float:
         a = self.assign
-        return max(a.emu_base_ms, a.emu_ms_per_row * rows) / 1000
+        return (max(a.emu_base_ms, a.emu_ms_per_row * rows) + a.emu_overhead_ms) / 1000
 
     def _step_s(self, started: float, rows: int) -> float:
         """How long the step begun at ``started`` takes: its compute so far, or the modeled time when longer."""

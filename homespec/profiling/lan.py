@@ -20,7 +20,6 @@ from dataclasses import replace
 from typing import Any
 
 from homespec.core.messages import Echo, RawTensor
-from homespec.core.planner import Link
 from homespec.errors import TransportError
 from homespec.profiling.profile import ClusterProfile, LinkProfile
 
@@ -36,10 +35,10 @@ def add_workers(
     peers: list[str],
     progress: Callable[[str], None] | None = None,
     confirm: Callable[[Any, str], bool] | None = None,
-) -> list[tuple[Any, str]]:
+) -> tuple[ClusterProfile, list[tuple[Any, str]]]:
     """Find the workers (zeroconf for ``browse_s`` seconds, plus ``peers``), ask each trusted one to measure its
-    devices, measure the link to each, and add them to ``cluster`` (this machine's profile). Returns the untrusted
-    ones, (peer, the key it claims), that ``confirm(peer, key)`` (when given) did not accept."""
+    devices, measure the link to each, and return ``cluster`` (this machine's profile) with them added, and the
+    untrusted ones, (peer, the key it claims), that ``confirm(peer, key)`` (when given) did not accept."""
     import zmq
 
     from homespec.errors import UntrustedPeerError
@@ -71,18 +70,12 @@ def add_workers(
         say(f"measuring worker {peer.name} at {peer.address}:{peer.port}…")
         link = connect(ctx, keys, peer, measure=True)
         try:
-            host = link.host_profile()
-            host.address, host.port, host.key = peer.address, peer.port, link.key
-            cluster.hosts = [h for h in cluster.hosts if h.name != host.name] + [host]
+            host = replace(link.host_profile(), address=peer.address, port=peer.port, key=link.key)
             latency, p90, mb_s = measure_link(link.sock)
-            cluster.links.append(LinkProfile(head, host.name, latency, p90, mb_s))
+            cluster = cluster.with_host(host, LinkProfile(head, host.name, latency, p90, mb_s))
         finally:
             link.sock.close(linger=0)
-    if cluster.links:
-        slowest_latency = max(x.latency_ms for x in cluster.links)
-        slowest_rate = min(x.mb_per_s for x in cluster.links)
-        cluster.inter_host = Link(slowest_latency / 1e3, slowest_rate * 1e6)
-    return untrusted
+    return cluster, untrusted
 
 
 def measure_link(sock: Any) -> tuple[float, float, float]:

@@ -8,6 +8,7 @@ import json
 import platform
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,19 @@ def measure_host(
 
     say = progress or (lambda text: None)
     threads = torch_mod.get_num_threads()
-    devices = detect(torch_mod)
-    for d in devices:
+    devices = []
+    for d in detect(torch_mod):
         where = f"cuda:{d.index}" if d.kind == "cuda" else d.kind
         say(f"measuring {where} ({d.name})…")
         figures = measure(torch_mod, where, budget_s=budget_s)
-        d.mem_bw_gb_s, d.tflops = figures["mem_bw_gb_s"], figures["tflops"]
-        if d.kind == "cpu":
-            d.extra["torch_threads"] = threads
-    return HostProfile(name or host_name(), devices, os=f"{platform.system()} {platform.release()}")
+        extra = {**d.extra, "torch_threads": threads} if d.kind == "cpu" else d.extra
+        devices.append(replace(d, mem_bw_gb_s=figures["mem_bw_gb_s"], tflops=figures["tflops"], extra=extra))
+    return HostProfile(name or host_name(), tuple(devices), os=f"{platform.system()} {platform.release()}")
 
 
 def this_machine(host: HostProfile) -> ClusterProfile:
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return ClusterProfile(host.name, [host], head=host.name, measured_at=now)
+    return ClusterProfile(host.name, (host,), head=host.name, measured_at=now)
 
 
 def saved_path(name: str | None = None) -> Path:

@@ -3,13 +3,17 @@ cluster has, as measured by ``homespec profile`` or written by hand for an emula
 
 A profile is data: hosts (name, address, port, public key), their devices (kind, index, name, memory total and free,
 memory bandwidth, FLOP/s per dtype) and links (defaults for inside a host and between hosts, plus measured pairs).
-This module reads and writes them and turns them into the planner's ``Topology``; it measures nothing.
+An emulation profile (``--emulate``) also names the model it emulates (``emulated_model``) and the stage overhead and
+compute efficiency of its time model. This module is the one reader of every profile file; it reads and writes them
+and turns them into the planner's ``Topology``; it measures nothing. Profiles are frozen: a measurement makes a new
+one (``dataclasses.replace``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ SCHEMA = 1
 COMPUTE_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp16", "int4": "fp16"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeviceProfile:
     kind: str  # cuda | mps | cpu
     index: int
@@ -42,7 +46,7 @@ class DeviceProfile:
         return value * 1e12
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinkProfile:
     a: str  # host names; a link is symmetric
     b: str
@@ -54,26 +58,54 @@ class LinkProfile:
         return Link(self.latency_ms / 1e3, self.mb_per_s * 1e6)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HostProfile:
     name: str
-    devices: list[DeviceProfile]
+    devices: tuple[DeviceProfile, ...]
     address: str = ""  # where its worker listens (empty: this machine)
     port: int = 0
     key: str = ""  # its worker's CurveZMQ public key (z85)
     os: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
+class EmulatedModel:
+    """The model an emulation profile's clock models (``emulated_model``): its size, not its shape."""
+
+    name: str
+    layers: int
+    hidden_size: int
+    bytes_per_param: float
+    params_per_layer: int
+
+
+@dataclass(frozen=True)
 class ClusterProfile:
     name: str
-    hosts: list[HostProfile]
-    links: list[LinkProfile] = field(default_factory=list)
+    hosts: tuple[HostProfile, ...]
+    links: tuple[LinkProfile, ...] = ()
     intra_host: Link = Link(20e-6, 12e9)
     inter_host: Link = Link(0.5e-3, 117e6)
     head: str = ""  # the host the head runs on (default: the first)
     description: str = ""
     measured_at: str = ""
+    emulated: EmulatedModel | None = None  # emulation profiles only
+    overhead_ms: float = 0.5  # the time model's fixed cost of a stage step (core/planner.py)
+    compute_efficiency: float = 0.5  # the achieved share of peak FLOP/s
+
+    def only_hosts(self, keep: Callable[[HostProfile], bool]) -> ClusterProfile:
+        """This profile with only the hosts ``keep`` accepts."""
+        return replace(self, hosts=tuple(h for h in self.hosts if keep(h)))
+
+    def with_host(self, host: HostProfile, link: LinkProfile | None = None) -> ClusterProfile:
+        """This profile with ``host`` added (replacing one of its name) and its measured ``link``; the default
+        inter-host link becomes the slowest measured one."""
+        links = self.links + ((link,) if link else ())
+        inter = self.inter_host
+        if links:
+            inter = Link(max(x.latency_ms for x in links) / 1e3, min(x.mb_per_s for x in links) * 1e6)
+        hosts = (*(h for h in self.hosts if h.name != host.name), host)
+        return replace(self, hosts=hosts, links=links, inter_host=inter)
 
     def host(self, name: str) -> HostProfile:
         for h in self.hosts:
@@ -97,6 +129,13 @@ class ClusterProfile:
         def link(x: Link) -> dict[str, float]:
             return {"latency_ms": round(x.latency_s * 1e3, 4), "mb_per_s": round(x.bytes_per_s / 1e6, 1)}
 
+        emulation: dict[str, Any] = {}
+        if self.emulated is not None:
+            emulation = {
+                "emulated_model": asdict(self.emulated),
+                "overhead_ms": self.overhead_ms,
+                "compute_efficiency": self.compute_efficiency,
+            }
         return {
             "schema": SCHEMA,
             "name": self.name,
@@ -109,6 +148,7 @@ class ClusterProfile:
                 "inter_host": link(self.inter_host),
                 "measured": [asdict(x) for x in self.links],
             },
+            **emulation,
         }
 
 
@@ -150,34 +190,48 @@ def parse_profile(data: dict[str, Any], default_name: str = "profile") -> Cluste
             )
         hosts.append(
             HostProfile(
-                str(h["name"]),
-                devices,
-                str(h.get("address", "")),
-                int(h.get("port", 0)),
-                str(h.get("key", "")),
-                str(h.get("os", "")),
+                name=str(h["name"]),
+                devices=tuple(devices),
+                address=str(h.get("address", "")),
+                port=int(h.get("port", 0)),
+                key=str(h.get("key", "")),
+                os=str(h.get("os", "")),
             )
         )
     links = data.get("links", {})
-    out = ClusterProfile(str(data.get("name", default_name)), hosts)
-    if "intra_host" in links:
-        out.intra_host = _link(links["intra_host"])
-    if "inter_host" in links:
-        out.inter_host = _link(links["inter_host"])
-    out.links = [
+    measured = tuple(
         LinkProfile(
-            str(x["a"]),
-            str(x["b"]),
-            float(x["latency_ms"]),
-            float(x.get("latency_p90_ms", x["latency_ms"])),
-            float(x["mb_per_s"]),
+            a=str(x["a"]),
+            b=str(x["b"]),
+            latency_ms=float(x["latency_ms"]),
+            latency_p90_ms=float(x.get("latency_p90_ms", x["latency_ms"])),
+            mb_per_s=float(x["mb_per_s"]),
         )
         for x in links.get("measured", [])
-    ]
-    out.head = str(data.get("head", ""))
-    out.description = str(data.get("description", ""))
-    out.measured_at = str(data.get("measured_at", ""))
-    return out
+    )
+    em = data.get("emulated_model")
+    emulated = None
+    if em is not None:
+        emulated = EmulatedModel(
+            name=str(em.get("name", "")),
+            layers=int(em["layers"]),
+            hidden_size=int(em["hidden_size"]),
+            bytes_per_param=float(em["bytes_per_param"]),
+            params_per_layer=int(em["params_per_layer"]),
+        )
+    return ClusterProfile(
+        name=str(data.get("name", default_name)),
+        hosts=tuple(hosts),
+        links=measured,
+        intra_host=_link(links["intra_host"]) if "intra_host" in links else ClusterProfile.intra_host,
+        inter_host=_link(links["inter_host"]) if "inter_host" in links else ClusterProfile.inter_host,
+        head=str(data.get("head", "")),
+        description=str(data.get("description", "")),
+        measured_at=str(data.get("measured_at", "")),
+        emulated=emulated,
+        overhead_ms=float(data.get("overhead_ms", ClusterProfile.overhead_ms)),
+        compute_efficiency=float(data.get("compute_efficiency", ClusterProfile.compute_efficiency)),
+    )
 
 
 def merge_profiles(profiles: list[ClusterProfile]) -> ClusterProfile:
@@ -192,9 +246,7 @@ def merge_profiles(profiles: list[ClusterProfile]) -> ClusterProfile:
         hosts.update({h.name: h for h in p.hosts})
         links.update({frozenset((x.a, x.b)): x for x in p.links})
     name = "+".join(p.name for p in profiles)
-    return ClusterProfile(
-        name, list(hosts.values()), list(links.values()), first.intra_host, first.inter_host, first.head
-    )
+    return replace(first, name=name, hosts=tuple(hosts.values()), links=tuple(links.values()))
 
 
 def _link(d: dict[str, Any]) -> Link:
