@@ -106,7 +106,10 @@ def in_process_decoder(source: ModelSource, options: EngineOptions, split: int) 
     if not (1 <= split <= total):
         raise ConfigError(f"split must be in [1, {total}], got {split}")
     dtype = parse_dtype(options.dtype)
-    stages = [Stage(source, a, b, dtype=dtype, device=options.device) for a, b in even_split(total, split)]
+    stages = [
+        Stage(source, a, b, dtype=dtype, device=options.device, weights=options.weights)
+        for a, b in even_split(total, split)
+    ]
     return InProcessDecoder(stages, max_context=options.max_context)
 
 
@@ -221,7 +224,7 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
 
         timings = stage_timings(load_profile(options.emulate), options.stages)
         scale = options.time_scale or auto_time_scale(options.stages)
-    model = "" if options.model is None else str(source.folder)
+    model = "" if options.model is None else str(source.gguf or source.folder)
     assigns = []
     for i, (a, b) in enumerate(even_split(source.num_layers, options.stages)):
         t = timings[i] if timings else None
@@ -242,6 +245,7 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
                 emu_link_ms=t.link_ms * scale if t else 0.0,
                 emu_link_ms_per_row=t.link_ms_per_row * scale if t else 0.0,
                 max_requests=options.max_concurrency,
+                weights=options.weights,
             )
         )
     cluster = LocalCluster(assigns, progress, options.peer_timeout_s)
@@ -267,8 +271,8 @@ def remote_backend(source: ModelSource, options: EngineOptions, progress: Progre
     where = remote.RemoteSpec(options.workers, options.cluster, options.stages if options.stages > 1 else None)
     shape = read_shape(str(source.folder))
     cluster, plan = remote.build(
-        where, model, shape, options.dtype, options.mode, options.max_context, progress, source.digest(),
-        options.peer_timeout_s, options.max_concurrency,
+        where, model, shape, options.dtype, options.mode, options.max_context, progress,
+        source.digest(options.weights), options.peer_timeout_s, options.max_concurrency, options.weights,
     )  # fmt: skip
     info = [
         StageInfo(f"{s.device.torch_device} {s.device.name} @ {s.device.host}", s.layers, s.link_s * 1e3)

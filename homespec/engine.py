@@ -49,6 +49,7 @@ class EngineOptions:
     draft: str = "none"
     mode: Mode = "ar"
     dtype: str = "fp32"
+    weights: str = "auto"  # the linear weights' format (model/formats.py): auto, fp32, fp16, bf16, int8, int4
     device: str = "cpu"
     max_context: int = 4096
     tree: TreeConfig = TreeConfig()
@@ -76,6 +77,9 @@ class EngineOptions:
             raise ConfigError(f"time scale must be in [0, 1000] (0 = auto), got {self.time_scale}")
         if self.emulate and self.remote:
             raise ConfigError("--emulate runs local stages; it cannot be combined with --workers or --cluster")
+        from homespec.model.formats import check_format
+
+        check_format(self.weights, self.dtype)
         if self.split < 1 or self.stages < 1:
             raise ConfigError(f"split and stages must be at least 1, got {self.split} and {self.stages}")
 

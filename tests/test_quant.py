@@ -105,8 +105,10 @@ def test_int8_kernel_matches_dequantized(dtype: torch.dtype, n: int) -> None:
     y = w.linear(x)
     assert y.dtype == dtype
     check_close(y, reference(x, w))
-    other = torch.float16 if dtype != torch.float16 else torch.float32  # the cast-codes path
-    check_close(w.linear(x.to(other)), reference(x.to(other), w))
+    other = torch.float16 if dtype != torch.float16 else torch.float32  # cast to the weight's dtype and back
+    y2 = w.linear(x.to(other))
+    assert y2.dtype == other
+    check_close(y2 if y2.dtype != torch.float32 else y2.to(dtype), reference(x.to(other).to(dtype), w))
 
 
 @pytest.mark.parametrize("make", [lambda w: quant.quantize_int4(w, 32), quant.quantize_int8])

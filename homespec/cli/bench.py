@@ -22,8 +22,10 @@ from homespec.cli.common import (
     DEFAULT_DRAFT,
     ByScoreOption,
     ClusterOption,
+    DtypeOption,
     TimeScaleOption,
     WaveSizeOption,
+    WeightsOption,
     WorkersOption,
     parse_workers,
     quiet_libraries,
@@ -68,6 +70,8 @@ def bench(
     ] = None,
     workers: WorkersOption = None,
     cluster: ClusterOption = None,
+    dtype: DtypeOption = "fp32",
+    weights: WeightsOption = "auto",
 ) -> None:
     """Measure every decoding mode on the same prompts; print tables and optionally save JSON."""
     quiet_libraries()
@@ -98,6 +102,8 @@ def bench(
             workers=remote,
             cluster=cluster,
             max_concurrency=256 if concurrency is not None else 8,
+            dtype=dtype,
+            weights=weights,
         )
         if concurrency is not None:
             engine = Engine(opts)
@@ -199,6 +205,7 @@ def _measure(
         "mode": mode,
         "draft": draft,
         "stages": engine.stage_count(mode),
+        "weights": "fp32" if mode in BASELINES else engine.options.weights,
         "prompts": len(prompts),
         **_summary(done),
         "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,

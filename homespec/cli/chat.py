@@ -19,6 +19,7 @@ from homespec.cli.common import (
     StagesOption,
     TimeScaleOption,
     WaveSizeOption,
+    WeightsOption,
     WorkersOption,
     engine_options,
     quiet_libraries,
@@ -41,6 +42,7 @@ def chat(
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int, typer.Option(help="sampling seed (keyed per position)")] = 0,
     dtype: DtypeOption = "fp32",
+    weights: WeightsOption = "auto",
     device: DeviceOption = "cpu",
     max_context: MaxContextOption = 4096,
     workers: WorkersOption = None,
@@ -53,7 +55,7 @@ def chat(
         from homespec.config import GenerationConfig, SamplingConfig
 
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context, workers, cluster, peer_timeout)  # fmt: skip
+                                 max_context, workers, cluster, peer_timeout, weights)  # fmt: skip
         config = GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed), trace=True
         )

@@ -29,6 +29,10 @@ StagesOption = Annotated[int, typer.Option("--stages", "-s", help="stage process
 ModeOption = Annotated[str | None, typer.Option(help="ar | pp | tree | specpipe (default: by --stages)")]
 EmulateOption = Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")]
 DtypeOption = Annotated[str, typer.Option(help="fp32 | fp16 | bf16")]
+WeightsOption = Annotated[
+    str,
+    typer.Option(help="weights: auto | fp32 | fp16 | bf16 | int8 | int4 (int4 on a GGUF: its own 4-bit blocks)"),
+]
 DeviceOption = Annotated[str, typer.Option(help="cpu | cuda:N | mps")]
 MaxContextOption = Annotated[int, typer.Option("--max-context")]
 WorkersOption = Annotated[
@@ -51,7 +55,7 @@ def parse_workers(workers: str | None) -> tuple[str, ...]:
 def engine_options(
     model: str | None, stages: int, mode: str | None, draft: str, wave_size: int, by_score: bool,
     emulate: str | None, time_scale: float, dtype: str, device: str, max_context: int,
-    workers: str | None = None, cluster: str | None = None, peer_timeout: float = 10.0,
+    workers: str | None = None, cluster: str | None = None, peer_timeout: float = 10.0, weights: str = "auto",
 ) -> EngineOptions:  # fmt: skip
     """The engine the options of ``chat``, ``serve`` and ``generate`` describe. The mode defaults to ``specpipe``
     when the stages are several or remote (``--workers``, ``--cluster``), else ``ar``."""
@@ -63,6 +67,7 @@ def engine_options(
         model=model, draft=draft, mode=(mode or ("specpipe" if pipelined else "ar")),  # type: ignore[arg-type]
         stages=stages, wave_size=wave_size, by_score=by_score, emulate=emulate, time_scale=time_scale, dtype=dtype,
         device=device, max_context=max_context, workers=remote, cluster=cluster, peer_timeout_s=peer_timeout,
+        weights=weights,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from homespec.cli.common import (
     PeerTimeoutOption,
     TimeScaleOption,
     WaveSizeOption,
+    WeightsOption,
     WorkersOption,
     engine_options,
     quiet_libraries,
@@ -46,6 +47,7 @@ def generate(
     tree_depth: Annotated[int | None, typer.Option("--tree-depth", help="draft levels per step")] = None,
     tree_width: Annotated[int | None, typer.Option("--tree-width", help="branches per level")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
+    weights: WeightsOption = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
     max_context: Annotated[int, typer.Option("--max-context")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object at the end")] = False,
@@ -61,7 +63,7 @@ def generate(
             raise ConfigError(f"expected [MODEL] PROMPT, got {len(args)} arguments")
         model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context, workers, cluster, peer_timeout)  # fmt: skip
+                                 max_context, workers, cluster, peer_timeout, weights)  # fmt: skip
         tree = None  # the mode's and device's default (config.default_tree) unless one is given
         if (tree_budget, tree_depth, tree_width) != (None, None, None):
             base = default_tree(options.mode, device)

@@ -9,6 +9,7 @@ from homespec.cli.bench import bench
 from homespec.cli.chat import chat
 from homespec.cli.generate import generate
 from homespec.cli.keys import keys
+from homespec.cli.perplexity import perplexity
 from homespec.cli.plan import plan
 from homespec.cli.prepare import prepare
 from homespec.cli.profile import profile
@@ -28,6 +29,7 @@ app.command()(prepare)
 app.command()(bench)
 app.command()(serve)
 app.command()(plan)
+app.command()(perplexity)
 app.command()(profile)
 app.command()(worker)
 app.add_typer(keys)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from homespec.cli.common import quiet_libraries, user_errors
-from homespec.core.planner import GB, PLAN_MODES, RUNNABLE_WEIGHTS, WEIGHT_BYTES, Plan, PlanOptions
+from homespec.core.planner import GB, PLAN_MODES, WEIGHT_BYTES, Plan, PlanOptions
 
 
 def plan(
@@ -23,6 +23,9 @@ def plan(
     ] = None,
     stages: Annotated[int | None, typer.Option("--stages", "-s", help="exactly this many stages")] = None,
     weights: Annotated[str, typer.Option(help=f"weight format: {' | '.join(WEIGHT_BYTES)}")] = "fp16",
+    dtype: Annotated[
+        str, typer.Option(help="activations and KV: fp32 | fp16 | bf16 (default: the weights' own, fp16 if quantized)")
+    ] = "",
     context: Annotated[int, typer.Option(help="tokens of KV each stage reserves")] = 4096,
     mode: Annotated[str, typer.Option(help="the mode whose time between tokens to minimize")] = "specpipe",
     wave_size: Annotated[int, typer.Option("--wave-size", help="specpipe: rows per step")] = 32,
@@ -40,7 +43,13 @@ def plan(
         shape = read_shape(model)
         cluster = cluster_profile(profile or [])
         opts = PlanOptions(
-            weights=weights, context=context, mode=mode, stages=stages, wave_rows=wave_size, hit_rate=hit_rate
+            weights=weights,
+            act=dtype,
+            context=context,
+            mode=mode,
+            stages=stages,
+            wave_rows=wave_size,
+            hit_rate=hit_rate,
         )
         result = make_plan(shape, cluster.topology(weights), opts)
         if as_json:
@@ -135,8 +144,3 @@ def print_plan(p: Plan, profile_name: str) -> None:
         f"(placed to minimize {o.mode} at {rows} rows per step; KV for {o.context} tokens per stage; draft hit rate "
         f"{o.hit_rate} per depth; {o.headroom_bytes / 2**30:.0f} GiB headroom per device)"
     )
-    if o.weights not in RUNNABLE_WEIGHTS:
-        console.print(
-            f"note: stages run {', '.join(RUNNABLE_WEIGHTS)} weights today; an {o.weights} plan shows what a "
-            "quantized build would need"
-        )

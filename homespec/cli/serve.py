@@ -20,6 +20,7 @@ from homespec.cli.common import (
     StagesOption,
     TimeScaleOption,
     WaveSizeOption,
+    WeightsOption,
     WorkersOption,
     engine_options,
     quiet_libraries,
@@ -56,6 +57,7 @@ def serve(
         float, typer.Option("--read-timeout", help="seconds a client has to send a request's head, then its body")
     ] = DEFAULT_READ_TIMEOUT_S,
     dtype: DtypeOption = "fp32",
+    weights: WeightsOption = "auto",
     device: DeviceOption = "cpu",
     max_context: MaxContextOption = 4096,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level")] = "warning",
@@ -86,7 +88,7 @@ def serve(
         from homespec.server.service import GenerationService
 
         options = engine_options(model, stages, mode, draft, wave_size, by_score, emulate, time_scale, dtype, device,
-                                 max_context, workers, cluster, peer_timeout)  # fmt: skip
+                                 max_context, workers, cluster, peer_timeout, weights)  # fmt: skip
         where = "remote workers" if options.remote else f"{stages} stage(s)"
         typer.echo(f"loading {model or 'the bundled model'} ({options.mode}, {where})…", err=True)
         name = served_name or model_id(model)

@@ -12,6 +12,8 @@ import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
+from homespec.core.planner import WEIGHT_FORMATS
+
 PROTOCOL_VERSION = 1
 
 #: How many of the target's top next tokens a Result carries per computed position (display, token recycling, the
@@ -113,6 +115,7 @@ class Assign(Message):
     emu_link_ms: float = 0.0
     emu_link_ms_per_row: float = 0.0
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
+    weights: str = "auto"  # the linear weights' format (model/formats.py); activations and KV in ``dtype``
     max_requests: int = DEFAULT_MAX_REQUESTS  # requests open on the stage at once (each holds a KV cache)
 
     def __post_init__(self) -> None:
@@ -124,6 +127,8 @@ class Assign(Message):
         _in_range(k, "max_context", self.max_context, 1, MAX_CONTEXT_LIMIT)
         _in_range(k, "max_tree", self.max_tree, 1, MAX_TREE_LIMIT)
         _in_range(k, "max_requests", self.max_requests, 1, 4096)
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"{k}: weights {self.weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
         for name in ("emu_base_ms", "emu_ms_per_row", "emu_overhead_ms", "emu_link_ms", "emu_link_ms_per_row"):
             _in_range(k, name, getattr(self, name), 0.0, 1e6)
 

@@ -37,10 +37,14 @@ from homespec.errors import PlanError
 GB = 1e9
 GiB = 2**30
 
-#: Bytes per weight for each weight format the planner knows. HomeSpec's stages run fp32, fp16 and bf16; int8 and int4
-#: (group-128 scales) are sizes for planning what a quantized build would need (``homespec plan --weights``).
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 128}
-RUNNABLE_WEIGHTS = ("fp32", "fp16", "bf16")
+#: Bytes per weight of each weight format as a stage holds it (model/quant.py), before the scales: float formats
+#: their dtype; int8 one byte (one scale per output row, negligible); int4 half a byte plus a scale and a zero per
+#: group of ``INT4_PLAN_GROUP`` in the activation dtype (``PlanOptions.weight_bytes``).
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+INT4_PLAN_GROUP = 32  # GGUF's Q4 blocks; a float checkpoint quantized at load uses 128, so this is the larger size
+ACT_DTYPES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
+#: ``--weights``: a format of WEIGHT_BYTES, or ``auto`` (model/formats.py).
+WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 PLAN_MODES = ("pp", "tree", "specpipe")
 
 
@@ -142,6 +146,7 @@ class Topology:
 @dataclass(frozen=True)
 class PlanOptions:
     weights: str = "fp16"
+    act: str = ""  # activations' and KV's dtype (--dtype): "" = the weights' own float dtype, fp16 when quantized
     context: int = 4096  # tokens of KV each stage reserves
     mode: str = "specpipe"  # the mode whose modeled TBT the plan minimizes
     stages: int | None = None  # exactly this many stages (None: as many as help)
@@ -157,6 +162,8 @@ class PlanOptions:
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_BYTES:
             raise PlanError(f"unknown weight format {self.weights!r}", hint=f"one of {', '.join(WEIGHT_BYTES)}")
+        if self.act and self.act not in ACT_DTYPES:
+            raise PlanError(f"unknown activation dtype {self.act!r}", hint=f"one of {', '.join(ACT_DTYPES)}")
         if self.mode not in PLAN_MODES:
             raise PlanError(f"unknown mode {self.mode!r}", hint=f"one of {', '.join(PLAN_MODES)}")
         if not (1 <= self.context <= 10_000_000):
@@ -170,12 +177,16 @@ class PlanOptions:
 
     @property
     def weight_bytes(self) -> float:
-        return WEIGHT_BYTES[self.weights]
+        """Bytes per weight as stored, scales included (int4: two per group, in the activation dtype)."""
+        scales = 2 * self.act_bytes / INT4_PLAN_GROUP if self.weights == "int4" else 0.0
+        return WEIGHT_BYTES[self.weights] + scales
 
     @property
     def act_bytes(self) -> float:
-        """Activations and KV: fp32 with fp32 weights, else 16-bit."""
-        return 4.0 if self.weights == "fp32" else 2.0
+        """Activations and KV: ``act``'s dtype; by default the weights' own float dtype, 16-bit when quantized."""
+        if self.act:
+            return ACT_DTYPES[self.act]
+        return ACT_DTYPES.get(self.weights, 2.0)
 
 
 @dataclass(frozen=True)

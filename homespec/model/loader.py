@@ -23,13 +23,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from homespec.config import cache_dir
-from homespec.errors import ModelError
+from homespec.errors import ConfigError, ModelError
 from homespec.model.shape import SUPPORTED_MODEL_TYPES
+
+if TYPE_CHECKING:
+    from homespec.model.quant import Weight
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class ModelSource:
     weight_map: dict[str, str]  # tensor name -> file name inside folder
     tensors_read: list[str] = field(default_factory=list)  # every tensor name read, in order (for tests)
     hub: Any = None  # fetch.HubFiles of a hub-backed source: shards are downloaded when first read
+    gguf: Path | None = None  # the GGUF file this folder was dequantized from: ``--weights int4`` reads its blocks
 
     @functools.cached_property
     def config(self) -> Any:
@@ -109,17 +113,55 @@ class ModelSource:
                     self.tensors_read.append(name)
         return out
 
-    def digest(self) -> str:
+    def read_weights(self, names: list[str], weights: str, dtype: torch.dtype, device: str) -> dict[str, Weight]:
+        """Exactly these tensors, the linear ones in weight format ``weights`` (``formats.py``): float tensors in
+        ``dtype`` for a float format; ``int4``/``int8`` from the GGUF's own blocks, or quantized at load from a
+        float checkpoint (round-to-nearest: deterministic, so every worker and every re-plan holds bit-identical
+        weights). Norms and biases stay float in ``dtype``."""
+        from homespec.model.formats import QUANTIZED_FORMATS, is_linear
+
+        if weights not in QUANTIZED_FORMATS:
+            return dict(self.read(names, dtype, device))
+        quantized = [n for n in names if is_linear(n)]
+        out: dict[str, Weight] = dict(self.read([n for n in names if not is_linear(n)], dtype, device))
+        if self.gguf is not None:
+            if weights != "int4":
+                raise ConfigError(
+                    f"--weights {weights} on GGUF {self.gguf.name}: a GGUF runs its own blocks (--weights int4) or "
+                    "dequantized (--weights auto)",
+                    hint="requantizing 4-bit blocks into 8 bits would add error and save nothing",
+                )
+            for name in quantized:
+                out[name] = self.gguf_weights.read(name, dtype, device)
+                self.tensors_read.append(name)
+            return out
+        for name, w in self.read(quantized, torch.float32, "cpu").items():
+            out[name] = quantize_at_load(name, w, weights, dtype, device)
+        return out
+
+    @functools.cached_property
+    def gguf_weights(self) -> Any:
+        """The GGUF file's tensors (``formats.GGUFWeights``), opened on first use."""
+        from homespec.model.formats import GGUFWeights
+
+        assert self.gguf is not None
+        shape = self.shape
+        return GGUFWeights(self.gguf, self.num_layers, shape.heads, shape.kv_heads)
+
+    def digest(self, weights: str = "auto") -> str:
         """A fingerprint of the model: its config (without the keys that name where it came from), its tensor names
-        and its size in bytes (the index's total, or the weight files'). Two copies of one model agree; a different
-        model, revision or precision does not."""
+        and its size in bytes (the index's total, or the weight files'), and the weight format when quantized. Two
+        copies of one model agree; a different model, revision, precision or quantization does not."""
         config = {k: v for k, v in self.raw.items() if k not in _UNSTABLE_CONFIG_KEYS}
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             size = int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
         else:
             size = sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
-        text = json.dumps({"config": config, "tensors": sorted(self.weight_map), "bytes": size}, sort_keys=True)
+        facts: dict[str, Any] = {"config": config, "tensors": sorted(self.weight_map), "bytes": size}
+        if weights in ("int4", "int8"):
+            facts["weights"] = f"{weights}:{'gguf' if self.gguf else 'rtn'}"
+        text = json.dumps(facts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def tokenizer(self) -> Any:
@@ -131,15 +173,31 @@ class ModelSource:
             raise ModelError(f"cannot load a tokenizer from {self.folder}: {exc}") from exc
 
 
+def quantize_at_load(name: str, w: torch.Tensor, weights: str, dtype: torch.dtype, device: str) -> Weight:
+    """A float checkpoint's linear weight in ``weights`` (``formats.py``): int4 round-to-nearest in groups of
+    ``INT4_GROUP``, int8 per channel; the embeddings and the LM head int8 in both."""
+    from homespec.model.formats import INT4_GROUP, kernel_dtype
+    from homespec.model.quant import quantize_int4, quantize_int8, to_device
+
+    dtype = kernel_dtype()  # the scales' and the products' dtype, whatever the activations' (formats.py)
+    ends = name in ("model.embed_tokens.weight", "lm_head.weight")
+    if weights == "int8" or ends:
+        return to_device(quantize_int8(w, dtype=dtype), device)
+    if w.shape[1] % INT4_GROUP:
+        raise ModelError(f"{name}: {w.shape[1]} columns is not a multiple of the int4 group of {INT4_GROUP}")
+    return to_device(quantize_int4(w, group=INT4_GROUP, dtype=dtype), device)
+
+
 def resolve(spec: str | None) -> ModelSource:
     """Turn a MODEL argument (or None for the bundled model) into a ModelSource."""
     if spec is None or spec == "":
-        return open_folder(prepare_gguf(bundled_gguf()), BUNDLED_NAME)
+        gguf = bundled_gguf()
+        return open_folder(prepare_gguf(gguf), BUNDLED_NAME, gguf)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return open_folder(prepare_gguf(path), path.name)
+        return open_folder(prepare_gguf(path), path.name, path)
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{path} is neither a folder nor a .gguf file")
@@ -167,8 +225,9 @@ def model_id(spec: str | None) -> str:
     return path.resolve().name if path.exists() else spec
 
 
-def open_folder(folder: Path, name: str) -> ModelSource:
-    """Open a safetensors folder: check the architecture, build the tensor-name -> file map."""
+def open_folder(folder: Path, name: str, gguf: Path | None = None) -> ModelSource:
+    """Open a safetensors folder (dequantized from ``gguf`` when given): check the architecture, build the
+    tensor-name -> file map."""
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} has no config.json", hint="a model folder needs config.json + *.safetensors")
     raw = json.loads((folder / "config.json").read_text())
@@ -178,7 +237,7 @@ def open_folder(folder: Path, name: str) -> ModelSource:
             f"unsupported architecture {model_type!r} in {folder}",
             hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family: Llama, Mistral, Qwen2, SmolLM)",
         )
-    return ModelSource(folder=folder, name=name, raw=raw, weight_map=_weight_map(folder))
+    return ModelSource(folder=folder, name=name, raw=raw, weight_map=_weight_map(folder), gguf=gguf)
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

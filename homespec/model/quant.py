@@ -144,9 +144,12 @@ def _rows_of(x: torch.Tensor, in_features: int, what: str) -> torch.Tensor:
 class Int4Affine:
     """4-bit codes with a scale and a zero per group of input columns: ``w = (q - 8) * scale + zero``.
 
-    Built for one activation dtype (``scales_and_zeros``' dtype): ``linear`` runs torch's int4 kernel for inputs
-    of that dtype on the weight's device (CPU: fp32, bf16, fp16; CUDA sm80+: bf16) and dequantizes per call for
-    anything else (correct, slower). Build with ``from_codes`` (which makes the kernel copy) or a converter.
+    Built for one kernel dtype (``scales_and_zeros``' dtype): ``linear`` runs torch's int4 kernel on the weight's
+    device (CPU: fp32, bf16, fp16; CUDA sm80+: bf16), an input of another dtype cast to it and the output cast
+    back, and dequantizes per call where there is no kernel (correct, slower). On CPU the kernel is fast only in
+    bf16 (fp32 and fp16 take a scalar loop: 1.7 ms against 0.05 ms for one row of a 1536 x 576 weight), so the
+    stage builds bf16 weights for fp32 activations too (``model/formats.py``). Build with ``from_codes`` (which
+    makes the kernel copy) or a converter.
     """
 
     codes: torch.Tensor  # [out, in / 2] uint8: column 2j in the low nibble, 2j + 1 in the high
@@ -198,10 +201,10 @@ class Int4Affine:
         k = self.kernel
         if x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
-        elif k is None or x.dtype != self.dtype or x.device != k.packed.device:
+        elif k is None or x.device != k.packed.device:
             y = F.linear(x2, self.dequantize(x.dtype))
         else:
-            y = k.matmul(x2.contiguous(), self.group)
+            y = k.matmul(x2.to(self.dtype).contiguous(), self.group).to(x.dtype)
             if k.rows != self.out_features:
                 y = y[:, : self.out_features].contiguous()
         return y.view(*x.shape[:-1], self.out_features)
@@ -234,8 +237,9 @@ class Int4Affine:
 class Int8Channel:
     """int8 codes with one scale per output row: ``w = q * scale``, the scale in the activation dtype.
 
-    ``linear`` runs torch's int8 kernel on CPU (fp32, bf16, fp16 inputs of the weight's dtype); elsewhere it
-    multiplies by the codes cast to x's dtype (int8 is exact in bf16, fp16 and fp32) and scales the output.
+    ``linear`` runs torch's int8 kernel on CPU in the weight's dtype (an input of another dtype cast to it and the
+    output cast back: like int4, the kernel is fast only in bf16 here); elsewhere it multiplies by the codes cast to
+    x's dtype (int8 is exact in bf16, fp16 and fp32) and scales the output.
     """
 
     codes: torch.Tensor  # [out, in] int8
@@ -267,8 +271,9 @@ class Int8Channel:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> x @ w.T [..., out] in x's dtype (no bias)."""
         x2 = _rows_of(x, self.in_features, "this int8 weight")
-        if x2.device.type == "cpu" and x.dtype == self.dtype and x.dtype in _INT8_CPU_DTYPES and x2.shape[0]:
-            y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.codes, self.scales)
+        if x2.device.type == "cpu" and self.dtype in _INT8_CPU_DTYPES and x2.shape[0]:
+            xk = x2.to(self.dtype).contiguous()
+            y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(xk, self.codes, self.scales).to(x.dtype)
         else:
             y = F.linear(x2, self.codes.to(x.dtype)) * self.scales.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -312,6 +317,32 @@ def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return F.embedding(ids, w)
     return w.rows(ids).view(*ids.shape, w.in_features)
+
+
+def to_device(w: Weight, device: str) -> Weight:
+    """The weight on ``device`` (a quantized one with its kernel copy rebuilt there)."""
+    if isinstance(w, torch.Tensor):
+        return w.to(device)
+    if isinstance(w, Int8Channel):
+        return Int8Channel(w.codes.to(device), w.scales.to(device))
+    if w.codes.device == torch.device(device):
+        return w
+    return Int4Affine.from_codes(w.codes.to(device), w.scales_and_zeros.to(device), w.group)
+
+
+def as_tensor(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A float tensor of the weight's values (a quantized weight dequantized), in ``dtype`` when given."""
+    t = w if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+    return t if dtype is None else t.to(dtype)
+
+
+def out_features(w: Weight) -> int:
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) else w.out_features
+
+
+def select_rows(w: Weight, index: torch.Tensor) -> Weight:
+    """Output rows ``index`` [k] of ``w``, in that order (a draft vocabulary's LM head rows)."""
+    return w.index_select(0, index) if isinstance(w, torch.Tensor) else w.select_rows(index)
 
 
 def weight_nbytes(w: Weight) -> int:
@@ -568,6 +599,9 @@ def _gguf_q8_k(name: str, blocks: Blocks, dtype: torch.dtype) -> Weight:
     values = blocks[..., 4:260].view(np.int8).astype(np.float32) * d
     return torch.from_numpy(values.reshape(blocks.shape[0], -1)).to(dtype)
 
+
+#: GGUF types that become quantized weights (the rest are kept in float).
+GGUF_QUANTIZED = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
 
 _GGUF_CONVERTERS = {
     "Q4_0": _gguf_q4_0,

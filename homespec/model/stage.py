@@ -25,6 +25,7 @@ from homespec.core.tree import WaveRow
 from homespec.errors import CapacityError, ConfigError
 from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
+from homespec.model.quant import Weight, embedding, linear, weight_nbytes
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class _Layer:
     ln1: torch.Tensor  # [hidden]
     ln2: torch.Tensor  # [hidden]
-    wq: torch.Tensor  # [heads * d, hidden]
-    wk: torch.Tensor  # [kv_heads * d, hidden]
-    wv: torch.Tensor  # [kv_heads * d, hidden]
-    wo: torch.Tensor  # [hidden, heads * d]
-    wg: torch.Tensor  # [inter, hidden]
-    wu: torch.Tensor  # [inter, hidden]
-    wd: torch.Tensor  # [hidden, inter]
+    wq: Weight  # [heads * d, hidden]; a float tensor or a quantized weight (model/quant.py)
+    wk: Weight  # [kv_heads * d, hidden]
+    wv: Weight  # [kv_heads * d, hidden]
+    wo: Weight  # [hidden, heads * d]
+    wg: Weight  # [inter, hidden]
+    wu: Weight  # [inter, hidden]
+    wd: Weight  # [hidden, inter]
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
@@ -90,7 +91,9 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 class Stage:
-    """Layers ``[start, end)`` of ``source``; ``embed``/``head`` default to first/last stage."""
+    """Layers ``[start, end)`` of ``source``; ``embed``/``head`` default to first/last stage. ``weights``: the
+    linear weights' format (``formats.py``: a float format is ``dtype`` itself; ``int4``/``int8`` hold quantized
+    weights behind ``quant.linear``, activations and KV in ``dtype``)."""
 
     def __init__(
         self,
@@ -102,6 +105,7 @@ class Stage:
         head: bool | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        weights: str = "auto",
     ) -> None:
         shape = source.shape
         total = source.num_layers
@@ -110,7 +114,7 @@ class Stage:
         self.source, self.start, self.end = source, start, end
         self.has_embed = start == 0 if embed is None else embed
         self.has_head = end == total if head is None else head
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.weights = dtype, device, weights
         self.hidden, self.heads, self.kv_heads = shape.hidden, shape.heads, shape.kv_heads
         self.head_dim, self.vocab = shape.head_dim, shape.vocab
         self.eps = float(source.raw.get("rms_norm_eps", 1e-6))
@@ -124,10 +128,10 @@ class Stage:
         prefix = f"model.layers.{i}."
         names = {k: prefix + v for k, v in _LAYER_TENSORS.items()}
         names.update({k: prefix + v for k, v in _LAYER_BIASES.items() if self.source.has(prefix + v)})
-        t = self.source.read(list(names.values()), self.dtype, self.device)
-        return _Layer(**{k: t[v] for k, v in names.items()})
+        t = self.source.read_weights(list(names.values()), self.weights, self.dtype, self.device)
+        return _Layer(**{k: t[v] for k, v in names.items()})  # type: ignore[arg-type]  # norms and biases are float
 
-    def _load_ends(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _load_ends(self) -> tuple[Weight | None, torch.Tensor | None, Weight | None]:
         want = []
         if self.has_embed or (self.has_head and self.source.tied_embeddings):
             want.append("model.embed_tokens.weight")
@@ -135,10 +139,25 @@ class Stage:
             want.append("model.norm.weight")
             if not self.source.tied_embeddings:
                 want.append("lm_head.weight")
-        t = self.source.read(want, self.dtype, self.device)
+        t = self.source.read_weights(want, self.weights, self.dtype, self.device)
         embed = t.get("model.embed_tokens.weight")
         head = t.get("lm_head.weight", embed) if self.has_head else None
-        return (embed if self.has_embed else None), t.get("model.norm.weight"), head
+        norm = t.get("model.norm.weight")
+        assert norm is None or isinstance(norm, torch.Tensor)
+        return (embed if self.has_embed else None), norm, head
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights this stage holds (a tied embedding and head counted once)."""
+        seen: dict[int, int] = {}
+        for layer in self.layers:
+            for w in vars(layer).values():
+                if w is not None:
+                    seen[id(w)] = weight_nbytes(w)
+        for w in (self.embed_w, self.norm_w, self.head_w):
+            if w is not None:
+                seen[id(w)] = weight_nbytes(w)
+        return sum(seen.values())
 
     def _rotary(self) -> Any:
         from homespec.model.rope import rotary_for
@@ -192,7 +211,7 @@ class Stage:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [n] -> embeddings [n, hidden] (a stage with embeddings)."""
         assert self.embed_w is not None
-        return F.embedding(ids.to(self.device), self.embed_w)
+        return embedding(ids.to(self.device), self.embed_w).to(self.dtype)
 
     def rope(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos and sin [n, head_dim] for absolute positions."""
@@ -201,11 +220,11 @@ class Stage:
         cos, sin = self.rotary(probe, pos)  # [1, n, d] each
         return cos[0], sin[0]
 
-    def logits(self, h: torch.Tensor, head_w: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, head_w: Weight | None = None) -> torch.Tensor:
         """Features [n, hidden] -> logits [n, vocab] through the final norm and LM head (a stage with a head);
         ``head_w``: some of the LM head's rows (a draft vocabulary), for logits over those tokens only."""
         assert self.head_w is not None
-        return F.linear(self._rms(h, self.norm_w), self.head_w if head_w is None else head_w)
+        return linear(self._rms(h, self.norm_w), self.head_w if head_w is None else head_w)
 
     def _layer(
         self,
@@ -218,9 +237,9 @@ class Stage:
     ) -> torch.Tensor:
         n = h.shape[0]
         r = self._rms(h, w.ln1)
-        q = F.linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
-        k = F.linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
-        v = F.linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        q = linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
+        k = linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        v = linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         outs, a = [], 0
@@ -237,9 +256,9 @@ class Stage:
             )  # [H, rows, d]
             a = b
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, n, d]
-        h = h + F.linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
+        h = h + linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
         r = self._rms(h, w.ln2)
-        return h + F.linear(F.silu(F.linear(r, w.wg, w.bg)) * F.linear(r, w.wu, w.bu), w.wd, w.bd)
+        return h + linear(F.silu(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)
 
     def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         assert weight is not None

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from homespec.model.head import DraftHead, HeadConfig
 from homespec.model.kv import TreeKVCache
+from homespec.model.quant import as_tensor
 from homespec.model.stage import Segment, Stage
 
 
@@ -171,10 +172,10 @@ def new_head(engine: Any) -> DraftHead:
     last = stage.layers[-1]
     with torch.no_grad():
         for name, src in (("q", last.wq), ("k", last.wk), ("v", last.wv), ("o", last.wo)):
-            getattr(head, name).weight.copy_(src)
-        head.gate.weight.copy_(last.wg)
-        head.up.weight.copy_(last.wu)
-        head.down.weight.copy_(last.wd)
+            getattr(head, name).weight.copy_(as_tensor(src))
+        head.gate.weight.copy_(as_tensor(last.wg))
+        head.up.weight.copy_(as_tensor(last.wu))
+        head.down.weight.copy_(as_tensor(last.wd))
         head.ln1.copy_(last.ln1)
         head.ln2.copy_(last.ln2)
         h = head.cfg.hidden

@@ -210,12 +210,13 @@ class RemoteCluster(Cluster):
         progress: Callable[[str], None] | None = None,
         timeout_s: float = PEER_TIMEOUT_S,
         max_requests: int = 8,
+        weights: str = "auto",
     ) -> None:
         """Deploy one stage per Placement and wait until every stage has loaded."""
         num = len(stages)
         deploys = [
             Deploy(i, num, model, p.layers[0], p.layers[1], dtype, p.device, max_context, max_tree,
-                   model_digest=model_digest, max_requests=max_requests)
+                   model_digest=model_digest, max_requests=max_requests, weights=weights)
             for i, p in enumerate(stages)
         ]  # fmt: skip
         super().__init__(deploys, progress, timeout_s)
@@ -377,6 +378,7 @@ def build(
     model_digest: str = "",
     timeout_s: float = PEER_TIMEOUT_S,
     max_requests: int = 8,
+    weights: str = "auto",
 ) -> tuple[RemoteCluster, Any]:
     """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
     the cluster and the plan."""
@@ -395,13 +397,13 @@ def build(
             answering = {(link.peer.address, link.peer.port) for link in links}
             profile = profile.only_hosts(lambda h: (h.address, h.port) in answering)
         try:
-            the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages)
+            the_plan = plan_on(links, profile, shape, dtype, mode, max_context, spec.stages, weights)
         except PlanError:
             if not (missing and spec.stages):
                 raise
             # --stages asked for more than the devices left can give: serve on what answers rather than not at all
             say(f"{len(missing)} worker(s) missing: {spec.stages} stages do not fit the rest, the planner chooses")
-            the_plan = plan_on(links, profile, shape, dtype, mode, max_context, None)
+            the_plan = plan_on(links, profile, shape, dtype, mode, max_context, None, weights)
         chain = [(s.device, s.layers) for s in the_plan.stages]
         used = {d.host for d, _ in chain}
         for link in links:
@@ -409,7 +411,7 @@ def build(
                 link.sock.close(linger=0)
         cluster = RemoteCluster(
             placements(links, chain), model, dtype, max_context, model_digest=model_digest, keys=keys, progress=say,
-            timeout_s=timeout_s, max_requests=max_requests,
+            timeout_s=timeout_s, max_requests=max_requests, weights=weights,
         )  # fmt: skip
         cluster.missing = missing
         cluster.spec = spec
@@ -491,7 +493,14 @@ def find_peers(spec: RemoteSpec, profile: Any, say: Callable[[str], None]) -> li
 
 
 def plan_on(
-    links: Sequence[WorkerLink], profile: Any, shape: Any, dtype: str, mode: str, max_context: int, stages: int | None
+    links: Sequence[WorkerLink],
+    profile: Any,
+    shape: Any,
+    dtype: str,
+    mode: str,
+    max_context: int,
+    stages: int | None,
+    weights: str = "auto",
 ) -> Any:
     """The planner's placement over the connected workers: with the profile's figures and links when there is one
     (its hosts must carry the names the workers give themselves), else with what the workers measured just now."""
@@ -510,6 +519,6 @@ def plan_on(
                     f"{link.info.name!r}",
                     hint="measure the profile again with `homespec profile --lan`",
                 )
-    weights = dtype if dtype in ("fp16", "bf16", "fp32") else "fp16"
-    opts = PlanOptions(weights=weights, context=max_context, mode=mode if mode != "ar" else "pp", stages=stages)
-    return plan(shape, profile.topology(weights), opts)
+    fmt = weights if weights in ("int4", "int8") else dtype
+    opts = PlanOptions(weights=fmt, act=dtype, context=max_context, mode=mode if mode != "ar" else "pp", stages=stages)
+    return plan(shape, profile.topology(fmt), opts)

@@ -68,7 +68,12 @@ class StageWorker:
         self.assign = assign
         source = resolve(assign.model or None)
         self.stage = Stage(
-            source, assign.layer_start, assign.layer_end, dtype=parse_dtype(assign.dtype), device=assign.device
+            source,
+            assign.layer_start,
+            assign.layer_end,
+            dtype=parse_dtype(assign.dtype),
+            device=assign.device,
+            weights=assign.weights,
         )
         self.first = assign.stage == 0
         self.last = assign.stage == assign.num_stages - 1
@@ -109,7 +114,7 @@ class StageWorker:
     def run(self) -> None:
         from homespec.core.messages import Failure, Heartbeat
 
-        digest = self.stage.source.digest() if self.assign.model_digest else ""
+        digest = self.stage.source.digest(self.assign.weights) if self.assign.model_digest else ""
         if digest != self.assign.model_digest:
             reason = f"this copy of {self.assign.model or 'the model'} differs from the head's (digest {digest})"
             log.error("stage %d: %s", self.assign.stage, reason)

@@ -20,6 +20,7 @@ from homespec.model.drafts.base import forward_params
 from homespec.model.drafts.model import ModelDraft
 from homespec.model.head import DraftHead
 from homespec.model.kv import TreeKVCache
+from homespec.model.quant import Weight, out_features, select_rows
 from homespec.model.stage import Stage
 
 _PREFIX_CHUNK = 256
@@ -42,7 +43,7 @@ class HeadDraft(ModelDraft):
         h = int(cfg.hidden_size)
         self.layer_unit = (forward_params(cfg, 1, lm_head=False) + 2 * h * h) / target  # fc + one layer
         self.lm_unit = self._lm_full = forward_params(cfg, 0, lm_head=True) / target
-        self._head_w: torch.Tensor | None = None  # the LM head's rows for ``columns`` (a draft vocabulary)
+        self._head_w: Weight | None = None  # the LM head's rows for ``columns`` (a draft vocabulary)
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
@@ -53,8 +54,8 @@ class HeadDraft(ModelDraft):
             assert self.stage.head_w is not None
             ids = torch.tensor(list(prompt), dtype=torch.int64)
             columns = torch.unique(torch.cat([self.head.vocab, ids])).to(self.stage.device)
-            self.columns, self._head_w = columns, self.stage.head_w.index_select(0, columns)
-            self.lm_unit = self._lm_full * len(columns) / self.stage.head_w.shape[0]
+            self.columns, self._head_w = columns, select_rows(self.stage.head_w, columns)
+            self.lm_unit = self._lm_full * len(columns) / out_features(self.stage.head_w)
         self.features = []
         self.node_features = {}
         self.predicted = {}

@@ -1,0 +1,118 @@
+"""Weight formats: how a stage holds its linear weights, and where quantized ones come from.
+
+A **weight format** (``--weights``) is one of ``fp32``, ``fp16``, ``bf16`` (float tensors in that dtype), ``int4``
+or ``int8`` (``model/quant.py``'s types behind the stage's linear calls), or ``auto``:
+
+- a float checkpoint runs in its own dtype (the stage's ``--dtype``); ``int4`` quantizes each linear weight at
+  load, round-to-nearest in groups of 32 (``INT4_GROUP``), and ``int8`` per output channel; the embeddings and LM
+  head become int8 in both (they are the most sensitive weights and are read one row at a time anyway). Groups of
+  32 because coarser ones cost too much on small models: on SmolLM2-135M (tests/data/heldout.txt, 256-token
+  windows) fp32 perplexity 24.64, int4 round-to-nearest in groups of 32 24.51, in groups of 64 36.17;
+- a GGUF file keeps its own blocks with ``int4`` (Q4_0, Q4_1 and Q4_K are int4 in groups of 32, exactly; Q8_0 is
+  int8 per channel, requantized; every other type is dequantized into the activation dtype: see ``quant.from_gguf``),
+  read tensor by tensor from the memory-mapped file, so each stage reads only its own tensors. ``int8`` on a GGUF
+  is refused (requantizing 4-bit blocks into 8 bits adds error and saves nothing);
+- ``auto``: for now the float path in ``--dtype`` for every source (what transformers computes on the same
+  dequantized weights), until the quantized default is proven across the lossless matrix.
+
+Activations and the KV cache keep ``--dtype`` in every format. A quantized weight's scales are bf16 and its
+product runs in bf16 (``KERNEL_DTYPE``: torch's CPU int4 and int8 kernels are fast only there; CUDA's int4 kernel
+takes nothing else), the input cast to bf16 and the output cast back to ``--dtype``. The format joins the model
+digest stages compare.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from homespec.core.planner import WEIGHT_FORMATS
+from homespec.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from homespec.model.quant import Weight
+
+FLOAT_FORMATS = ("fp32", "fp16", "bf16")
+QUANTIZED_FORMATS = ("int8", "int4")
+INT4_GROUP = 32  # round-to-nearest int4 of a float checkpoint (module docstring: 64 and 128 measured worse)
+
+
+def kernel_dtype() -> torch.dtype:
+    """The dtype of quantized weights' scales and products (module docstring)."""
+    import torch
+
+    return torch.bfloat16
+
+
+#: GGUF architectures whose q/k rows llama.cpp's converter permuted (undone on load, as transformers does).
+_PERMUTED_QK = ("llama", "mistral")
+
+
+def check_format(weights: str, dtype: str) -> str:
+    """The format a stage runs for ``--weights`` and ``--dtype``: float formats are the stage's dtype (a float
+    format other than ``--dtype`` is refused), ``auto`` is the float path."""
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"unknown weight format {weights!r}", hint=f"one of {', '.join(WEIGHT_FORMATS)}")
+    if weights in FLOAT_FORMATS and weights != dtype:
+        raise ConfigError(
+            f"--weights {weights} with --dtype {dtype}: float weights compute in their own dtype",
+            hint=f"use --dtype {weights}, or --weights int4 / int8 to keep {dtype} activations over quantized weights",
+        )
+    return dtype if weights in ("auto", *FLOAT_FORMATS) else weights
+
+
+def is_linear(name: str) -> bool:
+    """Whether a checkpoint tensor is a matrix the stage multiplies by (quantizable), not a norm or a bias."""
+    return name.endswith(".weight") and "norm" not in name.rsplit(".", 2)[-2]
+
+
+class GGUFWeights:
+    """A GGUF file's tensors by their transformers names, read one at a time from the memory-mapped file."""
+
+    def __init__(self, path: Path, num_layers: int, heads: int, kv_heads: int) -> None:
+        import gguf
+
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+            field = self.reader.fields["general.architecture"]
+            self.arch = bytes(field.parts[field.data[0]]).decode()
+        except Exception as exc:  # gguf raises many types for a truncated or corrupt file
+            raise ModelError(f"cannot read GGUF {path}: {type(exc).__name__}: {exc}") from exc
+        archs = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+        if self.arch not in archs:
+            raise ModelError(f"GGUF {path.name} has architecture {self.arch!r}, which gguf does not know")
+        self.path, self.heads, self.kv_heads = path, heads, kv_heads
+        self.names = gguf.get_tensor_name_map(archs[self.arch], num_layers)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def gguf_name(self, name: str) -> str:
+        """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
+        base, _, suffix = name.rpartition(".")
+        mapped = self.names.get_name(base)
+        if mapped is None or f"{mapped}.{suffix}" not in self.tensors:
+            raise ModelError(f"tensor {name!r} not found in GGUF {self.path.name}")
+        return f"{mapped}.{suffix}"
+
+    def read(self, name: str, dtype: torch.dtype, device: str) -> Weight:
+        """One tensor in its own format (``quant.from_gguf``), its q/k rows unpermuted where llama.cpp permuted
+        them, on ``device``."""
+        import torch
+
+        from homespec.model.quant import GGUF_QUANTIZED, from_gguf, llama_qk_order, permute_rows, to_device
+
+        gname = self.gguf_name(name)
+        t = self.tensors[gname]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dimensions innermost first
+        w: Any
+        if len(shape) == 1:
+            w = from_gguf(gname, t.tensor_type, t.data, (1, shape[0]), dtype)
+            w = (w.dequantize(dtype) if not isinstance(w, torch.Tensor) else w).reshape(shape[0])
+        else:
+            held = kernel_dtype() if t.tensor_type.name in GGUF_QUANTIZED else dtype
+            w = from_gguf(gname, t.tensor_type, t.data, (shape[0], shape[1]), held)
+            if self.arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = self.heads if name.endswith("q_proj.weight") else self.kv_heads
+                w = permute_rows(w, llama_qk_order(heads, shape[0]))
+        return to_device(w, device)

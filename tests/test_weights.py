@@ -1,0 +1,167 @@
+"""Quantized weights end to end (``--weights``, model/formats.py): the bundled GGUF run on its own Q4_1 blocks, a
+float checkpoint quantized at load, their memory and perplexity against fp32, and every mode and stage count giving
+the same tokens in int4 (transformers cannot run these weights, so the reference is our own int4 run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EQUIVALENCE_PROMPTS
+from tests.test_cli import homespec
+
+HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
+
+
+def _stage(source: Any, a: int, b: int, weights: str) -> Any:
+    from homespec.model.stage import Stage
+
+    return Stage(source, a, b, weights=weights)
+
+
+def test_a_stage_holds_its_own_int4_tensors_in_under_0_3_of_the_fp32_bytes() -> None:
+    """``--weights int4`` on the bundled GGUF: Q4_1 layers as int4 (group 32), the Q8_0 embedding as int8; a stage
+    of layers 10..19 reads only those layers' tensors from the memory-mapped file."""
+    from homespec.model.loader import resolve
+    from homespec.model.quant import Int4Affine, Int8Channel
+
+    source = resolve(None)
+    assert source.gguf is not None and source.gguf.suffix == ".gguf"
+    middle = _stage(source, 10, 20, "int4")
+    assert source.tensors_read and {n.split(".")[2] for n in source.tensors_read} == {str(i) for i in range(10, 20)}
+    assert all(isinstance(w, Int4Affine) for layer in middle.layers for w in (layer.wq, layer.wk, layer.wd))
+    whole_int4, whole_fp32 = _stage(source, 0, 30, "int4"), _stage(source, 0, 30, "auto")
+    assert isinstance(whole_int4.embed_w, Int8Channel) and whole_int4.head_w is whole_int4.embed_w  # tied
+    ratio = whole_int4.weight_bytes / whole_fp32.weight_bytes
+    assert ratio <= 0.3, f"int4 holds {ratio:.3f} of the fp32 bytes"
+
+
+def test_the_weight_format_joins_the_digest_stages_compare() -> None:
+    from homespec.model.loader import resolve
+
+    source = resolve(None)
+    assert len({source.digest(), source.digest("int4"), source.digest("int8")}) == 3
+    assert source.digest("auto") == source.digest("fp32") == source.digest()
+
+
+def _nll(source: Any, weights: str, stages: int = 1) -> float:
+    from homespec.core.planner import even_split
+    from homespec.model.perplexity import score
+
+    parts = [_stage(source, a, b, weights) for a, b in even_split(source.num_layers, stages)]
+    ids = source.tokenizer()(HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
+    return score(parts, ids, window=256).nll
+
+
+@pytest.mark.slow
+def test_perplexity_of_each_format_stays_near_fp32(tmp_path: Path) -> None:
+    """On a held-out text: the GGUF's own int4 within 1% of the fp32 run over the same (dequantized) values; a
+    float checkpoint quantized at load within 5% (int4, groups of 32) and 1% (int8)."""
+    import math
+
+    from homespec.model.loader import resolve
+
+    gguf = resolve(None)
+    fp32 = math.exp(_nll(gguf, "auto"))
+    native = math.exp(_nll(gguf, "int4"))
+    assert abs(native / fp32 - 1) < 0.01, (fp32, native)
+    folder = tmp_path / "float"  # the same weights as a float safetensors checkpoint
+    shutil.copytree(gguf.folder, folder)
+    float_source = resolve(str(folder))
+    assert float_source.gguf is None
+    rtn4, rtn8 = math.exp(_nll(float_source, "int4")), math.exp(_nll(float_source, "int8"))
+    assert abs(rtn4 / fp32 - 1) < 0.05, (fp32, rtn4)
+    assert abs(rtn8 / fp32 - 1) < 0.01, (fp32, rtn8)
+    assert rtn4 != native  # a different quantization (bf16 scales from fp32 weights, int8 ends), really run
+
+
+@pytest.mark.slow
+def test_the_perplexity_command_scores_in_stages_as_in_one() -> None:
+    """``homespec perplexity --json`` in 3 stages gives the in-process single-stage NLL exactly (the same math)."""
+    from homespec.model.loader import resolve
+
+    out = homespec("perplexity", str(HELDOUT), "--weights", "int4", "--stages", "3", "--window", "256", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["tokens"] > 300 and result["perplexity"] == pytest.approx(math_exp(result["nll"]))
+    assert result["nll"] == _nll(resolve(None), "int4")
+
+
+def math_exp(x: float) -> float:
+    import math
+
+    return math.exp(x)
+
+
+@pytest.mark.slow
+def test_int4_is_token_identical_in_every_mode_and_stage_count(chat_ids: Any) -> None:
+    """``--weights int4``: ``ar`` in process is the reference; ``tree`` and ``specpipe`` at S = 1, 4 and 8 (stage
+    processes loading their own int4 layers) give its tokens greedy; seeded sampling with a draft is a known gap
+    (an expected failure that names its cause, and turns into a pass when fixed)."""
+    from homespec.config import GenerationConfig, SamplingConfig
+    from homespec.engine import Engine, EngineOptions
+    from homespec.events import GenerationFinished
+
+    prompts = [chat_ids(p) for p in EQUIVALENCE_PROMPTS[:2]]
+    greedy = GenerationConfig(max_tokens=24)
+    seeded = GenerationConfig(max_tokens=24, sampling=SamplingConfig(temperature=0.8, top_p=0.95, seed=7))
+
+    def run(engine: Any, config: Any) -> list[list[int]]:
+        out = []
+        for ids in prompts:
+            events = engine.generate(ids, config)
+            out.append(next(list(e.tokens) for e in events if isinstance(e, GenerationFinished)))
+        return out
+
+    with Engine(EngineOptions(weights="int4", draft="none")) as plain:
+        want_greedy, want_seeded = run(plain, greedy), run(plain, seeded)
+    assert all(len(t) == 24 for t in want_greedy)
+    for mode, stages, draft in (("tree", 1, "ngram"), ("specpipe", 4, "auto"), ("specpipe", 8, "ngram+recycle")):
+        with Engine(EngineOptions(weights="int4", mode=mode, stages=stages, draft=draft)) as engine:  # type: ignore[arg-type]
+            assert [a.weights for a in engine.backend.cluster.assigns] == ["int4"] * stages
+            assert run(engine, greedy) == want_greedy, (mode, stages)
+    with Engine(EngineOptions(weights="int4", draft="ngram")) as drafted:
+        got = run(drafted, seeded)
+    if got != want_seeded:  # the known gap below: recorded, not excused
+        pytest.xfail(
+            "int4 seeded sampling differs between a drafted and a plain run: torch's CPU SDPA gives a query row "
+            "different fp32 bits when it is alone (1-3 or 33 rows) than in a larger wave, and the bf16 cast "
+            "before each int4 product turns those last-bit differences into logit differences of ~0.3 (fp32: "
+            "5e-5); a batch-invariant attention is the fix (issue 21 note)"
+        )
+
+
+def test_bad_weight_requests_get_clear_errors(tmp_path: Path) -> None:
+    from homespec.core.messages import Assign
+    from homespec.engine import EngineOptions
+    from homespec.errors import ConfigError, ModelError
+    from homespec.model.formats import GGUFWeights
+    from homespec.model.loader import bundled_gguf, resolve
+
+    with pytest.raises(ConfigError, match="unknown weight format 'int3'"):
+        EngineOptions(weights="int3")
+    with pytest.raises(ConfigError, match="--weights bf16 with --dtype fp32"):
+        EngineOptions(weights="bf16")
+    with pytest.raises(ValueError, match="weights 'int2'"):
+        Assign(0, 1, "", 0, 1, "fp32", "cpu", 64, 8, weights="int2")
+    with pytest.raises(ConfigError, match="a GGUF runs its own blocks"):
+        _stage(resolve(None), 0, 1, "int8")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(bundled_gguf().read_bytes()[: 5 << 20])
+    with pytest.raises(ModelError, match="cannot read GGUF"):
+        GGUFWeights(cut, 30, 9, 3)
+    out = homespec("perplexity", str(tmp_path / "missing.txt"))
+    assert out.returncode == 2 and "text file not found" in out.stderr
+
+
+def test_plan_sizes_int4_as_stored_and_counts_kv_in_the_activation_dtype() -> None:
+    from homespec.core.planner import PlanOptions
+
+    assert PlanOptions(weights="int4", act="bf16").weight_bytes == 0.5 + 2 * 2 / 32
+    assert PlanOptions(weights="int4", act="fp32").weight_bytes == 0.5 + 2 * 4 / 32
+    assert PlanOptions(weights="int8").weight_bytes == 1.0
+    assert PlanOptions(weights="int4", act="fp32").act_bytes == 4.0 and PlanOptions(weights="int4").act_bytes == 2.0
