@@ -89,6 +89,10 @@ class Backend(Protocol):
         """The backend could be better now (a missing worker answers again): rebuild between requests."""
         ...
 
+    def weight_bytes(self, mode: str) -> tuple[int, ...]:
+        """The bytes of weights each stage of ``mode`` holds."""
+        ...
+
     @property
     def open_requests(self) -> int:
         """Requests whose KV is held right now, by any of its decoders."""
@@ -138,6 +142,9 @@ class InProcessBackend:
 
     def outdated(self) -> bool:
         return False
+
+    def weight_bytes(self, mode: str) -> tuple[int, ...]:
+        return tuple(s.weight_bytes for s in self._decoder.stages)  # type: ignore[attr-defined]
 
     @property
     def open_requests(self) -> int:
@@ -191,6 +198,12 @@ class ClusterBackend:
 
     def outdated(self) -> bool:
         return self.cluster.outdated()
+
+    def weight_bytes(self, mode: str) -> tuple[int, ...]:
+        if mode == "ar":
+            stages = self.decoder("ar").stages  # type: ignore[attr-defined]
+            return tuple(s.weight_bytes for s in stages)
+        return tuple(self.cluster.weight_bytes)
 
     @property
     def open_requests(self) -> int:

@@ -269,7 +269,15 @@ class Engine:
         def decode(tokens: Sequence[int]) -> str:
             return str(tokenizer.decode(list(tokens), skip_special_tokens=True))
 
-        return RunContext(decode, self.token_text, self.eos_ids, self.stage_count(mode), self.clock_scale(mode))
+        return RunContext(
+            decode,
+            self.token_text,
+            self.eos_ids,
+            self.stage_count(mode),
+            self.clock_scale(mode),
+            self.options.weights,
+            self.backend.weight_bytes(mode),
+        )
 
     def check_fits(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
         """Refuse a request that cannot fit the context (before any stage is touched)."""
@@ -292,6 +300,8 @@ class RunContext:
     eos_ids: frozenset[int]
     stages: int  # stages the request runs on
     clock_scale: float  # real seconds per reported second (emulation)
+    weights: str = "auto"  # the weight format (--weights)
+    weight_bytes: tuple[int, ...] = ()  # per stage
 
 
 class RequestRun:
@@ -408,6 +418,8 @@ class RequestRun:
             tokens_per_s=n / wall if wall > 0 else 0.0,
             busy_fraction=busy_fraction,
             time_scale=scale,
+            weights=self.ctx.weights,
+            weight_bytes=self.ctx.weight_bytes,
         )
 
 

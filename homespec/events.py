@@ -52,11 +52,14 @@ class GenerationStats:
     time_scale: float = 1.0  # emulated runs: how many times slower than the modeled clock it really ran
     draft_cost: float = 0.0  # draft compute, in target forwards (parameter-count proxy)
     draft_choices: tuple[str, ...] = ()  # ``auto``: each choice of arm, when ("@verification") and why
+    weights: str = "auto"  # the weight format (--weights)
+    weight_bytes: tuple[int, ...] = ()  # per stage: the bytes of weights it holds
 
     def as_dict(self) -> dict[str, object]:
         out = dict(self.__dict__)
         out["busy_fraction"] = list(self.busy_fraction)
         out["draft_choices"] = list(self.draft_choices)
+        out["weight_bytes"] = list(self.weight_bytes)
         return out
 
 

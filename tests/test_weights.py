@@ -113,8 +113,11 @@ def test_int4_is_token_identical_in_every_mode_and_stage_count(chat_ids: Any) ->
     def run(engine: Any, config: Any) -> list[list[int]]:
         out = []
         for ids in prompts:
-            events = engine.generate(ids, config)
-            out.append(next(list(e.tokens) for e in events if isinstance(e, GenerationFinished)))
+            done = next(e for e in engine.generate(ids, config) if isinstance(e, GenerationFinished))
+            stages = engine.stage_count(engine.options.mode)
+            assert done.stats.weights == "int4" and len(done.stats.weight_bytes) == stages
+            assert all(0 < b < 160e6 for b in done.stats.weight_bytes)  # the whole int4 model holds 148 MB
+            out.append(list(done.tokens))
         return out
 
     with Engine(EngineOptions(weights="int4", draft="none")) as plain:

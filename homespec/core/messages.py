@@ -258,12 +258,14 @@ class Abort(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    """A ping (head -> stages, head -> workers) or its answer, which carries the answerer's count of bad messages."""
+    """A ping (head -> stages, head -> workers) or its answer, which carries the answerer's count of bad messages;
+    a stage's first one (it has loaded) also the bytes of weights it holds."""
 
     kind: ClassVar[str] = "heartbeat"
     sender: int
     seq: int
     bad_messages: int = 0
+    weight_bytes: int = 0
 
 
 @dataclass(frozen=True)

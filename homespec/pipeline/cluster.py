@@ -55,6 +55,7 @@ class Cluster(ABC):
         self._since: float | None = None  # liveness counts from here (set once every stage has answered)
         self.assigns = list(assigns)
         self.size = len(assigns)
+        self.weight_bytes = [0] * self.size  # each stage's, as it said when it had loaded
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self._request_ids = itertools.count(1)
         self.failed: dict[int, str] = {}  # request -> why a stage failed it (the request alone ends; newest 256)
@@ -127,6 +128,8 @@ class Cluster(ABC):
             msg = self.recv_report(deadline)
             if isinstance(msg, Heartbeat) and msg.sender not in ready:
                 ready.add(msg.sender)
+                if 0 <= msg.sender < self.size:
+                    self.weight_bytes[msg.sender] = msg.weight_bytes
                 a = self.assigns[msg.sender] if 0 <= msg.sender < self.size else None
                 layers = f" (layers {a.layer_start}–{a.layer_end - 1})" if a else ""
                 self._progress(f"stage {msg.sender + 1} ready{layers}: {len(ready)} of {self.size}")

@@ -120,7 +120,8 @@ class StageWorker:
             log.error("stage %d: %s", self.assign.stage, reason)
             self._send(self.report, Failure(self.assign.stage, 0, reason))
             return
-        self._send(self.report, Heartbeat(sender=self.assign.stage, seq=0))  # ready
+        ready = Heartbeat(sender=self.assign.stage, seq=0, weight_bytes=self.stage.weight_bytes)
+        self._send(self.report, ready)
         while self._running:
             events = dict(self.poller.poll(POLL_MS))
             if not events and self._orphaned():
