@@ -185,3 +185,99 @@ def test_plan_sizes_int4_as_stored_and_counts_kv_in_the_activation_dtype() -> No
     assert PlanOptions(weights="int4", act="fp32").weight_bytes == 0.5 + 2 * 4 / 32
     assert PlanOptions(weights="int8").weight_bytes == 1.0
     assert PlanOptions(weights="int4", act="fp32").act_bytes == 4.0 and PlanOptions(weights="int4").act_bytes == 2.0
+
+
+def _prequantized_model(tmp_path: Path, method: str) -> tuple[Path, Path]:
+    """A tiny random Llama whose linears are written as a 4-bit ``method`` checkpoint (in the published layout, by
+    ``tests/test_quant.py``'s packers), and the same model as a float checkpoint of the exact values HomeSpec runs
+    (the 4-bit codes with bf16 scales)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from homespec.model import quant
+    from tests.test_quant import minmax_codes, pack_words
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    packed, exact = {}, dict(state)
+    awq = (0, 2, 4, 6, 1, 3, 5, 7)
+    for name in [n for n in state if n.startswith("model.layers.") and "proj" in n]:
+        q, z, s = minmax_codes(state[name].t().contiguous(), 32)  # [in, out], zeros and scales [in / 32, out]
+        base = name.removesuffix(".weight")
+        if method == "awq":
+            parts = {"qweight": pack_words(q, 1, awq), "qzeros": pack_words(z, 1, awq), "scales": s}
+            w = quant.from_awq(name, parts["qweight"], parts["qzeros"], s, torch.bfloat16)
+        elif method == "gptq":
+            g_idx = torch.arange(q.shape[0], dtype=torch.int32) // 32
+            parts = {"qweight": pack_words(q, 0), "qzeros": pack_words(z - 1, 1), "scales": s, "g_idx": g_idx}
+            w = quant.from_gptq(name, parts["qweight"], parts["qzeros"], s, g_idx, dtype=torch.bfloat16)
+        else:  # compressed-tensors, asymmetric: stored codes and zero points, both offset by 8 from signed
+            parts = {"weight_packed": pack_words(q.t().contiguous(), 1), "weight_scale": s.t().contiguous(),
+                     "weight_zero_point": pack_words(z.t().contiguous(), 0),
+                     "weight_shape": torch.tensor(list(state[name].shape))}  # fmt: skip
+            args = [parts[k] for k in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")]
+            w = quant.from_compressed_tensors(name, *args, dtype=torch.bfloat16)
+        packed.update({f"{base}.{k}": v for k, v in parts.items()})
+        del state[name]
+        exact[name] = w.dequantize(torch.float32)
+    qc = {
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True},
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False},
+        "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                               "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 32}}}},
+    }[method]  # fmt: skip
+    quantized, float_copy = tmp_path / method, tmp_path / f"{method}-float"
+    model.save_pretrained(str(float_copy))
+    save_file(exact, str(float_copy / "model.safetensors"), metadata={"format": "pt"})
+    quantized.mkdir()
+    save_file({**state, **packed}, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((float_copy / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**raw, "quantization_config": qc}))
+    return quantized, float_copy
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "compressed-tensors"])
+def test_a_4bit_checkpoint_runs_its_own_weights_and_each_stage_reads_its_own(tmp_path: Path, method: str) -> None:
+    """A 4-bit safetensors checkpoint runs as int4 with ``auto``: its logits match the float copy of the same values
+    (fp32 stages) within bf16 product rounding, dequantized (``--weights fp32``) they equal them exactly, and a
+    stage of layer 1 reads only layer 1's parts."""
+    import torch
+
+    from homespec.errors import ConfigError
+    from homespec.model.loader import open_folder
+    from homespec.model.quant import Int4Affine
+    from homespec.model.stage import Stage
+
+    quantized, float_copy = _prequantized_model(tmp_path, method)
+    ids = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+
+    def logits(stage: Any) -> torch.Tensor:
+        return stage.forward_prefix(stage.new_cache(64, 16), ids, range(8))
+
+    source = open_folder(quantized, method)
+    int4 = Stage(source, 0, 2)
+    assert isinstance(int4.layers[1].wq, Int4Affine) and int4.invariant
+    want = logits(Stage(open_folder(float_copy, "float"), 0, 2))
+    torch.testing.assert_close(logits(int4), want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+    assert torch.equal(logits(Stage(open_folder(quantized, method), 0, 2, weights="fp32")), want)
+    one = open_folder(quantized, method)
+    Stage(one, 1, 2, embed=False, head=False)
+    assert one.tensors_read and all(n.startswith("model.layers.1.") for n in one.tensors_read)
+    with pytest.raises(ConfigError, match="int8 on a 4-bit"):
+        Stage(open_folder(quantized, method), 0, 1, weights="int8")
+
+
+def test_a_quantization_we_cannot_run_is_named(tmp_path: Path) -> None:
+    from homespec.errors import ModelError
+    from homespec.model.loader import open_folder
+
+    quantized, _ = _prequantized_model(tmp_path, "awq")
+    raw = json.loads((quantized / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"quantization bitsandbytes .* is not one HomeSpec runs"):
+        _ = open_folder(quantized, "bnb").prequantized

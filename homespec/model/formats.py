@@ -12,8 +12,11 @@ or ``int8`` (``model/quant.py``'s types behind the stage's linear calls), or ``a
   int8 per channel, requantized; every other type is dequantized into the activation dtype: see ``quant.from_gguf``),
   read tensor by tensor from the memory-mapped file, so each stage reads only its own tensors. ``int8`` on a GGUF
   is refused (requantizing 4-bit blocks into 8 bits adds error and saves nothing);
-- ``auto``: for now the float path in ``--dtype`` for every source (what transformers computes on the same
-  dequantized weights), until the quantized default is proven across the lossless matrix.
+- a 4-bit safetensors checkpoint (``quantization_config``: AWQ GEMM, GPTQ without act-order, compressed-tensors
+  ``pack-quantized`` W4A16; ``PREQUANTIZED``) runs its own 4-bit weights with ``auto`` or ``int4`` (``quant.from_awq``,
+  ``from_gptq``, ``from_compressed_tensors``) and dequantized with a float format; ``int8`` is refused;
+- ``auto``: otherwise the float path in ``--dtype`` (what transformers computes on the same dequantized weights),
+  until the quantized default for GGUF files is proven across the lossless matrix.
 
 Activations and the KV cache keep ``--dtype`` in every format. A quantized weight's scales are bf16 and its
 product runs in bf16 (``KERNEL_DTYPE``: torch's CPU int4 and int8 kernels are fast only there; CUDA's int4 kernel
@@ -61,6 +64,40 @@ def check_format(weights: str, dtype: str) -> str:
             hint=f"use --dtype {weights}, or --weights int4 / int8 to keep {dtype} activations over quantized weights",
         )
     return dtype if weights in ("auto", *FLOAT_FORMATS) else weights
+
+
+#: ``quantization_config.quant_method`` values whose 4-bit linears HomeSpec reads, and the tensors of one linear.
+PREQUANTIZED = {
+    "awq": ("qweight", "qzeros", "scales"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+}
+
+
+def prequantized_method(raw: dict[str, Any], where: str) -> str:
+    """A checkpoint's 4-bit format from its config (``""``: a float checkpoint); ModelError for a quantization
+    HomeSpec cannot run, naming what it can."""
+    qc = raw.get("quantization_config")
+    if not qc:
+        return ""
+    method = str(qc.get("quant_method", ""))
+    bits = qc.get("bits", qc.get("w_bit"))
+    if method == "compressed-tensors":
+        schemes = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
+        ok = qc.get("format") == "pack-quantized" and schemes and all(w.get("num_bits") == 4 for w in schemes)
+    elif method == "awq":
+        ok = bits == 4 and str(qc.get("version", "gemm")).lower() == "gemm"
+    elif method == "gptq":
+        ok = bits == 4
+    else:
+        ok = False
+    if not ok:
+        raise ModelError(
+            f"{where}: quantization {method or '?'} ({bits or qc.get('format', '?')}) is not one HomeSpec runs",
+            hint="supported: 4-bit AWQ (GEMM), GPTQ without act-order, compressed-tensors pack-quantized W4A16, "
+            "GGUF, or a float checkpoint (quantized at load with --weights int4 / int8)",
+        )
+    return method
 
 
 def is_linear(name: str) -> bool:

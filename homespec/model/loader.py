@@ -94,8 +94,8 @@ class ModelSource:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def read(self, names: list[str], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-        """Read exactly these tensors (grouped by file) and nothing else."""
+    def read(self, names: list[str], dtype: torch.dtype | None, device: str) -> dict[str, torch.Tensor]:
+        """Read exactly these tensors (grouped by file) and nothing else; ``dtype`` None: as stored."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -109,7 +109,8 @@ class ModelSource:
         for file, file_names in by_file.items():
             with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
                 for name in file_names:
-                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    t = f.get_tensor(name)
+                    out[name] = t.to(device=device, dtype=dtype or t.dtype)
                     self.tensors_read.append(name)
         return out
 
@@ -120,6 +121,8 @@ class ModelSource:
         weights). Norms and biases stay float in ``dtype``."""
         from homespec.model.formats import QUANTIZED_FORMATS, is_linear
 
+        if self.prequantized:
+            return self._read_prequantized(names, weights, dtype, device)
         if weights not in QUANTIZED_FORMATS:
             return dict(self.read(names, dtype, device))
         quantized = [n for n in names if is_linear(n)]
@@ -137,6 +140,48 @@ class ModelSource:
             return out
         for name, w in self.read(quantized, torch.float32, "cpu").items():
             out[name] = quantize_at_load(name, w, weights, dtype, device)
+        return out
+
+    @functools.cached_property
+    def prequantized(self) -> str:
+        """The checkpoint's own 4-bit format (``formats.PREQUANTIZED``), ``""`` for a float one."""
+        from homespec.model.formats import prequantized_method
+
+        return prequantized_method(self.raw, str(self.folder))
+
+    def _read_prequantized(self, names: list[str], weights: str, dtype: torch.dtype, device: str) -> dict[str, Weight]:
+        """A 4-bit checkpoint's tensors: each quantized linear from its parts (``formats.PREQUANTIZED``) as int4
+        (``auto``, ``int4``) or dequantized into ``dtype`` (a float format); the float tensors as they are."""
+        from homespec.model.formats import PREQUANTIZED, kernel_dtype
+        from homespec.model.quant import as_tensor, from_awq, from_compressed_tensors, from_gptq, to_device
+
+        if weights == "int8":
+            raise ConfigError(
+                f"--weights int8 on a 4-bit {self.prequantized} checkpoint",
+                hint="it runs its own 4-bit weights (--weights int4 or auto), or dequantized (fp32, fp16, bf16)",
+            )
+        parts = PREQUANTIZED[self.prequantized]
+        out: dict[str, Weight] = {}
+        for name in names:
+            base = name.removesuffix(".weight")
+            if name in self.weight_map or f"{base}.{parts[0]}" not in self.weight_map:
+                out.update(self.read([name], dtype, device))
+                continue
+            t = self.read([f"{base}.{p}" for p in parts if f"{base}.{p}" in self.weight_map], None, "cpu")
+            got = {k.rsplit(".", 1)[1]: v for k, v in t.items()}
+            kd = kernel_dtype()
+            if self.prequantized == "awq":
+                w = from_awq(name, got["qweight"], got["qzeros"], got["scales"], kd)
+            elif self.prequantized == "gptq":
+                fmt = str(self.raw["quantization_config"].get("checkpoint_format", "gptq"))
+                w = from_gptq(name, got["qweight"], got["qzeros"], got["scales"], got.get("g_idx"),
+                              checkpoint_format="gptq_v2" if fmt == "gptq_v2" else "gptq", dtype=kd)  # fmt: skip
+            else:
+                w = from_compressed_tensors(
+                    name, got["weight_packed"], got["weight_scale"], got.get("weight_zero_point"),
+                    got.get("weight_shape"), got.get("weight_g_idx"), dtype=kd,
+                )  # fmt: skip
+            out[name] = to_device(w, device) if weights in ("auto", "int4") else as_tensor(w, dtype).to(device)
         return out
 
     @functools.cached_property

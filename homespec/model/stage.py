@@ -115,12 +115,14 @@ class Stage:
         self.has_embed = start == 0 if embed is None else embed
         self.has_head = end == total if head is None else head
         self.dtype, self.device, self.weights = dtype, device, weights
-        self.invariant = weights in ("int4", "int8")  # a row's bits independent of its wave (``attention``)
         self.hidden, self.heads, self.kv_heads = shape.hidden, shape.heads, shape.kv_heads
         self.head_dim, self.vocab = shape.head_dim, shape.vocab
         self.eps = float(source.raw.get("rms_norm_eps", 1e-6))
         self.layers = [self._load_layer(i) for i in range(start, end)]
         self.embed_w, self.norm_w, self.head_w = self._load_ends()
+        # quantized weights (asked for, or the checkpoint's own): a row's bits independent of its wave (``attention``)
+        held = [w for layer in self.layers for w in vars(layer).values() if w is not None]
+        self.invariant = any(not isinstance(w, torch.Tensor) for w in held)
         self.rotary = self._rotary()
         self.last_hidden: torch.Tensor | None = None  # stages with a head: features of the last call's rows
 
