@@ -281,3 +281,66 @@ def test_a_quantization_we_cannot_run_is_named(tmp_path: Path) -> None:
     (quantized / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match=r"quantization bitsandbytes .* is not one HomeSpec runs"):
         _ = open_folder(quantized, "bnb").prequantized
+
+
+@pytest.mark.slow
+def test_bench_adds_rows_per_weight_format(tmp_path: Path) -> None:
+    """``bench --weights auto,int4``: every mode in each format, each format's rows token-identical among
+    themselves (and said so per format), transformers' rows once, with the float rows."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"turns": ["Name three colours."]}) + "\n")
+    out = homespec(
+        "bench", "--stages", "2", "--prompts", str(prompts), "--max-tokens", "10", "--modes", "ar,hf,pp,specpipe",
+        "--drafts", "ngram", "--weights", "auto,int4", "--json", str(tmp_path / "rows.json"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    got = {(r["weights"], r["mode"], r["draft"]) for r in rows}
+    assert ("auto", "hf", "transformers") in got and ("int4", "hf", "transformers") not in got
+    for fmt in ("auto", "int4"):
+        assert {(m, d) for w, m, d in got if w == fmt} >= {("ar", "none"), ("pp", "none"), ("specpipe", "ngram")}
+        assert len({r["output_sha256"] for r in rows if r["weights"] == fmt}) == 1
+        assert f"{fmt} weights: every row gave the same tokens" in out.stdout
+
+
+def test_weights_quantized_at_load_are_cached_and_read_back_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float checkpoint quantized at load (``--weights int4``) is written to the quantization cache; the next load
+    reads the codes back instead of the float tensors, bit-identical; a corrupt cache file is quantized again."""
+    import torch
+
+    from homespec.model.loader import open_folder, resolve
+
+    folder = resolve(None).folder  # the bundled model as a float checkpoint
+    monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path / "cache"))
+    first_source = open_folder(folder, "float")
+    first = _stage(first_source, 2, 4, "int4")
+    assert "model.layers.2.self_attn.q_proj.weight" in first_source.tensors_read
+    files = sorted((tmp_path / "cache" / "quant").glob("*/*.safetensors"))
+    assert len(files) == 14  # 7 linears x 2 layers
+    again_source = open_folder(folder, "float")
+    again = _stage(again_source, 2, 4, "int4")
+    assert not [n for n in again_source.tensors_read if n.endswith("proj.weight")]  # read from the cache
+    for a, b in zip(first.layers, again.layers, strict=True):
+        assert torch.equal(a.wq.codes, b.wq.codes) and torch.equal(a.wd.scales_and_zeros, b.wd.scales_and_zeros)
+    files[0].write_bytes(b"not a safetensors file")
+    third_source = open_folder(folder, "float")
+    _stage(third_source, 2, 4, "int4")
+    assert len([n for n in third_source.tensors_read if n.endswith("proj.weight")]) == 1
+
+
+def test_prepare_quantizes_a_float_checkpoint_into_the_cache(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from homespec.model.loader import resolve
+
+    folder = resolve(None).folder
+    env = {**os.environ, "HOMESPEC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    exe = str(Path(sys.executable).parent / "homespec")
+    out = subprocess.run([exe, "prepare", str(folder), "--weights", "int8"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    files = list((tmp_path / "cache" / "quant").glob("*-int8-*/*.safetensors"))
+    assert len(files) == 30 * 7 + 1 and "int8 weights cached in" in out.stdout  # the layers and the tied embedding

@@ -12,7 +12,7 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,6 @@ from homespec.cli.common import (
     DtypeOption,
     TimeScaleOption,
     WaveSizeOption,
-    WeightsOption,
     WorkersOption,
     parse_workers,
     quiet_libraries,
@@ -71,7 +70,10 @@ def bench(
     workers: WorkersOption = None,
     cluster: ClusterOption = None,
     dtype: DtypeOption = "fp32",
-    weights: WeightsOption = "auto",
+    weights: Annotated[
+        str,
+        typer.Option(help="comma-separated weight formats (auto | fp32 | fp16 | bf16 | int8 | int4): rows for each"),
+    ] = "auto",
 ) -> None:
     """Measure every decoding mode on the same prompts; print tables and optionally save JSON."""
     quiet_libraries()
@@ -103,17 +105,23 @@ def bench(
             cluster=cluster,
             max_concurrency=256 if concurrency is not None else 8,
             dtype=dtype,
-            weights=weights,
         )
+        formats = [w.strip() for w in weights.split(",") if w.strip()] or ["auto"]
         if concurrency is not None:
-            engine = Engine(opts)
+            if len(formats) > 1:
+                raise ConfigError("--concurrency measures one weight format at a time", hint="give one --weights")
+            engine = Engine(replace(opts, weights=formats[0]))
             _bench_concurrency(engine, items, concurrency, wanted, draft_list, max_tokens, stages, emulate, json_out)
             return
-        with Engine(opts) as engine, _progress(len(runs) * len(items)) as advance:
-            ids = [engine.encode(text) for text, _ in items]
-            categories = [c for _, c in items]
-            baseline = _baseline(engine) if any(m in BASELINES for m, _ in runs) else None
-            rows = [_measure(engine, baseline, m, d, ids, categories, max_tokens, advance) for m, d in runs]
+        rows: list[dict[str, Any]] = []
+        with _progress(len(runs) * len(items) * len(formats)) as advance:
+            for i, fmt in enumerate(formats):
+                todo = [(m, d) for m, d in runs if i == 0 or m not in BASELINES]  # transformers' rows once
+                with Engine(replace(opts, weights=fmt)) as engine:
+                    ids = [engine.encode(text) for text, _ in items]
+                    categories = [c for _, c in items]
+                    baseline = _baseline(engine) if any(m in BASELINES for m, _ in todo) else None
+                    rows += [_measure(engine, baseline, m, d, ids, categories, max_tokens, advance) for m, d in todo]
         _ratios(rows)
         _print(rows, stages, emulate, engine.clock_scale(opts.mode))
         if json_out:
@@ -205,7 +213,7 @@ def _measure(
         "mode": mode,
         "draft": draft,
         "stages": engine.stage_count(mode),
-        "weights": "fp32" if mode in BASELINES else engine.options.weights,
+        "weights": "auto" if mode in BASELINES else engine.options.weights,  # transformers: the float weights
         "prompts": len(prompts),
         **_summary(done),
         "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,
@@ -303,15 +311,15 @@ def _baseline(engine: Any) -> Any:
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    """Speed-ups in tokens/s against pp, the best tree row and transformers with prompt lookup, overall and per
-    category."""
+    """Speed-ups in tokens/s against pp and the best tree row of the same weight format, and transformers with
+    prompt lookup, overall and per category."""
 
-    def find(mode: str) -> dict[str, Any] | None:
-        candidates = [r for r in rows if r["mode"] == mode]
+    def find(mode: str, weights: str | None = None) -> dict[str, Any] | None:
+        candidates = [r for r in rows if r["mode"] == mode and weights in (None, r["weights"])]
         return max(candidates, key=lambda r: r["tokens_per_s"]) if candidates else None
 
-    bases = {"pp": find("pp"), "tree": find("tree"), "hf_lookup": find("hf-lookup")}
     for r in rows:
+        bases = {"pp": find("pp", r["weights"]), "tree": find("tree", r["weights"]), "hf_lookup": find("hf-lookup")}
         for name, base in bases.items():
             r[f"speedup_vs_{name}"] = (
                 r["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
@@ -332,13 +340,14 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
     if emulate and pipelined:
         title += f", emulating {Path(emulate).name} (clock {scale:g}x slower, times shown in emulated ms)"
     table = Table(title=title)
-    cols = ["mode", "draft", "stages", "tokens", "steps", "tok/step", "TTFT ms", "TBT med ms", "TBT p90 ms", "tok/s",
-            "accept", "vs pp", "vs tree", "vs hf-lookup", "TBT ms", "pred TBT ms"]  # fmt: skip
+    cols = ["mode", "draft", "weights", "stages", "tokens", "steps", "tok/step", "TTFT ms", "TBT med ms", "TBT p90 ms",
+            "tok/s", "accept", "vs pp", "vs tree", "vs hf-lookup", "TBT ms", "pred TBT ms"]  # fmt: skip
     for c in cols:
-        table.add_column(c, justify="left" if c in ("mode", "draft") else "right")
+        table.add_column(c, justify="left" if c in ("mode", "draft", "weights") else "right")
     for r in rows:
         table.add_row(
-            r["mode"], r["draft"], str(r["stages"]), str(r["tokens"]), str(r["steps"]), _f(r["tokens_per_step"]),
+            r["mode"], r["draft"], r["weights"], str(r["stages"]), str(r["tokens"]), str(r["steps"]),
+            _f(r["tokens_per_step"]),
             _f(r["ttft_ms_median"], 0), _f(r["tbt_ms_median"], 1), _f(r["tbt_ms_p90"], 1), _f(r["tokens_per_s"], 1),
             _f(r["acceptance"]), _f(r["speedup_vs_pp"]), _f(r["speedup_vs_tree"]), _f(r["speedup_vs_hf_lookup"]),
             _f(r.get("measured_tbt_ms"), 1), _f(r.get("predicted_tbt_ms"), 1),
@@ -365,15 +374,16 @@ def _print(rows: list[dict[str, Any]], stages: int, emulate: str | None, scale: 
         if r["draft"] not in ("none", BASELINE_DRAFT):
             hits.add_row(r["mode"], r["draft"], *(_f(h) for h in r["hit_by_depth"]))
     console.print(hits)
-    if rows:
-        reference = next((r for r in rows if r["mode"] == "hf"), rows[0])
+    for fmt in dict.fromkeys(r["weights"] for r in rows):  # each weight format computes its own tokens
+        group = [r for r in rows if r["weights"] == fmt]
+        reference = next((r for r in group if r["mode"] == "hf"), group[0])
         digest = reference["output_sha256"]
-        differ = [f"{r['mode']}/{r['draft']}" for r in rows if r["output_sha256"] != digest]
+        differ = [f"{r['mode']}/{r['draft']}" for r in group if r["output_sha256"] != digest]
         if differ:  # greedy is lossless in every mode: a difference is a bug (or a near-tie the dtype decides)
             where = f"{reference['mode']}/{reference['draft']}"
-            console.print(f"[bold red]tokens differ from {where}'s: {', '.join(differ)}[/]")
+            console.print(f"[bold red]{fmt} weights: tokens differ from {where}'s: {', '.join(differ)}[/]")
         else:
-            console.print(f"every row gave the same tokens (sha256 {digest[:12]})")
+            console.print(f"{fmt} weights: every row gave the same tokens (sha256 {digest[:12]})")
 
 
 def _f(x: Any, d: int = 2) -> str:

@@ -26,6 +26,8 @@ digest stages compare.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +100,76 @@ def prequantized_method(raw: dict[str, Any], where: str) -> str:
             "GGUF, or a float checkpoint (quantized at load with --weights int4 / int8)",
         )
     return method
+
+
+def quantize_at_load(name: str, w: torch.Tensor, weights: str) -> Weight:
+    """A float checkpoint's linear weight [out, in] (fp32, on the CPU) in ``weights``: int4 round-to-nearest in
+    groups of ``INT4_GROUP``, int8 per channel; the embeddings and the LM head int8 in both (module docstring)."""
+    from homespec.model.quant import quantize_int4, quantize_int8
+
+    ends = name in ("model.embed_tokens.weight", "lm_head.weight")
+    if weights == "int8" or ends:
+        return quantize_int8(w, dtype=kernel_dtype())
+    if w.shape[1] % INT4_GROUP:
+        raise ModelError(f"{name}: {w.shape[1]} columns is not a multiple of the int4 group of {INT4_GROUP}")
+    return quantize_int4(w, group=INT4_GROUP, dtype=kernel_dtype())
+
+
+class QuantCache:
+    """Weights quantized at load, kept on disk so that a later load (another stage process, a re-plan, the next
+    run) reads 4 or 8 bits instead of quantizing again: ``<cache>/quant/<model digest>-<format>-g<group>/``, one
+    safetensors file per tensor (codes, scales; the group in its metadata), written atomically."""
+
+    def __init__(self, digest: str, weights: str) -> None:
+        from homespec.config import cache_dir
+
+        self.folder = cache_dir() / "quant" / f"{digest}-{weights}-g{INT4_GROUP}"
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def get(self, name: str) -> Weight | None:
+        """The cached weight, or None (absent, or unreadable: then it is quantized again)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from homespec.model.quant import Int4Affine, Int8Channel
+
+        path = self.path(name)
+        if not path.is_file():
+            return None
+        try:
+            t = load_file(str(path))
+            if "scales_and_zeros" in t:
+                group = t["codes"].shape[1] * 2 // t["scales_and_zeros"].shape[0]  # in / (in / group)
+                return Int4Affine.from_codes(t["codes"], t["scales_and_zeros"], int(group))
+            return Int8Channel(t["codes"], t["scales"])
+        except (SafetensorError, KeyError, OSError, ModelError) as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("ignoring the cached %s (%s): quantizing it again", path, exc)
+            return None
+
+    def put(self, name: str, w: Weight) -> None:
+        from safetensors.torch import save_file
+
+        from homespec.model.quant import Int4Affine, Int8Channel
+
+        if isinstance(w, Int4Affine):
+            tensors = {"codes": w.codes, "scales_and_zeros": w.scales_and_zeros}
+        elif isinstance(w, Int8Channel):
+            tensors = {"codes": w.codes, "scales": w.scales}
+        else:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, self.path(name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def is_linear(name: str) -> bool:

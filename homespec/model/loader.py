@@ -118,7 +118,8 @@ class ModelSource:
         """Exactly these tensors, the linear ones in weight format ``weights`` (``formats.py``): float tensors in
         ``dtype`` for a float format; ``int4``/``int8`` from the GGUF's own blocks, or quantized at load from a
         float checkpoint (round-to-nearest: deterministic, so every worker and every re-plan holds bit-identical
-        weights). Norms and biases stay float in ``dtype``."""
+        weights, kept on disk by ``formats.QuantCache`` so that a later load reads them back). Norms and biases stay
+        float in ``dtype``."""
         from homespec.model.formats import QUANTIZED_FORMATS, is_linear
 
         if self.prequantized:
@@ -138,8 +139,16 @@ class ModelSource:
                 out[name] = self.gguf_weights.read(name, dtype, device)
                 self.tensors_read.append(name)
             return out
-        for name, w in self.read(quantized, torch.float32, "cpu").items():
-            out[name] = quantize_at_load(name, w, weights, dtype, device)
+        from homespec.model.formats import QuantCache, quantize_at_load
+        from homespec.model.quant import to_device
+
+        cache = QuantCache(self.digest(weights), weights)
+        for name in quantized:
+            w = cache.get(name)
+            if w is None:
+                w = quantize_at_load(name, self.read([name], torch.float32, "cpu")[name], weights)
+                cache.put(name, w)
+            out[name] = to_device(w, device)
         return out
 
     @functools.cached_property
@@ -216,21 +225,6 @@ class ModelSource:
             return AutoTokenizer.from_pretrained(str(self.folder))
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load a tokenizer from {self.folder}: {exc}") from exc
-
-
-def quantize_at_load(name: str, w: torch.Tensor, weights: str, dtype: torch.dtype, device: str) -> Weight:
-    """A float checkpoint's linear weight in ``weights`` (``formats.py``): int4 round-to-nearest in groups of
-    ``INT4_GROUP``, int8 per channel; the embeddings and the LM head int8 in both."""
-    from homespec.model.formats import INT4_GROUP, kernel_dtype
-    from homespec.model.quant import quantize_int4, quantize_int8, to_device
-
-    dtype = kernel_dtype()  # the scales' and the products' dtype, whatever the activations' (formats.py)
-    ends = name in ("model.embed_tokens.weight", "lm_head.weight")
-    if weights == "int8" or ends:
-        return to_device(quantize_int8(w, dtype=dtype), device)
-    if w.shape[1] % INT4_GROUP:
-        raise ModelError(f"{name}: {w.shape[1]} columns is not a multiple of the int4 group of {INT4_GROUP}")
-    return to_device(quantize_int4(w, group=INT4_GROUP, dtype=dtype), device)
 
 
 def resolve(spec: str | None) -> ModelSource:
