@@ -287,3 +287,18 @@ def test_prepare_quantizes_a_float_checkpoint_into_the_cache(tmp_path: Path) -> 
     assert out.returncode == 0, out.stderr
     files = list((tmp_path / "cache" / "quant").glob("*-int8-*/*.safetensors"))
     assert len(files) == 30 * 7 + 1 and "int8 weights cached in" in out.stdout  # the layers and the tied embedding
+
+
+def test_a_cached_int8_head_is_aligned_for_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read back from the cache, an int8 LM head is a fresh 64-byte-aligned allocation: torch's int8 CPU kernel
+    crashed the test process (a segmentation fault) on the file's own unaligned buffer."""
+    import torch
+
+    from homespec.model.loader import open_folder, resolve
+
+    folder = resolve(None).folder
+    monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):  # quantized and cached, then read back
+        ends = _stage(open_folder(folder, "float"), 0, 0, "int8")
+        assert ends.head_w.codes.data_ptr() % 64 == 0
+        assert ends.logits(torch.randn(3, 576)).shape == (3, 49152)

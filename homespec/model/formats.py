@@ -139,7 +139,9 @@ class QuantCache:
         if not path.is_file():
             return None
         try:
-            t = load_file(str(path))
+            # fresh allocations: a file's tensors sit at any byte offset, and torch's int8 CPU kernel crashes on a
+            # weight that is not 64-byte aligned (a segmentation fault, seen in the suite)
+            t = {k: v.clone() for k, v in load_file(str(path)).items()}
             if "scales_and_zeros" in t:
                 group = t["codes"].shape[1] * 2 // t["scales_and_zeros"].shape[0]  # in / (in / group)
                 return Int4Affine.from_codes(t["codes"], t["scales_and_zeros"], int(group))
