@@ -295,10 +295,11 @@ def test_a_cached_int8_head_is_aligned_for_the_kernel(tmp_path: Path, monkeypatc
     import torch
 
     from homespec.model.loader import open_folder, resolve
+    from homespec.model.stage import Stage
 
     folder = resolve(None).folder
     monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path / "cache"))
     for _ in range(2):  # quantized and cached, then read back
-        ends = _stage(open_folder(folder, "float"), 0, 0, "int8")
+        ends = Stage(open_folder(folder, "float"), 0, 0, embed=True, head=True, weights="int8")
         assert ends.head_w.codes.data_ptr() % 64 == 0
         assert ends.logits(torch.randn(3, 576)).shape == (3, 49152)
