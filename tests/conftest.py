@@ -157,8 +157,10 @@ def assert_lossless(
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """pytest-xdist, on the controller: gather each worker's excuses (sent in its ``workeroutput``)."""
-    EXCUSES.extend(tuple(e) for e in json.loads(node.workeroutput.get("homespec_excuses", "[]")))
+    """pytest-xdist, on the controller: gather each worker's excuses (sent in its ``workeroutput``; a worker that
+    crashed sends none, and its crash is reported by xdist, not hidden behind an error here)."""
+    output = getattr(node, "workeroutput", {})
+    EXCUSES.extend(tuple(e) for e in json.loads(output.get("homespec_excuses", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
