@@ -5,6 +5,7 @@ the same tokens in int4 (transformers cannot run these weights, so the reference
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,6 @@ def _nll(source: Any, weights: str, stages: int = 1) -> float:
 def test_perplexity_of_each_format_stays_near_fp32(tmp_path: Path) -> None:
     """On a held-out text: the GGUF's own int4 within 1% of the fp32 run over the same (dequantized) values; a
     float checkpoint quantized at load within 5% (int4, groups of 32) and 1% (int8)."""
-    import math
-
     from homespec.model.loader import resolve
 
     gguf = resolve(None)
@@ -86,14 +85,8 @@ def test_the_perplexity_command_scores_in_stages_as_in_one() -> None:
     out = homespec("perplexity", str(HELDOUT), "--weights", "int4", "--stages", "3", "--window", "256", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["tokens"] > 300 and result["perplexity"] == pytest.approx(math_exp(result["nll"]))
+    assert result["tokens"] > 300 and result["perplexity"] == pytest.approx(math.exp(result["nll"]))
     assert result["nll"] == _nll(resolve(None), "int4")
-
-
-def math_exp(x: float) -> float:
-    import math
-
-    return math.exp(x)
 
 
 def test_an_int4_row_gets_the_same_bits_in_any_wave() -> None:

@@ -55,9 +55,9 @@ def kernel_dtype() -> torch.dtype:
 _PERMUTED_QK = ("llama", "mistral")
 
 
-def check_format(weights: str, dtype: str) -> str:
-    """The format a stage runs for ``--weights`` and ``--dtype``: float formats are the stage's dtype (a float
-    format other than ``--dtype`` is refused), ``auto`` is the float path."""
+def check_format(weights: str, dtype: str) -> None:
+    """Refuse an unknown ``--weights``, or a float format other than ``--dtype`` (float weights compute in their
+    own dtype)."""
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"unknown weight format {weights!r}", hint=f"one of {', '.join(WEIGHT_FORMATS)}")
     if weights in FLOAT_FORMATS and weights != dtype:
@@ -65,7 +65,6 @@ def check_format(weights: str, dtype: str) -> str:
             f"--weights {weights} with --dtype {dtype}: float weights compute in their own dtype",
             hint=f"use --dtype {weights}, or --weights int4 / int8 to keep {dtype} activations over quantized weights",
         )
-    return dtype if weights in ("auto", *FLOAT_FORMATS) else weights
 
 
 #: ``quantization_config.quant_method`` values whose 4-bit linears HomeSpec reads, and the tensors of one linear.

@@ -68,6 +68,7 @@ class ModelSource:
     tensors_read: list[str] = field(default_factory=list)  # every tensor name read, in order (for tests)
     hub: Any = None  # fetch.HubFiles of a hub-backed source: shards are downloaded when first read
     gguf: Path | None = None  # the GGUF file this folder was dequantized from: ``--weights int4`` reads its blocks
+    _digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # digest() per weight format
 
     @functools.cached_property
     def config(self) -> Any:
@@ -205,7 +206,13 @@ class ModelSource:
     def digest(self, weights: str = "auto") -> str:
         """A fingerprint of the model: its config (without the keys that name where it came from), its tensor names
         and its size in bytes (the index's total, or the weight files'), and the weight format when quantized. Two
-        copies of one model agree; a different model, revision, precision or quantization does not."""
+        copies of one model agree; a different model, revision, precision or quantization does not. Computed once
+        per format (every layer's quantized read asks for it)."""
+        if weights not in self._digests:
+            self._digests[weights] = self._digest(weights)
+        return self._digests[weights]
+
+    def _digest(self, weights: str) -> str:
         config = {k: v for k, v in self.raw.items() if k not in _UNSTABLE_CONFIG_KEYS}
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
