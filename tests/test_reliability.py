@@ -14,25 +14,16 @@ from typing import Any
 
 import pytest
 
+from tests.workers import stage_processes
+
 pytestmark = pytest.mark.slow
 
 HOMESPEC = str(Path(sys.executable).parent / "homespec")
 
 
 def stage_children(head: int) -> list[int]:
-    """Pids of the stage processes whose parent is ``head`` (read from /proc)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == head and b"homespec.pipeline.worker" in cmd:
-            out.append(int(entry.name))
-    return out
+    """Pids of the stage processes ``head`` started (read from /proc: tests/workers.py)."""
+    return stage_processes(head)
 
 
 def alive(pid: int) -> bool:

@@ -23,6 +23,8 @@ import openai
 import pytest
 from hypothesis import strategies as st
 
+from tests.workers import stage_processes
+
 pytestmark = pytest.mark.slow
 
 KEY = "test-key"
@@ -74,8 +76,7 @@ class Server:
             time.sleep(0.2)
 
     def stage_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        return sorted(stage_processes(self.proc.pid))
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGINT)

@@ -118,7 +118,13 @@ def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 def stage_pids(worker: subprocess.Popen[bytes]) -> list[int]:
-    """The stage processes a worker started (its children running homespec.pipeline.worker)."""
+    """The stage processes a worker started."""
+    return stage_processes(worker.pid)
+
+
+def stage_processes(ancestor: int) -> list[int]:
+    """Live stage processes descending from ``ancestor``: forked by a stage launcher (named ``homespec-stage``,
+    pipeline/launcher.py) or started as ``python -m homespec.pipeline.worker``."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -126,9 +132,11 @@ def stage_pids(worker: subprocess.Popen[bytes]) -> list[int]:
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             cmd = (entry / "cmdline").read_bytes()
+            name = (entry / "comm").read_text().strip()
         except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and b"homespec.pipeline.worker" in cmd and _descends(int(entry.name), worker.pid):
+        stage = name == "homespec-stage" or b"homespec.pipeline.worker" in cmd
+        if fields[0] != "Z" and stage and _descends(int(entry.name), ancestor):
             out.append(int(entry.name))
     return out
 

@@ -16,7 +16,6 @@ import atexit
 import contextlib
 import itertools
 import shutil
-import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -28,7 +27,7 @@ import zmq
 
 from homespec.core.messages import Assign, Failure, Heartbeat, Message, Shutdown, StageStats
 from homespec.errors import PeerLostError
-from homespec.pipeline.procs import start_stage, stop_stages
+from homespec.pipeline.procs import StageProcess, start_stage, stop_stages
 from homespec.transport.codec import decode, encode
 
 READY_TIMEOUT_S = 120.0
@@ -139,6 +138,9 @@ class Cluster(ABC):
         """Broadcast a ping until every stage echoes ``seq``."""
         answered: set[int] = set()
         while len(answered) < self.size:
+            if time.monotonic() >= deadline:
+                silent = ", ".join(str(i + 1) for i in range(self.size) if i not in answered)
+                raise PeerLostError(f"stage(s) {silent} did not answer in time", hint="a stage may be hung or gone")
             self.broadcast(Heartbeat(sender=-1, seq=seq))
             end = time.monotonic() + 0.05
             while time.monotonic() < end and len(answered) < self.size:
@@ -259,7 +261,7 @@ class LocalCluster(Cluster):
         self.control = self._bind(zmq.PUB, addr["control"])
         self.inputs = ins = [f"ipc://{self._dir}/stage{i}" for i in range(self.size)]
         self._connect_first(ins[0])
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[StageProcess] = []
         for i, a in enumerate(self.assigns):
             addresses = {
                 "in": ins[i],

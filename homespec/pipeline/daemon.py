@@ -30,7 +30,6 @@ import logging
 import resource
 import signal
 import socket
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -50,7 +49,7 @@ from homespec.core.messages import (
     WorkerInfo,
 )
 from homespec.errors import TransportError
-from homespec.pipeline.procs import start_stage, stop_stages
+from homespec.pipeline.procs import StageProcess, start_stage, stop_stages, warm_launcher
 from homespec.transport.channel import Gatekeeper, curve_server
 from homespec.transport.codec import decode, encode, pack_frames
 from homespec.transport.keys import load_or_create, trusted_heads
@@ -71,7 +70,7 @@ class _Session:
     head_key: str
     identity: bytes  # the head's ROUTER identity
     heard: float
-    stages: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stages: dict[int, StageProcess] = field(default_factory=dict)
     reported: set[int] = field(default_factory=set)  # stages whose exit was already reported
 
 
@@ -114,6 +113,7 @@ class WorkerDaemon:
 
             self.advert = Advertiser(self.name, port, self.keys.public, None if host == "0.0.0.0" else [host])
         self._running = True
+        warm_launcher()
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -237,7 +237,9 @@ class WorkerDaemon:
         if s is None:
             return
         if time.monotonic() - s.heard > self.head_timeout_s:
-            self._end_session(f"its head was silent for {self.head_timeout_s:.0f} s")
+            reason = f"worker {self.name} ended the session: its head was silent for {self.head_timeout_s:g} s"
+            self._reply(s.identity, Failure(min(s.stages, default=0), 0, reason))  # a head that still lives knows
+            self._end_session(reason)
             return
         for stage, proc in s.stages.items():
             code = proc.poll()
