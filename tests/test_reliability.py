@@ -34,13 +34,21 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_stages_exit_when_the_head_is_killed_mid_request() -> None:
+def stage_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+@pytest.mark.parametrize("launcher", ["1", "0"])
+def test_stages_exit_when_the_head_is_killed_mid_request(launcher: str) -> None:
     """SIGKILL the head while it decodes on 4 stages: it sends no Shutdown, and a stage may be waiting for a prune
-    that will never come (or idle in its loop). Every stage notices that its parent is gone and exits within seconds."""
+    that will never come (or idle in its loop). Every stage notices that its parent is gone and exits within
+    seconds: forked by the head's launcher (whose input closes with the head: it exits, and its stages follow) or,
+    with ``HOMESPEC_STAGE_LAUNCHER=0``, started as processes of their own."""
     head = subprocess.Popen(
         [HOMESPEC, "generate", "--stages", "4", "--draft", "ngram", "-n", "2000", "Count from one to a thousand."],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOMESPEC_STAGE_LAUNCHER": launcher},
     )
     stages: list[int] = []
     try:
@@ -48,6 +56,8 @@ def test_stages_exit_when_the_head_is_killed_mid_request() -> None:
         assert head.stdout.read(1), "generation never began"  # text streams: the pipeline is decoding
         stages = stage_children(head.pid)
         assert len(stages) == 4
+        forked = {stage_name(p) == "homespec-stage" for p in stages}
+        assert forked == {launcher == "1"}, "stages not started the way HOMESPEC_STAGE_LAUNCHER asks"
         head.send_signal(signal.SIGKILL)
         head.wait(timeout=10)
         deadline = time.monotonic() + 15
