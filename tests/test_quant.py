@@ -478,3 +478,17 @@ def test_cuda_int8(dtype: torch.dtype) -> None:
     w = quant.quantize_int8(torch.randn(40, 96, device="cuda"), dtype)
     x = torch.randn(33, 96, device="cuda").to(dtype)
     check_close(w.linear(x), reference(x, w))
+
+
+def test_split_rows_of_a_fused_weight_is_exact_for_every_kind() -> None:
+    """Phi-3's fused qkv and gate/up are split by output rows at load: every part equals those rows of the whole,
+    for float, int8 and (compact) int4 weights; sizes that do not add up name the tensor."""
+    torch.manual_seed(9)
+    dense = torch.randn(96, 64)
+    for w in (dense, quant.quantize_int8(dense), quant.compact(quant.quantize_int4(dense, 32, torch.bfloat16))):
+        whole = quant.as_tensor(w)
+        parts = quant.split_rows(w, [48, 16, 32], "model.layers.0.self_attn.qkv_proj.weight")
+        assert [quant.out_features(p) for p in parts] == [48, 16, 32]
+        assert torch.equal(torch.cat([quant.as_tensor(p) for p in parts]), whole)
+        with pytest.raises(ModelError, match=r"qkv_proj\.weight has 96 rows"):
+            quant.split_rows(w, [48, 16, 16], "model.layers.0.self_attn.qkv_proj.weight")

@@ -16,7 +16,7 @@ from homespec.model.stage import Stage
 
 def tiny_model(tmp_path: Path, kind: str) -> Path:
     """A tiny random Llama-family model written as safetensors (plumbing only, never for losslessness)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -27,6 +27,8 @@ def tiny_model(tmp_path: Path, kind: str) -> Path:
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
         "qwen2": Qwen2Config(**common),
         "mistral": MistralConfig(**common),
+        "qwen3": Qwen3Config(**common, head_dim=16),  # explicit head_dim, not hidden / heads (8)
+        "phi3": Phi3Config(**common, pad_token_id=0),  # fused qkv and gate/up, split at load
     }[kind]  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
@@ -35,7 +37,7 @@ def tiny_model(tmp_path: Path, kind: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
 def test_split_stages_match_transformers_logits(tmp_path: Path, kind: str) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -29,7 +29,7 @@ import torch
 
 from homespec.config import cache_dir
 from homespec.errors import ConfigError, ModelError
-from homespec.model.shape import SUPPORTED_MODEL_TYPES
+from homespec.model.shape import FAMILIES, SUPPORTED_MODEL_TYPES
 
 if TYPE_CHECKING:
     from homespec.model.quant import Weight
@@ -289,7 +289,7 @@ def open_folder(folder: Path, name: str, gguf: Path | None = None) -> ModelSourc
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
             f"unsupported architecture {model_type!r} in {folder}",
-            hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family: Llama, Mistral, Qwen2, SmolLM)",
+            hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} ({FAMILIES})",
         )
     return ModelSource(folder=folder, name=name, raw=raw, weight_map=_weight_map(folder), gguf=gguf)
 

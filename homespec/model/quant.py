@@ -389,6 +389,18 @@ def weight_nbytes(w: Weight) -> int:
     return _nbytes(w) if isinstance(w, torch.Tensor) else w.nbytes
 
 
+def split_rows(w: Weight, sizes: list[int], name: str) -> list[Weight]:
+    """A fused weight's output rows split into consecutive parts of ``sizes`` rows (Phi-3's qkv and gate/up), each
+    exact and of the same kind; a size mismatch is a ModelError naming the tensor."""
+    if sum(sizes) != out_features(w):
+        raise ModelError(f"{name} has {out_features(w)} rows, its parts need {' + '.join(map(str, sizes))}")
+    if isinstance(w, torch.Tensor):
+        return [part.contiguous() for part in torch.split(w, sizes, dim=0)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    device = _device(w)
+    return [w.select_rows(torch.arange(a, a + n, device=device)) for a, n in zip(starts, sizes, strict=True)]
+
+
 def _device(w: Int4Affine | Int8Channel) -> torch.device:
     return w.codes.device if isinstance(w, Int8Channel) else w.scales_and_zeros.device
 

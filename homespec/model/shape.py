@@ -14,7 +14,9 @@ from typing import Any
 from homespec.core.planner import ModelShape
 from homespec.errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# what an unsupported architecture is told we run
+FAMILIES = "Llama family: Llama, Mistral, Qwen2, SmolLM; Qwen3 (dense); Phi-3 and Phi-4"
 INDEX = "model.safetensors.index.json"
 
 
@@ -45,7 +47,7 @@ def shape_from_config(config: dict[str, Any], name: str, index: dict[str, Any] |
     if kind not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
             f"unsupported architecture {kind!r} in {name}",
-            hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama family: Llama, Mistral, Qwen2, SmolLM)",
+            hint=f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} ({FAMILIES})",
         )
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.core.tree import WaveRow
-from homespec.errors import CapacityError, ConfigError
+from homespec.errors import CapacityError, ConfigError, ModelError
 from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
-from homespec.model.quant import Weight, embedding, linear, weight_nbytes
+from homespec.model.quant import Weight, compact, embedding, linear, split_rows, weight_nbytes
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class _Layer:
     bg: torch.Tensor | None = None
     bu: torch.Tensor | None = None
     bd: torch.Tensor | None = None
+    qn: torch.Tensor | None = None  # [d]: Qwen3's RMSNorm of each query head before RoPE
+    kn: torch.Tensor | None = None  # [d]: the same for each key head
 
 
 _LAYER_TENSORS = {
@@ -82,6 +84,9 @@ _LAYER_BIASES = {
     "bu": "mlp.up_proj.bias",
     "bd": "mlp.down_proj.bias",
 }
+_LAYER_HEAD_NORMS = {"qn": "self_attn.q_norm.weight", "kn": "self_attn.k_norm.weight"}  # Qwen3
+#: fused projections (Phi-3, Phi-4) and the weights their output rows split into, in order
+_FUSED = {"self_attn.qkv_proj.weight": ("wq", "wk", "wv"), "mlp.gate_up_proj.weight": ("wg", "wu")}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -129,10 +134,20 @@ class Stage:
     # -- loading -------------------------------------------------------------------------------------------
     def _load_layer(self, i: int) -> _Layer:
         prefix = f"model.layers.{i}."
-        names = {k: prefix + v for k, v in _LAYER_TENSORS.items()}
-        names.update({k: prefix + v for k, v in _LAYER_BIASES.items() if self.source.has(prefix + v)})
-        t = self.source.read_weights(list(names.values()), self.weights, self.dtype, self.device)
-        return _Layer(**{k: t[v] for k, v in names.items()})  # type: ignore[arg-type]  # norms and biases are float
+        fused = {f: parts for f, parts in _FUSED.items() if self.source.has(prefix + f)}  # Phi-3: split at load
+        split = {k for parts in fused.values() for k in parts}
+        names = {k: prefix + v for k, v in _LAYER_TENSORS.items() if k not in split}
+        optional = {**_LAYER_BIASES, **_LAYER_HEAD_NORMS}
+        names.update({k: prefix + v for k, v in optional.items() if self.source.has(prefix + v)})
+        read = [*names.values(), *(prefix + f for f in fused)]
+        t = self.source.read_weights(read, self.weights, self.dtype, self.device)
+        got: dict[str, Any] = {k: t[v] for k, v in names.items()}
+        d, inter = self.head_dim, int(self.source.shape.intermediate)
+        rows = {"wq": self.heads * d, "wk": self.kv_heads * d, "wv": self.kv_heads * d, "wg": inter, "wu": inter}
+        for f, parts in fused.items():
+            pieces = split_rows(t[prefix + f], [rows[k] for k in parts], f"{prefix}{f}")
+            got.update(zip(parts, (compact(p) for p in pieces), strict=True))
+        return _Layer(**got)
 
     def _load_ends(self) -> tuple[Weight | None, torch.Tensor | None, Weight | None]:
         want = []
@@ -163,7 +178,15 @@ class Stage:
         return sum(seen.values())
 
     def _rotary(self) -> Any:
-        from homespec.model.rope import rotary_for
+        from homespec.model.rope import rope_parameters, rotary_for
+
+        raw = self.source.raw
+        partial = rope_parameters(raw).get("partial_rotary_factor", raw.get("partial_rotary_factor")) or 1.0
+        if float(partial) != 1.0:
+            raise ModelError(
+                f"{self.source.name}: partial rotary embeddings (factor {partial}) are not supported yet",
+                hint="models that rotate every head dimension run (Llama, Mistral, Qwen2/3, Phi-3/4)",
+            )
 
         return rotary_for(self.source.raw, lambda: self.source.config, self.device)
 
@@ -243,6 +266,8 @@ class Stage:
         q = linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
         k = linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
         v = linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        if w.qn is not None and w.kn is not None:  # Qwen3: each head's query and key normalized before RoPE
+            q, k = self._rms(q, w.qn), self._rms(k, w.kn)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         outs, a = [], 0

@@ -1,0 +1,68 @@
+"""Model families beyond the Llama layout, each a tiny random model made by transformers with its own config class
+(no real checkpoint of them is on this machine): greedy ``generate`` through the engine, in one process (``ar``)
+and over stage processes (``specpipe`` at S = 2 and 4), token-identical to transformers' greedy ``generate``. The
+LM head is scaled so that greedy has no near-ties (checked: the smallest top-two gap is stated and asserted)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+NEW = 24
+PROMPT = [1, 504, 3101, 314, 253, 1345, 28, 2177, 30, 2]  # ids of the bundled tokenizer (its files are copied)
+MIN_GAP = 1e-3  # the reference's smallest top-two logit gap over the reply: far above fp32 rounding (~1e-5 here)
+
+
+def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
+    """A tiny random ``kind`` model with the bundled model's vocabulary and tokenizer files, its LM head scaled up."""
+    from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
+
+    common = dict(
+        vocab_size=bundled.shape.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    config = {"qwen3": Qwen3Config(**common, head_dim=32), "phi3": Phi3Config(**common, pad_token_id=0)}[kind]
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(64.0)
+    folder = tmp_path / kind
+    model.save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bundled.folder / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "phi3"])
+def test_greedy_equals_transformers_in_every_mode(tmp_path: Path, kind: str, bundled: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from homespec.config import GenerationConfig
+    from homespec.engine import Engine, EngineOptions
+    from homespec.events import GenerationFinished
+
+    folder = tiny(tmp_path, kind, bundled)
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = ref.generate(
+            ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+        logits = ref(out).logits[0, len(PROMPT) - 1 : -1].float()  # the logits each reply token was chosen from
+    want = out[0, len(PROMPT) :].tolist()
+    top2 = logits.topk(2, dim=-1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_GAP, "a near-tie in the reference: rescale the head"
+    for mode, stages in (("ar", 1), ("specpipe", 2), ("specpipe", 4)):
+        with Engine(EngineOptions(model=str(folder), mode=mode, stages=stages, draft="ngram")) as engine:
+            got = None
+            for event in engine.generate(PROMPT, GenerationConfig(max_tokens=NEW, stop_on_eos=False)):
+                if isinstance(event, GenerationFinished):
+                    got = list(event.tokens)
+        assert got == want, f"{kind} {mode} S={stages}: {got} != {want}"
