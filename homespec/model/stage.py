@@ -188,7 +188,7 @@ class Stage:
                 hint="models that rotate every head dimension run (Llama, Mistral, Qwen2/3, Phi-3/4)",
             )
 
-        return rotary_for(self.source.raw, lambda: self.source.config, self.device)
+        return rotary_for(raw, lambda: self.source.config, self.device)
 
     # -- caches --------------------------------------------------------------------------------------------
     def new_cache(self, max_context: int = 4096, max_tree: int = DEFAULT_MAX_TREE) -> TreeKVCache:

@@ -110,7 +110,8 @@ class Launcher:
                 self.proc.stdin.flush()
                 pid = self.started.get(timeout=LAUNCH_TIMEOUT_S)
             except (OSError, queue.Empty) as exc:
-                log.warning("the stage launcher failed (%s): starting stages as new processes", exc)
+                log.warning("the stage launcher failed (%s): starting this stage as a new process", exc)
+                self.proc.kill()  # never waited for again, and a late answer can never name the next stage
                 return None
         return Forked(self, pid)
 
