@@ -12,7 +12,7 @@ import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
@@ -103,6 +103,13 @@ class Engine:
         self._dtype = parse_dtype(options.dtype)
         say(f"reading {options.model or 'the bundled model'}…")
         self.source = resolve(options.model)
+        from homespec.model.formats import resolve_weights
+
+        weights, notice = resolve_weights(self.source, options.weights, options.dtype, options.device)
+        self.notice = notice  # what ``auto`` chose, where it matters: the CLIs print it once, on stderr
+        if notice:
+            say(notice)
+        self.options = options = replace(options, weights=weights)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
         self._closed = False

@@ -227,6 +227,34 @@ def test_a_4bit_checkpoint_runs_its_own_weights_and_each_stage_reads_its_own(tmp
         Stage(open_folder(quantized, method), 0, 1, weights="int8")
 
 
+def test_auto_weights_resolve_per_file_and_device(tmp_path: Path, bundled: Any, truncated_copy: Path) -> None:
+    """``--weights auto`` made concrete before any stage loads (``formats.resolve_weights``): a GGUF runs
+    dequantized and says that int4 runs its blocks; a 4-bit safetensors checkpoint runs int4 where the device has a
+    kernel and dequantized where not, said either way; a float checkpoint runs in --dtype silently; a named format
+    is kept."""
+    from homespec.model.formats import int4_kernel_on, own_4bit, resolve_weights
+    from homespec.model.loader import open_folder
+
+    assert int4_kernel_on("cpu") and not int4_kernel_on("mps")
+    assert own_4bit(bundled) == "GGUF Q4_1"
+    assert resolve_weights(bundled, "auto", "fp32", "cpu") == (
+        "fp32",
+        "weights: fp32, dequantized from the GGUF Q4_1 blocks (--weights int4 runs them as they are)",
+    )
+    assert resolve_weights(bundled, "int4", "fp32", "cpu") == ("int4", "")
+    float_folder = open_folder(truncated_copy, "float")
+    assert own_4bit(float_folder) == "" and resolve_weights(float_folder, "auto", "bf16", "cpu") == ("bf16", "")
+    awq = open_folder(_prequantized_model(tmp_path, "awq")[0], "awq")
+    assert resolve_weights(awq, "auto", "fp32", "cpu") == (
+        "int4",
+        "weights: int4, the awq checkpoint's own 4-bit weights (--weights fp32 dequantizes them)",
+    )
+    assert resolve_weights(awq, "auto", "fp16", "mps") == (
+        "fp16",
+        "weights: fp16, the awq checkpoint's 4-bit weights dequantized (no int4 kernel on mps)",
+    )
+
+
 def test_a_quantization_we_cannot_run_is_named(tmp_path: Path) -> None:
     from homespec.errors import ModelError
     from homespec.model.loader import open_folder

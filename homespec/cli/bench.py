@@ -106,7 +106,7 @@ def bench(
             max_concurrency=256 if concurrency is not None else 8,
             dtype=dtype,
         )
-        formats = [w.strip() for w in weights.split(",") if w.strip()] or ["auto"]
+        formats = _formats(opts, [w.strip() for w in weights.split(",") if w.strip()] or ["auto"])
         if concurrency is not None:
             if len(formats) > 1:
                 raise ConfigError("--concurrency measures one weight format at a time", hint="give one --weights")
@@ -213,7 +213,7 @@ def _measure(
         "mode": mode,
         "draft": draft,
         "stages": engine.stage_count(mode),
-        "weights": "auto" if mode in BASELINES else engine.options.weights,  # transformers: the float weights
+        "weights": "fp32" if mode in BASELINES else engine.options.weights,  # transformers: fp32, dequantized
         "prompts": len(prompts),
         **_summary(done),
         "time_scale": engine.clock_scale(mode) if mode in MODES else 1.0,
@@ -302,6 +302,24 @@ def _summary(runs: list[_PromptRun]) -> dict[str, Any]:
         "decode_s": decode_s,
         "gaps": len(gaps),
     }
+
+
+def _formats(opts: Any, asked: list[str]) -> list[str]:
+    """The weight formats to measure, each once: ``auto`` resolved for this model and device (the line that says
+    what it chose printed), so that ``auto,int4`` on a 4-bit file measures int4 once."""
+    from homespec.model.formats import check_format, resolve_weights
+    from homespec.model.loader import resolve
+
+    source = resolve(opts.model)
+    out: list[str] = []
+    for fmt in asked:
+        check_format(fmt, opts.dtype)
+        concrete, notice = resolve_weights(source, fmt, opts.dtype, opts.device)
+        if notice:
+            typer.echo(notice, err=True)
+        if concrete not in out:
+            out.append(concrete)
+    return out
 
 
 def _baseline(engine: Any) -> Any:

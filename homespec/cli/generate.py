@@ -82,6 +82,8 @@ def generate(
         from homespec.engine import Engine
 
         engine = Engine(replace(options, tree=config.tree or TreeConfig()))
+        if engine.notice:
+            typer.echo(engine.notice, err=True)
         with engine:
             finished = _run(engine, engine.encode(prompt, chat), config, as_json)
         if as_json:

@@ -41,6 +41,11 @@ def perplexity(
 
         options = EngineOptions(model=model, dtype=dtype, weights=weights, device=device)  # validates the pair
         source = resolve(options.model)
+        from homespec.model.formats import resolve_weights
+
+        weights, notice = resolve_weights(source, weights, dtype, device)
+        if notice and not as_json:
+            typer.echo(notice, err=True)
         if not (1 <= stages <= source.num_layers):
             raise ConfigError(f"--stages must be in [1, {source.num_layers}], got {stages}")
         act = parse_dtype(dtype)

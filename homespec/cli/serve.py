@@ -94,7 +94,16 @@ def serve(
         name = served_name or model_id(model)
         metrics = Metrics(name)
         options = replace(options, max_concurrency=max_concurrency)  # each stage holds that many requests' KV
-        service = GenerationService(lambda: Engine(options), metrics, max_concurrency, max_queue)
+        said: set[str] = set()
+
+        def build() -> Engine:
+            engine = Engine(options)
+            if engine.notice and engine.notice not in said:  # what --weights auto chose, once (not per rebuild)
+                said.add(engine.notice)
+                typer.echo(engine.notice, err=True)
+            return engine
+
+        service = GenerationService(build, metrics, max_concurrency, max_queue)
         tokenizer = service.fresh_tokenizer()
         app = create_app(service, tokenizer, ServerOptions(name, max_context, api_key, read_timeout_s=read_timeout))
         service.start()

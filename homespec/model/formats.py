@@ -19,8 +19,15 @@ or ``int8`` (``model/quant.py``'s types behind the stage's linear calls), or ``a
 - a 4-bit safetensors checkpoint (``quantization_config``: AWQ GEMM, GPTQ without act-order, compressed-tensors
   ``pack-quantized`` W4A16; ``PREQUANTIZED``) runs its own 4-bit weights with ``auto`` or ``int4`` (``quant.from_awq``,
   ``from_gptq``, ``from_compressed_tensors``) and dequantized with a float format; ``int8`` is refused;
-- ``auto``: otherwise the float path in ``--dtype`` (what transformers computes on the same dequantized weights),
-  until the quantized default for GGUF files is proven across the lossless matrix.
+- ``auto`` (``resolve_weights``, once per engine, before any stage loads, said in one line where it matters): a
+  4-bit safetensors checkpoint runs ``int4`` where the device has an int4 kernel (the CPU's; CUDA sm80+), else
+  dequantized into ``--dtype``; a float checkpoint runs in ``--dtype``; a GGUF runs dequantized into ``--dtype``
+  (what transformers computes on the same weights), with a line saying that ``--weights int4`` runs its own blocks.
+  Not int4 by default yet, because the int4 path is not exactly lossless across modes: its products take bf16
+  inputs and give bf16 logits (one step is 0.125 at a logit of 16), and attention's last bits depend on where a
+  tree node's keys sit in the cache, so ``specpipe`` can pick the other token of a pair whose logits differ by one
+  bf16 step where ``ar`` did not (measured: the pipeline matrix in int4, ``specpipe`` S=1 ``ngram+recycle``, a
+  0.125 gap). Exact int4 across modes needs fp32 logits and attention whose bits do not depend on key slots.
 
 Activations and the KV cache keep ``--dtype`` in every format. A quantized weight's scales are bf16 and its
 product runs in bf16 (``KERNEL_DTYPE``: torch's CPU int4 and int8 kernels are fast only there; CUDA's int4 kernel
@@ -58,6 +65,48 @@ def kernel_dtype() -> torch.dtype:
 
 #: GGUF architectures whose q/k rows llama.cpp's converter permuted (undone on load, as transformers does).
 _PERMUTED_QK = ("llama", "mistral")
+
+
+def int4_kernel_on(device: str) -> bool:
+    """Whether torch has an int4 matmul for ``device`` (``quant.Int4Kernel``): the CPU's, CUDA's on sm80+ (not ROCm)."""
+    import torch
+
+    if device == "cpu":
+        return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.version.hip is None:
+        return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+    return False
+
+
+def own_4bit(source: Any) -> str:
+    """What makes a model's file 4-bit (``"GGUF Q4_1"``, ``"awq"``), ``""`` for a float one: a GGUF's linears with
+    int4 blocks (``quant.GGUF_INT4``), or a safetensors checkpoint's ``quantization_config`` (``PREQUANTIZED``)."""
+    if source.prequantized:
+        return str(source.prequantized)
+    if source.gguf is None:
+        return ""
+    from homespec.model.quant import GGUF_INT4
+
+    kinds = source.gguf_weights.linear_types()
+    int4 = sorted(k for k in kinds if k in GGUF_INT4)
+    return f"GGUF {'+'.join(int4)}" if int4 else ""
+
+
+def resolve_weights(source: Any, weights: str, dtype: str, device: str) -> tuple[str, str]:
+    """``--weights`` made concrete for ``source`` (``auto`` per the module docstring), and the line that says what
+    ``auto`` chose where it matters (``""`` otherwise)."""
+    if weights != "auto":
+        return weights, ""
+    own = own_4bit(source)
+    if not own:
+        return dtype, ""
+    kernel = int4_kernel_on(device)
+    if source.gguf is not None:
+        also = " (--weights int4 runs them as they are)" if kernel else ""
+        return dtype, f"weights: {dtype}, dequantized from the {own} blocks{also}"
+    if kernel:
+        return "int4", f"weights: int4, the {own} checkpoint's own 4-bit weights (--weights {dtype} dequantizes them)"
+    return dtype, f"weights: {dtype}, the {own} checkpoint's 4-bit weights dequantized (no int4 kernel on {device})"
 
 
 def check_format(weights: str, dtype: str) -> None:
@@ -209,6 +258,10 @@ class GGUFWeights:
         if mapped is None or f"{mapped}.{suffix}" not in self.tensors:
             raise ModelError(f"tensor {name!r} not found in GGUF {self.path.name}")
         return f"{mapped}.{suffix}"
+
+    def linear_types(self) -> set[str]:
+        """The GGML types of the file's matrices (``Q4_1``, ``Q6_K``, ``F32``…)."""
+        return {t.tensor_type.name for t in self.tensors.values() if len(t.shape) == 2}
 
     def read(self, name: str, dtype: torch.dtype, device: str) -> Weight:
         """One tensor in its own format (``quant.from_gguf``), its q/k rows unpermuted where llama.cpp permuted

@@ -697,6 +697,7 @@ def _gguf_q8_k(name: str, blocks: Blocks, dtype: torch.dtype) -> Weight:
 
 #: GGUF types that become quantized weights (the rest are kept in float).
 GGUF_QUANTIZED = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+GGUF_INT4 = ("Q4_0", "Q4_1", "Q4_K")  # the types read exactly as Int4Affine (groups of 32)
 
 _GGUF_CONVERTERS = {
     "Q4_0": _gguf_q4_0,
