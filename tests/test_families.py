@@ -21,7 +21,14 @@ MIN_GAP = 1e-3  # the reference's smallest top-two logit gap over the reply: far
 
 def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
     """A tiny random ``kind`` model with the bundled model's vocabulary and tokenizer files, its LM head scaled up."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Phi3Config, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=bundled.shape.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -34,6 +41,10 @@ def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
         # a window of 8 keys on the local layers: the prompt and every reply cross it, tree nodes too
         "gemma3": Gemma3TextConfig(**common, head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
                                    layer_types=["sliding_attention", "full_attention", *["sliding_attention"] * 2]),
+        # 8 experts, 2 per token, renormalized; layer 1 dense. Routers scaled up so that rows choose differently
+        "qwen3_moe": Qwen3MoeConfig(**common, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                    moe_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=True),
+        "mixtral": MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2),
     }[kind]  # fmt: skip
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config).float()
@@ -42,6 +53,8 @@ def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
         for name, p in model.named_parameters():
             if kind == "gemma3" and "norm" in name:  # they start at w = 0, a scale of (1 + 0)
                 p.normal_(0.0, 0.3)
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # routers: decided choices
+                p.mul_(50.0)
     folder = tmp_path / kind
     model.save_pretrained(str(folder))
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -49,7 +62,7 @@ def tiny(tmp_path: Path, kind: str, bundled: Any) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gemma3", "qwen3_moe", "mixtral"])
 def test_greedy_equals_transformers_in_every_mode(tmp_path: Path, kind: str, bundled: Any) -> None:
     from transformers import AutoModelForCausalLM
 

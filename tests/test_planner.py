@@ -51,6 +51,45 @@ def test_llama_70b_shape_matches_its_published_size() -> None:
     assert shape.params * 2 == pytest.approx(141_107_412_992, rel=1e-4)  # the index's total_size (bf16)
 
 
+@pytest.mark.parametrize(
+    ("config", "total", "active"),
+    [
+        (dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+              num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+              num_experts_per_tok=8, vocab_size=151936), 30.5e9, 3.3e9),  # Qwen3-30B-A3B
+        (dict(model_type="mixtral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=8, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+              vocab_size=32000), 46.7e9, 12.9e9),  # Mixtral-8x7B
+    ],
+    ids=["qwen3-30b-a3b", "mixtral-8x7b"],
+)  # fmt: skip
+def test_a_mixture_of_experts_counts_every_expert_for_memory_and_the_touched_ones_for_reads(
+    config: dict[str, object], total: float, active: float
+) -> None:
+    """Memory holds every expert (the published total); a row multiplies by its top k (the published active
+    count); a step of n rows reads the experts n rows are expected to touch, so an MoE stage's modeled step grows
+    with the wave where a dense one's is flat (memory-bound) until the compute catches up."""
+    from homespec.core.planner import stage_seconds
+    from homespec.model.shape import shape_from_config
+
+    shape = shape_from_config({**config, "tie_word_embeddings": False}, str(config["model_type"]))
+    assert shape.params == pytest.approx(total, rel=0.01)
+    assert shape.layers * shape.layer_row_params + shape.embed_params + shape.head_params == pytest.approx(
+        active, rel=0.02
+    )
+    e, k = shape.experts, shape.experts_per_token
+    reads = [shape.layer_read_params(r) for r in (1, 2, 8, 32, 4096)]
+    assert reads == sorted(reads) and reads[0] == pytest.approx(shape.layer_row_params)
+    assert reads[-1] == pytest.approx(shape.layer_params)
+    touched = e * (1 - (1 - k / e) ** 8)
+    expert = 3 * shape.hidden * shape.expert_intermediate
+    assert reads[2] - reads[0] == pytest.approx((touched - k) * expert)
+    dev = gpu("a", memory_gb=80, bw_gb_s=900, tflops=300)
+    moe = [stage_seconds(shape, OPTS, dev, 4, False, r) for r in (1, 8)]
+    dense = [stage_seconds(TOY, OPTS, dev, 4, False, r) for r in (1, 8)]
+    assert moe[1] > 1.5 * moe[0] and dense[1] == pytest.approx(dense[0])
+
+
 def test_homogeneous_devices_share_the_layers_evenly() -> None:
     """Four equal GPUs, none of which holds the model alone (0.7 GB each, 1.7 GB of weights)."""
     topo = Topology(tuple(gpu("box", i, memory_gb=0.7) for i in range(4)), "box")

@@ -21,9 +21,11 @@ def tiny_model(tmp_path: Path, kind: str) -> Path:
         Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     common = dict(
@@ -41,6 +43,10 @@ def tiny_model(tmp_path: Path, kind: str) -> Path:
         "gemma3": Gemma3TextConfig(**common, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                                    layer_types=["sliding_attention", "full_attention", *["sliding_attention"] * 2],
                                    final_logit_softcapping=5.0),
+        # 4 experts, 2 per token; layer 2 dense (mlp_only_layers), the top 2 renormalized
+        "qwen3_moe": Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=24, mlp_only_layers=[2], norm_topk_prob=True),
+        "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
     }[kind]  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
@@ -54,7 +60,7 @@ def tiny_model(tmp_path: Path, kind: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "qwen3_moe", "mixtral"])
 def test_split_stages_match_transformers_logits(tmp_path: Path, kind: str) -> None:
     from transformers import AutoModelForCausalLM
 

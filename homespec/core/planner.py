@@ -69,12 +69,42 @@ class ModelShape:
     tied_embeddings: bool
     attention_bias: bool = False  # Qwen2's q/k/v biases
     index_bytes: int = 0  # the safetensors index's total_size (0: no index), in the published dtype
+    experts: int = 0  # mixture of experts (Qwen3-MoE, Mixtral): experts per MoE layer; 0 for a dense model
+    experts_per_token: int = 0  # the router's top k
+    expert_intermediate: int = 0  # one expert's MLP width
+    moe_layers: int = 0  # how many layers are MoE (Qwen3-MoE may keep some dense: mlp_only_layers)
+
+    def _attention_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.attention_bias else 0) + 2 * h
+
+    def _mlp_params(self, experts: float) -> float:
+        """An average layer's feed-forward parameters when ``experts`` of an MoE layer's experts count (a dense
+        layer's MLP otherwise), with the router."""
+        dense = 3 * self.hidden * self.intermediate
+        if not self.experts:
+            return dense
+        share = self.moe_layers / self.layers
+        moe = experts * 3 * self.hidden * self.expert_intermediate + self.experts * self.hidden
+        return share * moe + (1 - share) * dense
 
     @property
     def layer_params(self) -> int:
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.attention_bias else 0)
-        return attention + 3 * h * self.intermediate + 2 * h
+        """What a layer holds (an average layer; every expert counts)."""
+        return round(self._attention_params() + self._mlp_params(self.experts))
+
+    def layer_read_params(self, rows: int) -> float:
+        """What a step of ``rows`` rows reads of a layer: an MoE layer's router and the experts those rows are
+        expected to touch, E · (1 - (1 - k / E)^rows) under uniform routing (all of a dense layer)."""
+        if not self.experts:
+            return self.layer_params
+        touched = self.experts * (1 - (1 - self.experts_per_token / self.experts) ** rows)
+        return self._attention_params() + self._mlp_params(touched)
+
+    @property
+    def layer_row_params(self) -> float:
+        """The parameters one row multiplies by in a layer (its top k experts in an MoE layer)."""
+        return self._attention_params() + self._mlp_params(self.experts_per_token)
 
     @property
     def embed_params(self) -> int:
@@ -260,9 +290,10 @@ def stage_time(params: float, read_bytes: float, device: Device, efficiency: flo
 def stage_seconds(shape: ModelShape, opts: PlanOptions, device: Device, n: int, head: bool, rows: int) -> float:
     """Modeled time of one step of ``rows`` rows over ``n`` layers (module docstring); the embedding lookup reads
     only its rows and is left out."""
-    params = n * shape.layer_params + (shape.head_params if head else 0)
-    read = params * opts.weight_bytes + n * shape.kv_bytes_per_token(opts.act_bytes) * opts.context / 2
-    return stage_time(params, read, device, opts.efficiency, opts.overhead_s).seconds(rows)
+    end = shape.head_params if head else 0
+    weights = (n * shape.layer_read_params(rows) + end) * opts.weight_bytes  # MoE: the experts these rows touch
+    read = weights + n * shape.kv_bytes_per_token(opts.act_bytes) * opts.context / 2
+    return stage_time(n * shape.layer_row_params + end, read, device, opts.efficiency, opts.overhead_s).seconds(rows)
 
 
 def row_bytes(shape: ModelShape, opts: PlanOptions) -> float:

@@ -14,9 +14,9 @@ from typing import Any
 from homespec.core.planner import ModelShape
 from homespec.errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "mixtral")
 # what an unsupported architecture is told we run
-FAMILIES = "Llama family: Llama, Mistral, Qwen2, SmolLM; Qwen3 (dense); Phi-3 and Phi-4; Gemma 3 (text)"
+FAMILIES = "Llama family: Llama, Mistral, Qwen2, SmolLM; Qwen3 and Qwen3-MoE; Mixtral; Phi-3 and Phi-4; Gemma 3 (text)"
 INDEX = "model.safetensors.index.json"
 
 
@@ -63,6 +63,7 @@ def shape_from_config(config: dict[str, Any], name: str, index: dict[str, Any] |
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=kind == "qwen2" or bool(config.get("attention_bias", False)),
             index_bytes=int((index or {}).get("metadata", {}).get("total_size", 0)),
+            **_moe_shape(config),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"config.json of {name} is missing or has a bad field: {exc}") from exc
@@ -78,3 +79,18 @@ def _hub_files(repo_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     index = files.get(INDEX, required=False)
     assert config is not None
     return json.loads(config.read_text()), json.loads(index.read_text()) if index else None
+
+
+def _moe_shape(config: dict[str, Any]) -> dict[str, int]:
+    """A mixture-of-experts model's expert counts for ModelShape (nothing for a dense one)."""
+    kind, layers = config.get("model_type"), int(config["num_hidden_layers"])
+    if kind == "mixtral":
+        experts, width, sparse = int(config["num_local_experts"]), int(config["intermediate_size"]), layers
+    elif kind == "qwen3_moe" and int(config.get("num_experts") or 0):
+        experts, width = int(config["num_experts"]), int(config["moe_intermediate_size"])
+        step, dense = int(config.get("decoder_sparse_step") or 1), set(config.get("mlp_only_layers") or [])
+        sparse = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    else:
+        return {}
+    k = int(config["num_experts_per_tok"])
+    return {"experts": experts, "experts_per_token": k, "expert_intermediate": width, "moe_layers": sparse}

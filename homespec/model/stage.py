@@ -10,8 +10,10 @@ Qwen2), checked against transformers' logits in the tests; with Qwen3's per-head
 projections split at load, and Gemma 3 (``gemma3_text``): (1 + w) RMSNorms (folded into the weight at load, applied
 in fp32 as transformers does), a norm after attention and after the MLP besides the two before, GeGLU (tanh),
 embeddings scaled by √hidden, attention scaled by ``query_pre_attn_scalar``, and sliding-window attention with its
-own RoPE base on the layers ``layer_types`` names ``sliding_attention`` (a mask over the committed prefix: a tree
-node's ancestors are always within the window, which must exceed the tree's slots).
+own RoPE base on the layers ``layer_types`` names ``sliding_attention`` (each key masked by its position,
+``TreeKVCache.key_positions``). Mixture-of-experts layers (Qwen3-MoE, Mixtral; ``_Moe``) replace the MLP by a
+router and experts: softmax over the router's logits in fp32, the top k, renormalized where the family does, and
+each expert run once over the rows routed to it, their outputs summed in expert order as transformers does.
 
 This module computes; it never decides which nodes to run, and knows nothing of sockets or drafts.
 """
@@ -49,6 +51,23 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
+class _Moe:
+    """A mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): ``router`` [experts, hidden] (kept float),
+    and each expert's SwiGLU MLP."""
+
+    router: torch.Tensor
+    gate: list[Weight]  # [expert inter, hidden] each
+    up: list[Weight]
+    down: list[Weight]  # [hidden, expert inter]
+    top_k: int
+    normalize: bool  # the top k probabilities renormalized to sum to 1 (Mixtral always; Qwen3-MoE: norm_topk_prob)
+    cast: bool  # the routing weights cast back to the activations' dtype before use (Qwen3-MoE)
+
+    def weights(self) -> list[Weight]:
+        return [self.router, *self.gate, *self.up, *self.down]
+
+
+@dataclass
 class _Layer:
     ln1: torch.Tensor  # [hidden]
     ln2: torch.Tensor  # [hidden]
@@ -56,9 +75,9 @@ class _Layer:
     wk: Weight  # [kv_heads * d, hidden]
     wv: Weight  # [kv_heads * d, hidden]
     wo: Weight  # [hidden, heads * d]
-    wg: Weight  # [inter, hidden]
-    wu: Weight  # [inter, hidden]
-    wd: Weight  # [hidden, inter]
+    wg: Weight | None = None  # [inter, hidden] (None in a mixture-of-experts layer: ``moe``)
+    wu: Weight | None = None  # [inter, hidden]
+    wd: Weight | None = None  # [hidden, inter]
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
@@ -70,6 +89,12 @@ class _Layer:
     kn: torch.Tensor | None = None  # [d]: the same for each key head
     pa: torch.Tensor | None = None  # [hidden]: Gemma 3's norm of the attention output (before the residual add)
     pf: torch.Tensor | None = None  # [hidden]: Gemma 3's norm of the MLP output
+    moe: _Moe | None = None  # the MLP's place in a mixture-of-experts layer
+
+    def weights(self) -> list[Weight]:
+        """Every tensor and weight the layer holds."""
+        out = [w for k, w in vars(self).items() if k != "moe" and w is not None]
+        return out + (self.moe.weights() if self.moe is not None else [])
 
 
 _LAYER_TENSORS = {
@@ -103,6 +128,11 @@ _GEMMA_NORMS = {
     **_LAYER_HEAD_NORMS,
 }
 GEMMA_TYPES = ("gemma3_text",)
+#: mixture-of-experts families: the router's and each expert's tensor names (gate, up, down) under a layer
+_MOE = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{e}.{p}.weight", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.{p}.weight", ("w1", "w3", "w2")),
+}
 #: fused projections (Phi-3, Phi-4) and the weights their output rows split into, in order
 _FUSED = {"self_attn.qkv_proj.weight": ("wq", "wk", "wv"), "mlp.gate_up_proj.weight": ("wg", "wu")}
 
@@ -145,7 +175,7 @@ class Stage:
         self.layers = [self._load_layer(i) for i in range(start, end)]
         self.embed_w, self.norm_w, self.head_w = self._load_ends()
         # quantized weights (asked for, or the checkpoint's own): a row's bits independent of its wave (``attention``)
-        held = [w for layer in self.layers for w in vars(layer).values() if w is not None]
+        held = [w for layer in self.layers for w in layer.weights()]
         self.invariant = any(not isinstance(w, torch.Tensor) for w in held)
         self.rotary = self._rotary()
         self.last_hidden: torch.Tensor | None = None  # stages with a head: features of the last call's rows
@@ -183,12 +213,17 @@ class Stage:
         fused = {f: parts for f, parts in _FUSED.items() if self.source.has(prefix + f)}  # Phi-3: split at load
         split = {k for parts in fused.values() for k in parts}
         tensors = {**_LAYER_TENSORS, **_GEMMA_NORMS} if self.gemma else _LAYER_TENSORS
+        moe = self._load_moe(i)
+        if moe is not None:
+            split |= {"wg", "wu", "wd"}
         names = {k: prefix + v for k, v in tensors.items() if k not in split}
         optional = {**_LAYER_BIASES, **_LAYER_HEAD_NORMS}
         names.update({k: prefix + v for k, v in optional.items() if self.source.has(prefix + v)})
         read = [*names.values(), *(prefix + f for f in fused)]
         t = self.source.read_weights(read, self.weights, self.dtype, self.device)
         got: dict[str, Any] = {k: t[v] for k, v in names.items()}
+        if moe is not None:
+            got["moe"] = moe
         if self.gemma:
             got.update({k: self._gemma_norm(got[k]) for k in _GEMMA_NORMS if got.get(k) is not None})
         d, inter = self.head_dim, int(self.source.shape.intermediate)
@@ -197,6 +232,29 @@ class Stage:
             pieces = split_rows(t[prefix + f], [rows[k] for k in parts], f"{prefix}{f}")
             got.update(zip(parts, (compact(p) for p in pieces), strict=True))
         return _Layer(**got)
+
+    def _load_moe(self, i: int) -> _Moe | None:
+        """Layer ``i``'s mixture-of-experts block, or None where the layer has a dense MLP (all of a dense model's;
+        a Qwen3-MoE layer in ``mlp_only_layers`` or off its ``decoder_sparse_step``)."""
+        raw = self.source.raw
+        family = raw.get("model_type")
+        if family not in _MOE:
+            return None
+        experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+        if family == "qwen3_moe":
+            step = int(raw.get("decoder_sparse_step") or 1)
+            if experts == 0 or i in (raw.get("mlp_only_layers") or []) or (i + 1) % step:
+                return None
+        router, expert, parts = _MOE[family]
+        prefix = f"model.layers.{i}."
+        names = [prefix + expert.format(e=e, p=p) for p in parts for e in range(experts)]
+        t = self.source.read_weights([prefix + router], "auto", self.dtype, self.device)  # the router stays float
+        w = self.source.read_weights(names, self.weights, self.dtype, self.device)
+        gate, up, down = ([w[prefix + expert.format(e=e, p=p)] for e in range(experts)] for p in parts)
+        r = t[prefix + router]
+        assert isinstance(r, torch.Tensor)
+        normalize = family == "mixtral" or bool(raw.get("norm_topk_prob", False))
+        return _Moe(r, gate, up, down, int(raw["num_experts_per_tok"]), normalize, cast=family == "qwen3_moe")
 
     def _load_ends(self) -> tuple[Weight | None, torch.Tensor | None, Weight | None]:
         want = []
@@ -226,9 +284,8 @@ class Stage:
         """Bytes of weights this stage holds (a tied embedding and head counted once)."""
         seen: dict[int, int] = {}
         for layer in self.layers:
-            for w in vars(layer).values():
-                if w is not None:
-                    seen[id(w)] = weight_nbytes(w)
+            for w in layer.weights():
+                seen[id(w)] = weight_nbytes(w)
         for w in (self.embed_w, self.norm_w, self.head_w):
             if w is not None:
                 seen[id(w)] = weight_nbytes(w)
@@ -372,8 +429,30 @@ class Stage:
         o = linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
         h = h + (o if w.pa is None else self._rms(o, w.pa))
         r = self._rms(h, w.ln2)
-        m = linear(self.act(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)
+        if w.moe is not None:
+            m = self._experts(r, w.moe)
+        else:
+            assert w.wg is not None and w.wu is not None and w.wd is not None
+            m = linear(self.act(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)
         return h + (m if w.pf is None else self._rms(m, w.pf))
+
+    def _experts(self, x: torch.Tensor, moe: _Moe) -> torch.Tensor:
+        """A mixture-of-experts block over rows x [n, hidden]: each row's top-k experts by the router's softmax
+        (fp32), each expert run once over all the rows routed to it, its outputs weighted and added per row in
+        expert order (as transformers does, so the sums round alike)."""
+        logits = F.linear(x, moe.router)  # [n, experts]
+        top, index = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), moe.top_k, dim=-1)  # [n, k]
+        if moe.normalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        if moe.cast:
+            top = top.to(logits.dtype)
+        out = torch.zeros_like(x)
+        for e in torch.unique(index).tolist():  # ascending
+            slot, rows = torch.where(index.t().eq(e))  # [k, n] -> (which of a row's k, the row)
+            xs = x[rows]
+            y = linear(self.act(linear(xs, moe.gate[e])) * linear(xs, moe.up[e]), moe.down[e])
+            out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
+        return out
 
     def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         assert weight is not None
