@@ -205,15 +205,16 @@ def truncated_copy(bundled: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def engines(truncated_copy: Path) -> Callable[..., Any]:
-    """Engines on the bundled model, built once per (draft, split)."""
+    """Engines on the bundled model, built once per (draft, split, weights): fp32 by default, the dequantized Q4_1
+    weights transformers runs (``--weights auto`` runs the GGUF's own int4 blocks)."""
     from homespec.engine import Engine, EngineOptions
 
-    built: dict[tuple[str, int], Any] = {}
+    built: dict[tuple[str, int, str], Any] = {}
 
-    def get(draft: str = "none", split: int = 1) -> Any:
+    def get(draft: str = "none", split: int = 1, weights: str = "fp32") -> Any:
         spec = draft.replace("{truncated}", str(truncated_copy))
-        if (spec, split) not in built:
-            built[(spec, split)] = Engine(EngineOptions(draft=spec, split=split))
-        return built[(spec, split)]
+        if (spec, split, weights) not in built:
+            built[(spec, split, weights)] = Engine(EngineOptions(draft=spec, split=split, weights=weights))
+        return built[(spec, split, weights)]
 
     return get

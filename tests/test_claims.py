@@ -62,13 +62,13 @@ def test_stages_in_half_precision_give_the_single_process_tokens(dtype: str, cha
             out.append(next(list(e.tokens) for e in events if isinstance(e, GenerationFinished)))
         return out
 
-    with Engine(EngineOptions(dtype=dtype, draft="none")) as single:
+    with Engine(EngineOptions(dtype=dtype, weights=dtype, draft="none")) as single:
         want = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         stage = single.decoder_for("ar").stages[0]
         weights = [t for layer in stage.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
         assert weights and {t.dtype for t in [*weights, stage.embed_w, stage.head_w]} == {want}
         plain = run(single)
-    with Engine(EngineOptions(dtype=dtype, stages=2, mode="specpipe", draft="ngram")) as pipeline:
+    with Engine(EngineOptions(dtype=dtype, weights=dtype, stages=2, mode="specpipe", draft="ngram")) as pipeline:
         assert [a.dtype for a in pipeline.backend.cluster.assigns] == [dtype, dtype]
         assert run(pipeline) == plain
 
@@ -80,7 +80,7 @@ def test_emulation_keeps_the_output_exact(chat_ids: Any, reference_greedy: Any, 
     prompt = EQUIVALENCE_PROMPTS[3]
     out = homespec(
         "generate", prompt, "--stages", "3", "--mode", "specpipe", "--draft", "ngram", "-n", "24", "--json",
-        "--emulate", str(PROFILES / "home-mixed-wifi.json"),
+        "--emulate", str(PROFILES / "home-mixed-wifi.json"), "--weights", "fp32",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -110,7 +110,7 @@ def test_bench_runs_every_mode_in_one_run(tmp_path: Path) -> None:
     prompts.write_text(json.dumps({"turns": ["Repeat after me: one two three, one two three."]}) + "\n")
     out = homespec(
         "bench", "--stages", "3", "--prompts", str(prompts), "--max-tokens", "12", "--emulate",
-        str(PROFILES / "home-8x3090-1gbe.json"), "--json", str(tmp_path / "rows.json"),
+        str(PROFILES / "home-8x3090-1gbe.json"), "--json", str(tmp_path / "rows.json"), "--weights", "fp32",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = {(r["mode"], r["draft"]): r for r in json.loads((tmp_path / "rows.json").read_text())}

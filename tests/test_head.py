@@ -168,7 +168,7 @@ def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
     head = tmp_path / "head.safetensors"
     assert head.is_file()
     prompt = EQUIVALENCE_PROMPTS[6]
-    gen = homespec("generate", prompt, "--draft", f"head:{head}", "-n", "16", "--json")
+    gen = homespec("generate", prompt, "--draft", f"head:{head}", "-n", "16", "--json", "--weights", "fp32")
     assert gen.returncode == 0, gen.stderr[-3000:]
     result = json.loads(gen.stdout.strip().splitlines()[-1])
     assert result["stats"]["draft"] == "head"

@@ -71,7 +71,7 @@ def test_a_request_a_stage_refuses_fails_alone(
     the short one, in the same waves, completes with the tokens of its solo run, and the next request runs on the same
     stages."""
     assigns = [
-        Assign(i, 2, str(bundled.folder), a, b, "fp32", "cpu", 4096 if i == 0 else 96, 64)
+        Assign(i, 2, "", a, b, "fp32", "cpu", 4096 if i == 0 else 96, 64, weights="int4")
         for i, (a, b) in enumerate(even_split(bundled.num_layers, 2))
     ]
     short = chat_ids("Name two planets.")

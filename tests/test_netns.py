@@ -110,14 +110,14 @@ def test_zeroconf_finds_the_workers_and_specpipe_across_them_is_lossless(
     assert set(links) == {"w1", "w2"} and all(x["latency_ms"] > 0 and x["mb_per_s"] > 0 for x in links.values())
     prompt = EQUIVALENCE_PROMPTS[4]
     gen = head_run(lab, "generate", prompt, "--cluster", "cluster.json", "--mode", "specpipe", "--stages", "2",
-                   "--draft", "ngram+recycle", "-n", "32", "--json")  # fmt: skip
+                   "--draft", "ngram+recycle", "-n", "32", "--json", "--weights", "fp32")  # fmt: skip
     assert gen.returncode == 0, gen.stderr[-3000:]
     result = json.loads(gen.stdout.strip().splitlines()[-1])
     assert_lossless(chat_ids(prompt), result["tokens"], reference_greedy(chat_ids(prompt), 32))
     assert result["stats"]["mode"] == "specpipe" and result["stats"]["stages"] == 2
     # --workers auto: the head browses the LAN itself, and deploys to the trusted workers it finds
     auto = head_run(lab, "generate", prompt, "--workers", "auto", "--mode", "specpipe", "--stages", "2",
-                    "--draft", "none", "-n", "16", "--json")  # fmt: skip
+                    "--draft", "none", "-n", "16", "--json", "--weights", "fp32")  # fmt: skip
     assert auto.returncode == 0, auto.stderr[-3000:]
     result = json.loads(auto.stdout.strip().splitlines()[-1])
     assert result["stats"]["stages"] == 2
@@ -203,7 +203,9 @@ def test_a_lost_worker_fails_the_request_in_bounded_time_and_the_cluster_heals(
     workers = (f"{lab['net']}.2:{PORT}", f"{lab['net']}.3:{PORT}")
 
     def engine(stages: int) -> Any:
-        options = EngineOptions(mode="specpipe", draft="none", stages=stages, workers=workers, peer_timeout_s=3.0)
+        options = EngineOptions(
+            mode="specpipe", draft="none", stages=stages, workers=workers, peer_timeout_s=3.0, weights="fp32"
+        )
         return Engine(options)
 
     def lossless(e: Any) -> None:

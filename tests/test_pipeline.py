@@ -1,6 +1,12 @@
 """The pipeline on real stage processes over ZeroMQ: every mode, stage count and draft source gives the tokens of
 the single-process ``ar --draft none`` run (greedy and seeded sampling), with exact step counts; a killed stage
-fails the request quickly and cleanly; a malformed message does not stop a stage."""
+fails the request quickly and cleanly; a malformed message does not stop a stage.
+
+The stages run the default weights (``--weights auto``: the bundled GGUF's own int4 blocks), whose stages give a row
+the same bits whatever wave it rides in and wherever its keys sit (model/stage.py, ``attention``): every comparison
+here is exact, with no near-tie to excuse. The float path against transformers itself, in the modes and stage
+counts CI runs it (pp, tree, specpipe over 2 to 4 stages, local and remote), is tests/test_equivalence.py,
+test_claims.py, test_remote.py, test_netns.py, test_server.py and test_reliability.py."""
 
 from __future__ import annotations
 
@@ -30,12 +36,15 @@ FULL = os.environ.get("HOMESPEC_FULL_MATRIX") == "1"
 NEW_TOKENS = 48 if FULL else 32  # CI's tier: 32 tokens per prompt (README, "What CI runs")
 PROMPTS = EQUIVALENCE_PROMPTS[:6]
 SAMPLING = SamplingConfig(temperature=0.8, seed=99)
+WEIGHTS = "int4"  # what ``--weights auto`` runs on the bundled GGUF (module docstring)
 GREEDY = SamplingConfig()
 
 
 def cluster_for(stages: int, bundled: Any) -> LocalCluster:
+    """``stages`` stage processes on the bundled model (model "": its GGUF, so int4 reads the file's own blocks; the
+    dequantized folder's path would quantize its float copy at load, another set of weights)."""
     assigns = [
-        Assign(i, stages, str(bundled.folder), a, b, "fp32", "cpu", 4096, 512)
+        Assign(i, stages, "", a, b, "fp32", "cpu", 4096, 512, weights=WEIGHTS)
         for i, (a, b) in enumerate(even_split(bundled.num_layers, stages))
     ]
     return LocalCluster(assigns)
@@ -64,7 +73,9 @@ def plain(engines: Callable[..., Any], chat_ids: Callable[[str], list[int]]) -> 
 
     def get(prompt: str, sampling: SamplingConfig = GREEDY) -> tuple[int, ...]:
         if (prompt, sampling) not in cache:
-            events = list(engines("none").generate(chat_ids(prompt), GenerationConfig(NEW_TOKENS, sampling)))
+            events = list(
+                engines("none", weights=WEIGHTS).generate(chat_ids(prompt), GenerationConfig(NEW_TOKENS, sampling))
+            )
             assert isinstance(events[-1], GenerationFinished)
             cache[(prompt, sampling)] = events[-1].tokens
         return cache[(prompt, sampling)]

@@ -82,7 +82,7 @@ def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_req
     from homespec.errors import PeerLostError
     from homespec.events import GenerationFinished
 
-    options = EngineOptions(mode="specpipe", stages=3, draft="none", peer_timeout_s=3.0)
+    options = EngineOptions(mode="specpipe", stages=3, draft="none", peer_timeout_s=3.0, weights="fp32")
     engine = Engine(options)
     stopped: int | None = None
     try:

@@ -58,7 +58,7 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def remote_engine(lan: dict[str, Any], draft: str = "ngram+recycle", stages: int = 2) -> Any:
     from homespec.engine import Engine, EngineOptions
 
-    return Engine(EngineOptions(draft=draft, mode="specpipe", stages=stages, workers=lan["workers"]))
+    return Engine(EngineOptions(draft=draft, mode="specpipe", stages=stages, workers=lan["workers"], weights="fp32"))
 
 
 GREEDY = SamplingConfig()
@@ -178,7 +178,7 @@ def test_a_worker_serves_one_head_at_a_time_and_pinned_keys_need_no_trust_list(
 
     def second_head() -> subprocess.CompletedProcess[str]:
         cmd = [HOMESPEC, "generate", prompt, "--workers", pinned, "--stages", "2", "--draft", "none", "-n", str(N),
-               "--json"]  # fmt: skip
+               "--json", "--weights", "fp32"]  # fmt: skip
         env = {**os.environ, "HOMESPEC_CONFIG": str(second)}
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -307,7 +307,18 @@ def test_the_server_serves_on_the_workers_left_and_readmits_one_that_comes_back(
 
     workers = ",".join(lan["workers"])
     server = Server(
-        "--workers", workers, "--stages", "2", "--mode", "specpipe", "--draft", "none", "--peer-timeout", "3"
+        "--workers",
+        workers,
+        "--stages",
+        "2",
+        "--mode",
+        "specpipe",
+        "--draft",
+        "none",
+        "--peer-timeout",
+        "3",
+        "--weights",
+        "fp32",
     )
     try:
         assert stages(ask()) == 2
@@ -429,7 +440,8 @@ def test_a_flood_of_idle_connections_locks_no_trusted_head_out(lan: dict[str, An
             idle.append(socket.create_connection(("127.0.0.1", port + (i % 2)), 5, ("127.0.0.2", 0)))
         assert fetch_info(Peer("w3", "127.0.0.1", port)).name == "w3"
         ids = [1, 9707, 28, 2]  # any prompt: the point is that the head gets in
-        with Engine(EngineOptions(mode="specpipe", draft="none", workers=(f"127.0.0.1:{port}",))) as engine:
+        options = EngineOptions(mode="specpipe", draft="none", workers=(f"127.0.0.1:{port}",), weights="fp32")
+        with Engine(options) as engine:
             events = list(engine.generate(ids, GenerationConfig(8, SamplingConfig())))
         finished = events[-1]
         assert isinstance(finished, GenerationFinished) and len(finished.tokens) == 8

@@ -89,7 +89,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = Server("--max-queue", "2", "--draft", "ngram+recycle")
+    s = Server("--max-queue", "2", "--draft", "ngram+recycle", "--weights", "fp32")
     yield s
     s.close()
 
@@ -374,7 +374,7 @@ def test_queue_limit_429_and_disconnects_cancel(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_server() -> Iterator[Server]:
-    s = Server("--stages", "2", "--max-queue", "16", "--draft", "ngram+recycle")
+    s = Server("--stages", "2", "--max-queue", "16", "--draft", "ngram+recycle", "--weights", "fp32")
     yield s
     s.close()
 

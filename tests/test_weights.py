@@ -228,20 +228,23 @@ def test_a_4bit_checkpoint_runs_its_own_weights_and_each_stage_reads_its_own(tmp
 
 
 def test_auto_weights_resolve_per_file_and_device(tmp_path: Path, bundled: Any, truncated_copy: Path) -> None:
-    """``--weights auto`` made concrete before any stage loads (``formats.resolve_weights``): a GGUF runs
-    dequantized and says that int4 runs its blocks; a 4-bit safetensors checkpoint runs int4 where the device has a
-    kernel and dequantized where not, said either way; a float checkpoint runs in --dtype silently; a named format
-    is kept."""
+    """``--weights auto`` made concrete before any stage loads (``formats.resolve_weights``): a GGUF with int4
+    blocks and a 4-bit safetensors checkpoint run int4 where the device has a kernel and dequantized where not, said
+    either way; a float checkpoint runs in --dtype silently; a named format is kept."""
     from homespec.model.formats import int4_kernel_on, own_4bit, resolve_weights
     from homespec.model.loader import open_folder
 
     assert int4_kernel_on("cpu") and not int4_kernel_on("mps")
     assert own_4bit(bundled) == "GGUF Q4_1"
     assert resolve_weights(bundled, "auto", "fp32", "cpu") == (
-        "fp32",
-        "weights: fp32, dequantized from the GGUF Q4_1 blocks (--weights int4 runs them as they are)",
+        "int4",
+        "weights: int4, the GGUF Q4_1 file's own 4-bit blocks (--weights fp32 dequantizes them)",
     )
-    assert resolve_weights(bundled, "int4", "fp32", "cpu") == ("int4", "")
+    assert resolve_weights(bundled, "auto", "bf16", "mps") == (
+        "bf16",
+        "weights: bf16, the GGUF Q4_1 file's own 4-bit blocks dequantized (no int4 kernel on mps)",
+    )
+    assert resolve_weights(bundled, "fp32", "fp32", "cpu") == ("fp32", "")
     float_folder = open_folder(truncated_copy, "float")
     assert own_4bit(float_folder) == "" and resolve_weights(float_folder, "auto", "bf16", "cpu") == ("bf16", "")
     awq = open_folder(_prequantized_model(tmp_path, "awq")[0], "awq")
@@ -251,7 +254,7 @@ def test_auto_weights_resolve_per_file_and_device(tmp_path: Path, bundled: Any, 
     )
     assert resolve_weights(awq, "auto", "fp16", "mps") == (
         "fp16",
-        "weights: fp16, the awq checkpoint's 4-bit weights dequantized (no int4 kernel on mps)",
+        "weights: fp16, the awq checkpoint's own 4-bit weights dequantized (no int4 kernel on mps)",
     )
 
 
@@ -325,3 +328,44 @@ def test_a_cached_int8_head_is_aligned_for_the_kernel(tmp_path: Path, monkeypatc
         ends = Stage(open_folder(folder, "float"), 0, 0, embed=True, head=True, weights="int8")
         assert ends.head_w.codes.data_ptr() % 64 == 0
         assert ends.logits(torch.randn(3, 576)).shape == (3, 49152)
+
+
+def test_a_quantized_row_gets_the_same_bits_wherever_its_keys_sit(bundled: Any, chat_ids: Any) -> None:
+    """int4 stages: a token's logits are bit for bit the same computed in a prefill chunk, as the path of a tree wave
+    whose ancestors sit in scattered tree slots among decoy siblings (laid out two ways), and one row at a time
+    after the path was committed — what keeps ``ar``, ``tree`` and ``specpipe`` token-identical in int4
+    (model/stage.py: attention in fp64)."""
+    import torch
+
+    from homespec.core.tree import TokenTree
+    from homespec.model.stage import Stage
+
+    stage = Stage(bundled, 0, bundled.num_layers, weights="int4")
+    prompt = chat_ids("Explain why the sky is blue in two sentences.")
+    path = [504, 3101, 314, 253, 1345, 28]  # any tokens: the bits are what is compared
+    whole = stage.forward_prefix(stage.new_cache(256, 64), torch.tensor(prompt + path), range(len(prompt) + len(path)))
+    want = whole[len(prompt) - 1 :]  # the logits after the last prompt token and after each path token
+
+    def as_tree(decoys_first: bool) -> torch.Tensor:
+        cache = stage.new_cache(256, 64)
+        stage.forward_prefix(cache, torch.tensor(prompt[:-1]), range(len(prompt) - 1))
+        tree = TokenTree(prompt[-1], len(prompt) - 1)
+        order, node = [tree.root.id], tree.root.id
+        for i, token in enumerate(path):
+            decoy, _ = tree.add(node, 9000 + i, 0.0)
+            node, _ = tree.add(node, token, 0.0)
+            order += [decoy, node] if decoys_first else [node, decoy]
+        got = stage.forward_tree(cache, tree.rows(order), torch.tensor([r.token for r in tree.rows(order)]))
+        return got[[0, *(order.index(n) for n in order[1:] if tree.path_tokens(n)[-1] in path)]]
+
+    for decoys_first in (False, True):
+        assert torch.equal(as_tree(decoys_first), want), f"tree wave (decoys first: {decoys_first})"
+    cache = stage.new_cache(256, 64)
+    stage.forward_prefix(cache, torch.tensor(prompt[:-1]), range(len(prompt) - 1))
+    tokens = [prompt[-1], *path]
+    for i, token in enumerate(tokens):  # ar: one row per forward, each committed before the next
+        tree = TokenTree(token, len(prompt) - 1 + i, first_id=100 * i)
+        rows = tree.rows([tree.root.id])
+        got = stage.forward_tree(cache, rows, torch.tensor([token]))
+        cache.commit([tree.root.id])
+        assert torch.equal(got[0], want[i]), f"one row at a time, token {i}"

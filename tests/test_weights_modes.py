@@ -52,8 +52,8 @@ def test_int4_is_token_identical_in_every_mode_and_stage_count(chat_ids: Any) ->
 
 @pytest.mark.slow
 def test_bench_adds_rows_per_weight_format(tmp_path: Path) -> None:
-    """``bench --weights auto,fp32,int4``: ``auto`` is fp32 on the bundled GGUF (said in one line), so two formats
-    are measured, fp32 once; every mode in each, each format's rows token-identical among themselves (and said so
+    """``bench --weights auto,fp32,int4``: ``auto`` is int4 on the bundled GGUF (said in one line), so two formats
+    are measured, int4 once; every mode in each, each format's rows token-identical among themselves (and said so
     per format), transformers' rows once, among the fp32 rows (the dequantized weights they run)."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"turns": ["Name three colours."]}) + "\n")
@@ -66,7 +66,7 @@ def test_bench_adds_rows_per_weight_format(tmp_path: Path) -> None:
     got = {(r["weights"], r["mode"], r["draft"]) for r in rows}
     assert {w for w, _, _ in got} == {"fp32", "int4"}
     assert ("fp32", "hf", "transformers") in got and ("int4", "hf", "transformers") not in got
-    assert "weights: fp32, dequantized from the GGUF Q4_1 blocks (--weights int4 runs them as they are)" in out.stderr
+    assert "weights: int4, the GGUF Q4_1 file's own 4-bit blocks (--weights fp32 dequantizes them)" in out.stderr
     for fmt in ("fp32", "int4"):
         assert {(m, d) for w, m, d in got if w == fmt} >= {("ar", "none"), ("pp", "none"), ("specpipe", "ngram")}
         assert len({r["output_sha256"] for r in rows if r["weights"] == fmt}) == 1

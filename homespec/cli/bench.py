@@ -106,13 +106,14 @@ def bench(
             max_concurrency=256 if concurrency is not None else 8,
             dtype=dtype,
         )
-        formats = _formats(opts, [w.strip() for w in weights.split(",") if w.strip()] or ["auto"])
+        asked = [w.strip() for w in weights.split(",") if w.strip()] or ["auto"]
         if concurrency is not None:
-            if len(formats) > 1:
+            if len(asked) > 1:
                 raise ConfigError("--concurrency measures one weight format at a time", hint="give one --weights")
-            engine = Engine(replace(opts, weights=formats[0]))
+            engine = Engine(replace(opts, weights=asked[0]))
             _bench_concurrency(engine, items, concurrency, wanted, draft_list, max_tokens, stages, emulate, json_out)
             return
+        formats = _formats(opts, asked)
         rows: list[dict[str, Any]] = []
         with _progress(len(runs) * len(items) * len(formats)) as advance:
             for i, fmt in enumerate(formats):

@@ -20,14 +20,12 @@ or ``int8`` (``model/quant.py``'s types behind the stage's linear calls), or ``a
   ``pack-quantized`` W4A16; ``PREQUANTIZED``) runs its own 4-bit weights with ``auto`` or ``int4`` (``quant.from_awq``,
   ``from_gptq``, ``from_compressed_tensors``) and dequantized with a float format; ``int8`` is refused;
 - ``auto`` (``resolve_weights``, once per engine, before any stage loads, said in one line where it matters): a
-  4-bit safetensors checkpoint runs ``int4`` where the device has an int4 kernel (the CPU's; CUDA sm80+), else
-  dequantized into ``--dtype``; a float checkpoint runs in ``--dtype``; a GGUF runs dequantized into ``--dtype``
-  (what transformers computes on the same weights), with a line saying that ``--weights int4`` runs its own blocks.
-  Not int4 by default yet, because the int4 path is not exactly lossless across modes: its products take bf16
-  inputs and give bf16 logits (one step is 0.125 at a logit of 16), and attention's last bits depend on where a
-  tree node's keys sit in the cache, so ``specpipe`` can pick the other token of a pair whose logits differ by one
-  bf16 step where ``ar`` did not (measured: the pipeline matrix in int4, ``specpipe`` S=1 ``ngram+recycle``, a
-  0.125 gap). Exact int4 across modes needs fp32 logits and attention whose bits do not depend on key slots.
+  file whose linears are 4-bit (a GGUF with Q4_0, Q4_1 or Q4_K blocks, or a 4-bit safetensors checkpoint) runs
+  ``int4`` where the device has an int4 kernel (the CPU's; CUDA sm80+), else dequantized into ``--dtype``; a float
+  checkpoint runs in ``--dtype``. ``--weights fp32`` runs a 4-bit file dequantized: what transformers computes on
+  the same weights, which the tests that compare with transformers pin. int4 output is the same in every mode and
+  stage count: a quantized stage gives a row the same bits wherever its keys sit and whatever rows ride with it
+  (``stage.attention`` in fp64; the products, norms and RoPE are row-wise).
 
 Activations and the KV cache keep ``--dtype`` in every format. A quantized weight's scales are bf16 and its
 product runs in bf16 (``KERNEL_DTYPE``: torch's CPU int4 and int8 kernels are fast only there; CUDA's int4 kernel
@@ -100,13 +98,10 @@ def resolve_weights(source: Any, weights: str, dtype: str, device: str) -> tuple
     own = own_4bit(source)
     if not own:
         return dtype, ""
-    kernel = int4_kernel_on(device)
-    if source.gguf is not None:
-        also = " (--weights int4 runs them as they are)" if kernel else ""
-        return dtype, f"weights: {dtype}, dequantized from the {own} blocks{also}"
-    if kernel:
-        return "int4", f"weights: int4, the {own} checkpoint's own 4-bit weights (--weights {dtype} dequantizes them)"
-    return dtype, f"weights: {dtype}, the {own} checkpoint's 4-bit weights dequantized (no int4 kernel on {device})"
+    kind = "file's own 4-bit blocks" if source.gguf is not None else "checkpoint's own 4-bit weights"
+    if int4_kernel_on(device):
+        return "int4", f"weights: int4, the {own} {kind} (--weights {dtype} dequantizes them)"
+    return dtype, f"weights: {dtype}, the {own} {kind} dequantized (no int4 kernel on {device})"
 
 
 def check_format(weights: str, dtype: str) -> None:

@@ -286,9 +286,9 @@ class Stage:
         for layer in self.layers:
             for w in layer.weights():
                 seen[id(w)] = weight_nbytes(w)
-        for w in (self.embed_w, self.norm_w, self.head_w):
-            if w is not None:
-                seen[id(w)] = weight_nbytes(w)
+        for end in (self.embed_w, self.norm_w, self.head_w):
+            if end is not None:
+                seen[id(end)] = weight_nbytes(end)
         return sum(seen.values())
 
     def _rotary(self) -> Any:
@@ -419,11 +419,9 @@ class Stage:
             b, start, cache = a + seg.n, seg.start, seg.cache
             cache.k[li, :, start : start + seg.n] = k[:, a:b]
             cache.v[li, :, start : start + seg.n] = v[:, a:b]
-            used, size = start + seg.n, cache.k.shape[2]
-            span = min(size, -(-used // _KV_BLOCK) * _KV_BLOCK) if self.invariant else used  # (``attention``)
-            mask = F.pad(seg_mask, (0, span - used)) if span > used else seg_mask
-            keys, values = cache.k[li, :, :span], cache.v[li, :, :span]  # [kvh, span, d]
-            outs.append(attention(q[:, a:b], keys, values, mask, self.invariant, self.attn_scale))  # [H, rows, d]
+            used = start + seg.n
+            keys, values = cache.k[li, :, :used], cache.v[li, :, :used]  # [kvh, used, d]
+            outs.append(attention(q[:, a:b], keys, values, seg_mask, self.invariant, self.attn_scale))  # [H, rows, d]
             a = b
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, n, d]
         o = linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
@@ -462,17 +460,18 @@ class Stage:
         return rms_norm(h, weight, self.eps)
 
 
-#: A row must get the same bits whatever wave it rides in and however long the cache it attends over is: quantized
-#: stages cast each product's input to bf16, which turns last-bit differences into visible logit differences (0.3
-#: measured; fp32 weights: 5e-5). torch's CPU attention works through the query rows in blocks (of 32 below 192
-#: rows), and a last block of 1 to 3 rows takes another code path: such a tail is padded to 4 rows (copies of the
-#: last). It works through the keys in blocks of min(512, keys): the keys are padded (masked) to whole blocks of
-#: 512, so that a block's bounds never depend on how many keys are in use. Quantized stages only (``invariant``):
-#: it costs (bundled model, int4, one row: 73 -> 51 tokens/s), and float stages differ anyway by the last bits of
-#: their float products, which change with the row count (the near-tie excuses of the lossless checks).
-_ODD_TAILS = (1, 2, 3)
-_BLOCK = 32
-_KV_BLOCK = 512
+#: A row must get the same bits whatever wave it rides in, however long the cache it attends over is and wherever
+#: its keys sit in it (a tree node's ancestors are scattered over the tree slots; in ``ar`` the same keys are
+#: contiguous): quantized stages cast each product's input to bf16 and get bf16 products back, which turns any
+#: last-bit difference into a visible logit difference (0.125 steps at a logit of 16; fp32 weights: 5e-5). Only the
+#: attention depends on those (its sums run in an order set by the rows' and keys' slots); the products, norms and
+#: RoPE give a row the same bits whatever its companions (tests/test_quant.py, test_stage.py). So a quantized stage
+#: (``invariant``) computes attention in fp64: two orders of the same sums differ there by ~1e-16, and the result
+#: rounded to the activations' dtype comes out the same unless it lies within that of a rounding boundary (about
+#: 2e-8 of fp32 values), which no test run has met. Its cost: the span of keys cast to fp64 per layer and step (at a
+#: few hundred tokens, well under the products' time; it grows with the context). Float stages keep their own
+#: dtype: they differ anyway by the last bits of their float products, which change with the row count (the near-tie
+#: excuses of the lossless checks against transformers).
 
 
 def attention(
@@ -484,17 +483,18 @@ def attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention of one request's rows: q [H, n, d] over keys/values [kvh, T, d] with mask [n, T]
-    -> [H, n, d]; ``invariant``: the same bits for a row whatever the other rows (``_ODD_TAILS``); ``scale``: of
-    the scores (None: 1 / sqrt(d))."""
-    n = q.shape[1]
-    pad = 4 - n % _BLOCK if invariant and n % _BLOCK in _ODD_TAILS else 0
-    if pad:
-        q = torch.cat([q, q[:, -1:].expand(-1, pad, -1)], dim=1)
-        mask = torch.cat([mask, mask[-1:].expand(pad, -1)], dim=0)
+    -> [H, n, d]; ``invariant``: in fp64, so that a row gets the same bits whatever the other rows and wherever its
+    keys sit (the comment above); ``scale``: of the scores (None: 1 / sqrt(d))."""
+    wide = torch.float64 if invariant else q.dtype
     out = F.scaled_dot_product_attention(
-        q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True, scale=scale
+        q.to(wide)[None],
+        keys.to(wide)[None],
+        values.to(wide)[None],
+        attn_mask=mask[None, None],
+        enable_gqa=True,
+        scale=scale,
     )
-    return out[0, :, :n]
+    return out[0].to(q.dtype)
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

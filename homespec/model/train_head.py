@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from homespec.errors import ModelError
 from homespec.model.head import DraftHead, HeadConfig
 from homespec.model.kv import TreeKVCache
 from homespec.model.quant import as_tensor
@@ -170,6 +171,8 @@ def new_head(engine: Any) -> DraftHead:
     stage = _whole_target(engine)
     head = DraftHead(HeadConfig.for_target(engine.source.config))
     last = stage.layers[-1]
+    if last.wg is None or last.wu is None or last.wd is None:
+        raise ModelError("train-draft copies the target's last MLP: a mixture-of-experts last layer has none")
     with torch.no_grad():
         for name, src in (("q", last.wq), ("k", last.wk), ("v", last.wv), ("o", last.wo)):
             getattr(head, name).weight.copy_(as_tensor(src))
