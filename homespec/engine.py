@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
 from homespec.core.messages import DEFAULT_MAX_REQUESTS
-from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE, DecodeStep
+from homespec.core.step import DEFAULT_BY_SCORE, DecodeStep
 from homespec.core.stops import find_stop, held_back
 from homespec.errors import ConfigError
 from homespec.events import (
@@ -55,7 +55,7 @@ class EngineOptions:
     tree: TreeConfig = TreeConfig()
     split: int = 1  # in-process stages (same math, for tests of stage equivalence)
     stages: int = 1  # stage processes for the pipelined modes
-    wave_size: int = DEFAULT_WAVE_SIZE  # specpipe: nodes injected per step
+    wave_size: int = 0  # specpipe: nodes injected per step (0: the model's, ``planner.default_wave_rows``)
     by_score: bool = DEFAULT_BY_SCORE  # specpipe: FlowSpec score-ordered waves (False: SpecPipe depth layers)
     emulate: str | None = None  # a profile (profiles/*.json): pad stages and links to its modeled times
     time_scale: float = 0.0  # emulation: run the modeled clock this many times slower (0: auto, pipeline/emulate.py)
@@ -67,8 +67,8 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.mode not in IMPLEMENTED_MODES:
             raise ConfigError(f"mode {self.mode!r} is not available here", hint=f"use {IMPLEMENTED_MODES}")
-        if not (1 <= self.wave_size <= 64):
-            raise ConfigError(f"wave size must be in [1, 64], got {self.wave_size}")
+        if not (0 <= self.wave_size <= 64):
+            raise ConfigError(f"wave size must be in [1, 64] (0: the model's), got {self.wave_size}")
         if not (1 <= self.max_concurrency <= 256):
             raise ConfigError(f"max concurrency must be in [1, 256], got {self.max_concurrency}")
         if not (1.0 <= self.peer_timeout_s <= 3600.0):
@@ -109,7 +109,10 @@ class Engine:
         self.notice = notice  # what ``auto`` chose, where it matters: the CLIs print it once, on stderr
         if notice:
             say(notice)
-        self.options = options = replace(options, weights=weights)
+        from homespec.core.planner import default_wave_rows
+
+        wave = options.wave_size or default_wave_rows(self.source.shape)
+        self.options = options = replace(options, weights=weights, wave_size=wave)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
         self._closed = False

@@ -67,6 +67,7 @@ def test_greedy_equals_transformers_in_every_mode(tmp_path: Path, kind: str, bun
     from transformers import AutoModelForCausalLM
 
     from homespec.config import GenerationConfig
+    from homespec.core.planner import default_wave_rows
     from homespec.engine import Engine, EngineOptions
     from homespec.events import GenerationFinished
 
@@ -83,6 +84,7 @@ def test_greedy_equals_transformers_in_every_mode(tmp_path: Path, kind: str, bun
     assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_GAP, "a near-tie in the reference: rescale the head"
     for mode, stages in (("ar", 1), ("specpipe", 2), ("specpipe", 4)):
         with Engine(EngineOptions(model=str(folder), mode=mode, stages=stages, draft="ngram")) as engine:
+            assert engine.options.wave_size == default_wave_rows(engine.source.shape)  # the model's (``--wave-size 0``)
             got = None
             for event in engine.generate(PROMPT, GenerationConfig(max_tokens=NEW, stop_on_eos=False)):
                 if isinstance(event, GenerationFinished):

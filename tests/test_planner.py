@@ -68,8 +68,9 @@ def test_a_mixture_of_experts_counts_every_expert_for_memory_and_the_touched_one
 ) -> None:
     """Memory holds every expert (the published total); a row multiplies by its top k (the published active
     count); a step of n rows reads the experts n rows are expected to touch, so an MoE stage's modeled step grows
-    with the wave where a dense one's is flat (memory-bound) until the compute catches up."""
-    from homespec.core.planner import stage_seconds
+    with the wave where a dense one's is flat (memory-bound) until the compute catches up; specpipe's default wave
+    is then the largest that at most doubles a step's reads (2 rows for both; 32 for a dense model)."""
+    from homespec.core.planner import default_wave_rows, stage_seconds
     from homespec.model.shape import shape_from_config
 
     shape = shape_from_config({**config, "tie_word_embeddings": False}, str(config["model_type"]))
@@ -88,6 +89,8 @@ def test_a_mixture_of_experts_counts_every_expert_for_memory_and_the_touched_one
     moe = [stage_seconds(shape, OPTS, dev, 4, False, r) for r in (1, 8)]
     dense = [stage_seconds(TOY, OPTS, dev, 4, False, r) for r in (1, 8)]
     assert moe[1] > 1.5 * moe[0] and dense[1] == pytest.approx(dense[0])
+    assert default_wave_rows(shape) == 2 and default_wave_rows(TOY) == 32
+    assert shape.layer_read_params(2) <= 2 * reads[0] < shape.layer_read_params(4)
 
 
 def test_homogeneous_devices_share_the_layers_evenly() -> None:

@@ -31,7 +31,7 @@ from homespec.cli.common import (
     user_errors,
 )
 from homespec.config import MODES, PIPELINED_MODES, GenerationConfig
-from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE
 from homespec.errors import ConfigError
 from homespec.model.baseline import BASELINES
 
@@ -59,7 +59,7 @@ def bench(
     modes: Annotated[str, typer.Option(help="comma-separated modes (hf, hf-lookup: transformers generate)")] = (
         "ar,hf,hf-lookup,pp,tree,specpipe"
     ),
-    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    wave_size: WaveSizeOption = 0,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     time_scale: TimeScaleOption = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the rows as JSON")] = None,

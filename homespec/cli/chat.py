@@ -25,7 +25,7 @@ from homespec.cli.common import (
     quiet_libraries,
     user_errors,
 )
-from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE
 
 
 def chat(
@@ -33,7 +33,7 @@ def chat(
     stages: StagesOption = 1,
     mode: ModeOption = None,
     draft: Annotated[str, typer.Option(help="draft source")] = DEFAULT_DRAFT,
-    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    wave_size: WaveSizeOption = 0,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     emulate: EmulateOption = None,
     time_scale: TimeScaleOption = 0.0,

@@ -20,7 +20,9 @@ T = TypeVar("T")
 
 DEFAULT_DRAFT = "auto"  # measured: BENCHMARKS.md §1, §2
 
-WaveSizeOption = Annotated[int, typer.Option("--wave-size", help="specpipe: nodes injected per step")]
+WaveSizeOption = Annotated[
+    int, typer.Option("--wave-size", help="specpipe: nodes injected per step (0: the model's, 32 or fewer for MoE)")
+]
 ByScoreOption = Annotated[
     bool, typer.Option("--by-score/--by-depth", help="specpipe: FlowSpec score order, or SpecPipe depth layers")
 ]

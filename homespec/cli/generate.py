@@ -22,7 +22,7 @@ from homespec.cli.common import (
     user_errors,
 )
 from homespec.config import DRAFT_SPECS, GenerationConfig, SamplingConfig, TreeConfig, default_tree
-from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE
 from homespec.errors import ConfigError
 
 
@@ -32,7 +32,7 @@ def generate(
         str | None, typer.Option(help="ar | pp | tree | specpipe (default: ar, or specpipe with --stages > 1)")
     ] = None,
     stages: Annotated[int, typer.Option("--stages", "-s", help="stage processes for pp/tree/specpipe")] = 1,
-    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    wave_size: WaveSizeOption = 0,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     emulate: Annotated[str | None, typer.Option(help="emulate a cluster profile (profiles/*.json)")] = None,
     time_scale: TimeScaleOption = 0.0,

@@ -28,7 +28,9 @@ def plan(
     ] = "",
     context: Annotated[int, typer.Option(help="tokens of KV each stage reserves")] = 4096,
     mode: Annotated[str, typer.Option(help="the mode whose time between tokens to minimize")] = "specpipe",
-    wave_size: Annotated[int, typer.Option("--wave-size", help="specpipe: rows per step")] = 32,
+    wave_size: Annotated[
+        int, typer.Option("--wave-size", help="specpipe: rows per step (0: the model's, 32 or fewer for MoE)")
+    ] = 0,
     hit_rate: Annotated[
         float, typer.Option("--hit-rate", help="the draft's per-depth hit rate (specpipe, tree)")
     ] = 0.6,
@@ -37,6 +39,7 @@ def plan(
     """Place MODEL's layers on the profiled devices and print the modeled time of each decoding mode."""
     quiet_libraries()
     with user_errors():
+        from homespec.core.planner import default_wave_rows
         from homespec.core.planner import plan as make_plan
         from homespec.model.shape import read_shape
 
@@ -48,7 +51,7 @@ def plan(
             context=context,
             mode=mode,
             stages=stages,
-            wave_rows=wave_size,
+            wave_rows=wave_size or default_wave_rows(shape),
             hit_rate=hit_rate,
         )
         result = make_plan(shape, cluster.topology(weights), opts)

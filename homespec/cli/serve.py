@@ -27,7 +27,7 @@ from homespec.cli.common import (
     user_errors,
 )
 from homespec.config import DEFAULT_READ_TIMEOUT_S
-from homespec.core.step import DEFAULT_BY_SCORE, DEFAULT_WAVE_SIZE
+from homespec.core.step import DEFAULT_BY_SCORE
 from homespec.errors import ConfigError
 
 
@@ -42,7 +42,7 @@ def serve(
     stages: StagesOption = 1,
     mode: ModeOption = None,
     draft: Annotated[str, typer.Option(help="draft source")] = DEFAULT_DRAFT,
-    wave_size: WaveSizeOption = DEFAULT_WAVE_SIZE,
+    wave_size: WaveSizeOption = 0,
     by_score: ByScoreOption = DEFAULT_BY_SCORE,
     emulate: EmulateOption = None,
     time_scale: TimeScaleOption = 0.0,

@@ -77,7 +77,9 @@ def train_draft(
         from homespec.engine import Engine, EngineOptions
 
         data_path = out / "data.safetensors"
-        with Engine(EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device)) as engine:
+        # float weights: the head trains through the target's own LM head, and torch's int4/int8 products have no
+        # gradient (a head trained on the float target drafts for its int4 run too: drafts never change the output)
+        with Engine(EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device, weights="fp32")) as engine:
             if not data_path.is_file():
                 with Progress(transient=True) as bar:
                     task = bar.add_task("generating training data", total=len(texts))

@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from homespec.core.step import DEFAULT_MAX_TREE
+from homespec.core.step import DEFAULT_MAX_TREE, DEFAULT_WAVE_SIZE
 from homespec.errors import PlanError
 
 GB = 1e9
@@ -180,7 +180,7 @@ class PlanOptions:
     context: int = 4096  # tokens of KV each stage reserves
     mode: str = "specpipe"  # the mode whose modeled TBT the plan minimizes
     stages: int | None = None  # exactly this many stages (None: as many as help)
-    wave_rows: int = 32  # specpipe: rows per step (core.step.DEFAULT_WAVE_SIZE)
+    wave_rows: int = DEFAULT_WAVE_SIZE  # specpipe: rows per step (default_wave_rows for a given model)
     tree_rows: int = 25  # tree: draft budget + the root
     hit_rate: float = 0.6  # specpipe: the draft's per-depth hit rate (BENCHMARKS.md §2: 0.61 at S = 8, auto)
     tree_tokens: float = 1.85  # tree: tokens per round of a 24-node tree (BENCHMARKS.md §2: 0.23 per step at S = 8)
@@ -312,6 +312,18 @@ def tbt_seconds(mode: str, stage_s: Sequence[float], link_s: Sequence[float], op
         return step / max(1 / (h + (1 - h) * stages), opts.tree_tokens / stages)
     walk = sum(stage_s) + sum(link_s)
     return walk / opts.tree_tokens if mode == "tree" else walk
+
+
+def default_wave_rows(shape: ModelShape, most: int = DEFAULT_WAVE_SIZE) -> int:
+    """specpipe's default wave: ``most`` rows for a dense model (a wave of 32 reads what one row reads, the weights);
+    for a mixture of experts the largest power of two whose step reads at most twice what one row's does (more rows
+    touch more experts: Qwen3-30B-A3B reads 9% of its expert bytes for one row, 88% for 32)."""
+    if not shape.experts:
+        return most
+    rows = 1
+    while rows * 2 <= most and shape.layer_read_params(rows * 2) <= 2 * shape.layer_read_params(1):
+        rows *= 2
+    return rows
 
 
 # -- placing layers on a fixed chain ----------------------------------------------------------------------------------

