@@ -110,8 +110,13 @@ def bench(
         if concurrency is not None:
             if len(asked) > 1:
                 raise ConfigError("--concurrency measures one weight format at a time", hint="give one --weights")
+            levels, pipelined_modes = _concurrency_levels(
+                concurrency, wanted, stages
+            )  # checked before any stage starts
             engine = Engine(replace(opts, weights=asked[0]))
-            _bench_concurrency(engine, items, concurrency, wanted, draft_list, max_tokens, stages, emulate, json_out)
+            _bench_concurrency(
+                engine, items, levels, pipelined_modes, draft_list, max_tokens, stages, emulate, json_out
+            )
             return
         formats = _formats(opts, asked)
         rows: list[dict[str, Any]] = []
@@ -129,12 +134,8 @@ def bench(
             json_out.write_text(json.dumps(rows, indent=2))
 
 
-def _bench_concurrency(
-    engine: Any, items: list[tuple[str, str]], levels_arg: str, wanted: list[str], drafts: list[str], n: int,
-    stages: int, emulate: str | None, json_out: Path | None,
-) -> None:  # fmt: skip
-    from homespec.cli.bench_concurrency import print_levels, run_levels
-
+def _concurrency_levels(levels_arg: str, wanted: list[str], stages: int) -> tuple[list[int], list[str]]:
+    """``--concurrency``'s levels and the pipelined modes it measures, or a ConfigError."""
     try:
         levels = sorted({int(x) for x in levels_arg.split(",") if x.strip()})
     except ValueError as exc:
@@ -144,6 +145,15 @@ def _bench_concurrency(
     modes = [m for m in ("tree", "specpipe") if m in wanted]
     if not modes or stages < 2:
         raise ConfigError("--concurrency measures the pipelined modes", hint="--stages >= 2, --modes tree,specpipe")
+    return levels, modes
+
+
+def _bench_concurrency(
+    engine: Any, items: list[tuple[str, str]], levels: list[int], modes: list[str], drafts: list[str], n: int,
+    stages: int, emulate: str | None, json_out: Path | None,
+) -> None:  # fmt: skip
+    from homespec.cli.bench_concurrency import print_levels, run_levels
+
     with engine:
         rows = run_levels(engine, [engine.encode(text) for text, _ in items], modes, drafts, levels, n)
     print_levels(rows, stages, emulate)
