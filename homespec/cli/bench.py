@@ -142,7 +142,7 @@ def _concurrency_levels(levels_arg: str, wanted: list[str], stages: int) -> tupl
         raise ConfigError(f"--concurrency takes integers like 1,2,4,8, got {levels_arg!r}") from exc
     if not levels or levels[0] < 1 or levels[-1] > 256:
         raise ConfigError(f"--concurrency levels must be in [1, 256], got {levels_arg!r}")
-    modes = [m for m in ("tree", "specpipe") if m in wanted]
+    modes: list[str] = [m for m in ("tree", "specpipe") if m in wanted]
     if not modes or stages < 2:
         raise ConfigError("--concurrency measures the pipelined modes", hint="--stages >= 2, --modes tree,specpipe")
     return levels, modes
