@@ -85,8 +85,7 @@ def own_4bit(source: Any) -> str:
         return ""
     from homespec.model.quant import GGUF_INT4
 
-    kinds = source.gguf_weights.linear_types()
-    int4 = sorted(k for k in kinds if k in GGUF_INT4)
+    int4 = [k for k in source.gguf_linear_types if k in GGUF_INT4]
     return f"GGUF {'+'.join(int4)}" if int4 else ""
 
 

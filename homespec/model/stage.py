@@ -454,10 +454,7 @@ class Stage:
 
     def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         assert weight is not None
-        if self.gemma:  # (1 + w) folded at load, kept fp32, applied before the cast back (as transformers does)
-            x = h.float()
-            return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(h.dtype)
-        return rms_norm(h, weight, self.eps)
+        return rms_norm(h, weight, self.eps, weight_in_fp32=self.gemma)  # Gemma: (1 + w), folded at load
 
 
 #: A row must get the same bits whatever wave it rides in, however long the cache it attends over is and wherever
@@ -497,11 +494,12 @@ def attention(
     return out[0].to(q.dtype)
 
 
-def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm (computed in fp32)."""
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool = False) -> torch.Tensor:
+    """Llama's RMSNorm: normalized in fp32, scaled by ``weight`` after the cast back; ``weight_in_fp32``: Gemma's,
+    scaled in fp32 before the cast (as transformers computes each)."""
     x = h.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
+    return (x * weight).to(h.dtype) if weight_in_fp32 else weight * x.to(h.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
