@@ -28,9 +28,14 @@ def gemma() -> Any:
         yield engine
 
 
-def test_gemma3_270m_greedy_equals_transformers_in_ar_and_specpipe(gemma: Any) -> None:
+@pytest.fixture(scope="module")
+def ref(gemma: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(gemma.source.folder), dtype=torch.float32).eval()
+
+
+def test_gemma3_270m_greedy_equals_transformers_in_ar_and_specpipe(gemma: Any, ref: Any) -> None:
     from homespec.config import GenerationConfig
     from homespec.engine import Engine, EngineOptions
     from homespec.events import GenerationFinished
@@ -39,7 +44,6 @@ def test_gemma3_270m_greedy_equals_transformers_in_ar_and_specpipe(gemma: Any) -
     prompts = [next(r["turns"][0] for r in rows if r["category"] == c) for c in CATEGORIES]
     assert gemma.source.raw["model_type"] == "gemma3_text" and gemma.has_chat_template
     assert gemma.source.num_layers == 18 and "sliding_attention" in gemma.source.raw["layer_types"]
-    ref = AutoModelForCausalLM.from_pretrained(str(gemma.source.folder), dtype=torch.float32).eval()
     config = GenerationConfig(max_tokens=N, stop_on_eos=False)
 
     def ours(engine: Any, ids: list[int]) -> list[int]:
@@ -58,3 +62,24 @@ def test_gemma3_270m_greedy_equals_transformers_in_ar_and_specpipe(gemma: Any) -
         assert e.stage_count("specpipe") == 4
         for ids, w in zip(encoded, want, strict=True):
             assert ours(e, ids) == w, "specpipe S=4 diverged"
+
+
+def test_perplexity_starts_each_window_with_gemma_s_bos_and_equals_transformers_loss(gemma: Any, ref: Any) -> None:
+    """Gemma's tokenizer puts <bos> before a text: each perplexity window starts with it (as llama.cpp's does), and
+    the NLL is transformers' own loss over the same tokens. Without it this model scores 220 on the held-out text
+    instead of about 19 (the check of a weight format would then measure noise)."""
+    from homespec.model.perplexity import score, text_ids
+    from tests.test_weights import HELDOUT
+
+    ids, bos = text_ids(gemma.tokenizer, HELDOUT.read_text())
+    assert bos == gemma.tokenizer.convert_tokens_to_ids("<bos>") and bos not in ids
+    window = 128
+    ours = score(gemma.target_stages(), ids, window=window, bos=bos)
+    total = 0.0
+    for a in range(0, len(ids), window - 1):  # the same windows: <bos> and 127 text tokens, each token scored
+        x = torch.tensor([[bos, *ids[a : a + window - 1]]])
+        with torch.no_grad():
+            total += float(ref(x, labels=x).loss.double()) * (x.shape[1] - 1)
+    assert ours.tokens == len(ids)
+    assert ours.nll == pytest.approx(total / len(ids), rel=1e-4)
+    assert ours.perplexity < 60

@@ -300,17 +300,18 @@ def test_gguf_q8_k_is_d_times_q() -> None:
 
 
 def test_bundled_gguf_tensors() -> None:
+    from homespec.model.gguf_file import read_index
     from homespec.model.loader import bundled_gguf
 
-    tensors = {t.name: t for t in gguf.GGUFReader(str(bundled_gguf())).tensors}
+    tensors = read_index(bundled_gguf())[1]  # the same tensors as gguf.GGUFReader's (the test below)
     q = tensors["blk.0.attn_q.weight"]
     assert q.tensor_type == T.Q4_1
-    shape = (int(q.shape[1]), int(q.shape[0]))  # the reader gives GGML order [in, out]
+    shape = (q.dims[1], q.dims[0])  # GGML order [in, out]
     w = quant.from_gguf(q.name, q.tensor_type, q.data, shape, torch.float32)
     assert isinstance(w, Int4Affine) and torch.equal(w.dequantize(), exact(q.data, T.Q4_1))
     embd = tensors["token_embd.weight"]
     assert embd.tensor_type == T.Q8_0
-    e = quant.from_gguf(embd.name, embd.tensor_type, embd.data, (int(embd.shape[1]), int(embd.shape[0])), torch.float32)
+    e = quant.from_gguf(embd.name, embd.tensor_type, embd.data, (embd.dims[1], embd.dims[0]), torch.float32)
     assert isinstance(e, Int8Channel)
     ref = exact(embd.data, T.Q8_0)
     rel = (e.dequantize(torch.float32) - ref).abs().amax(1) / ref.abs().amax(1)
@@ -492,3 +493,57 @@ def test_split_rows_of_a_fused_weight_is_exact_for_every_kind() -> None:
         assert torch.equal(torch.cat([quant.as_tensor(p) for p in parts]), whole)
         with pytest.raises(ModelError, match=r"qkv_proj\.weight has 96 rows"):
             quant.split_rows(w, [48, 16, 16], "model.layers.0.self_attn.qkv_proj.weight")
+
+
+# -- the GGUF tensor index (model/gguf_file.py) -----------------------------------------------------------------------
+
+
+def _write_gguf(path: Any) -> None:
+    """A small GGUF written by gguf's own writer: metadata of every shape (scalars, strings, a string array, a nested
+    array), plain and block-quantized tensors."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_custom_alignment(64)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
+    w.add_array("x.nested", [[1, 2], [3]])
+    w.add_float32("x.eps", 1e-5)
+    w.add_tensor("a.weight", rng.standard_normal((3, 64), dtype=np.float32))
+    w.add_tensor("b.weight", rng.standard_normal((5, 32)).astype(np.float16))
+    for t in (T.Q8_0, T.Q4_0):
+        blocks = gguf.quants.quantize(rng.standard_normal((4, 64), dtype=np.float32), t)
+        w.add_tensor(f"{t.name}.weight", blocks, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_the_gguf_index_reads_what_gguf_reads_and_names_what_is_wrong(tmp_path: Any) -> None:
+    """``gguf_file.read_index`` gives every tensor of a file (one written by gguf's writer, and the bundled model)
+    with the type, dimensions and bytes ``gguf.GGUFReader`` gives; a cut, a wrong magic or a tensor past the end is
+    a ModelError naming the file, at every cut point."""
+    from homespec.model.gguf_file import read_index
+    from homespec.model.loader import bundled_gguf
+
+    small = tmp_path / "small.gguf"
+    _write_gguf(small)
+    for path in (small, bundled_gguf()):
+        meta, ours = read_index(path)
+        theirs = gguf.GGUFReader(str(path)).tensors
+        assert sorted(ours) == sorted(t.name for t in theirs) and meta["general.architecture"] == "llama"
+        for t in theirs:
+            m = ours[t.name]
+            assert (m.tensor_type, m.dims) == (t.tensor_type, tuple(int(d) for d in t.shape)), t.name
+            assert m.data.dtype == t.data.dtype and np.array_equal(np.asarray(m.data), np.asarray(t.data)), t.name
+    assert read_index(small)[0]["general.alignment"] == 64
+    raw = small.read_bytes()
+    end = max(t.data_offset + t.n_bytes for t in gguf.GGUFReader(str(small)).tensors)  # then padding
+    bad = tmp_path / "bad.gguf"
+    for cut in (3, 10, 30, 200, 2500, end - 1):
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ModelError, match=f"cannot read GGUF {re.escape(str(bad))}"):
+            read_index(bad)
+    bad.write_bytes(b"GGML" + raw[4:])
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        read_index(bad)

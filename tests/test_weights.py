@@ -50,11 +50,11 @@ def test_the_weight_format_joins_the_digest_stages_compare() -> None:
 
 def _nll(source: Any, weights: str, stages: int = 1) -> float:
     from homespec.core.planner import even_split
-    from homespec.model.perplexity import score
+    from homespec.model.perplexity import score, text_ids
 
     parts = [_stage(source, a, b, weights) for a, b in even_split(source.num_layers, stages)]
-    ids = source.tokenizer()(HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
-    return score(parts, ids, window=256).nll
+    ids, bos = text_ids(source.tokenizer(), HELDOUT.read_text())
+    return score(parts, ids, window=256, bos=bos).nll
 
 
 @pytest.mark.slow
@@ -91,8 +91,8 @@ def test_the_perplexity_command_scores_in_stages_as_in_one() -> None:
 
 def test_an_int4_row_gets_the_same_bits_in_any_wave() -> None:
     """A quantized stage's logits for a position are bit-identical whether the position is computed in one prefix
-    of 40 rows, in a chunk of 10 after 30, or alone (``stage.attention``: odd query tails and key blocks padded).
-    Broken on purpose (no padding), the chunk differs by 0.31 and the lone row by 0.17."""
+    of 40 rows, in a chunk of 10 after 30, or alone (``stage.attention``: fp64 in a quantized stage). Broken on
+    purpose (attention in the activation dtype), the chunk differed by 0.31 and the lone row by 0.17."""
     import torch
 
     from homespec.model.loader import resolve

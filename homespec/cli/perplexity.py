@@ -36,7 +36,7 @@ def perplexity(
         from homespec.core.planner import even_split
         from homespec.engine import EngineOptions
         from homespec.model.loader import resolve
-        from homespec.model.perplexity import score
+        from homespec.model.perplexity import score, text_ids
         from homespec.model.stage import Stage, parse_dtype
 
         options = EngineOptions(model=model, dtype=dtype, weights=weights, device=device)  # validates the pair
@@ -53,10 +53,10 @@ def perplexity(
             Stage(source, a, b, dtype=act, device=device, weights=weights)
             for a, b in even_split(source.num_layers, stages)
         ]
-        ids = source.tokenizer()(path.read_text(), add_special_tokens=False)["input_ids"]
+        ids, bos = text_ids(source.tokenizer(), path.read_text())
         with Progress(transient=True, disable=as_json) as bar:
             task = bar.add_task(f"scoring {path.name}", total=len(ids))
-            result = score(parts, ids, window, lambda n: bar.advance(task, n))
+            result = score(parts, ids, window, lambda n: bar.advance(task, n), bos=bos)
         if as_json:
             typer.echo(json.dumps({"tokens": result.tokens, "nll": result.nll, "perplexity": result.perplexity}))
         else:

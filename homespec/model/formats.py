@@ -149,17 +149,18 @@ def prequantized_method(raw: dict[str, Any], where: str) -> str:
     return method
 
 
-def quantize_at_load(name: str, w: torch.Tensor, weights: str) -> Weight:
+def quantize_at_load(name: str, w: torch.Tensor, weights: str, group: int = INT4_GROUP) -> Weight:
     """A float checkpoint's linear weight [out, in] (fp32, on the CPU) in ``weights``: int4 (fitted grids) in
-    groups of ``INT4_GROUP``, int8 per channel; the embeddings and the LM head int8 in both (module docstring)."""
+    groups of ``group`` (``INT4_GROUP`` in every stage; benchmarks/int4_groups.py measures others), int8 per
+    channel; the embeddings and the LM head int8 in both (module docstring)."""
     from homespec.model.quant import quantize_int4, quantize_int8
 
     ends = name in ("model.embed_tokens.weight", "lm_head.weight")
     if weights == "int8" or ends:
         return quantize_int8(w, dtype=kernel_dtype())
-    if w.shape[1] % INT4_GROUP:
-        raise ModelError(f"{name}: {w.shape[1]} columns is not a multiple of the int4 group of {INT4_GROUP}")
-    return quantize_int4(w, group=INT4_GROUP, dtype=kernel_dtype())
+    if w.shape[1] % group:
+        raise ModelError(f"{name}: {w.shape[1]} columns is not a multiple of the int4 group of {group}")
+    return quantize_int4(w, group=group, dtype=kernel_dtype())
 
 
 class QuantCache:
@@ -232,18 +233,15 @@ class GGUFWeights:
     def __init__(self, path: Path, num_layers: int, heads: int, kv_heads: int) -> None:
         import gguf
 
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-            field = self.reader.fields["general.architecture"]
-            self.arch = bytes(field.parts[field.data[0]]).decode()
-        except Exception as exc:  # gguf raises many types for a truncated or corrupt file
-            raise ModelError(f"cannot read GGUF {path}: {type(exc).__name__}: {exc}") from exc
+        from homespec.model.gguf_file import read_index
+
+        meta, self.tensors = read_index(path)  # raises ModelError("cannot read GGUF …") on a bad file
+        self.arch = str(meta.get("general.architecture", ""))
         archs = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
         if self.arch not in archs:
             raise ModelError(f"GGUF {path.name} has architecture {self.arch!r}, which gguf does not know")
         self.path, self.heads, self.kv_heads = path, heads, kv_heads
         self.names = gguf.get_tensor_name_map(archs[self.arch], num_layers)
-        self.tensors = {t.name: t for t in self.reader.tensors}
 
     def gguf_name(self, name: str) -> str:
         """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
@@ -255,7 +253,7 @@ class GGUFWeights:
 
     def linear_types(self) -> set[str]:
         """The GGML types of the file's matrices (``Q4_1``, ``Q6_K``, ``F32``…)."""
-        return {t.tensor_type.name for t in self.tensors.values() if len(t.shape) == 2}
+        return {t.tensor_type.name for t in self.tensors.values() if len(t.dims) == 2}
 
     def read(self, name: str, dtype: torch.dtype, device: str) -> Weight:
         """One tensor in its own format (``quant.from_gguf``), its q/k rows unpermuted where llama.cpp permuted
@@ -266,7 +264,7 @@ class GGUFWeights:
 
         gname = self.gguf_name(name)
         t = self.tensors[gname]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dimensions innermost first
+        shape = tuple(reversed(t.dims))  # GGML lists dimensions innermost first
         w: Any
         if len(shape) == 1:
             w = from_gguf(gname, t.tensor_type, t.data, (1, shape[0]), dtype)

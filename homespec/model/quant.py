@@ -541,9 +541,9 @@ Blocks: TypeAlias = npt.NDArray[np.uint8]  # [out, blocks per row, bytes per blo
 def from_gguf(name: str, ggml_type: int, raw: npt.NDArray[Any], shape: tuple[int, int], dtype: torch.dtype) -> Weight:
     """A GGUF tensor's data as a weight of HF shape (out, in) for activations of ``dtype``.
 
-    ``raw``: the tensor's bytes as ``gguf.GGUFReader`` gives them (``tensor.data``: uint8 [out, bytes per row]
-    for quantized types, the float array for F32/F16; any array is read as its bytes). ``shape`` is in HF order
-    (out, in): the reader's ``tensor.shape`` is GGML order [in, out], reversed.
+    ``raw``: the tensor's bytes as ``gguf_file.read_index`` and ``gguf.GGUFReader`` give them (``data``: uint8
+    [out, bytes per row] for quantized types, the float array for F32/F16; any array is read as its bytes).
+    ``shape`` is in HF order (out, in): the file's dimensions are GGML order [in, out], reversed.
 
     - Q4_0 (w = (q - 8) d) -> Int4Affine, group 32: exact in fp32 and fp16 (bf16 rounds d to 8 bits).
     - Q4_1 (w = q d + m) -> Int4Affine, group 32, zero = m + 8 d computed in fp32: exact there whenever m + 8 d is
