@@ -10,8 +10,9 @@ or ``int8`` (``model/quant.py``'s types behind the stage's linear calls), or ``a
   itself 4-bit in groups of 32 (the bundled Q4_1, dequantized), which a coarser group must fit with one grid for
   two: perplexity on tests/data/heldout.txt (256-token windows, transformers fp32 on the dequantized weights) is
   24.43 for the float weights and for groups of 32 (exact), 36.00 in groups of 64 by round-to-nearest and 31.79
-  with the fitted grids, 38.18 and 34.29 with groups of 128 (64 where 128 does not divide the 576 inputs). A
-  checkpoint trained in float is not measured here (none is on this machine);
+  with the fitted grids, 38.18 and 34.29 with groups of 128 (64 where 128 does not divide the 576 inputs). On
+  Gemma 3 270M's 5-to-8-bit linears, the nearest to a float checkpoint here (BENCHMARKS.md §6), int8 costs +0.7%
+  perplexity and int4 +18% in groups of 32, +45% in groups of 128;
 - a GGUF file keeps its own blocks with ``int4`` (Q4_0, Q4_1 and Q4_K are int4 in groups of 32, exactly; Q8_0 is
   int8 per channel, requantized; every other type is dequantized into the activation dtype: see ``quant.from_gguf``),
   read tensor by tensor from the memory-mapped file, so each stage reads only its own tensors. ``int8`` on a GGUF
