@@ -174,3 +174,35 @@ def test_a_client_with_the_wrong_server_key_never_connects() -> None:
         assert state != "connected" and frames is None
     finally:
         server.close()
+
+
+def test_two_gatekeepers_share_their_context_s_zap_handler_and_keep_their_own_domains() -> None:
+    """libzmq allows one ZAP handler per context: two clusters of one process (two engines) share it, each domain
+    admits only its own keys, one stopping leaves the other's gate working, and a taken domain is refused."""
+    server = Server(set())
+    a, b = pair(), pair()
+    try:
+        other = Gatekeeper(server.ctx)  # a second handle: before the shared handler, this raised on binding it
+        other.allow("second", lambda: {b.public})
+        with pytest.raises(ValueError, match="another gatekeeper's"):
+            other.allow("head", lambda: {b.public})
+        sock = curve_server(server.ctx.socket(zmq.ROUTER), server.keys, "second")
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+
+        def knock(keys: KeyPair, to: int) -> str:
+            client = curve_client(server.ctx.socket(zmq.DEALER), keys, server.keys.public)
+            watch = HandshakeWatch(client)
+            client.connect(f"tcp://127.0.0.1:{to}")
+            state = watch.wait(5.0)
+            watch.close()
+            client.close(linger=0)
+            return state
+
+        assert knock(b, port) == "connected" and knock(a, port) == "refused"
+        assert knock(b, server.port) == "refused"  # "head" admits nothing: the domains are apart
+        other.stop()
+        other.stop()  # twice is harmless
+        assert server.send_from(a, server.keys.public, b"x")[0] == "refused"  # the first handle's gate still runs
+        sock.close(linger=0)
+    finally:
+        server.close()

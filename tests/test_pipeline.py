@@ -211,7 +211,8 @@ def test_specpipe_depth_order_is_lossless_one_depth_per_step(
 
 def test_killed_stage_fails_the_request_quickly_and_leaves_nothing(bundled: Any, drafts: Any, chat_ids: Any) -> None:
     c = cluster_for(3, bundled)
-    pids = [p.pid for p in c.procs]
+    stages = list(c.procs)
+    pids = [p.pid for p in stages]
     decoder = PipelineDecoder(c, "specpipe")
     gen = decoder.decode(chat_ids(PROMPTS[0]), drafts["ngram"], SamplingConfig(), TreeConfig())
     next(gen)
@@ -223,6 +224,11 @@ def test_killed_stage_fails_the_request_quickly_and_leaves_nothing(bundled: Any,
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    from homespec.pipeline import procs
+
+    assert stages[1].poll() == stages[1].poll() == -signal.SIGKILL  # asked again, the same code
+    if procs._LAUNCHER is not None:  # each exit handed over once: the launcher keeps no table of dead stages
+        assert not set(pids) & set(procs._LAUNCHER.exits)
 
 
 def test_malformed_messages_do_not_stop_a_stage(bundled: Any, drafts: Any, plain: Any, chat_ids: Any) -> None:

@@ -55,9 +55,12 @@ class Forked:
 
     def __init__(self, launcher: Launcher, pid: int) -> None:
         self._launcher, self.pid = launcher, pid
+        self._code: int | None = None
 
     def poll(self) -> int | None:
-        return self._launcher.exit_code(self.pid)
+        if self._code is None:
+            self._code = self._launcher.take_exit(self.pid)
+        return self._code
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -86,7 +89,7 @@ class Launcher:
         env = {**os.environ, **STAGE_ENV}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.owner = os.getpid()
-        self.exits: dict[int, int] = {}
+        self.exits: dict[int, int] = {}  # reported and not yet taken by the stage's Forked (``take_exit``)
         self.started: queue.Queue[int] = queue.Queue()
         self.lock = threading.Lock()
         threading.Thread(target=self._read, name="stage-launcher", daemon=True).start()
@@ -115,12 +118,13 @@ class Launcher:
                 return None
         return Forked(self, pid)
 
-    def exit_code(self, pid: int) -> int | None:
-        if pid in self.exits:
-            return self.exits[pid]
-        if self.proc.poll() is not None and not os.path.exists(f"/proc/{pid}"):
-            return self.exits.get(pid, -signal.SIGKILL)  # the launcher died and its stage is gone too
-        return None
+    def take_exit(self, pid: int) -> int | None:
+        """The stage's exit code once the launcher has reported it, handed over once (its ``Forked`` keeps it, so
+        the table holds only stages that exited unobserved, and a reused pid never reads a stale code)."""
+        code = self.exits.pop(pid, None)  # one atomic step: the reader thread only adds
+        if code is None and self.proc.poll() is not None and not os.path.exists(f"/proc/{pid}"):
+            return -signal.SIGKILL  # the launcher died and its stage is gone too
+        return code
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None

@@ -225,11 +225,12 @@ class RemoteCluster(Cluster):
         self.session = int(time.time() * 1000) & 0x7FFFFFFF
         self.links = list({id(p.link): p.link for p in stages}.values())
         worker_keys = frozenset(link.key for link in self.links)
-        self.gatekeeper = Gatekeeper(self.ctx)
-        self.gatekeeper.allow("cluster", lambda: worker_keys)
+        self.gatekeeper = Gatekeeper(self.ctx)  # shared with any other cluster of this process: a domain of its own
+        domain = f"cluster-{self.session}-{id(self)}"
+        self.gatekeeper.allow(domain, lambda: worker_keys)
 
         def server(sock: Any) -> Any:
-            return curve_server(sock, self.keys, "cluster")
+            return curve_server(sock, self.keys, domain)
 
         self.results = self._bind(zmq.PULL, "tcp://0.0.0.0:*", server)
         self.report = self._bind(zmq.PULL, "tcp://0.0.0.0:*", server)

@@ -35,6 +35,10 @@ START_WAIT_S = 3.0  # a wave may overtake its request's Start (two sockets); lon
 PRUNE_WAIT_S = 10.0  # a wave's prunes are broadcast before it; longer means they never come: the request fails
 AHEAD = 64  # how far a wave's request id or prune seq may run ahead of what the stage has seen, else it is bogus
 DISTRUST_S = 60.0  # after a Start or prune that never came, no wait for this long: a peer that lies gets no stalls
+#: a prune names at most the tree's nodes in this stage's cache plus as many whose rows are still upstream (dead
+#: ids it remembers until they arrive): ``PRUNE_TREES`` trees' worth of ids; a longer one is a lie
+PRUNE_TREES = 2
+UNSEEN_TREES = 4  # dead ids still upstream kept per request: a few prunes' worth, then the oldest are forgotten
 CONTROL_MAX_BYTES = 8 << 20  # libzmq drops a bigger control message before it is allocated
 
 
@@ -201,8 +205,7 @@ class StageWorker:
     def _apply_prune(self, req: _Request, msg: Any) -> None:
         """Commit and free what the cache holds; remember (bounded) the dead ids whose rows are still upstream. A
         prune longer than the tree can be, or older than one applied, is a lie: counted and dropped."""
-        cap = self.assign.max_tree
-        if len(msg.committed) + len(msg.dead) > 2 * cap or msg.seq <= req.pruned_seq:
+        if len(msg.committed) + len(msg.dead) > PRUNE_TREES * self.assign.max_tree or msg.seq <= req.pruned_seq:
             self.bad_messages += 1
             return
         cache = req.cache
@@ -211,7 +214,7 @@ class StageWorker:
         req.pruned_seq = msg.seq
         if unseen:
             req.unseen_dead.append((msg.seq, unseen))
-            while sum(len(ids) for _, ids in req.unseen_dead) > 4 * cap:
+            while sum(len(ids) for _, ids in req.unseen_dead) > UNSEEN_TREES * self.assign.max_tree:
                 req.unseen_dead.popleft()  # only a lying head names this many nodes it never sent
 
     def _on_data(self, msg: Any) -> None:

@@ -52,20 +52,54 @@ class KeyGate:
         return ok
 
 
-class Gatekeeper:
-    """One ZAP handler per ZeroMQ context (libzmq allows one), with its KeyGate."""
+class _SharedAuth:
+    """A context's one ZAP handler and its KeyGate, with how many Gatekeepers use them."""
 
     def __init__(self, ctx: Any) -> None:
-        self.gate = KeyGate()
-        self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("homespec.zap"))
-        self._auth.start()
+        self.ctx, self.gate, self.users = ctx, KeyGate(), 0
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("homespec.zap"))
+        self.auth.start()
+
+
+_SHARED: dict[int, _SharedAuth] = {}  # by id(ctx)
+_SHARED_LOCK = threading.Lock()
+
+
+class Gatekeeper:
+    """A handle on its ZeroMQ context's ZAP handler (libzmq allows one per context: the first handle starts it, the
+    last ``stop`` ends it), so that two clusters in one process (two engines, a head and its tests) share it. Each
+    handle's domains are its own: allowing a domain another handle holds is refused, and ``stop`` removes them."""
+
+    def __init__(self, ctx: Any) -> None:
+        with _SHARED_LOCK:
+            shared = _SHARED.get(id(ctx))
+            if shared is None or shared.ctx is not ctx:
+                shared = _SHARED[id(ctx)] = _SharedAuth(ctx)
+            shared.users += 1
+        self._shared, self.gate = shared, shared.gate
+        self._domains: list[str] = []
+        self._stopped = False
 
     def allow(self, domain: str, keys: KeySource) -> None:
-        self.gate.domains[domain] = keys
-        self._auth.configure_curve_callback(domain, credentials_provider=self.gate)
+        with _SHARED_LOCK:
+            if domain in self.gate.domains and domain not in self._domains:
+                raise ValueError(f"ZAP domain {domain!r} is another gatekeeper's in this context")
+            self.gate.domains[domain] = keys
+            self._domains.append(domain)
+            self._shared.auth.configure_curve_callback(domain, credentials_provider=self.gate)
 
     def stop(self) -> None:
-        self._auth.stop()
+        with _SHARED_LOCK:
+            if self._stopped:
+                return
+            self._stopped = True
+            for domain in self._domains:
+                self.gate.domains.pop(domain, None)
+            self._shared.users -= 1
+            if self._shared.users == 0:
+                self._shared.auth.stop()
+                if _SHARED.get(id(self._shared.ctx)) is self._shared:
+                    del _SHARED[id(self._shared.ctx)]
 
 
 def curve_server(sock: Any, keys: KeyPair, domain: str) -> Any:
