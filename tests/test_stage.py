@@ -148,3 +148,38 @@ def test_stage_reads_only_its_layers_and_matches_full_model(bundled: Any, refere
         hidden = reference_model(ids, output_hidden_states=True).hidden_states  # [layers + 1] x [1, n, hidden]
     out = middle.forward_prefix(middle.new_cache(64, 8), hidden[10][0], range(8))
     torch.testing.assert_close(out, hidden[20][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_lockstep_decoding_equals_each_sequence_alone(tmp_path: Path, kind: str) -> None:
+    """train-draft's lockstep batch (``forward_lockstep``): sequences of different lengths, right-aligned in one
+    cache, decoded one row each per forward, give each sequence's own logits (Gemma 3: its window of 4 keys cuts
+    into the longer ones; Qwen3: grouped query heads with their own norms)."""
+    from homespec.model.stage import Lockstep
+
+    source = open_folder(tiny_model(tmp_path, kind), "tiny")
+    stage = Stage(source, 0, 4)
+    seqs = [
+        [5, 6, 7, 8, 9, 10, 11],
+        [12, 13, 18, 19, 20],
+        [14, 15, 16, 17, 21, 22],
+    ]  # prompts, then 3 decoded tokens each
+    prompts, steps = [s[:-3] for s in seqs], 3
+    width = max(map(len, prompts))
+    shape = (len(stage.layers), len(seqs), stage.kv_heads, width + steps, stage.head_dim)
+    k, v = torch.zeros(shape), torch.zeros(shape)
+    for j, p in enumerate(prompts):
+        cache = stage.new_cache(32, 1)
+        stage.forward_prefix(cache, torch.tensor(p), range(len(p)))
+        k[:, j, :, width - len(p) : width], v[:, j, :, width - len(p) : width] = (
+            cache.k[:, :, : len(p)],
+            cache.v[:, :, : len(p)],
+        )
+    pad = torch.tensor([width - len(p) for p in prompts])
+    for step in range(steps):
+        x = torch.tensor([s[len(p) + step] for s, p in zip(seqs, prompts, strict=True)])
+        got = stage.forward_lockstep(Lockstep(k, v, pad, width + step), x)
+        for j, (s, p) in enumerate(zip(seqs, prompts, strict=True)):
+            upto = s[: len(p) + step + 1]
+            want = stage.forward_prefix(stage.new_cache(32, 1), torch.tensor(upto), range(len(upto)))[-1]
+            torch.testing.assert_close(got[j], want, rtol=1e-4, atol=1e-5)

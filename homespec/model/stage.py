@@ -47,6 +47,24 @@ class Segment:
     mask: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Lockstep:
+    """B sequences decoding together, one row each per forward, their keys in one tensor (``forward_lockstep``;
+    train-draft's data): sequence b holds slots [pad[b], t) of k/v [layers, B, kvh, slots, d] (its prompt
+    right-aligned at the first step), and this forward writes slot t for every sequence; the whole batch's
+    attention is one call per layer instead of one per sequence."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pad: torch.Tensor  # [B] int64: the first slot each sequence uses
+    t: int
+
+    def mask(self) -> torch.Tensor:
+        """[B, t + 1]: each sequence sees its own slots up to this one."""
+        slots = torch.arange(self.t + 1, device=self.pad.device)
+        return slots[None, :] >= self.pad[:, None]
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -348,12 +366,23 @@ class Stage:
         projections and the MLP run once over all of them, attention per request over its own cache."""
         return self._run(segments, x, positions)
 
-    def _run(self, segments: Sequence[Segment], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    @torch.inference_mode()
+    def forward_lockstep(self, batch: Lockstep, x: torch.Tensor) -> torch.Tensor:
+        """One row per sequence of ``batch`` (token ids or hidden [B]), at slot ``batch.t``; logits or hidden [B]."""
+        return self._run(batch, x, (batch.t - batch.pad).tolist())
+
+    def _run(self, segments: Sequence[Segment] | Lockstep, x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         h = self.embed(x) if self.has_embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
-        full = (*self.rope(positions), [seg.mask for seg in segments])
+        masks = [segments.mask()] if isinstance(segments, Lockstep) else [seg.mask for seg in segments]
+        full = (*self.rope(positions), masks)
         local = full
         if any(self.sliding):
-            local = (*self.rope(positions, self.local_rotary), self._windowed(segments, positions))
+            if isinstance(segments, Lockstep):  # a key's position is its slot minus the sequence's pad
+                back = segments.t - torch.arange(segments.t + 1, device=self.device)
+                windowed = [masks[0] & (back < self.window)[None, :]]
+            else:
+                windowed = self._windowed(segments, positions)
+            local = (*self.rope(positions, self.local_rotary), windowed)
         for li, layer in enumerate(self.layers):
             cos, sin, masks = local if self.sliding[li] else full
             h = self._layer(layer, li, h, segments, cos, sin, masks)
@@ -400,7 +429,7 @@ class Stage:
         w: _Layer,
         li: int,
         h: torch.Tensor,  # [n, hidden]
-        segments: Sequence[Segment],
+        segments: Sequence[Segment] | Lockstep,
         cos: torch.Tensor,  # [n, d]
         sin: torch.Tensor,  # [n, d]
         masks: Sequence[torch.Tensor],  # per segment (the window's, on a sliding layer)
@@ -414,16 +443,19 @@ class Stage:
             q, k = self._rms(q, w.qn), self._rms(k, w.kn)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        outs, a = [], 0
-        for seg, seg_mask in zip(segments, masks, strict=True):
-            b, start, cache = a + seg.n, seg.start, seg.cache
-            cache.k[li, :, start : start + seg.n] = k[:, a:b]
-            cache.v[li, :, start : start + seg.n] = v[:, a:b]
-            used = start + seg.n
-            keys, values = cache.k[li, :, :used], cache.v[li, :, :used]  # [kvh, used, d]
-            outs.append(attention(q[:, a:b], keys, values, seg_mask, self.invariant, self.attn_scale))  # [H, rows, d]
-            a = b
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, n, d]
+        if isinstance(segments, Lockstep):
+            attn = self._lockstep_attention(segments, li, q, k, v, masks[0])
+        else:
+            outs, a = [], 0
+            for seg, seg_mask in zip(segments, masks, strict=True):
+                b, start, cache = a + seg.n, seg.start, seg.cache
+                cache.k[li, :, start : start + seg.n] = k[:, a:b]
+                cache.v[li, :, start : start + seg.n] = v[:, a:b]
+                used = start + seg.n
+                keys, values = cache.k[li, :, :used], cache.v[li, :, :used]  # [kvh, used, d]
+                outs.append(attention(q[:, a:b], keys, values, seg_mask, self.invariant, self.attn_scale))
+                a = b
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, n, d]
         o = linear(attn.transpose(0, 1).reshape(n, -1), w.wo, w.bo)
         h = h + (o if w.pa is None else self._rms(o, w.pa))
         r = self._rms(h, w.ln2)
@@ -433,6 +465,23 @@ class Stage:
             assert w.wg is not None and w.wu is not None and w.wd is not None
             m = linear(self.act(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)
         return h + (m if w.pf is None else self._rms(m, w.pf))
+
+    def _lockstep_attention(
+        self, batch: Lockstep, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """q [H, B, d], this step's k/v [kvh, B, d] written at slot t; attention of every sequence in one call per
+        layer: each key head's group of query heads rides as that head's query rows (one row per sequence)."""
+        t, kvh, d = batch.t, self.kv_heads, self.head_dim
+        n, group = q.shape[1], self.heads // self.kv_heads
+        batch.k[li, :, :, t] = k.transpose(0, 1)
+        batch.v[li, :, :, t] = v.transpose(0, 1)
+        wide = torch.float64 if self.invariant else q.dtype
+        keys, values = batch.k[li, :, :, : t + 1], batch.v[li, :, :, : t + 1]  # [B, kvh, T, d]
+        qb = q.view(kvh, group, n, d).permute(2, 0, 1, 3)  # [B, kvh, group, d]: head h reads key head h // group
+        out = F.scaled_dot_product_attention(
+            qb.to(wide), keys.to(wide), values.to(wide), attn_mask=mask[:, None, None, :], scale=self.attn_scale
+        )  # [B, kvh, group, d]
+        return out.permute(1, 2, 0, 3).reshape(self.heads, n, d).to(q.dtype)
 
     def _experts(self, x: torch.Tensor, moe: _Moe) -> torch.Tensor:
         """A mixture-of-experts block over rows x [n, hidden]: each row's top-k experts by the router's softmax

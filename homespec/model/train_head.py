@@ -1,8 +1,11 @@
 """Training a draft head (``homespec train-draft``) from the target's own greedy outputs (DESIGN §5 ``head``).
 
 1. **Data**: for each training prompt, the target's replies (``max_new`` tokens, chat template on): the greedy one
-   and ``samples - 1`` sampled at ``temperature``, decoded a batch at a time, with each position's last-layer
-   feature ``f`` and greedy next token recorded as the target computes them. Written once to
+   and ``samples - 1`` sampled at ``temperature``, decoded a batch at a time in lockstep (``Stage.forward_lockstep``:
+   one forward per token for the batch, one attention call per layer), with each position's last-layer feature
+   ``f`` and greedy next token recorded as the target computes them. Measured on this CPU, 128 replies of 48
+   tokens: 910 rows/s (285 generated) in bf16, against 413 (129) with one attention call per reply; in fp32 the
+   products dominate and both give about 360 rows/s. Written once to
    ``DIR/data.safetensors``; a later run reuses it. Every reply to a held-out prompt is held out.
 2. **Training**: the head sees ``(embed(x_q), f_{q-1})`` for every position q of a sequence (causal attention)
    and learns to predict ``f_q`` (smooth L1) and the target's greedy next token through the frozen norm and LM head
@@ -28,9 +31,8 @@ import torch.nn.functional as F
 
 from homespec.errors import ModelError
 from homespec.model.head import DraftHead, HeadConfig
-from homespec.model.kv import TreeKVCache
 from homespec.model.quant import as_tensor
-from homespec.model.stage import Segment, Stage
+from homespec.model.stage import Lockstep, Stage
 
 
 @dataclass(frozen=True)
@@ -123,47 +125,64 @@ def _decode_batch(
     gen: torch.Generator,
     eos: frozenset[int],
 ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Decode one batch of replies; per job (prompt index, tokens, float16 features, greedy next tokens)."""
-    caches, tokens, feats, labels, last = [], [], [], [], []
-    for _, _, ids in jobs:
-        cache = stage.new_cache(len(ids) + max_new + 1, 1)
+    """Decode one batch of replies in lockstep (``Stage.forward_lockstep``: one forward per token for the batch,
+    attention of all of them in one call per layer); per job (prompt index, tokens, float16 features, greedy next
+    tokens). Each prompt is prefilled alone, its keys copied right-aligned into the batch's cache; a batch whose
+    replies have mostly ended is compacted to the live ones."""
+    n_jobs, lengths = len(jobs), [len(ids) for _, _, ids in jobs]
+    width = max(lengths)
+    shape = (len(stage.layers), n_jobs, stage.kv_heads, width + max_new, stage.head_dim)
+    k = torch.zeros(shape, dtype=stage.dtype, device=stage.device)
+    v = torch.zeros(shape, dtype=stage.dtype, device=stage.device)
+    tokens: list[list[int]] = []
+    feats: list[list[torch.Tensor]] = []
+    labels: list[list[torch.Tensor]] = []
+    last: list[torch.Tensor] = []  # each job's last logits
+    top: list[int] = []  # and their argmax
+    for j, (_, _, ids) in enumerate(jobs):
+        cache = stage.new_cache(len(ids) + 1, 1)
         logits = stage.forward_prefix(cache, torch.tensor(ids), range(len(ids)))
         assert stage.last_hidden is not None
-        caches.append(cache)
+        k[:, j, :, width - len(ids) : width] = cache.k[:, :, : len(ids)]
+        v[:, j, :, width - len(ids) : width] = cache.v[:, :, : len(ids)]
         tokens.append(list(ids))
         feats.append([stage.last_hidden.to(torch.float16)])
         labels.append([torch.argmax(logits, dim=-1)])
         last.append(logits[-1])
-    live = list(range(len(jobs)))
-    for _ in range(max_new):
-        picks = {}
-        for j in live:
+        top.append(int(labels[-1][0][-1]))
+    rows = list(range(n_jobs))  # the job each row of k/v holds
+    pad = torch.tensor([width - n for n in lengths], device=stage.device)
+    live = set(rows)
+    for step in range(max_new):
+        for j in list(live):
             greedy = jobs[j][1] == 0 or temperature <= 0
             probs = None if greedy else torch.softmax(last[j].float() / temperature, dim=-1)
-            picks[j] = int(torch.argmax(last[j])) if probs is None else int(torch.multinomial(probs, 1, generator=gen))
-            tokens[j].append(picks[j])
-        live = [j for j in live if picks[j] not in eos]
+            pick = top[j] if probs is None else int(torch.multinomial(probs, 1, generator=gen))
+            tokens[j].append(pick)
+            if pick in eos:
+                live.discard(j)
         if not live:
             break
-        segments = [Segment(caches[j], *_one_row(caches[j])) for j in live]
-        x = torch.tensor([tokens[j][-1] for j in live])
-        logits = stage.forward_batch(segments, x, [len(tokens[j]) - 1 for j in live])
+        if 2 * len(live) <= len(rows):  # most have ended: keep only the live rows
+            keep = [r for r, j in enumerate(rows) if j in live]
+            index = torch.tensor(keep, device=stage.device)
+            k, v, pad = k.index_select(1, index), v.index_select(1, index), pad[index]
+            rows = [rows[r] for r in keep]
+        x = torch.tensor([tokens[j][-1] for j in rows])
+        logits = stage.forward_lockstep(Lockstep(k, v, pad, width + step), x)
         assert stage.last_hidden is not None
-        for row, j in enumerate(live):
-            feats[j].append(stage.last_hidden[row : row + 1].to(torch.float16))
-            labels[j].append(torch.argmax(logits[row : row + 1], dim=-1))
-            last[j] = logits[row]
+        hidden, best = stage.last_hidden.to(torch.float16), torch.argmax(logits, dim=-1)  # once for the batch
+        for r, j in enumerate(rows):
+            if j in live:
+                feats[j].append(hidden[r : r + 1])
+                labels[j].append(best[r : r + 1])
+                last[j], top[j] = logits[r], int(best[r])
     results = []
     for j, (g, _, _) in enumerate(jobs):
         n = sum(len(f) for f in feats[j])  # positions computed: the last token drawn has no feature yet
         seq = torch.tensor(tokens[j][:n], dtype=torch.int64)
         results.append((g, seq, torch.cat(feats[j]), torch.cat(labels[j])))
     return results
-
-
-def _one_row(cache: TreeKVCache) -> tuple[int, int, torch.Tensor]:
-    start, mask = cache.reserve_prefix(1)
-    return start, 1, mask
 
 
 def new_head(engine: Any) -> DraftHead:
