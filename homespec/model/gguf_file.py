@@ -72,8 +72,8 @@ class _Cursor:
             raise self.fail("a string array runs past the end of the file")
         self.pos = pos
 
-    def value(self, vtype: int, keep: bool) -> Any:
-        """One metadata value of type ``vtype``; arrays are skipped (None) unless they hold scalars and ``keep``."""
+    def value(self, vtype: int) -> Any:
+        """One metadata value of type ``vtype``: a scalar, bytes for a string, None for an array (walked over)."""
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
@@ -90,7 +90,7 @@ class _Cursor:
             self.pos += size * count
         else:
             for _ in range(count):  # arrays of arrays: walked element by element
-                self.value(etype, keep=False)
+                self.value(etype)
         return None
 
 
@@ -113,7 +113,7 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string().decode("utf-8", "replace")
-        value = cur.value(cur.unpack("I"), keep=False)
+        value = cur.value(cur.unpack("I"))
         if value is not None:
             meta[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     infos = []
