@@ -250,21 +250,8 @@ class ModelSource:
 
     @functools.cached_property
     def gguf_linear_types(self) -> list[str]:
-        """The GGML types of the GGUF's matrices (``Q4_1``, ``Q6_K``…), read once and kept beside its dequantized
-        copy: gguf's reader takes seconds to open a file, and every engine asks this at start (``--weights auto``)."""
-        record = self.folder / "gguf-linear-types.json"
-        try:
-            return sorted(str(t) for t in json.loads(record.read_text()))
-        except (OSError, ValueError, TypeError):
-            pass
-        types = sorted(self.gguf_weights.linear_types())
-        tmp = record.with_name(f".{record.name}.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(types))
-            os.replace(tmp, record)
-        except OSError:  # a read-only cache: asked again next time
-            tmp.unlink(missing_ok=True)
-        return types
+        """The GGML types of the GGUF's matrices (``Q4_1``, ``Q6_K``…), from its tensor index (``--weights auto``)."""
+        return sorted(self.gguf_weights.linear_types())
 
     def digest(self, weights: str = "auto") -> str:
         """A fingerprint of the model: its config (without the keys that name where it came from), its tensor names

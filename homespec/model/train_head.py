@@ -130,8 +130,8 @@ def _decode_batch(
 ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Decode one batch of replies in lockstep (``Stage.forward_lockstep``: one forward per token for the batch,
     attention of all of them in one call per layer); per job (prompt index, tokens, float16 features, greedy next
-    tokens). Each prompt is prefilled alone, its keys copied right-aligned into the batch's cache; a batch whose
-    replies have mostly ended is compacted to the live ones."""
+    tokens). Prompts are prefilled several per forward (``_prefill_groups``), each one's keys copied right-aligned
+    into the batch's cache; a batch whose replies have mostly ended is compacted to the live ones."""
     n_jobs, lengths = len(jobs), [len(ids) for _, _, ids in jobs]
     width = max(lengths)
     shape = (len(stage.layers), n_jobs, stage.kv_heads, width + max_new, stage.head_dim)
@@ -142,7 +142,7 @@ def _decode_batch(
     labels: list[list[torch.Tensor]] = [[] for _ in jobs]
     last: list[torch.Tensor] = [torch.empty(0) for _ in jobs]  # each job's last logits
     top = [0 for _ in jobs]  # and their argmax
-    for group in _prefill_groups([len(ids) for _, _, ids in jobs]):  # several prompts per forward: wider products
+    for group in _prefill_groups(lengths):  # several prompts per forward: wider products
         caches = [stage.new_cache(len(jobs[j][2]) + 1, 1) for j in group]
         segments = [Segment(c, *_prefix_rows(c, len(jobs[j][2]))) for c, j in zip(caches, group, strict=True)]
         ids = [t for j in group for t in jobs[j][2]]
@@ -163,7 +163,7 @@ def _decode_batch(
     pad = torch.tensor([width - n for n in lengths], device=stage.device)
     live = set(rows)
     for step in range(max_new):
-        for j in list(live):
+        for j in [j for j in rows if j in live]:  # in row order: the sampled draws come in a fixed order
             greedy = jobs[j][1] == 0 or temperature <= 0
             probs = None if greedy else torch.softmax(last[j].float() / temperature, dim=-1)
             pick = top[j] if probs is None else int(torch.multinomial(probs, 1, generator=gen))
