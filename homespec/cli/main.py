@@ -13,6 +13,7 @@ from homespec.cli.perplexity import perplexity
 from homespec.cli.plan import plan
 from homespec.cli.prepare import prepare
 from homespec.cli.profile import profile
+from homespec.cli.quantize import quantize
 from homespec.cli.serve import serve
 from homespec.cli.train_draft import train_draft
 from homespec.cli.worker import worker
@@ -30,6 +31,7 @@ app.command()(bench)
 app.command()(serve)
 app.command()(plan)
 app.command()(perplexity)
+app.command()(quantize)
 app.command()(profile)
 app.command()(worker)
 app.add_typer(keys)
