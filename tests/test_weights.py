@@ -33,7 +33,8 @@ def test_a_stage_holds_its_own_int4_tensors_in_under_0_3_of_the_fp32_bytes() -> 
     assert source.gguf is not None and source.gguf.suffix == ".gguf"
     middle = _stage(source, 10, 20, "int4")
     assert source.tensors_read and {n.split(".")[2] for n in source.tensors_read} == {str(i) for i in range(10, 20)}
-    assert all(isinstance(w, Int4Affine) for layer in middle.layers for w in (layer.wq, layer.wk, layer.wd))
+    assert all(isinstance(w, Int4Affine) for layer in middle.layers for w in (layer.qkv, layer.gu, layer.wd))
+    assert all(layer.wq is None and layer.wg is None for layer in middle.layers)  # stacked (``_Layer.fuse``)
     whole_int4, whole_fp32 = _stage(source, 0, 30, "int4"), _stage(source, 0, 30, "auto")
     assert isinstance(whole_int4.embed_w, Int8Channel) and whole_int4.head_w is whole_int4.embed_w  # tied
     ratio = whole_int4.weight_bytes / whole_fp32.weight_bytes
@@ -143,6 +144,46 @@ def test_plan_sizes_int4_as_stored_and_counts_kv_in_the_activation_dtype() -> No
     assert PlanOptions(weights="int4", act="fp32").act_bytes == 4.0 and PlanOptions(weights="int4").act_bytes == 2.0
 
 
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_stacked_projections_give_the_bits_of_separate_ones(
+    weights: str, truncated_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantized stage stacks q/k/v and gate/up into one weight each (``_Layer.fuse``): its prefill and its tree
+    wave give exactly the logits of a stage that multiplies each part alone, it holds the same bytes, and
+    ``_Layer.part`` hands back each part with its own codes (int4: the bundled GGUF's blocks; int8: quantized at
+    load from the float copy)."""
+    import torch
+
+    from homespec.core.tree import PREFIX_PARENT, WaveRow
+    from homespec.model import stage as stage_module
+    from homespec.model.loader import open_folder, resolve
+    from homespec.model.quant import as_tensor
+
+    monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path / "cache"))
+    source = resolve(None) if weights == "int4" else open_folder(truncated_copy, "float")
+    stacked = stage_module.Stage(source, 0, 3, weights=weights)
+    monkeypatch.setattr(stage_module._Layer, "fuse", lambda self, rows: None)
+    alone = stage_module.Stage(source, 0, 3, weights=weights)
+    assert all(layer.qkv is not None and layer.gu is not None and layer.wq is None for layer in stacked.layers)
+    assert all(layer.qkv is None and layer.wq is not None for layer in alone.layers)
+    assert stacked.weight_bytes == alone.weight_bytes
+    for name in ("wq", "wk", "wv", "wg", "wu"):
+        got = stacked.layers[1].part(name, stacked.part_rows)
+        assert got is not None and torch.equal(
+            as_tensor(got, torch.float32), as_tensor(getattr(alone.layers[1], name), torch.float32)
+        )
+
+    ids = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+    rows = [WaveRow(i, i - 1 if i else PREFIX_PARENT, t, 8 + i) for i, t in enumerate((7, 11, 13))]
+    outs = []
+    for stage in (stacked, alone):
+        cache = stage.new_cache(64, 16)
+        outs.append(
+            (stage.forward_prefix(cache, ids, range(8)), stage.forward_tree(cache, rows, torch.tensor([7, 11, 13])))
+        )
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def _prequantized_model(tmp_path: Path, method: str) -> tuple[Path, Path]:
     """A tiny random Llama whose linears are written as a 4-bit ``method`` checkpoint (in the published layout, by
     ``tests/test_quant.py``'s packers), and the same model as a float checkpoint of the exact values HomeSpec runs
@@ -216,7 +257,7 @@ def test_a_4bit_checkpoint_runs_its_own_weights_and_each_stage_reads_its_own(tmp
 
     source = open_folder(quantized, method)
     int4 = Stage(source, 0, 2)
-    assert isinstance(int4.layers[1].wq, Int4Affine) and int4.invariant
+    assert isinstance(int4.layers[1].qkv, Int4Affine) and int4.invariant
     want = logits(Stage(open_folder(float_copy, "float"), 0, 2))
     torch.testing.assert_close(logits(int4), want, rtol=0.05, atol=0.05 * float(want.abs().max()))
     assert torch.equal(logits(Stage(open_folder(quantized, method), 0, 2, weights="fp32")), want)
@@ -290,7 +331,7 @@ def test_weights_quantized_at_load_are_cached_and_read_back_bit_identical(
     again = _stage(again_source, 2, 4, "int4")
     assert not [n for n in again_source.tensors_read if n.endswith("proj.weight")]  # read from the cache
     for a, b in zip(first.layers, again.layers, strict=True):
-        assert torch.equal(a.wq.plain_codes(), b.wq.plain_codes())
+        assert torch.equal(a.qkv.plain_codes(), b.qkv.plain_codes())
         assert torch.equal(a.wd.scales_and_zeros, b.wd.scales_and_zeros)
     files[0].write_bytes(b"not a safetensors file")
     third_source = open_folder(folder, "float")

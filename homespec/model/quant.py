@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -399,6 +400,31 @@ def split_rows(w: Weight, sizes: list[int], name: str) -> list[Weight]:
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     device = _device(w)
     return [w.select_rows(torch.arange(a, a + n, device=device)) for a, n in zip(starts, sizes, strict=True)]
+
+
+def fuse_rows(parts: Sequence[Weight]) -> Weight | None:
+    """Quantized weights of one input stacked into one (q/k/v, gate/up): one kernel call per layer input instead of
+    one per part (BENCHMARKS.md §6), each output row computed as it was alone. None where the parts are float (the
+    tests that compare with transformers pin float weights, multiplied part by part as it does) or of mixed kinds,
+    groups, dtypes or devices."""
+    first = parts[0]
+    if isinstance(first, Int4Affine):
+        same = all(
+            isinstance(p, Int4Affine) and p.group == first.group and p.dtype == first.dtype and p.kernel is not None
+            for p in parts
+        )
+        int4 = [p for p in parts if isinstance(p, Int4Affine)]
+        if not same or first.kernel is None or len({_device(p) for p in int4}) != 1:
+            return None
+        codes = torch.cat([p.plain_codes() for p in int4])
+        sz = torch.cat([p.scales_and_zeros for p in int4], dim=1)
+        return Int4Affine.from_codes(codes, sz, first.group).compact()
+    if isinstance(first, Int8Channel):
+        if not all(isinstance(p, Int8Channel) and p.dtype == first.dtype for p in parts):
+            return None
+        int8 = [p for p in parts if isinstance(p, Int8Channel)]
+        return Int8Channel(torch.cat([p.codes for p in int8]), torch.cat([p.scales for p in int8]))
+    return None
 
 
 def _device(w: Int4Affine | Int8Channel) -> torch.device:

@@ -33,7 +33,16 @@ from homespec.core.tree import WaveRow
 from homespec.errors import CapacityError, ConfigError, ModelError
 from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
-from homespec.model.quant import Weight, compact, embedding, linear, split_rows, weight_nbytes
+from homespec.model.quant import (
+    Weight,
+    compact,
+    embedding,
+    fuse_rows,
+    linear,
+    out_features,
+    split_rows,
+    weight_nbytes,
+)
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,9 @@ class _Moe:
 class _Layer:
     ln1: torch.Tensor  # [hidden]
     ln2: torch.Tensor  # [hidden]
-    wq: Weight  # [heads * d, hidden]; a float tensor or a quantized weight (model/quant.py)
-    wk: Weight  # [kv_heads * d, hidden]
-    wv: Weight  # [kv_heads * d, hidden]
+    wq: Weight | None  # [heads * d, hidden]; a float tensor or a quantized weight (model/quant.py); None: in qkv
+    wk: Weight | None  # [kv_heads * d, hidden]
+    wv: Weight | None  # [kv_heads * d, hidden]
     wo: Weight  # [hidden, heads * d]
     wg: Weight | None = None  # [inter, hidden] (None in a mixture-of-experts layer: ``moe``)
     wu: Weight | None = None  # [inter, hidden]
@@ -108,11 +117,38 @@ class _Layer:
     pa: torch.Tensor | None = None  # [hidden]: Gemma 3's norm of the attention output (before the residual add)
     pf: torch.Tensor | None = None  # [hidden]: Gemma 3's norm of the MLP output
     moe: _Moe | None = None  # the MLP's place in a mixture-of-experts layer
+    qkv: Weight | None = None  # wq, wk and wv stacked (quantized stages: ``fuse``); then those three are None
+    gu: Weight | None = None  # wg and wu stacked, the same way
 
     def weights(self) -> list[Weight]:
         """Every tensor and weight the layer holds."""
         out = [w for k, w in vars(self).items() if k != "moe" and w is not None]
         return out + (self.moe.weights() if self.moe is not None else [])
+
+    def fuse(self, rows: dict[str, int]) -> None:
+        """Stack q/k/v and gate/up into one weight each where ``quant.fuse_rows`` can (quantized weights without
+        biases): at one row a quantized product costs mostly its call and casts, so two calls per layer input save
+        a millisecond a token on the bundled model (BENCHMARKS.md §6). ``rows``: each part's output rows."""
+        for fused, parts in (("qkv", ("wq", "wk", "wv")), ("gu", ("wg", "wu"))):
+            got = [getattr(self, k) for k in parts]
+            if any(w is None for w in got) or any(getattr(self, "b" + k[1]) is not None for k in parts):
+                continue
+            stacked = fuse_rows(got)
+            if stacked is not None and out_features(stacked) == sum(rows[k] for k in parts):
+                setattr(self, fused, stacked)
+                for k in parts:
+                    setattr(self, k, None)
+
+    def part(self, name: str, rows: dict[str, int]) -> Weight | None:
+        """Weight ``name`` (wq, wk, wv, wg, wu…) as its own weight, split out of a stacked one where fused."""
+        held: Weight | None = getattr(self, name)
+        if held is not None:
+            return held
+        for fused, parts in (("qkv", ("wq", "wk", "wv")), ("gu", ("wg", "wu"))):
+            w = getattr(self, fused)
+            if name in parts and w is not None:
+                return split_rows(w, [rows[k] for k in parts], fused)[parts.index(name)]
+        return None
 
 
 _LAYER_TENSORS = {
@@ -244,12 +280,19 @@ class Stage:
             got["moe"] = moe
         if self.gemma:
             got.update({k: self._gemma_norm(got[k]) for k in _GEMMA_NORMS if got.get(k) is not None})
-        d, inter = self.head_dim, int(self.source.shape.intermediate)
-        rows = {"wq": self.heads * d, "wk": self.kv_heads * d, "wv": self.kv_heads * d, "wg": inter, "wu": inter}
+        rows = self.part_rows
         for f, parts in fused.items():
             pieces = split_rows(t[prefix + f], [rows[k] for k in parts], f"{prefix}{f}")
             got.update(zip(parts, (compact(p) for p in pieces), strict=True))
-        return _Layer(**got)
+        layer = _Layer(**got)
+        layer.fuse(rows)
+        return layer
+
+    @property
+    def part_rows(self) -> dict[str, int]:
+        """Output rows of each stackable projection (``_Layer.fuse``, ``_Layer.part``)."""
+        d, inter = self.head_dim, int(self.source.shape.intermediate)
+        return {"wq": self.heads * d, "wk": self.kv_heads * d, "wv": self.kv_heads * d, "wg": inter, "wu": inter}
 
     def _load_moe(self, i: int) -> _Moe | None:
         """Layer ``i``'s mixture-of-experts block, or None where the layer has a dense MLP (all of a dense model's;
@@ -436,9 +479,15 @@ class Stage:
     ) -> torch.Tensor:
         n = h.shape[0]
         r = self._rms(h, w.ln1)
-        q = linear(r, w.wq, w.bq).view(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
-        k = linear(r, w.wk, w.bk).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
-        v = linear(r, w.wv, w.bv).view(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        qd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if w.qkv is not None:
+            q, k, v = linear(r, w.qkv).split([qd, kd, kd], dim=-1)
+        else:
+            assert w.wq is not None and w.wk is not None and w.wv is not None
+            q, k, v = linear(r, w.wq, w.bq), linear(r, w.wk, w.bk), linear(r, w.wv, w.bv)
+        q = q.reshape(n, self.heads, self.head_dim).transpose(0, 1)  # [H, n, d]
+        k = k.reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
+        v = v.reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)  # [kvh, n, d]
         if w.qn is not None and w.kn is not None:  # Qwen3: each head's query and key normalized before RoPE
             q, k = self._rms(q, w.qn), self._rms(k, w.kn)
         q = q * cos + rotate_half(q) * sin
@@ -461,6 +510,10 @@ class Stage:
         r = self._rms(h, w.ln2)
         if w.moe is not None:
             m = self._experts(r, w.moe)
+        elif w.gu is not None:
+            assert w.wd is not None
+            g, u = linear(r, w.gu).chunk(2, dim=-1)
+            m = linear(self.act(g) * u, w.wd, w.bd)
         else:
             assert w.wg is not None and w.wu is not None and w.wd is not None
             m = linear(self.act(linear(r, w.wg, w.bg)) * linear(r, w.wu, w.bu), w.wd, w.bd)

@@ -220,14 +220,18 @@ def new_head(engine: Any) -> DraftHead:
     stage = _whole_target(engine)
     head = DraftHead(HeadConfig.for_target(engine.source.config))
     last = stage.layers[-1]
-    if last.wg is None or last.wu is None or last.wd is None:
+    got = {k: last.part(k, stage.part_rows) for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")}
+    if got["wg"] is None or got["wu"] is None or got["wd"] is None:
         raise ModelError("train-draft copies the target's last MLP: a mixture-of-experts last layer has none")
     with torch.no_grad():
-        for name, src in (("q", last.wq), ("k", last.wk), ("v", last.wv), ("o", last.wo)):
+        for name in ("q", "k", "v", "o"):
+            src = got["w" + name]
+            assert src is not None
             getattr(head, name).weight.copy_(as_tensor(src))
-        head.gate.weight.copy_(as_tensor(last.wg))
-        head.up.weight.copy_(as_tensor(last.wu))
-        head.down.weight.copy_(as_tensor(last.wd))
+        for name, key in (("gate", "wg"), ("up", "wu"), ("down", "wd")):
+            src = got[key]
+            assert src is not None
+            getattr(head, name).weight.copy_(as_tensor(src))
         head.ln1.copy_(last.ln1)
         head.ln2.copy_(last.ln2)
         h = head.cfg.hidden
