@@ -173,3 +173,39 @@ def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
     result = json.loads(gen.stdout.strip().splitlines()[-1])
     assert result["stats"]["draft"] == "head"
     assert_lossless(chat_ids(prompt), result["tokens"], reference_greedy(chat_ids(prompt), 16))
+
+
+def test_the_target_writes_its_own_prompts(
+    engines: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Magpie (``self_prompts``): the bundled model continues its own empty user header into requests that ended
+    with its end-of-turn token; the same seed gives the same list, excluded texts never come back, and train-draft
+    writes them once into DIR/self_prompts.jsonl, which a resumed run reads instead of generating again."""
+    from homespec.cli import train_draft as cli
+    from homespec.errors import ModelError
+    from homespec.model import train_head
+
+    engine = engines("none")
+    header = engine.tokenizer.decode(train_head.user_header(engine.tokenizer))
+    assert header.endswith("<|im_start|>user\n") and "<|im_start|>system" in header
+    got = train_head.self_prompts(engine, 3, max_len=40, batch=8)
+    assert 1 <= len(got) <= 3 and len(set(got)) == len(got)
+    assert all("<|im_" not in t and len(t.split()) >= 3 for t in got)
+    assert train_head.self_prompts(engine, 3, max_len=40, batch=8) == got
+    assert got[0] not in train_head.self_prompts(engine, 3, max_len=40, batch=8, exclude=[got[0].upper()])
+
+    path = tmp_path / "self_prompts.jsonl"
+    made = cli._self_written(engine, path, 2)
+    assert 1 <= len(made) <= 2 and train_head.load_prompts(path) == made
+
+    def refuse(*_: Any, **__: Any) -> list[str]:
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(train_head, "self_prompts", refuse)
+    assert cli._self_written(engine, path, 2) == made
+
+    class Plain:
+        chat_template = None
+
+    with pytest.raises(ModelError, match="chat template"):
+        train_head.user_header(Plain())

@@ -23,6 +23,14 @@ def train_draft(
         Path | None, typer.Option(help="extra JSONL prompts with 'turns' (added to the built-in set)")
     ] = None,
     builtin: Annotated[bool, typer.Option("--builtin/--no-builtin", help="use the built-in prompt set")] = True,
+    self_written: Annotated[
+        int,
+        typer.Option(
+            "--self-prompts",
+            help="add N user requests the target writes itself (Magpie; kept in DIR/self_prompts.jsonl, never the "
+            "bench prompts)",
+        ),
+    ] = 0,
     limit: Annotated[int, typer.Option(help="use at most N prompts (0 = all)")] = 0,
     max_new: Annotated[int, typer.Option("--max-new", help="reply tokens generated per prompt")] = 96,
     samples: Annotated[
@@ -63,8 +71,10 @@ def train_draft(
             texts += load_prompts(prompts)
         if limit > 0:
             texts = texts[:limit]
-        if not texts:
+        if not texts and self_written <= 0:
             raise ConfigError("no training prompts", hint="drop --no-builtin or give --prompts FILE")
+        if self_written < 0:
+            raise ConfigError(f"--self-prompts must be >= 0, got {self_written}")
         if samples < 1 or batch < 1 or not temperature > 0:
             raise ConfigError(
                 f"need --samples >= 1, --batch >= 1, --temperature > 0 (got {samples}, {batch}, {temperature})"
@@ -80,6 +90,8 @@ def train_draft(
         # float weights: the head trains through the target's own LM head, and torch's int4/int8 products have no
         # gradient (a head trained on the float target drafts for its int4 run too: drafts never change the output)
         with Engine(EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device, weights="fp32")) as engine:
+            if self_written and not data_path.is_file():
+                texts += _self_written(engine, out / "self_prompts.jsonl", self_written)
             if not data_path.is_file():
                 with Progress(transient=True) as bar:
                     task = bar.add_task("generating training data", total=len(texts))
@@ -127,3 +139,25 @@ def train_draft(
             head.save(out / "head.safetensors", extra)
             (out / "training.json").write_text(json.dumps(extra, indent=2))
         typer.echo(str(out / "head.safetensors"))
+
+
+def _self_written(engine: object, path: Path, count: int) -> list[str]:
+    """``count`` requests the target writes itself, made once into ``path`` (JSONL with ``turns``, as ``--prompts``
+    takes) and read back from it by a resumed run; the bench prompts (where ../shared holds them) are excluded."""
+    from homespec.cli.bench import DEFAULT_PROMPTS
+    from homespec.model.train_head import load_prompts, self_prompts
+
+    if path.is_file():
+        return load_prompts(path)
+    exclude = load_prompts(DEFAULT_PROMPTS) if DEFAULT_PROMPTS.is_file() else []
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("the target writes prompts", total=count)
+        made = self_prompts(engine, count, exclude=exclude, progress=lambda n: bar.update(task, completed=n))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"category": "self", "turns": [t]}) + "\n" for t in made))
+    tmp.replace(path)
+    typer.echo(f"{len(made)} self-written prompts -> {path}", err=True)
+    return made
