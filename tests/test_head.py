@@ -209,3 +209,48 @@ def test_the_target_writes_its_own_prompts(
 
     with pytest.raises(ModelError, match="chat template"):
         train_head.user_header(Plain())
+
+
+def test_the_training_time_test_attends_as_a_draft_would(engines: Callable[..., Any], tmp_path: Path) -> None:
+    """EAGLE-3's training-time test (``unrolled``, ``ttt_mask``): each unrolled step's row r equals a draft written
+    out by hand, one row at a time: the true rows up to r - j in the head's past, then the chain of its own
+    predictions at rows r - j + 1 .. r - 1 (each from the step before), then row r reading the previous step's
+    prediction at r - 1. Training with three steps lowers the loss and reports the held-out top-1 at each depth."""
+    import torch
+
+    from homespec.model import train_head
+
+    engine = engines("none")
+    stage = engine.decoder_for("ar").stages[0]
+    head = train_head.new_head(engine)
+    gen = torch.Generator().manual_seed(0)
+    n = 9
+    tokens = torch.randint(0, 2000, (n + 1,), generator=gen)
+    feats = torch.randn(n + 1, stage.hidden, generator=gen)
+    emb = stage.embed(tokens[1:])
+    cos, sin = stage.rope(range(n))
+    with torch.no_grad():
+        preds = train_head.unrolled(head, emb, feats[:-1], feats[0], cos, sin, 3)
+        assert len(preds) == 3
+        # the true rows' keys: step 0 is EAGLE's causal pass
+        _, k0, v0 = head(emb, feats[:-1], cos, sin, torch.ones(n, n, dtype=torch.bool).tril())
+        for r in range(2, n):
+            chain_k, chain_v, feat = [k0[:, : r - 1]], [v0[:, : r - 1]], feats[r - 2]  # depth 1 from row r - 2
+            for depth, row in enumerate(range(r - 1, r + 1)):  # rows r - 1 (step 1), r (step 2)
+                past = (torch.cat(chain_k, 1), torch.cat(chain_v, 1))
+                one = slice(row, row + 1)
+                mask = torch.ones(1, past[0].shape[1] + 1, dtype=torch.bool)
+                if depth == 0:  # step 1 reads step 0's prediction at row r - 2
+                    feat = preds[0][r - 2]
+                out, k, v = head(emb[one], feat[None], cos[one], sin[one], mask, past)
+                torch.testing.assert_close(out[0], preds[depth + 1][row], atol=1e-4, rtol=1e-4)
+                chain_k.append(k)
+                chain_v.append(v)
+                feat = out[0]
+
+    data = build_data(engine, TRAIN_PROMPTS, max_new=12, progress=lambda: None)
+    log: list[dict[str, float]] = []
+    cfg = TrainConfig(epochs=4, lr=1e-3, holdout=0.34, unroll=3)
+    train(engine, data, tmp_path, cfg, log.append)
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+    assert all(0.0 <= log[-1][f"top1_d{d}"] <= 1.0 for d in (1, 2, 3)) and log[-1]["top1"] == log[-1]["top1_d1"]

@@ -40,6 +40,10 @@ def train_draft(
     batch: Annotated[int, typer.Option(help="replies decoded together (one forward per token for all)")] = 32,
     epochs: Annotated[int, typer.Option()] = 10,
     lr: Annotated[float, typer.Option()] = 5e-4,
+    unroll: Annotated[
+        int,
+        typer.Option(help="EAGLE-3's training-time test: steps in which the head reads its own predicted features"),
+    ] = 3,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     draft_vocab: Annotated[
         int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")
@@ -79,7 +83,9 @@ def train_draft(
             raise ConfigError(
                 f"need --samples >= 1, --batch >= 1, --temperature > 0 (got {samples}, {batch}, {temperature})"
             )
-        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr)
+        if not 1 <= unroll <= 8:
+            raise ConfigError(f"--unroll must be in [1, 8], got {unroll}")
+        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll)
         if vocab_for is not None and not vocab_for.is_file():
             raise ConfigError(f"head file not found: {vocab_for}")
         from rich.progress import Progress
@@ -116,8 +122,9 @@ def train_draft(
 
             def report(m: dict[str, float]) -> None:
                 log.append(m)
+                deep = " ".join(f"{m[f'top1_d{d}']:.3f}" for d in range(1, cfg.unroll + 1))
                 typer.echo(
-                    f"epoch {int(m['epoch'])}: loss {m['loss']:.4f}, held-out top-1 {m['top1']:.3f} ({m['s']:.0f}s)",
+                    f"epoch {int(m['epoch'])}: loss {m['loss']:.4f}, held-out top-1 by depth {deep} ({m['s']:.0f}s)",
                     err=True,
                 )
 
@@ -133,6 +140,7 @@ def train_draft(
                 "rows": rows,
                 "max_new": cfg.max_new,
                 "epochs": cfg.epochs,
+                "unroll": cfg.unroll,
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
             }

@@ -50,6 +50,7 @@ class TrainConfig:
     noise: float = 0.05  # uniform noise on input features (EAGLE), for robustness to its own predictions
     holdout: float = 0.1
     seed: int = 0
+    unroll: int = 1  # EAGLE-3's training-time test: steps in which the head reads its own predicted features
 
 
 @dataclass
@@ -353,10 +354,13 @@ def train(
         head.eval()
         with torch.no_grad():
             hits = [_loss(head, stage, data, i, cfg, noise=False)[1] for i in held]
-        acc = sum(h for h, _ in hits) / max(1, sum(n for _, n in hits))
-        report(
-            {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "top1": acc, "s": time.perf_counter() - started}
-        )
+        depth = [
+            sum(h[d][0] for h in hits if len(h) > d) / max(1, sum(h[d][1] for h in hits if len(h) > d))
+            for d in range(max(1, cfg.unroll))
+        ]
+        metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "top1": depth[0]}
+        metrics.update({f"top1_d{d + 1}": acc for d, acc in enumerate(depth)})
+        report({**metrics, "s": time.perf_counter() - started})
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch}, ckpt
@@ -368,24 +372,75 @@ def train(
 
 def _loss(
     head: DraftHead, stage: Stage, data: Sequences, i: int, cfg: TrainConfig, noise: bool = True
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Loss on sequence i, and (top-1 hits, rows)."""
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Loss on sequence i, and (top-1 hits, rows) at each unrolled depth (``cfg.unroll`` steps; ``ttt_mask``).
+
+    Step 0 is EAGLE's: row r reads the token t_{r+1} and the target's feature f_r and predicts f_{r+1} and the
+    target's next token. Step j reads, at row r, the feature step j - 1 predicted at row r - 1, as a draft j deep
+    does at inference, and attends as such a draft would: to the true rows up to r - j, then to its own chain of
+    predictions (EAGLE-3's training-time test, Li et al., 2025); rows r < j have no such chain and are not scored.
+    The tokens stay the target's own (teacher forcing); gradients flow through the predicted features. Each
+    step's loss (feature regression + ``cls_weight`` × cross-entropy) counts equally."""
     tokens, feats, labels = data.tokens[i], data.features[i].float(), data.labels[i]
-    n = len(tokens) - 1  # rows q = 1 .. T-1
+    n = len(tokens) - 1  # rows r = 0 .. T-1
     emb = stage.embed(tokens[1:]).detach()
     inp = feats[:-1]
     if noise and cfg.noise:
         inp = inp + (torch.rand_like(inp) - 0.5) * 2 * cfg.noise
-    cos, sin = stage.rope(range(n))  # row q at position q - 1
-    mask = torch.ones(n, n, dtype=torch.bool).tril()
-    pred, _, _ = head(emb, inp, cos, sin, mask)
-    target = feats[1:]
-    reg = F.smooth_l1_loss(pred, target)
-    logits = stage.logits(pred)
-    y = labels[1:]
-    cls = F.cross_entropy(logits.float(), y)
-    hits = int((logits.argmax(-1) == y).sum())
-    return reg + cfg.cls_weight * cls, (hits, n)
+    cos, sin = stage.rope(range(n))  # row r at position r
+    target, y = feats[1:], labels[1:]
+    total = torch.zeros(())
+    stats: list[tuple[int, int]] = []
+    for j, pred in enumerate(unrolled(head, emb, inp, feats[0], cos, sin, cfg.unroll)):
+        rows = slice(j, n)
+        logits = stage.logits(pred[rows])
+        reg = F.smooth_l1_loss(pred[rows], target[rows])
+        cls = F.cross_entropy(logits.float(), y[rows])
+        total = total + reg + cfg.cls_weight * cls
+        stats.append((int((logits.argmax(-1) == y[rows]).sum()), n - j))
+    return total / len(stats), stats
+
+
+def unrolled(
+    head: DraftHead,
+    emb: torch.Tensor,  # [n, hidden]: row r's token t_{r+1}
+    feat: torch.Tensor,  # [n, hidden]: row r's true feature f_r
+    first: torch.Tensor,  # [hidden]: f_0, what row 0 reads at every step (it is never scored there)
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    steps: int,
+) -> list[torch.Tensor]:
+    """The head's predicted features [n, hidden] at each unrolled step (``_loss``, ``ttt_mask``): step j > 0 reads
+    at row r what step j - 1 predicted at row r - 1, with the keys of every earlier step in its past."""
+    n = emb.shape[0]
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    preds: list[torch.Tensor] = []
+    inp = feat
+    for j in range(min(max(1, steps), n)):
+        past = None if not keys else (torch.cat(keys, 1), torch.cat(values, 1))
+        pred, k, v = head(emb, inp, cos, sin, ttt_mask(n, j), past)
+        keys.append(k)
+        values.append(v)
+        preds.append(pred)
+        inp = torch.cat([first[None], pred[:-1]])
+    return preds
+
+
+def ttt_mask(n: int, step: int) -> torch.Tensor:
+    """Which keys row r (0..n-1) of unrolled ``step`` attends, over the keys of steps 0..step, n per step: step 0's
+    rows 0..r - step (true features), then row r - step + s of each step s in 1..step (its own chain; s = step is
+    itself). Step 0 is the causal mask. Rows r < step have no chain: they attend only to themselves (unscored)."""
+    r = torch.arange(n)[:, None]
+    c = torch.arange(n)[None, :]
+    blocks = [c <= r - step]
+    for s in range(1, step + 1):
+        blocks.append(c == r - step + s)
+    mask = torch.cat(blocks, dim=1)
+    if step:
+        mask[:step] = False
+        mask[torch.arange(step), step * n + torch.arange(step)] = True
+    return mask
 
 
 DRAFT_VOCAB = 16384  # tokens in a trained head's draft vocabulary (BENCHMARKS.md §3)
