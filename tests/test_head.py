@@ -39,6 +39,7 @@ def test_training_lowers_the_loss_and_the_head_loads_for_its_target_only(
     cfg = TrainConfig(epochs=6, lr=1e-3, holdout=0.34)
     head = train(engine, data, tmp_path, cfg, log.append)
     assert [int(m["epoch"]) for m in log] == list(range(6))
+    assert {"top1_d1", "top1_d2", "top1_d3"} <= set(log[-1])  # depths past the training's own are reported too
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
     head.save(tmp_path / "head.safetensors")
     loaded = load_head(tmp_path / "head.safetensors", engine.source.config)

@@ -122,7 +122,7 @@ def train_draft(
 
             def report(m: dict[str, float]) -> None:
                 log.append(m)
-                deep = " ".join(f"{m[f'top1_d{d}']:.3f}" for d in range(1, cfg.unroll + 1))
+                deep = " ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("top1_d"))
                 typer.echo(
                     f"epoch {int(m['epoch'])}: loss {m['loss']:.4f}, held-out top-1 by depth {deep} ({m['s']:.0f}s)",
                     err=True,

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -53,6 +54,7 @@ class TrainConfig:
     holdout: float = 0.1
     seed: int = 0
     unroll: int = 1  # EAGLE-3's training-time test: steps in which the head reads its own predicted features
+    eval_depth: int = 3  # held-out top-1 reported at depths 1 .. max(unroll, eval_depth), whatever the training
 
 
 @dataclass
@@ -354,11 +356,12 @@ def train(
             if max_steps is not None and steps >= max_steps:
                 break
         head.eval()
+        deep = dataclasses.replace(cfg, unroll=max(cfg.unroll, cfg.eval_depth))
         with torch.no_grad():
-            hits = [_loss(head, stage, data, i, cfg, noise=False)[1] for i in held]
+            hits = [_loss(head, stage, data, i, deep, noise=False)[1] for i in held]
         depth = [
             sum(h[d][0] for h in hits if len(h) > d) / max(1, sum(h[d][1] for h in hits if len(h) > d))
-            for d in range(max(1, cfg.unroll))
+            for d in range(deep.unroll)
         ]
         metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "top1": depth[0]}
         metrics.update({f"top1_d{d + 1}": acc for d, acc in enumerate(depth)})
