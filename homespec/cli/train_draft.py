@@ -43,7 +43,7 @@ def train_draft(
     unroll: Annotated[
         int,
         typer.Option(help="EAGLE-3's training-time test: steps in which the head reads its own predicted features"),
-    ] = 3,
+    ] = 1,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     draft_vocab: Annotated[
         int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")

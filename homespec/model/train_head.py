@@ -14,7 +14,7 @@
    16 usable ones in 13 s in fp32).
 2. **Training**: the head sees ``(embed(x_q), f_{q-1})`` for every position q of a sequence (causal attention)
    and learns to predict ``f_q`` (smooth L1) and the target's greedy next token through the frozen norm and LM head
-   (cross-entropy), EAGLE's objective; with ``unroll`` > 1 (``train-draft --unroll``, default 3) also EAGLE-3's
+   (cross-entropy), EAGLE's objective; with ``unroll`` > 1 (``train-draft --unroll``; default 1) also EAGLE-3's
    training-time test, in which the head reads its own predicted features as a draft several deep does
    (``_loss``). The decoder layer starts from the target's last layer, ``fc`` from "take the feature". One
    sequence per step, AdamW, cosine decay. ``DIR/checkpoint.pt`` after every epoch makes a run resumable;
