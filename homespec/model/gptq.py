@@ -42,10 +42,6 @@ CALIBRATION_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "train_pr
 DAMP = 0.01  # added to H's diagonal, times its mean: the published default
 BLOCK = 128  # columns whose errors are applied lazily (the paper's block update)
 _GRIDS = 21  # candidate ranges per group: 15 + t / 10 steps across it, t in -10..10
-_TOKENIZER_FILES = (
-    *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json"),
-    *("merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json"),
-)
 
 
 @dataclass(frozen=True)
@@ -171,14 +167,12 @@ class _Recorder:
         return F.linear(x, self.w)
 
 
-def calibration_windows(
-    tokenizer: object, texts: Sequence[str], window: int, max_tokens: int, bos: int | None
-) -> list[list[int]]:
+def calibration_windows(tokenizer: object, texts: Sequence[str], window: int, max_tokens: int) -> list[list[int]]:
     """The calibration texts, joined by blank lines, tokenized and cut into windows of ``window`` tokens (a BOS at
     the head of each where the model has one, as perplexity does), at most ``max_tokens`` text tokens in all."""
     from homespec.model.perplexity import text_ids
 
-    ids, _ = text_ids(tokenizer, "\n\n".join(texts))
+    ids, bos = text_ids(tokenizer, "\n\n".join(texts))
     ids = ids[:max_tokens]
     lead = [] if bos is None else [bos]
     step = window - len(lead)
@@ -233,10 +227,8 @@ def quantize_checkpoint(
             raise ConfigError(f"{source.name}: {inn} {what} columns do not split into groups of {group}",
                               hint="use --group 32 or 64")  # fmt: skip
     tokenizer = source.tokenizer()
-    from homespec.model.perplexity import text_ids
-
-    _, bos = text_ids(tokenizer, "a")
-    wins = calibration_windows(tokenizer, list(texts or builtin_calibration()), window, max_tokens, bos)
+    wins = calibration_windows(tokenizer, list(texts or builtin_calibration()), window, max_tokens)
+    calibrated = sum(len(w) for w in wins)
     with torch.inference_mode():
         ends = Stage(source, 0, 0, embed=True, head=False, weights="fp32")
         hidden = [_run(ends, torch.tensor(w)) for w in wins]
@@ -284,17 +276,17 @@ def quantize_checkpoint(
         "checkpoint_format": "gptq",
         "damp_percent": DAMP,
         "true_sequential": False,
-        "calibration_tokens": sum(len(w) for w in wins),
+        "calibration_tokens": calibrated,
         "quantizer": "homespec quantize",
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for name in _TOKENIZER_FILES:
-        if (source.folder / name).is_file():
-            shutil.copy2(source.folder / name, tmp / name)
+    tokenizer.save_pretrained(str(tmp))  # with the chat template a family supplies (``ModelSource.tokenizer``)
+    if (source.folder / "generation_config.json").is_file():
+        shutil.copy2(source.folder / "generation_config.json", tmp / "generation_config.json")
     if out.exists():
         out.rmdir()  # empty (checked above)
     tmp.rename(out)
-    return QuantizeReport(out, source.num_layers, linears, sum(len(w) for w in wins), group)
+    return QuantizeReport(out, source.num_layers, linears, calibrated, group)
 
 
 def _run(stage: Stage, x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernels accept (CPU and CUDA)
 _CPU_ROW_TILE = 16  # the CPU kernel needs out % 16 == 0: other weights get padded rows in the kernel copy only
-_CPU_PACK_ROWS = 4096  # rows packed per call (a multiple of the CPU layout's 64-row blocks): bounds the int32 copy
+_CPU_LAYOUT_BLOCK = 64  # the CPU layout packs rows in independent blocks of 64: such blocks stack as they are
+_CPU_PACK_ROWS = 4096  # rows packed per call (a multiple of _CPU_LAYOUT_BLOCK): bounds the int32 copy
 _INT8_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -407,24 +408,34 @@ def fuse_rows(parts: Sequence[Weight]) -> Weight | None:
     one per part (BENCHMARKS.md §6), each output row computed as it was alone. None where the parts are float (the
     tests that compare with transformers pin float weights, multiplied part by part as it does) or of mixed kinds,
     groups, dtypes or devices."""
-    first = parts[0]
-    if isinstance(first, Int4Affine):
-        same = all(
-            isinstance(p, Int4Affine) and p.group == first.group and p.dtype == first.dtype and p.kernel is not None
-            for p in parts
-        )
-        int4 = [p for p in parts if isinstance(p, Int4Affine)]
-        if not same or first.kernel is None or len({_device(p) for p in int4}) != 1:
-            return None
-        codes = torch.cat([p.plain_codes() for p in int4])
-        sz = torch.cat([p.scales_and_zeros for p in int4], dim=1)
-        return Int4Affine.from_codes(codes, sz, first.group).compact()
-    if isinstance(first, Int8Channel):
-        if not all(isinstance(p, Int8Channel) and p.dtype == first.dtype for p in parts):
-            return None
-        int8 = [p for p in parts if isinstance(p, Int8Channel)]
+    int4 = [p for p in parts if isinstance(p, Int4Affine)]
+    if len(int4) == len(parts):
+        return _stack_int4(int4)
+    int8 = [p for p in parts if isinstance(p, Int8Channel)]
+    if len(int8) == len(parts) and len({p.dtype for p in int8}) == 1:
         return Int8Channel(torch.cat([p.codes for p in int8]), torch.cat([p.scales for p in int8]))
     return None
+
+
+def _stack_int4(parts: list[Int4Affine]) -> Int4Affine | None:
+    """``fuse_rows`` for int4 parts of one group, dtype and device, each with its kernel. On the CPU, parts whose
+    kernel copies are whole 64-row blocks stack those copies as they are (``_cpu_kernel`` packs in chunks the same
+    way); otherwise the codes are read back and packed again (slower: start-up)."""
+    first = parts[0]
+    kernels = [p.kernel for p in parts if p.kernel is not None]
+    alike = all(p.group == first.group and p.dtype == first.dtype for p in parts)
+    if len(kernels) != len(parts) or not alike or len({_device(p) for p in parts}) != 1:
+        return None
+    sz = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+    out = sum(p.out_features for p in parts)
+    whole_blocks = all(
+        k.rows == p.out_features and p.out_features % _CPU_LAYOUT_BLOCK == 0
+        for k, p in zip(kernels, parts, strict=True)
+    )
+    if _device(first).type == "cpu" and whole_blocks:
+        packed = torch.cat([k.packed for k in kernels])
+        return Int4Affine(None, sz, first.group, out, first.in_features, Int4Kernel(packed, sz, out))
+    return Int4Affine.from_codes(torch.cat([p.plain_codes() for p in parts]), sz, first.group).compact()
 
 
 def _device(w: Int4Affine | Int8Channel) -> torch.device:

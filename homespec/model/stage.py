@@ -94,6 +94,9 @@ class _Moe:
         return [self.router, *self.gate, *self.up, *self.down]
 
 
+_STACKED = {"qkv": ("wq", "wk", "wv"), "gu": ("wg", "wu")}  # _Layer fields stacked into one weight
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor  # [hidden]
@@ -129,7 +132,7 @@ class _Layer:
         """Stack q/k/v and gate/up into one weight each where ``quant.fuse_rows`` can (quantized weights without
         biases): at one row a quantized product costs mostly its call and casts, so two calls per layer input save
         a millisecond a token on the bundled model (BENCHMARKS.md §6). ``rows``: each part's output rows."""
-        for fused, parts in (("qkv", ("wq", "wk", "wv")), ("gu", ("wg", "wu"))):
+        for fused, parts in _STACKED.items():
             got = [getattr(self, k) for k in parts]
             if any(w is None for w in got) or any(getattr(self, "b" + k[1]) is not None for k in parts):
                 continue
@@ -144,7 +147,7 @@ class _Layer:
         held: Weight | None = getattr(self, name)
         if held is not None:
             return held
-        for fused, parts in (("qkv", ("wq", "wk", "wv")), ("gu", ("wg", "wu"))):
+        for fused, parts in _STACKED.items():
             w = getattr(self, fused)
             if name in parts and w is not None:
                 return split_rows(w, [rows[k] for k in parts], fused)[parts.index(name)]
