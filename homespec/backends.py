@@ -11,7 +11,8 @@ and for what to tell the user about its stages; it never needs to know which kin
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.planner import even_split
@@ -103,6 +104,7 @@ class Backend(Protocol):
 
 def in_process_decoder(source: ModelSource, options: EngineOptions, split: int) -> Decoder:
     """The whole target in this process, as ``split`` in-process stages."""
+    from homespec.model.eagle import tap_weights
     from homespec.model.stage import Stage, parse_dtype
     from homespec.pipeline.inprocess import InProcessDecoder
 
@@ -110,10 +112,11 @@ def in_process_decoder(source: ModelSource, options: EngineOptions, split: int) 
     if not (1 <= split <= total):
         raise ConfigError(f"split must be in [1, {total}], got {split}")
     dtype = parse_dtype(options.dtype)
-    stages = [
-        Stage(source, a, b, dtype=dtype, device=options.device, weights=options.weights)
-        for a, b in even_split(total, split)
-    ]
+    eagle = eagle3_head(options.draft, source.config)
+    stages = []
+    for a, b in even_split(total, split):
+        taps = tap_weights(eagle, source.config, a, b) if eagle else None
+        stages.append(Stage(source, a, b, dtype=dtype, device=options.device, weights=options.weights, taps=taps))
     return InProcessDecoder(stages, max_context=options.max_context)
 
 
@@ -213,6 +216,19 @@ class ClusterBackend:
         self.cluster.close()
 
 
+def eagle3_head(draft: str, config: Any) -> str:
+    """The EAGLE-3 head named in a draft spec (``eagle:PATH``, alone or in a mix), whose fc the stages add up as
+    they run (model/eagle.py): a resolved path, or a hub repo id as given; "" when there is none."""
+    from homespec.model.eagle import eagle_version
+
+    for part in draft.split("+"):
+        kind, _, arg = part.strip().partition(":")
+        if kind == "eagle" and arg and eagle_version(arg, config) == 3:
+            local = Path(arg).expanduser()
+            return str(local.resolve()) if local.exists() else arg  # a hub repo id: each stage fetches it
+    return ""
+
+
 def build_backend(source: ModelSource, options: EngineOptions, progress: Progress) -> Backend:
     """The backend ``options`` ask for: in process for ``ar``, else stage processes here or on workers."""
     if options.mode == "ar":
@@ -238,6 +254,7 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
         timings = stage_timings(load_profile(options.emulate), options.stages)
         scale = options.time_scale or auto_time_scale(options.stages)
     model = "" if options.model is None else str(source.gguf or source.folder)
+    taps = eagle3_head(options.draft, source.config)
     assigns = []
     for i, (a, b) in enumerate(even_split(source.num_layers, options.stages)):
         t = timings[i] if timings else None
@@ -259,6 +276,7 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
                 emu_link_ms_per_row=t.link_ms_per_row * scale if t else 0.0,
                 max_requests=options.max_concurrency,
                 weights=options.weights,
+                taps=taps,
             )
         )
     cluster = LocalCluster(assigns, progress, options.peer_timeout_s)
@@ -286,6 +304,7 @@ def remote_backend(source: ModelSource, options: EngineOptions, progress: Progre
     cluster, plan = remote.build(
         where, model, shape, options.dtype, options.mode, options.max_context, progress,
         source.digest(options.weights), options.peer_timeout_s, options.max_concurrency, options.weights,
+        eagle3_head(options.draft, source.config),
     )  # fmt: skip
     info = [
         StageInfo(f"{s.device.torch_device} {s.device.name} @ {s.device.host}", s.layers, s.link_s * 1e3)

@@ -24,7 +24,8 @@ PIPELINED_MODES: tuple[Mode, ...] = ("pp", "tree", "specpipe")  # split into sta
 DEFAULT_READ_TIMEOUT_S = 10.0
 
 DRAFT_SPECS = (  # the grammar of --draft, parsed by model/drafts/__init__.py
-    "auto | none | ngram | recycle[:FILE] | head[:FILE] | early-exit[:K] | model:PATH, or several joined by + "
+    "auto | none | ngram | recycle[:FILE] | head[:FILE] | eagle:PATH | early-exit[:K] | model:PATH, or several joined "
+    "by + "
     "(ngram+recycle)"
 )
 

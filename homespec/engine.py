@@ -19,7 +19,7 @@ from homespec.config import GenerationConfig, Mode, TreeConfig, default_tree
 from homespec.core.messages import DEFAULT_MAX_REQUESTS
 from homespec.core.step import DEFAULT_BY_SCORE, DecodeStep
 from homespec.core.stops import find_stop, held_back
-from homespec.errors import ConfigError
+from homespec.errors import ConfigError, DraftError
 from homespec.events import (
     Event,
     FinishReason,
@@ -128,7 +128,17 @@ class Engine:
         from homespec.model.drafts import build_draft
 
         o = self.options
-        return build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context)
+        draft = build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context)
+        if draft.feature_taps:  # EAGLE-3: the stages add up one head's fc, the one the engine started with
+            from homespec.backends import eagle3_head
+
+            want, held = eagle3_head(spec, self.source.config), eagle3_head(o.draft, self.source.config)
+            if want != held:
+                raise DraftError(
+                    f"the EAGLE-3 head {want} needs the stages to add up its fc; they hold {held or 'no head'}'s",
+                    hint="start the engine (generate, serve) with that head as its draft: --draft eagle:PATH",
+                )
+        return draft
 
     def token_text(self, token: int) -> str:
         """One token's own text (cached; for displays)."""

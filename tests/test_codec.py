@@ -133,7 +133,8 @@ def wave_frames(spec: dict[str, object], data: bytes) -> list[bytes]:
         "parents": [],
         "positions": [],
     }
-    return [msgpack.packb({"v": 1, "type": "wave", "fields": fields, "tensors": [spec]}), data]
+    carry = {"dtype": "float32", "shape": [0]}  # no EAGLE-3 sum (Wave.carry)
+    return [msgpack.packb({"v": 1, "type": "wave", "fields": fields, "tensors": [spec, carry]}), data, b""]
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_inconsistent_waves_are_rejected(over: dict[str, object], shape: list[in
     header = msgpack.unpackb(frames[0])
     header["fields"].update(over)
     with pytest.raises(TransportError, match=why):
-        decode([msgpack.packb(header), frames[1]])
+        decode([msgpack.packb(header), *frames[1:]])
 
 
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))

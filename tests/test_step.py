@@ -71,6 +71,7 @@ class FakeDraft:
     depth: int = 3
     learns: bool = True
     wants_features: bool = False
+    feature_taps: tuple[int, ...] = ()
     name: str = "fake"
     learned: list[int] = field(default_factory=list)  # tokens the target's top-k was told after
     prefix_seen: list[tuple[int, int]] = field(default_factory=list)  # (start, rows) of prompt features

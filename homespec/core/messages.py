@@ -69,6 +69,9 @@ def check_tensor_spec(dtype: object, shape: object) -> None:
         raise ValueError(f"bad shape {shape!r}")
 
 
+NO_TENSOR = RawTensor("float32", (0,), b"")  # an absent optional tensor
+
+
 def _in_range(kind: str, name: str, value: float, lo: float, hi: float) -> None:
     """``lo <= value <= hi`` and finite, else ValueError (the codec's "malformed message")."""
     if not (math.isfinite(value) and lo <= value <= hi):
@@ -117,6 +120,7 @@ class Assign(Message):
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
     weights: str = "auto"  # the linear weights' format (model/formats.py); activations and KV in ``dtype``
     max_requests: int = DEFAULT_MAX_REQUESTS  # requests open on the stage at once (each holds a KV cache)
+    taps: str = ""  # an EAGLE-3 head (path on the stage's disk) whose fc columns for this stage's layers it adds up
 
     def __post_init__(self) -> None:
         k = self.kind
@@ -150,6 +154,7 @@ class Wave(Message):
     positions: tuple[int, ...]  # one per row
     data: RawTensor  # int64 [rows] token ids into the first stage; hidden [rows, hidden] after it
     busy_s: tuple[float, ...] = ()  # each stage it passed: its busy seconds so far (live utilization)
+    carry: RawTensor = NO_TENSOR  # float32 [rows, hidden]: EAGLE-3's fc sum so far (Assign.taps), else [0]
 
     def __post_init__(self) -> None:
         if not (len(self.requests) == len(self.counts) == len(self.prune_seqs)):
@@ -166,6 +171,10 @@ class Wave(Message):
             raise ValueError(f"wave: {len(self.nodes)} nodes and {len(self.parents)} parents for {rows} rows")
         if not self.data.shape or self.data.shape[0] != rows:
             raise ValueError(f"wave: data {list(self.data.shape)} for {rows} rows")
+        if self.carry.shape != (0,) and (
+            self.carry.dtype != "float32" or len(self.carry.shape) != 2 or self.carry.shape[0] != rows
+        ):
+            raise ValueError(f"wave: carry {self.carry.dtype}{list(self.carry.shape)} for {rows} rows")
         _in_range("wave", "step", self.step, -1, INT_LIMIT - 1)
         _ids("wave", "requests", self.requests, lo=1)
         _ids("wave", "prune_seqs", self.prune_seqs)
@@ -236,6 +245,7 @@ class Start(Message):
     top_k: int
     seed: int
     features: bool = False  # the last stage returns its hidden states with every Result (a draft head needs them)
+    taps: bool = False  # ... and those features are EAGLE-3's fc sum (Assign.taps), not the last hidden states
     prompt_top: bool = False  # prompt chunks' Results carry the top-k of every position (token recycling)
 
     def __post_init__(self) -> None:  # the ranges of config.SamplingConfig, checked before a stage builds one

@@ -75,6 +75,7 @@ class Draft(Protocol):
     name: str
     learns: bool
     wants_features: bool
+    feature_taps: tuple[int, ...]  # EAGLE-3: the features are the stages' fc sum over these layers
 
     def start(self, prompt: Sequence[int]) -> None: ...
 

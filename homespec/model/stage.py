@@ -216,6 +216,7 @@ class Stage:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         weights: str = "auto",
+        taps: dict[int, torch.Tensor] | None = None,
     ) -> None:
         shape = source.shape
         total = source.num_layers
@@ -236,6 +237,12 @@ class Stage:
         self.invariant = any(not isinstance(w, torch.Tensor) for w in held)
         self.rotary = self._rotary()
         self.last_hidden: torch.Tensor | None = None  # stages with a head: features of the last call's rows
+        # an EAGLE-3 head's fc columns [hidden, hidden] for the layers of this stage whose incoming stream it reads
+        # (model/eagle.py): every call adds their products into ``last_carry``, the running sum of fc
+        self.taps = {i: w.to(device=device, dtype=torch.float32) for i, w in (taps or {}).items()}
+        if any(not start <= i < end for i in self.taps):
+            raise ConfigError(f"EAGLE-3 feature layers {sorted(self.taps)} are not all in [{start}, {end})")
+        self.last_carry: torch.Tensor | None = None  # [n, hidden] fp32: fc's sum so far, after the last call
 
     # -- loading -------------------------------------------------------------------------------------------
     def _family_options(self, raw: dict[str, Any]) -> None:
@@ -386,15 +393,20 @@ class Stage:
 
     # -- running -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward_prefix(self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        """Append committed tokens (a causal chunk). x: token ids [n] or hidden [n, hidden]."""
+    def forward_prefix(
+        self, cache: TreeKVCache, x: torch.Tensor, positions: Sequence[int], carry: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Append committed tokens (a causal chunk). x: token ids [n] or hidden [n, hidden]; ``carry``: the
+        previous stage's ``last_carry`` (EAGLE-3's running fc sum), if any."""
         start, mask = cache.reserve_prefix(len(positions))
-        return self._run([Segment(cache, start, len(positions), mask)], x, positions)
+        return self._run([Segment(cache, start, len(positions), mask)], x, positions, carry)
 
     @torch.inference_mode()
-    def forward_tree(self, cache: TreeKVCache, rows: Sequence[WaveRow], x: torch.Tensor) -> torch.Tensor:
+    def forward_tree(
+        self, cache: TreeKVCache, rows: Sequence[WaveRow], x: torch.Tensor, carry: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run a wave of tree nodes. Returns hidden [n, hidden], or logits [n, vocab] if this stage has a head."""
-        return self._run([self.segment(cache, rows)], x, [r.position for r in rows])
+        return self._run([self.segment(cache, rows)], x, [r.position for r in rows], carry)
 
     @staticmethod
     def segment(cache: TreeKVCache, rows: Sequence[WaveRow]) -> Segment:
@@ -407,18 +419,31 @@ class Stage:
         return Segment(cache, start, len(rows), mask)
 
     @torch.inference_mode()
-    def forward_batch(self, segments: Sequence[Segment], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    def forward_batch(
+        self,
+        segments: Sequence[Segment],
+        x: torch.Tensor,
+        positions: Sequence[int],
+        carry: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The waves of several requests as one forward (SpecPipe-DB): rows are the segments' rows in order; the
         projections and the MLP run once over all of them, attention per request over its own cache."""
-        return self._run(segments, x, positions)
+        return self._run(segments, x, positions, carry)
 
     @torch.inference_mode()
     def forward_lockstep(self, batch: Lockstep, x: torch.Tensor) -> torch.Tensor:
         """One row per sequence of ``batch`` (token ids or hidden [B]), at slot ``batch.t``; logits or hidden [B]."""
         return self._run(batch, x, (batch.t - batch.pad).tolist())
 
-    def _run(self, segments: Sequence[Segment] | Lockstep, x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    def _run(
+        self,
+        segments: Sequence[Segment] | Lockstep,
+        x: torch.Tensor,
+        positions: Sequence[int],
+        carry: torch.Tensor | None = None,  # [n, hidden] fp32: EAGLE-3's fc sum from the stages before
+    ) -> torch.Tensor:
         h = self.embed(x) if self.has_embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
+        acc = None if carry is None else carry.to(device=self.device, dtype=torch.float32)
         masks = [segments.mask()] if isinstance(segments, Lockstep) else [seg.mask for seg in segments]
         full = (*self.rope(positions), masks)
         local = full
@@ -430,8 +455,13 @@ class Stage:
                 windowed = self._windowed(segments, positions)
             local = (*self.rope(positions, self.local_rotary), windowed)
         for li, layer in enumerate(self.layers):
+            tap = self.taps.get(self.start + li)
+            if tap is not None:  # the stream entering this layer, through its columns of fc
+                part = F.linear(h.float(), tap)
+                acc = part if acc is None else acc + part
             cos, sin, masks = local if self.sliding[li] else full
             h = self._layer(layer, li, h, segments, cos, sin, masks)
+        self.last_carry = acc
         if self.has_head:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
@@ -461,11 +491,12 @@ class Stage:
         cos, sin = (rotary or self.rotary)(probe, pos)  # [1, n, d] each
         return cos[0], sin[0]
 
-    def logits(self, h: torch.Tensor, head_w: Weight | None = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, head_w: Weight | None = None, normed: bool = False) -> torch.Tensor:
         """Features [n, hidden] -> logits [n, vocab] through the final norm and LM head (a stage with a head);
-        ``head_w``: some of the LM head's rows (a draft vocabulary), for logits over those tokens only."""
+        ``head_w``: some of the LM head's rows (a draft vocabulary), for logits over those tokens only;
+        ``normed``: h is already after the final norm (EAGLE-1's features)."""
         assert self.head_w is not None
-        out = linear(self._rms(h, self.norm_w), self.head_w if head_w is None else head_w)
+        out = linear(h if normed else self.final_norm(h), self.head_w if head_w is None else head_w)
         if self.final_softcap:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out
@@ -556,6 +587,10 @@ class Stage:
             y = linear(self.act(linear(xs, moe.gate[e])) * linear(xs, moe.up[e]), moe.down[e])
             out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
         return out
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The target's final norm (a stage with a head): last hidden states [n, hidden] as its LM head reads them."""
+        return self._rms(h, self.norm_w)
 
     def _rms(self, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         assert weight is not None

@@ -100,8 +100,9 @@ class PipelineDecoder:
         past ``max_new`` tokens (or the stages' context) is ever drafted into a wave (``TokenTree.max_position``)."""
         c, s = self.cluster, sampling
         req = c.new_request_id()
+        features, taps = draft.wants_features, bool(draft.wants_features and draft.feature_taps)
         c.broadcast(
-            Start(req, s.temperature, s.top_p, s.top_k, s.seed, features=draft.wants_features, prompt_top=draft.learns)
+            Start(req, s.temperature, s.top_p, s.top_k, s.seed, features=features, prompt_top=draft.learns, taps=taps)
         )
         self._started[req] = time.perf_counter()
         try:  # no handshake: a stage that sees the prompt before the Start waits for the Start (ids only grow)

@@ -28,7 +28,7 @@ from homespec.core.step import (
     StageResult,
     StepMachine,
 )
-from homespec.errors import ConfigError, HomespecError, RequestFailedError
+from homespec.errors import ConfigError, DraftError, HomespecError, RequestFailedError
 from homespec.model.kv import TreeKVCache
 from homespec.model.sampling import next_tokens, top_logprobs
 from homespec.model.stage import Stage
@@ -52,6 +52,7 @@ class InProcessDecoder:
         self._ids = 0
         self._sampling = SamplingConfig()
         self._features = False
+        self._taps = False  # the request's draft reads EAGLE-3's fc sum (model/eagle.py), not the last hidden states
 
     @property
     def open_requests(self) -> int:
@@ -88,6 +89,9 @@ class InProcessDecoder:
             cache.reset()
         self._ids += 1
         self._sampling, self._features = sampling, draft.wants_features
+        self._taps = bool(draft.wants_features and draft.feature_taps)
+        if self._taps:
+            self._check_taps(draft.feature_taps)
         req = self._ids
         try:
             self._perform(self.machine.join(req, prompt, draft, tree_cfg.budget, self.tick, max_new, trace))
@@ -130,22 +134,25 @@ class InProcessDecoder:
     def _prefix(self, chunk: SendPrefix) -> StageResult:
         x: torch.Tensor = torch.tensor(list(chunk.tokens))
         positions = range(chunk.start, chunk.start + len(chunk.tokens))
+        carry = None
         for stage, cache in zip(self.stages, self.caches, strict=True):
-            x = stage.forward_prefix(cache, x, positions)
+            x = stage.forward_prefix(cache, x, positions, carry)
+            carry = stage.last_carry
         top_t: list[list[int]] = []
         top_lp: list[list[float]] = []
         if self.machine.runs[chunk.request].draft.learns:
             t, lp, _ = top_logprobs(x)
             top_t, top_lp = t.tolist(), lp.tolist()
-        hidden = self.stages[-1].last_hidden if self._features else None
-        return StageResult(chunk.request, PREFIX_STEP, top_tokens=top_t, top_logprobs=top_lp, hidden=hidden)
+        return StageResult(chunk.request, PREFIX_STEP, top_tokens=top_t, top_logprobs=top_lp, hidden=self._hidden())
 
     def _wave(self, wave: SendWave) -> StageResult:
         rows = wave.rows
         x: torch.Tensor = torch.tensor([r.token for r in rows])
+        carry = None
         for i, (stage, cache) in enumerate(zip(self.stages, self.caches, strict=True)):
             started = time.perf_counter()
-            x = stage.forward_tree(cache, rows, x)
+            x = stage.forward_tree(cache, rows, x, carry)
+            carry = stage.last_carry
             self.busy[i] += time.perf_counter() - started
         picked = next_tokens(x, [r.position for r in rows], self._sampling)
         top_t, top_lp, chosen = top_logprobs(x, chosen=picked)
@@ -157,6 +164,20 @@ class InProcessDecoder:
             next_logprobs=tuple(chosen),
             top_tokens=top_t.tolist(),
             top_logprobs=top_lp.tolist(),
-            hidden=self.stages[-1].last_hidden if self._features else None,
+            hidden=self._hidden(),
             busy_s=tuple(self.busy),
         )
+
+    def _hidden(self) -> torch.Tensor | None:
+        """The features the request's draft reads: the last hidden states, or EAGLE-3's fc sum; None if none."""
+        if not self._features:
+            return None
+        return self.stages[-1].last_carry if self._taps else self.stages[-1].last_hidden
+
+    def _check_taps(self, taps: tuple[int, ...]) -> None:
+        held = sorted(i for s in self.stages for i in s.taps)
+        if held != sorted(taps):
+            raise DraftError(
+                f"this EAGLE-3 head reads layers {list(taps)}, the stages were loaded with taps at {held}",
+                hint="start the engine with that head as its draft (--draft eagle:PATH), so its stages load its fc",
+            )

@@ -211,12 +211,13 @@ class RemoteCluster(Cluster):
         timeout_s: float = PEER_TIMEOUT_S,
         max_requests: int = 8,
         weights: str = "auto",
+        taps: str = "",
     ) -> None:
-        """Deploy one stage per Placement and wait until every stage has loaded."""
+        """Deploy one stage per Placement and wait until every stage has loaded (``taps``: Assign.taps)."""
         num = len(stages)
         deploys = [
             Deploy(i, num, model, p.layers[0], p.layers[1], dtype, p.device, max_context, max_tree,
-                   model_digest=model_digest, max_requests=max_requests, weights=weights)
+                   model_digest=model_digest, max_requests=max_requests, weights=weights, taps=taps)
             for i, p in enumerate(stages)
         ]  # fmt: skip
         super().__init__(deploys, progress, timeout_s)
@@ -380,6 +381,7 @@ def build(
     timeout_s: float = PEER_TIMEOUT_S,
     max_requests: int = 8,
     weights: str = "auto",
+    taps: str = "",
 ) -> tuple[RemoteCluster, Any]:
     """Connect to the workers, plan ``shape`` on their devices (minimizing ``mode``'s modeled TBT), deploy it; returns
     the cluster and the plan."""
@@ -412,7 +414,7 @@ def build(
                 link.sock.close(linger=0)
         cluster = RemoteCluster(
             placements(links, chain), model, dtype, max_context, model_digest=model_digest, keys=keys, progress=say,
-            timeout_s=timeout_s, max_requests=max_requests, weights=weights,
+            timeout_s=timeout_s, max_requests=max_requests, weights=weights, taps=taps,
         )  # fmt: skip
         cluster.missing = missing
         cluster.spec = spec

@@ -40,6 +40,7 @@ DISTRUST_S = 60.0  # after a Start or prune that never came, no wait for this lo
 PRUNE_TREES = 2
 UNSEEN_TREES = 4  # dead ids still upstream kept per request: a few prunes' worth, then the oldest are forgotten
 CONTROL_MAX_BYTES = 8 << 20  # libzmq drops a bigger control message before it is allocated
+NO_TAPS = "this request's draft reads an EAGLE-3 head's features, and the stages were started without its taps"
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Request:
     sampling: Any  # SamplingConfig
     features: bool = False  # return hidden states with results
     prompt_top: bool = False  # return the top-k of prompt positions
+    taps: bool = False  # features are EAGLE-3's fc sum (the stages' taps) in place of the last hidden states
     pruned_seq: int = 0
     # dead ids this stage has not seen yet (their wave is still upstream), by the prune that named them: a wave sent
     # at prune seq s holds no node of prunes <= s, so those are forgotten once a wave at s or later arrives
@@ -78,6 +80,7 @@ class StageWorker:
             dtype=parse_dtype(assign.dtype),
             device=assign.device,
             weights=assign.weights,
+            taps=_taps(assign, source),
         )
         self.first = assign.stage == 0
         self.last = assign.stage == assign.num_stages - 1
@@ -85,7 +88,8 @@ class StageWorker:
         self.max_requests = _request_cap(assign, self.stage, local="curve" not in addresses)
         self.bad_messages = 0  # undecodable, wrong for its socket, or refused (hostile input is counted, not obeyed)
         # the largest wave: max(tree rows, a prompt chunk) of hidden states in fp32 (capped before allocation)
-        self.max_bytes = max(assign.max_tree, PREFIX_CHUNK) * self.stage.hidden * 4 + (1 << 20)
+        self.max_bytes = max(assign.max_tree, PREFIX_CHUNK) * self.stage.hidden * 4 * (2 if assign.taps else 1)
+        self.max_bytes += 1 << 20
         ctx: zmq.Context[Any] = zmq.Context.instance()
         curve = _CurveSetup(ctx, addresses["curve"]) if "curve" in addresses else None
         self.inp = ctx.socket(zmq.PULL)
@@ -182,8 +186,11 @@ class StageWorker:
                 return
             self._newest = max(self._newest, msg.request)
             sampling = SamplingConfig(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+            if msg.taps and not self.assign.taps:  # its draft would read features nobody adds up: said, not run
+                self._send(self.report, m.Failure(self.assign.stage, msg.request, NO_TAPS))
+                return
             cache = self.stage.new_cache(self.assign.max_context, self.assign.max_tree)
-            self.requests[msg.request] = _Request(cache, sampling, msg.features, msg.prompt_top)
+            self.requests[msg.request] = _Request(cache, sampling, msg.features, msg.prompt_top, taps=msg.taps)
         elif isinstance(msg, m.Prune):
             req = self.requests.get(msg.request)
             if req is not None:
@@ -300,14 +307,25 @@ class StageWorker:
         from homespec.pipeline.frames import from_raw, to_raw
 
         started = time.perf_counter()
-        out = self.stage.forward_prefix(req.cache, from_raw(msg.data, self.stage.device), msg.positions)
+        carry = from_raw(msg.carry, self.stage.device) if msg.carry.shape != (0,) else None
+        out = self.stage.forward_prefix(req.cache, from_raw(msg.data, self.stage.device), msg.positions, carry)
         n = len(msg.positions)
         busy = (*msg.busy_s, self.busy_total + self._step_s(started, n))
         if self.last:
             reply = self._result(req, msg.requests[0], msg.step, out, [], prefix=True, busy=busy)
         else:
             reply = Wave(
-                msg.step, True, msg.requests, msg.counts, msg.prune_seqs, (), (), msg.positions, to_raw(out), busy
+                msg.step,
+                True,
+                msg.requests,
+                msg.counts,
+                msg.prune_seqs,
+                (),
+                (),
+                msg.positions,
+                to_raw(out),
+                busy,
+                self._carry_out(),
             )
         req.steps += 1
         req.rows += n
@@ -326,6 +344,7 @@ class StageWorker:
 
         started = time.perf_counter()
         x = from_raw(msg.data, self.stage.device)  # [n] tokens or [n, hidden]
+        carry = from_raw(msg.carry, self.stage.device) if msg.carry.shape != (0,) else None  # [n, hidden] fp32
         parts: list[tuple[int, int, _Request, list[Any], list[int]]] = []  # request, seq, state, rows, rows in x
         for request, seq, lo, hi in msg.segments():
             req = self.requests.get(request)
@@ -355,10 +374,14 @@ class StageWorker:
             live.append((request, seq, req, rows))
         n = len(index)
         if n:
-            sel = x if n == x.shape[0] else x[torch.tensor(index, device=x.device)]
-            out = self.stage.forward_batch(segments, sel, [msg.positions[i] for i in index])
+            pick = None if n == x.shape[0] else torch.tensor(index, device=x.device)
+            sel = x if pick is None else x[pick]
+            if carry is not None and pick is not None:
+                carry = carry[pick]
+            out = self.stage.forward_batch(segments, sel, [msg.positions[i] for i in index], carry)
         else:
             out = x[:0]
+            self.stage.last_carry = None  # no rows ran: nothing to carry (not the last call's sum)
         busy = (*msg.busy_s, self.busy_total + self._step_s(started, n))
         replies, at = [], 0
         ahead: dict[str, list[int]] = {
@@ -367,7 +390,7 @@ class StageWorker:
         for request, seq, req, rows in live:
             k = len(rows)
             if self.last:
-                features = self.stage.last_hidden
+                features = self.stage.last_carry if req.taps else self.stage.last_hidden
                 hidden = features[at : at + k] if k and features is not None else None
                 replies.append(self._result(req, request, msg.step, out[at : at + k], rows, hidden=hidden, busy=busy))
             else:
@@ -393,6 +416,7 @@ class StageWorker:
                     positions=tuple(ahead["positions"]),
                     data=to_raw(out),
                     busy_s=busy,
+                    carry=self._carry_out(),
                 )
             )
         took = self._emulate_stage(started, n)
@@ -401,6 +425,14 @@ class StageWorker:
         self._emulate_link(0 if self.last else n)
         for reply in replies:
             self._send(self.out, reply)
+
+    def _carry_out(self) -> Any:
+        """The running EAGLE-3 fc sum after this stage's last call, for the next stage (``[0]`` when none)."""
+        from homespec.core.messages import NO_TENSOR
+        from homespec.pipeline.frames import to_raw
+
+        carry = self.stage.last_carry
+        return NO_TENSOR if carry is None else to_raw(carry)
 
     def _result(
         self,
@@ -426,7 +458,7 @@ class StageWorker:
         else:
             top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))
         if prefix:
-            hidden = self.stage.last_hidden
+            hidden = self.stage.last_carry if req.taps else self.stage.last_hidden
         hidden = hidden if req.features and (prefix or rows) else None
         h = to_raw(hidden.float()) if hidden is not None else to_raw(logits.new_zeros((0,)).float())
         t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
@@ -466,6 +498,15 @@ class StageWorker:
         delay = (self.assign.emu_link_ms + self.assign.emu_link_ms_per_row * rows) / 1000
         if delay > 0:
             time.sleep(delay)
+
+
+def _taps(assign: Any, source: Any) -> dict[int, Any] | None:
+    """The share of an EAGLE-3 head's fc this stage adds up (``Assign.taps``; model/eagle.py), or None."""
+    if not assign.taps:
+        return None
+    from homespec.model.eagle import tap_weights
+
+    return tap_weights(assign.taps, source.config, assign.layer_start, assign.layer_end)
 
 
 def _request_cap(assign: Any, stage: Any, local: bool) -> int:

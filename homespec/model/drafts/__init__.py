@@ -3,9 +3,10 @@
 Specs: ``none``, ``ngram``, ``recycle`` or ``recycle:FILE`` (token recycling; with FILE the table is loaded from it
 and saved back by ``save``), ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
 ``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id), ``head`` or ``head:FILE`` (an
-EAGLE-style draft head: the one shipped for the target, or a trained file), and any of these joined by ``+``
-(one tree grown by each in turn, e.g. ``ngram+recycle``), or ``auto`` (SPIN: a bandit choosing among mixes of
-``ngram``, ``recycle`` and, when one is shipped for the target, ``head``; ``drafts/auto.py``).
+EAGLE-style draft head: the one shipped for the target, or a trained file), ``eagle:PATH`` (a published EAGLE-1/2
+or EAGLE-3 head: a folder with config.json and its weights, or the weights file; ``model/eagle.py``), and any of
+these joined by ``+`` (one tree grown by each in turn, e.g. ``ngram+recycle``), or ``auto`` (SPIN: a bandit
+choosing among mixes of ``ngram``, ``recycle`` and, when one is shipped for the target, ``head``; ``drafts/auto.py``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def build_draft(
         head = load_head(path, target.config, dtype, device)
         ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device)
         return HeadDraft(head, ends, "head", tree.depth, tree.width, max_context)
+    if kind == "eagle" and arg:
+        from homespec.model.drafts.eagle import EagleDraft
+        from homespec.model.eagle import eagle_folder, load_eagle
+
+        path = eagle_folder(arg)
+        eagle = load_eagle(path, target.config, dtype, device)
+        ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device)
+        return EagleDraft(eagle, ends, path, f"eagle{eagle.cfg.version}", tree.depth, tree.width, max_context)
     if kind == "early-exit":
         layers = _early_exit_layers(arg, target.num_layers)
         stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device)

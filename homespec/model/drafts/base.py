@@ -19,6 +19,9 @@ class DraftSource(ABC):
     name: str = "draft"
     learns: bool = False  # wants ``learn`` calls (the decoders skip computing top-k for sources that do not)
     wants_features: bool = False  # wants the target's last-layer hidden states (a draft head)
+    # EAGLE-3 (model/eagle.py): the target layers whose incoming streams make its features; with ``wants_features``
+    # the decoders then hand it the stages' running fc sum instead of the last hidden states
+    feature_taps: tuple[int, ...] = ()
     forwards: int = 0  # draft forward passes so far (model drafts and heads), for stats
     cost: float = 0.0  # draft compute so far, in target forwards (a parameter-count proxy; 0 for table lookups)
     choices: tuple[str, ...] = ()  # ``auto``: the choices made in the current request, with their reasons

@@ -64,10 +64,10 @@ class HeadDraft(ModelDraft):
     def prefix_features(self, start: int, hidden: torch.Tensor) -> None:
         if start != len(self.features):
             raise ValueError(f"prompt features for position {start}, expected {len(self.features)}")
-        self.features.extend(hidden.to(self.stage.device, self.stage.dtype).unbind(0))
+        self.features.extend(self._take(hidden).unbind(0))
 
     def tree_features(self, nodes: Sequence[int], hidden: torch.Tensor) -> None:
-        for node, h in zip(nodes, hidden.to(self.stage.device, self.stage.dtype).unbind(0), strict=True):
+        for node, h in zip(nodes, self._take(hidden).unbind(0), strict=True):
             self.node_features[node] = h
 
     def observe(self, verification: Verification, committed: Sequence[int]) -> None:
@@ -125,9 +125,17 @@ class HeadDraft(ModelDraft):
             self.predicted.update(zip(level, out.unbind(0), strict=True))
         self.forwards += 1
         self.cost += self.lm_unit
+        return torch.log_softmax(self._logits(nodes).float(), dim=-1)
+
+    def _take(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's features [n, hidden] as this head reads them (its last hidden states, as they come)."""
+        return hidden.to(self.stage.device, self.stage.dtype)
+
+    def _logits(self, nodes: list[NodeId]) -> torch.Tensor:
+        """Logits [len(nodes), columns] after each node: the target's own where it computed the node (its true
+        feature through its norm and LM head), else the head's prediction through them."""
         picked = torch.stack([self._feature_of(n) for n in nodes])
-        logits = self.stage.logits(picked, self._head_w)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return self.stage.logits(picked, self._head_w)
 
     def _feature_of(self, node: int) -> torch.Tensor:
         """The feature at a node's position: the target's if it computed the node, else the head's prediction."""

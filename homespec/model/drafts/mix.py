@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from homespec.core.tree import TokenTree, Verification
+from homespec.errors import DraftError
 from homespec.model.drafts.base import DraftSource
 
 
@@ -17,6 +18,13 @@ class MixDraft(DraftSource):
         self.name = "+".join(s.name for s in self.sources)
         self.learns = any(s.learns for s in self.sources)
         self.wants_features = any(s.wants_features for s in self.sources)
+        kinds = {s.feature_taps for s in self.sources if s.wants_features}
+        if len(kinds) > 1:  # one Result carries one kind of features
+            raise DraftError(
+                f"{self.name}: an EAGLE-3 head and a head that reads the last hidden states cannot draft together",
+                hint="mix an EAGLE-3 head with table sources only (e.g. ngram+eagle:PATH)",
+            )
+        self.feature_taps = kinds.pop() if kinds else ()
 
     @property
     def forwards(self) -> int:  # type: ignore[override]

@@ -1,0 +1,351 @@
+"""Published EAGLE heads (``--draft eagle:PATH``, model/eagle.py): files written here in the published layouts
+(EAGLE-1's ``pytorch_model.bin`` with ``fc.bias`` and ``layers.0.*``; EAGLE-3's ``midlayer.*`` with a draft vocabulary
+and ``d2t``; speculators' ``layers.0.*`` with ``norm_before_residual``) load, draft exactly what a reference forward
+written here from the papers' description drafts on transformers' own hidden states, keep every mode lossless, and
+EAGLE-3's fc summed across stages equals fc in one place over transformers' ``hidden_states[2, L//2, L-3]``.
+
+The heads' weights are random (no published head exists for the bundled model): these tests prove the format, the
+features and the plumbing, not acceptance."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from homespec.config import GenerationConfig, SamplingConfig, TreeConfig
+from homespec.core.messages import RawTensor, Wave
+from homespec.core.tree import TokenTree
+from homespec.errors import DraftError
+from homespec.events import GenerationFinished
+from homespec.model.drafts import build_draft
+from homespec.model.eagle import load_eagle
+from homespec.model.stage import Stage
+from tests.conftest import EQUIVALENCE_PROMPTS
+
+H, HEADS, KV, D, INTER = 576, 9, 3, 64, 1536  # the bundled SmolLM2-135M
+DRAFT_VOCAB = 2048
+
+
+def _w(g: torch.Generator, *shape: int, scale: float = 0.05) -> torch.Tensor:
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _norm(g: torch.Generator) -> torch.Tensor:
+    return 1 + 0.1 * torch.randn(H, generator=g)
+
+
+def _layer(g: torch.Generator, prefix: str, width: int) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}self_attn.q_proj.weight": _w(g, HEADS * D, width),
+        f"{prefix}self_attn.k_proj.weight": _w(g, KV * D, width),
+        f"{prefix}self_attn.v_proj.weight": _w(g, KV * D, width),
+        f"{prefix}self_attn.o_proj.weight": _w(g, H, HEADS * D),
+        f"{prefix}mlp.gate_proj.weight": _w(g, INTER, H),
+        f"{prefix}mlp.up_proj.weight": _w(g, INTER, H),
+        f"{prefix}mlp.down_proj.weight": _w(g, H, INTER),
+        f"{prefix}post_attention_layernorm.weight": _norm(g),
+    }
+
+
+def _config(**extra: Any) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": H,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV,
+        "intermediate_size": INTER,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 49152,
+        **extra,
+    }
+
+
+def write_eagle1(folder: Path, seed: int = 1) -> Path:
+    """EAGLE-1/2 as SafeAILab publishes it: pytorch_model.bin, fc with a bias, layer 0 without an input norm."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"fc.weight": _w(g, H, 2 * H), "fc.bias": _w(g, H), **_layer(g, "layers.0.", H)}
+    torch.save(tensors, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(_config(bias=True)))
+    return folder
+
+
+def write_eagle3(folder: Path, seed: int = 3, speculators: bool = False) -> Path:
+    """EAGLE-3 as SafeAILab publishes it (``midlayer.*``), or as vllm-project/speculators converts it (``layers.0.*``,
+    the layer's settings under transformer_layer_config, ``norm_before_residual``)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = "layers.0." if speculators else "midlayer."
+    used = torch.sort(torch.randperm(49152, generator=g)[:DRAFT_VOCAB]).values
+    used[:256] = torch.arange(256)  # a draft vocabulary holds the most written tokens; here some low ids
+    used = torch.unique(used)
+    used = torch.cat([used, torch.arange(49152 - (DRAFT_VOCAB - len(used)), 49152)])[:DRAFT_VOCAB]
+    tensors = {
+        "fc.weight": _w(g, H, 3 * H),
+        **_layer(g, prefix, 2 * H),
+        f"{prefix}input_layernorm.weight": _norm(g),
+        f"{prefix}hidden_norm.weight": _norm(g),
+        "norm.weight": _norm(g),
+        "lm_head.weight": _w(g, DRAFT_VOCAB, H, scale=0.2),
+        "d2t": used - torch.arange(DRAFT_VOCAB),
+        "t2d": torch.zeros(49152, dtype=torch.bool).index_fill_(0, used, True),
+    }
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    if speculators:
+        config = {
+            "speculators_model_type": "eagle3",
+            "architectures": ["Eagle3Speculator"],
+            "transformer_layer_config": _config(),
+            "draft_vocab_size": DRAFT_VOCAB,
+            "norm_before_residual": True,
+            "target_hidden_size": H,
+        }
+    else:
+        config = _config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# -- the reference forward, from the papers' description --------------------------------------------------------
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def reference_head(
+    t: dict[str, torch.Tensor], p: str, attn_in: torch.Tensor, residual: torch.Tensor, rotary: Any
+) -> torch.Tensor:
+    """One Llama decoder layer over rows 0..n-1 at positions 0..n-1, causal: attention reads ``attn_in``, its output
+    joins ``residual``, then the MLP with its own norm and residual."""
+    n = attn_in.shape[0]
+    cos, sin = rotary(attn_in[None], torch.arange(n)[None])
+    cos, sin = cos[0], sin[0]  # [n, d]
+    q = (attn_in @ t[f"{p}self_attn.q_proj.weight"].T).view(n, HEADS, D).transpose(0, 1)
+    k = (attn_in @ t[f"{p}self_attn.k_proj.weight"].T).view(n, KV, D).transpose(0, 1)
+    v = (attn_in @ t[f"{p}self_attn.v_proj.weight"].T).view(n, KV, D).transpose(0, 1)
+    q, k = q * cos + _rotate(q) * sin, k * cos + _rotate(k) * sin
+    k, v = k.repeat_interleave(HEADS // KV, 0), v.repeat_interleave(HEADS // KV, 0)
+    scores = q @ k.transpose(1, 2) / D**0.5 + torch.full((n, n), float("-inf")).triu(1)
+    attn = (scores.softmax(-1) @ v).transpose(0, 1).reshape(n, HEADS * D)
+    x = residual + attn @ t[f"{p}self_attn.o_proj.weight"].T
+    r = _rms(x, t[f"{p}post_attention_layernorm.weight"])
+    mlp = (F.silu(r @ t[f"{p}mlp.gate_proj.weight"].T) * (r @ t[f"{p}mlp.up_proj.weight"].T)) @ t[
+        f"{p}mlp.down_proj.weight"
+    ].T
+    return x + mlp
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = folder / "model.safetensors"
+    return load_file(str(file)) if file.is_file() else torch.load(folder / "pytorch_model.bin", weights_only=True)
+
+
+def _first_children(draft: Any, ids: list[int], features: torch.Tensor) -> dict[int, float]:
+    """The draft's children of the root (the prompt's last token) and their log-probs, given the target's
+    features at every prompt position."""
+    draft.start(ids)
+    draft.prefix_features(0, features)
+    tree = TokenTree(ids[-1], len(ids) - 1)
+    draft.depth = 1
+    draft.propose(tree, ids, budget=64)
+    return {tree.node(c).token: tree.node(c).score for c in tree.root.children.values()}
+
+
+# -- tests ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompt(chat_ids: Callable[[str], list[int]]) -> list[int]:
+    return chat_ids(EQUIVALENCE_PROMPTS[0])
+
+
+def test_eagle1_drafts_what_the_papers_head_drafts_on_transformers_features(
+    bundled: Any, tokenizer: Any, reference_model: Any, prompt: list[int], tmp_path: Path
+) -> None:
+    folder = write_eagle1(tmp_path / "eagle1")
+    draft = build_draft(f"eagle:{folder}", bundled, tokenizer, TreeConfig())
+    stage = Stage(bundled, 0, bundled.num_layers, weights="fp32")
+    stage.forward_prefix(stage.new_cache(), torch.tensor(prompt), range(len(prompt)))
+    got = _first_children(draft, prompt, stage.last_hidden)  # ours: the last hidden states before the final norm
+
+    t, m = _tensors(folder), reference_model.model
+    with torch.no_grad():
+        f = reference_model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]  # after the norm
+        emb = m.embed_tokens(torch.tensor(prompt[1:]))  # row t: token x_{t+1} with feature f_t, at position t
+        x = torch.cat([emb, f[:-1]], -1) @ t["fc.weight"].T + t["fc.bias"]
+        out = reference_head(t, "layers.0.", x, x, m.rotary_emb)  # the first layer: no input norm
+        logp = (out[-1] @ reference_model.lm_head.weight.T).log_softmax(-1)  # the target's head, no norm
+    top = logp.topk(len(got))
+    want = {int(i): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+    assert set(got) == set(want)
+    assert max(abs(got[k] - want[k]) for k in got) < 1e-3
+
+
+@pytest.mark.parametrize("speculators", [False, True], ids=["eagle3", "speculators"])
+def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages(
+    bundled: Any, tokenizer: Any, reference_model: Any, prompt: list[int], tmp_path: Path, speculators: bool
+) -> None:
+    from homespec.model.eagle import tap_weights
+
+    folder = write_eagle3(tmp_path / "eagle3", speculators=speculators)
+    t, m, layers = _tensors(folder), reference_model.model, bundled.num_layers
+    p = "layers.0." if speculators else "midlayer."
+    with torch.no_grad():
+        states = reference_model(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        # hidden_states[i]: the residual stream entering layer i (0: the embeddings), as EAGLE-3 reads them
+        fused = torch.cat([states[2][0], states[layers // 2][0], states[layers - 3][0]], -1) @ t["fc.weight"].T
+    # the split sum: every stage adds its own layers' share of fc into the carry, here over 1, 4 and 7 stages
+    for split in ((0, 30), (0, 3, 16, 28, 30), (0, 2, 3, 15, 16, 27, 28, 30)):
+        carry = None
+        x: torch.Tensor = torch.tensor(prompt)
+        for a, b in itertools.pairwise(split):
+            stage = Stage(bundled, a, b, weights="fp32", taps=tap_weights(folder, bundled.config, a, b))
+            x = stage.forward_prefix(stage.new_cache(), x, range(len(prompt)), carry)
+            carry = stage.last_carry
+        assert carry is not None and (carry - fused).abs().max() < 2e-3 * fused.abs().max(), split
+
+    draft = build_draft(f"eagle:{folder}", bundled, tokenizer, TreeConfig())
+    assert draft.feature_taps == (2, 15, 27)
+    got = _first_children(draft, prompt, carry)
+    with torch.no_grad():
+        emb = m.embed_tokens(torch.tensor(prompt[1:]))
+        g = fused[:-1]  # row t: token x_{t+1} with the fused feature at t, position t
+        hn = _rms(g, t[f"{p}hidden_norm.weight"])
+        attn_in = torch.cat([_rms(emb, t[f"{p}input_layernorm.weight"]), hn], -1)
+        out = reference_head(t, p, attn_in, hn if speculators else g, m.rotary_emb)
+        logp = (_rms(out[-1], t["norm.weight"]) @ t["lm_head.weight"].T).log_softmax(-1)
+    top = logp.topk(len(got))
+    columns = torch.arange(DRAFT_VOCAB) + t["d2t"]  # draft id i is the target's token i + d2t[i]
+    want = {int(columns[i]): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+    assert set(got) == set(want)
+    assert max(abs(got[k] - want[k]) for k in got) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [1, 3])
+def test_every_mode_is_lossless_with_an_eagle_head(
+    version: int, tmp_path: Path, chat_ids: Callable[[str], list[int]], engines: Callable[..., Any]
+) -> None:
+    from homespec.engine import Engine, EngineOptions
+
+    folder = (write_eagle1 if version == 1 else write_eagle3)(tmp_path / f"eagle{version}")
+    spec = f"ngram+eagle:{folder}"
+    plain = engines("none", weights="int4")
+    ids = chat_ids(EQUIVALENCE_PROMPTS[1])
+    cfg = GenerationConfig(max_tokens=24)
+    sampled = GenerationConfig(max_tokens=24, sampling=SamplingConfig(temperature=0.8, seed=5))
+    want = list(plain.generate(ids, cfg))[-1].tokens
+    seen: dict[tuple[str, int], torch.Tensor] = {}  # the prompt's features as the head got them, per run
+    for mode, stages in (("ar", 1), ("specpipe", 1), ("specpipe", 4), ("tree", 4)):
+        engine = Engine(EngineOptions(draft=spec, mode=mode, stages=stages, weights="int4"))
+        try:
+            draft = engine._drafts[spec]
+            told = draft.prefix_features
+            draft.prefix_features = lambda a, h, m=mode, s=stages, told=told: (seen.setdefault((m, s), h), told(a, h))
+            done = list(engine.generate(ids, cfg))[-1]
+            assert isinstance(done, GenerationFinished)
+            assert done.tokens == want, f"{mode} S={stages} with EAGLE-{version} diverged"
+            assert done.stats.draft_forwards > 0, "the EAGLE head never drafted"
+            # every stage count hands the head the same features (EAGLE-3: the fc sum, added up across stages)
+            first = seen[("ar", 1)]
+            assert (seen[(mode, stages)] - first).abs().max() < 1e-3 * first.abs().max(), f"{mode} S={stages}"
+            if (mode, stages) == ("specpipe", 4):  # seeded sampling: our own non-speculative draw, token for token
+                drawn = list(engine.generate(ids, sampled))[-1].tokens
+                assert drawn == list(plain.generate(ids, sampled))[-1].tokens
+        finally:
+            engine.close()
+
+
+def test_bad_eagle_files_get_a_clear_error_naming_the_tensor(bundled: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = write_eagle3(tmp_path / "ok")
+    good = load_file(str(folder / "model.safetensors"))
+
+    def broken(name: str, change: dict[str, torch.Tensor | None]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        t = {k: v for k, v in {**good, **change}.items() if v is not None}
+        save_file({k: v.contiguous() for k, v in t.items()}, str(out / "model.safetensors"))
+        (out / "config.json").write_text((folder / "config.json").read_text())
+        return out
+
+    with pytest.raises(DraftError, match=r"fc.weight is \[576, 1000\]"):
+        load_eagle(broken("fc", {"fc.weight": torch.zeros(576, 1000)}), bundled.config)
+    with pytest.raises(DraftError, match=r"no tensor layer\.hidden_norm\.weight"):
+        load_eagle(broken("norm", {"midlayer.hidden_norm.weight": None}), bundled.config)
+    with pytest.raises(DraftError, match=r"q_proj.weight is \[576, 576\]"):
+        load_eagle(broken("q", {"midlayer.self_attn.q_proj.weight": torch.zeros(576, 576)}), bundled.config)
+    with pytest.raises(DraftError, match="d2t maps draft ids outside"):
+        load_eagle(broken("d2t", {"d2t": torch.full((DRAFT_VOCAB,), 49152)}), bundled.config)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(DraftError, match="unreadable"):
+        load_eagle(tmp_path / "junk", bundled.config)
+
+
+def test_an_eagle3_draft_needs_the_stages_to_hold_its_taps(engines: Callable[..., Any], tmp_path: Path) -> None:
+    folder = write_eagle3(tmp_path / "eagle3")
+    with pytest.raises(DraftError, match="needs the stages to add up its fc"):
+        engines("none").build_draft(f"eagle:{folder}")
+
+
+def test_a_wave_carry_of_the_wrong_shape_is_refused() -> None:
+    tokens = RawTensor("int64", (2,), bytes(16))
+    ok = Wave(
+        1, False, (1,), (2,), (0,), (5, 6), (-1, 5), (3, 4), tokens, carry=RawTensor("float32", (2, 4), bytes(32))
+    )
+    assert ok.carry.shape == (2, 4)
+    with pytest.raises(ValueError, match="carry"):
+        Wave(1, False, (1,), (2,), (0,), (5, 6), (-1, 5), (3, 4), tokens, carry=RawTensor("float32", (3, 4), bytes(48)))
+    with pytest.raises(ValueError, match="carry"):
+        Wave(1, False, (1,), (2,), (0,), (5, 6), (-1, 5), (3, 4), tokens, carry=RawTensor("int64", (2, 4), bytes(64)))
+
+
+@pytest.mark.slow
+def test_an_eagle3_head_from_the_hub_drafts_in_stage_processes_that_fetch_it_too(
+    tmp_path: Path, chat_ids: Callable[[str], list[int]], engines: Callable[..., Any]
+) -> None:
+    """``eagle:owner/name``: the head is fetched into the Hugging Face cache (through the real huggingface_hub code,
+    from tests/fake_hub.py), by the head for its layer and by each stage process for its share of fc."""
+    import os
+    import subprocess
+
+    from tests.fake_hub import FakeHub
+    from tests.workers import HOMESPEC
+
+    repo = "someone/eagle3-smollm2"
+    hub = FakeHub({repo: write_eagle3(tmp_path / "eagle3")})
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        prompt = EQUIVALENCE_PROMPTS[2]
+        cmd = [HOMESPEC, "generate", prompt, "--mode", "specpipe", "--stages", "2"]
+        out = subprocess.run(
+            [*cmd, "--draft", f"ngram+eagle:{repo}", "-n", "24", "--json"], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        want = list(engines("none", weights="int4").generate(chat_ids(prompt), GenerationConfig(24)))[-1].tokens
+        assert tuple(result["tokens"]) == tuple(want)
+        assert result["stats"]["draft_forwards"] > 0
+        assert {g.split("/", 2)[-1] for g in hub.gets} >= {"config.json", "model.safetensors"}
+    finally:
+        hub.close()
