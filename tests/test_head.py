@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from homespec.config import GenerationConfig, TreeConfig
 from homespec.errors import DraftError
@@ -255,3 +256,17 @@ def test_the_training_time_test_attends_as_a_draft_would(engines: Callable[..., 
     train(engine, data, tmp_path, cfg, log.append)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
     assert all(0.0 <= log[-1][f"top1_d{d}"] <= 1.0 for d in (1, 2, 3)) and log[-1]["top1"] == log[-1]["top1_d1"]
+
+
+def test_training_in_bf16_lowers_the_loss(tmp_path: Path) -> None:
+    """``train-draft --dtype bf16``: the target runs in bf16 and the head's products in bf16 autocast, its weights,
+    optimizer and losses in fp32."""
+    from homespec.engine import Engine, EngineOptions
+
+    with Engine(EngineOptions(draft="none", dtype="bf16", weights="bf16")) as engine:
+        data = build_data(engine, TRAIN_PROMPTS, max_new=12, progress=lambda: None)
+        assert data.features[0].dtype in (torch.bfloat16, torch.float16, torch.float32)
+        log: list[dict[str, float]] = []
+        head = train(engine, data, tmp_path, TrainConfig(epochs=6, lr=1e-3, holdout=0.34, dtype="bf16"), log.append)
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"

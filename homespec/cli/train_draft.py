@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -53,6 +54,10 @@ def train_draft(
         typer.Option("--vocab-for", help="only write the draft vocabulary from DIR's data into this head file"),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option(help="auto | fp32 | bf16: the target's run and the training's products (auto: measured here)"),
+    ] = "auto",
 ) -> None:
     """Generate training data with the target (once), then train a draft head on it (resumable)."""
     quiet_libraries()
@@ -85,7 +90,12 @@ def train_draft(
             )
         if not 1 <= unroll <= 8:
             raise ConfigError(f"--unroll must be in [1, 8], got {unroll}")
-        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll)
+        if dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
+        if dtype == "auto":
+            dtype, why = fastest_dtype(device)
+            typer.echo(why, err=True)
+        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype)
         if vocab_for is not None and not vocab_for.is_file():
             raise ConfigError(f"head file not found: {vocab_for}")
         from rich.progress import Progress
@@ -94,16 +104,24 @@ def train_draft(
 
         data_path = out / "data.safetensors"
         # float weights: the head trains through the target's own LM head, and torch's int4/int8 products have no
-        # gradient (a head trained on the float target drafts for its int4 run too: drafts never change the output)
-        with Engine(EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device, weights="fp32")) as engine:
+        # gradient (a head trained on the float target drafts for its int4 run too: drafts never change the output);
+        # in bf16 where this device's matrix units make it much faster (data and training, BENCHMARKS.md §3)
+        options = EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device, dtype=dtype, weights=dtype)
+        with Engine(options) as engine:
             if self_written and not data_path.is_file():
                 texts += _self_written(engine, out / "self_prompts.jsonl", self_written)
             if not data_path.is_file():
+                started = time.perf_counter()
                 with Progress(transient=True) as bar:
                     task = bar.add_task("generating training data", total=len(texts))
                     data = build_data(
                         engine, texts, cfg.max_new, lambda: bar.advance(task), samples, temperature, batch
                     )
+                took = time.perf_counter() - started
+                made = sum(len(t) - 1 for t in data.tokens)
+                typer.echo(
+                    f"data: {made} rows in {took:.0f} s ({made / max(took, 1e-9):.0f} rows/s, {dtype})", err=True
+                )
                 data.save(data_path)
             data = Sequences.load(data_path)
             rows = sum(len(t) - 1 for t in data.tokens)
@@ -141,12 +159,29 @@ def train_draft(
                 "max_new": cfg.max_new,
                 "epochs": cfg.epochs,
                 "unroll": cfg.unroll,
+                "dtype": cfg.dtype,
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
             }
             head.save(out / "head.safetensors", extra)
             (out / "training.json").write_text(json.dumps(extra, indent=2))
         typer.echo(str(out / "head.safetensors"))
+
+
+BF16_GAIN = 2.0  # bf16 is chosen where its products run at least this many times fp32's
+
+
+def fastest_dtype(device: str) -> tuple[str, str]:
+    """bf16 where this device multiplies in bf16 at least ``BF16_GAIN`` times faster than in fp32 (matrix units: AMX
+    or AVX-512 BF16 on a CPU, tensor cores on a GPU; the profile's own micro-benchmark), else fp32; and the line
+    that says so."""
+    import torch
+
+    from homespec.profiling.microbench import matmul_tflops
+
+    fp32, bf16 = (matmul_tflops(torch, device, d, budget_s=0.3) for d in ("fp32", "bf16"))
+    pick = "bf16" if bf16 >= BF16_GAIN * fp32 > 0 else "fp32"
+    return pick, f"dtype: {pick} (matmul here: bf16 {bf16:.2f} TFLOP/s, fp32 {fp32:.2f}; --dtype to choose)"
 
 
 def _self_written(engine: object, path: Path, count: int) -> list[str]:
