@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from homespec.errors import DraftError
-from homespec.model.kv import TreeKVCache
-from homespec.model.stage import rms_norm, rotate_half
+from homespec.model.head import CachedRows, head_attention
+from homespec.model.stage import rms_norm
 
 _LAYER_PREFIXES = ("layers.0.", "midlayer.")
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -155,7 +155,7 @@ def eagle_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], targe
     return EagleConfig(version, h, heads, kv, d, int(gate.shape[0]), eps, vocab, taps, before)
 
 
-class EagleHead:
+class EagleHead(CachedRows):
     """One EAGLE head's weights and forward (inference only; the same call shape as ``head.DraftHead``)."""
 
     def __init__(self, cfg: EagleConfig, tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
@@ -223,40 +223,15 @@ class EagleHead:
             x = normed if cfg.norm_before_residual else feat
             z = torch.cat([rms_norm(emb, w["layer.input_layernorm.weight"], cfg.eps), normed], -1)
         q, k, v = (F.linear(z, w[f"layer.{p}.weight"]).view(n, -1, cfg.head_dim).transpose(0, 1) for p in _PROJ[:3])
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
-        attn = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
-        )  # [1, heads, n, d]
-        x = x + F.linear(attn[0].transpose(0, 1).reshape(n, -1), w["layer.self_attn.o_proj.weight"])
+        attn, k, v = head_attention(q, k, v, cos, sin, mask, past)
+        x = x + F.linear(attn, w["layer.self_attn.o_proj.weight"])
         r = rms_norm(x, w["layer.post_attention_layernorm.weight"], cfg.eps)
         up = F.silu(F.linear(r, w["layer.mlp.gate_proj.weight"])) * F.linear(r, w["layer.mlp.up_proj.weight"])
         return x + F.linear(up, w["layer.mlp.down_proj.weight"]), k, v
 
-    @torch.inference_mode()
-    def run_cached(
-        self,
-        cache: TreeKVCache,
-        emb: torch.Tensor,
-        feat: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        start: int,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Rows written at cache slots [start, start + n), attending as ``mask`` says; returns predicted features."""
-        n = emb.shape[0]
-        out, k, v = self.forward(emb, feat, cos, sin, mask, (cache.k[0, :, :start], cache.v[0, :, :start]))
-        cache.k[0, :, start : start + n] = k
-        cache.v[0, :, start : start + n] = v
-        return out
-
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """EAGLE-3: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]."""
         return F.linear(rms_norm(feat, self.w["norm.weight"], self.cfg.eps), self.w["lm_head.weight"])
-
-    def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
-        return TreeKVCache(1, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
 
 
 def _draft_columns(d2t: torch.Tensor | None, draft_vocab: int, vocab_size: int) -> torch.Tensor:

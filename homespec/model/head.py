@@ -67,7 +67,65 @@ def target_fingerprint(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class DraftHead(nn.Module):
+def head_attention(
+    q: torch.Tensor,  # [heads, n, d]
+    k: torch.Tensor,  # [kvh, n, d]
+    v: torch.Tensor,  # [kvh, n, d]
+    cos: torch.Tensor,  # [n, d]
+    sin: torch.Tensor,  # [n, d]
+    mask: torch.Tensor,  # [n, past + n] bool
+    past: tuple[torch.Tensor, torch.Tensor] | None,  # ([kvh, past, d], [kvh, past, d])
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A head layer's attention: rotary on q and k, the rows attending over ``past`` and themselves as ``mask``
+    says. Returns the heads' outputs [n, heads * d] and the rows' rotated keys and values [kvh, n, d]."""
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
+    attn = F.scaled_dot_product_attention(
+        q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
+    )  # [1, heads, n, d]
+    return attn[0].transpose(0, 1).reshape(q.shape[1], -1), k, v
+
+
+class CachedRows:
+    """What a one-layer draft head (``DraftHead``, ``eagle.EagleHead``) does with its own KV cache: rows written at
+    given slots, and a cache of its shape. The head supplies ``cfg`` (kv_heads, head_dim) and ``forward``."""
+
+    cfg: Any
+
+    def forward(
+        self,
+        emb: torch.Tensor,
+        feat: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def run_cached(
+        self,
+        cache: TreeKVCache,
+        emb: torch.Tensor,  # [n, hidden]
+        feat: torch.Tensor,  # [n, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rows written at cache slots [start, start + n), attending as ``mask`` says; returns predicted features."""
+        n = emb.shape[0]
+        out, k, v = self.forward(emb, feat, cos, sin, mask, (cache.k[0, :, :start], cache.v[0, :, :start]))
+        cache.k[0, :, start : start + n] = k
+        cache.v[0, :, start : start + n] = v
+        return out
+
+    def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
+        return TreeKVCache(1, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
+
+
+class DraftHead(CachedRows, nn.Module):
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         h, d = cfg.hidden, cfg.head_dim
@@ -100,36 +158,10 @@ class DraftHead(nn.Module):
         q = self.q(r).view(n, cfg.heads, cfg.head_dim).transpose(0, 1)
         k = self.k(r).view(n, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
         v = self.v(r).view(n, cfg.kv_heads, cfg.head_dim).transpose(0, 1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
-        attn = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask[None, None], enable_gqa=True
-        )  # [1, heads, n, d]
-        x = x + self.o(attn[0].transpose(0, 1).reshape(n, -1))
+        attn, k, v = head_attention(q, k, v, cos, sin, mask, past)
+        x = x + self.o(attn)
         r = rms_norm(x, self.ln2, cfg.eps)
         return x + self.down(F.silu(self.gate(r)) * self.up(r)), k, v
-
-    @torch.inference_mode()
-    def run_cached(
-        self,
-        cache: TreeKVCache,
-        emb: torch.Tensor,
-        feat: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        start: int,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Rows written at cache slots [start, start + n), attending as ``mask`` says; returns predicted features."""
-        n = emb.shape[0]
-        past = (cache.k[0, :, :start], cache.v[0, :, :start])
-        out, k, v = self.forward(emb, feat, cos, sin, mask, past)
-        cache.k[0, :, start : start + n] = k
-        cache.v[0, :, start : start + n] = v
-        return out
-
-    def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
-        return TreeKVCache(1, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
 
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, path: Path, extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> None:
