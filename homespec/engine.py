@@ -128,7 +128,7 @@ class Engine:
         from homespec.model.drafts import build_draft
 
         o = self.options
-        draft = build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context)
+        draft = build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context, o.weights)
         if draft.feature_taps:  # EAGLE-3: the stages add up one head's fc, the one the engine started with
             from homespec.backends import eagle3_head
 

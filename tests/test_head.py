@@ -270,3 +270,12 @@ def test_training_in_bf16_lowers_the_loss(tmp_path: Path) -> None:
         head = train(engine, data, tmp_path, TrainConfig(epochs=6, lr=1e-3, holdout=0.34, dtype="bf16"), log.append)
     assert all(p.dtype == torch.float32 for p in head.parameters())
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+
+
+def test_the_head_drafts_through_the_targets_own_weight_format(engines: Callable[..., Any]) -> None:
+    """The target's embeddings and LM head that a head reuses run as the engine's stages hold them: int8 in an int4
+    run (the GGUF's Q8_0 embedding), the float tensors in an fp32 one."""
+    from homespec.model.quant import Int8Channel
+
+    assert isinstance(engines("head", weights="int4")._drafts["head"].stage.head_w, Int8Channel)
+    assert isinstance(engines("head")._drafts["head"].stage.head_w, torch.Tensor)

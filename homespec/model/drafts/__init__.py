@@ -49,16 +49,22 @@ def build_draft(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     max_context: int = 4096,
+    weights: str = "auto",
 ) -> DraftSource:
+    """``weights``: the target's own format (the engine's, resolved): the target's embeddings, LM head and layers that
+    a draft reuses (``head``, ``eagle``, ``early-exit``) run as the target's stages hold them (the int4 run's LM head is
+    int8: a tenth of the fp32 one's time per call here); a draft never changes the output."""
     from homespec.model.stage import Stage
 
     if spec == "auto":
-        return _auto(target, target_tokenizer, tree, dtype, device, max_context)
+        return _auto(target, target_tokenizer, tree, dtype, device, max_context, weights)
     if "+" in spec:
         parts = [p.strip() for p in spec.split("+")]
         if len(parts) != len(set(parts)) or "none" in parts or not all(parts):
             raise DraftError(f"bad draft combination {spec!r}", hint="join different sources, e.g. ngram+recycle")
-        return MixDraft([build_draft(p, target, target_tokenizer, tree, dtype, device, max_context) for p in parts])
+        return MixDraft(
+            [build_draft(p, target, target_tokenizer, tree, dtype, device, max_context, weights) for p in parts]
+        )
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return NoDraft()
@@ -72,7 +78,7 @@ def build_draft(
 
         path = Path(arg).expanduser() if arg else _shipped_head(target)
         head = load_head(path, target.config, dtype, device)
-        ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device)
+        ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device, weights=weights)
         return HeadDraft(head, ends, "head", tree.depth, tree.width, max_context)
     if kind == "eagle" and arg:
         from homespec.model.drafts.eagle import EagleDraft
@@ -80,11 +86,11 @@ def build_draft(
 
         path = eagle_folder(arg)
         eagle = load_eagle(path, target.config, dtype, device)
-        ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device)
+        ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device, weights=weights)
         return EagleDraft(eagle, ends, path, f"eagle{eagle.cfg.version}", tree.depth, tree.width, max_context)
     if kind == "early-exit":
         layers = _early_exit_layers(arg, target.num_layers)
-        stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device)
+        stage = Stage(target, 0, layers, embed=True, head=True, dtype=dtype, device=device, weights=weights)
         unit = forward_params(target.config, layers, True) / forward_params(target.config, target.num_layers, True)
         return ModelDraft(stage, f"early-exit:{layers}", tree.depth, tree.width, max_context, unit=unit)
     if kind == "model" and arg:
@@ -100,7 +106,13 @@ def build_draft(
 
 
 def _auto(
-    target: ModelSource, tokenizer: Any, tree: TreeConfig, dtype: torch.dtype, device: str, max_context: int
+    target: ModelSource,
+    tokenizer: Any,
+    tree: TreeConfig,
+    dtype: torch.dtype,
+    device: str,
+    max_context: int,
+    weights: str = "auto",
 ) -> DraftSource:
     from homespec.model.drafts.auto import AutoDraft
 
@@ -110,7 +122,7 @@ def _auto(
         names.append("head")
     except DraftError:
         pass  # no head for this target: the arms without it
-    bases = {n: build_draft(n, target, tokenizer, tree, dtype, device, max_context) for n in names}
+    bases = {n: build_draft(n, target, tokenizer, tree, dtype, device, max_context, weights) for n in names}
     arms = [a for a in AUTO_ARMS if all(p in bases for p in a.split("+"))]
     return AutoDraft(bases, arms)
 
