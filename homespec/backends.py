@@ -112,10 +112,9 @@ def in_process_decoder(source: ModelSource, options: EngineOptions, split: int) 
     if not (1 <= split <= total):
         raise ConfigError(f"split must be in [1, {total}], got {split}")
     dtype = parse_dtype(options.dtype)
-    eagle = eagle3_head(options.draft, source.config)
     stages = []
     for a, b in even_split(total, split):
-        taps = tap_weights(eagle, source.config, a, b) if eagle else None
+        taps = tap_weights(options.taps, source.config, a, b) if options.taps else None
         stages.append(Stage(source, a, b, dtype=dtype, device=options.device, weights=options.weights, taps=taps))
     return InProcessDecoder(stages, max_context=options.max_context)
 
@@ -254,7 +253,6 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
         timings = stage_timings(load_profile(options.emulate), options.stages)
         scale = options.time_scale or auto_time_scale(options.stages)
     model = "" if options.model is None else str(source.gguf or source.folder)
-    taps = eagle3_head(options.draft, source.config)
     assigns = []
     for i, (a, b) in enumerate(even_split(source.num_layers, options.stages)):
         t = timings[i] if timings else None
@@ -276,7 +274,7 @@ def local_backend(source: ModelSource, options: EngineOptions, progress: Progres
                 emu_link_ms_per_row=t.link_ms_per_row * scale if t else 0.0,
                 max_requests=options.max_concurrency,
                 weights=options.weights,
-                taps=taps,
+                taps=options.taps,
             )
         )
     cluster = LocalCluster(assigns, progress, options.peer_timeout_s)
@@ -304,7 +302,7 @@ def remote_backend(source: ModelSource, options: EngineOptions, progress: Progre
     cluster, plan = remote.build(
         where, model, shape, options.dtype, options.mode, options.max_context, progress,
         source.digest(options.weights), options.peer_timeout_s, options.max_concurrency, options.weights,
-        eagle3_head(options.draft, source.config),
+        options.taps,
     )  # fmt: skip
     info = [
         StageInfo(f"{s.device.torch_device} {s.device.name} @ {s.device.host}", s.layers, s.link_s * 1e3)

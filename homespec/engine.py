@@ -63,6 +63,9 @@ class EngineOptions:
     cluster: str | None = None  # remote stages as a profile names them (homespec profile --lan --save)
     peer_timeout_s: float = 10.0  # a stage or worker silent this long fails the request
     max_concurrency: int = DEFAULT_MAX_REQUESTS  # requests open on the stages at once (Assign.max_requests)
+    # the EAGLE-3 head whose fc the stages add up (Assign.taps; model/eagle.py): set by the Engine from ``draft``
+    # (``backends.eagle3_head``), once, before any stage loads; "" for every other draft
+    taps: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in IMPLEMENTED_MODES:
@@ -112,7 +115,10 @@ class Engine:
         from homespec.core.planner import default_wave_rows
 
         wave = options.wave_size or default_wave_rows(self.source.shape)
-        self.options = options = replace(options, weights=weights, wave_size=wave)
+        from homespec.backends import eagle3_head
+
+        taps = eagle3_head(options.draft, self.source.config)
+        self.options = options = replace(options, weights=weights, wave_size=wave, taps=taps)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
         self._closed = False
@@ -132,10 +138,10 @@ class Engine:
         if draft.feature_taps:  # EAGLE-3: the stages add up one head's fc, the one the engine started with
             from homespec.backends import eagle3_head
 
-            want, held = eagle3_head(spec, self.source.config), eagle3_head(o.draft, self.source.config)
-            if want != held:
+            want = eagle3_head(spec, self.source.config)
+            if want != o.taps:
                 raise DraftError(
-                    f"the EAGLE-3 head {want} needs the stages to add up its fc; they hold {held or 'no head'}'s",
+                    f"the EAGLE-3 head {want} needs the stages to add up its fc; they hold {o.taps or 'no head'}'s",
                     hint="start the engine (generate, serve) with that head as its draft: --draft eagle:PATH",
                 )
         return draft

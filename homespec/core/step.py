@@ -92,6 +92,12 @@ class Draft(Protocol):
     def tree_features(self, nodes: Sequence[int], hidden: Any) -> None: ...
 
 
+def feature_request(draft: Draft) -> tuple[bool, bool]:
+    """What a request's last stage returns with its results for ``draft``: (features at all, and whether they are
+    EAGLE-3's fc sum over ``feature_taps`` rather than the last hidden states)."""
+    return draft.wants_features, bool(draft.wants_features and draft.feature_taps)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeRow:
     """One node of a traced tree (``TreeSnapshot``): where its wave is when the tree is verified."""

@@ -588,6 +588,11 @@ class Stage:
             out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
         return out
 
+    def features(self, taps: bool) -> torch.Tensor | None:
+        """What a draft head reads after the last call (a stage with a head): the last hidden states, or with
+        ``taps`` EAGLE-3's fc sum (``last_carry``)."""
+        return self.last_carry if taps else self.last_hidden
+
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The target's final norm (a stage with a head): last hidden states [n, hidden] as its LM head reads them."""
         return self._rms(h, self.norm_w)

@@ -40,6 +40,7 @@ from homespec.core.step import (
     SendWave,
     StageResult,
     StepMachine,
+    feature_request,
 )
 from homespec.errors import PeerLostError, RequestFailedError
 from homespec.pipeline.cluster import Cluster
@@ -100,7 +101,7 @@ class PipelineDecoder:
         past ``max_new`` tokens (or the stages' context) is ever drafted into a wave (``TokenTree.max_position``)."""
         c, s = self.cluster, sampling
         req = c.new_request_id()
-        features, taps = draft.wants_features, bool(draft.wants_features and draft.feature_taps)
+        features, taps = feature_request(draft)
         c.broadcast(
             Start(req, s.temperature, s.top_p, s.top_k, s.seed, features=features, prompt_top=draft.learns, taps=taps)
         )

@@ -27,6 +27,7 @@ from homespec.core.step import (
     SendWave,
     StageResult,
     StepMachine,
+    feature_request,
 )
 from homespec.errors import ConfigError, DraftError, HomespecError, RequestFailedError
 from homespec.model.kv import TreeKVCache
@@ -88,8 +89,8 @@ class InProcessDecoder:
         for cache in self.caches:
             cache.reset()
         self._ids += 1
-        self._sampling, self._features = sampling, draft.wants_features
-        self._taps = bool(draft.wants_features and draft.feature_taps)
+        self._sampling = sampling
+        self._features, self._taps = feature_request(draft)
         if self._taps:
             self._check_taps(draft.feature_taps)
         req = self._ids
@@ -170,9 +171,7 @@ class InProcessDecoder:
 
     def _hidden(self) -> torch.Tensor | None:
         """The features the request's draft reads: the last hidden states, or EAGLE-3's fc sum; None if none."""
-        if not self._features:
-            return None
-        return self.stages[-1].last_carry if self._taps else self.stages[-1].last_hidden
+        return self.stages[-1].features(self._taps) if self._features else None
 
     def _check_taps(self, taps: tuple[int, ...]) -> None:
         held = sorted(i for s in self.stages for i in s.taps)

@@ -315,18 +315,9 @@ class StageWorker:
             reply = self._result(req, msg.requests[0], msg.step, out, [], prefix=True, busy=busy)
         else:
             reply = Wave(
-                msg.step,
-                True,
-                msg.requests,
-                msg.counts,
-                msg.prune_seqs,
-                (),
-                (),
-                msg.positions,
-                to_raw(out),
-                busy,
-                self._carry_out(),
-            )
+                msg.step, True, msg.requests, msg.counts, msg.prune_seqs, (), (), msg.positions, to_raw(out), busy,
+                carry=self._carry_out(),
+            )  # fmt: skip
         req.steps += 1
         req.rows += n
         req.busy_s += self._emulate_stage(started, n)
@@ -390,7 +381,7 @@ class StageWorker:
         for request, seq, req, rows in live:
             k = len(rows)
             if self.last:
-                features = self.stage.last_carry if req.taps else self.stage.last_hidden
+                features = self.stage.features(req.taps)
                 hidden = features[at : at + k] if k and features is not None else None
                 replies.append(self._result(req, request, msg.step, out[at : at + k], rows, hidden=hidden, busy=busy))
             else:
@@ -458,7 +449,7 @@ class StageWorker:
         else:
             top_t, top_lp = logits.new_zeros((0, RESULT_TOP_K)).long(), logits.new_zeros((0, RESULT_TOP_K))
         if prefix:
-            hidden = self.stage.last_carry if req.taps else self.stage.last_hidden
+            hidden = self.stage.features(req.taps)
         hidden = hidden if req.features and (prefix or rows) else None
         h = to_raw(hidden.float()) if hidden is not None else to_raw(logits.new_zeros((0,)).float())
         t, lp = to_raw(top_t.long()), to_raw(top_lp.float())
