@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from homespec.config import GenerationConfig, TreeConfig
 from homespec.errors import DraftError
@@ -37,7 +39,7 @@ def test_training_lowers_the_loss_and_the_head_loads_for_its_target_only(
     assert [len(t) for t in data.tokens] == [len(f) for f in data.features] == [len(y) for y in data.labels]
     assert data.groups == [0, 1, 2]
     log: list[dict[str, float]] = []
-    cfg = TrainConfig(epochs=6, lr=1e-3, holdout=0.34)
+    cfg = TrainConfig(epochs=6, lr=1e-3, holdout=0.34, pack=0)
     head = train(engine, data, tmp_path, cfg, log.append)
     assert [int(m["epoch"]) for m in log] == list(range(6))
     assert {"top1_d1", "top1_d2", "top1_d3"} <= set(log[-1])  # depths past the training's own are reported too
@@ -156,6 +158,44 @@ def test_batched_replies_are_the_targets_own(
         assert bool((gap <= LABEL_TIE).all()), f"labels off the argmax by {gap.max():.2e} (> {LABEL_TIE})"
 
 
+def test_training_data_in_shards_resumes_where_it_stopped(
+    engines: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``build_data(shards=DIR)``: each group of prompts is written as it ends; a run after an interruption (a shard
+    missing) makes only what is missing, and the data are the same as one run's; other settings are refused."""
+    import torch
+
+    from homespec.errors import ConfigError
+    from homespec.model import train_head
+
+    monkeypatch.setattr(train_head, "SHARD_PROMPTS", 1)
+    engine = engines("none")
+    made: list[int] = []
+
+    def run() -> Sequences:
+        return build_data(
+            engine, TRAIN_PROMPTS, 8, lambda: None, 2, 1.0, 4, shards=tmp_path, on_shard=lambda i, *_: made.append(i)
+        )
+
+    first = run()
+    assert made == [0, 1, 2] and sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "00000.safetensors",
+        "00001.safetensors",
+        "00002.safetensors",
+    ]
+    (tmp_path / "00001.safetensors").unlink()  # interrupted while this shard was being made
+    made.clear()
+    again = run()
+    assert made == [1]
+    assert again.groups == first.groups and sorted(first.groups) == [0, 0, 1, 1, 2, 2]
+    for a, b in zip(first.tokens + first.labels, again.tokens + again.labels, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(first.features, again.features, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ConfigError, match="max_new"):
+        build_data(engine, TRAIN_PROMPTS, 9, lambda: None, 2, 1.0, 4, shards=tmp_path)
+
+
 @pytest.mark.slow
 def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
     tmp_path: Path, chat_ids: Callable[[str], list[int]], reference_greedy: Any, assert_lossless: Any
@@ -217,7 +257,8 @@ def test_the_training_time_test_attends_as_a_draft_would(engines: Callable[..., 
     """EAGLE-3's training-time test (``unrolled``, ``ttt_mask``): each unrolled step's row r equals a draft written
     out by hand, one row at a time: the true rows up to r - j in the head's past, then the chain of its own
     predictions at rows r - j + 1 .. r - 1 (each from the step before), then row r reading the previous step's
-    prediction at r - 1. Training with three steps lowers the loss and reports the held-out top-1 at each depth."""
+    prediction at r - 1. Sequences packed into one step's rows give what each gives alone. Training with three steps,
+    several sequences per step, lowers the loss and reports the held-out top-1 at each depth."""
     import torch
 
     from homespec.model import train_head
@@ -249,10 +290,31 @@ def test_the_training_time_test_attends_as_a_draft_would(engines: Callable[..., 
                 chain_k.append(k)
                 chain_v.append(v)
                 feat = out[0]
+        # packed after another sequence (one training step's rows), each gives what it gives alone
+        m = 5
+        tokens2, feats2 = (
+            torch.randint(0, 2000, (m + 1,), generator=gen),
+            torch.randn(m + 1, stage.hidden, generator=gen),
+        )
+        emb2, (cos2, sin2) = stage.embed(tokens2[1:]), stage.rope(range(m))
+        alone = train_head.unrolled(head, emb2, feats2[:-1], feats2[0], cos2, sin2, 3)
+        packed = train_head.unrolled(
+            head,
+            torch.cat([emb2, emb]),
+            torch.cat([feats2[:-1], feats[:-1]]),
+            torch.stack([feats2[0], feats[0]]),
+            torch.cat([cos2, cos]),
+            torch.cat([sin2, sin]),
+            3,
+            [m, n],
+        )
+        for j in range(3):
+            torch.testing.assert_close(packed[j][:m], alone[j], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(packed[j][m:], preds[j], atol=1e-4, rtol=1e-4)
 
     data = build_data(engine, TRAIN_PROMPTS, max_new=12, progress=lambda: None)
     log: list[dict[str, float]] = []
-    cfg = TrainConfig(epochs=4, lr=1e-3, holdout=0.34, unroll=3)
+    cfg = TrainConfig(epochs=4, lr=1e-3, holdout=0.34, unroll=3, pack=40)
     train(engine, data, tmp_path, cfg, log.append)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
     assert all(0.0 <= log[-1][f"top1_d{d}"] <= 1.0 for d in (1, 2, 3)) and log[-1]["top1"] == log[-1]["top1_d1"]
@@ -267,7 +329,9 @@ def test_training_in_bf16_lowers_the_loss(tmp_path: Path) -> None:
         data = build_data(engine, TRAIN_PROMPTS, max_new=12, progress=lambda: None)
         assert data.features[0].dtype in (torch.bfloat16, torch.float16, torch.float32)
         log: list[dict[str, float]] = []
-        head = train(engine, data, tmp_path, TrainConfig(epochs=6, lr=1e-3, holdout=0.34, dtype="bf16"), log.append)
+        head = train(
+            engine, data, tmp_path, TrainConfig(epochs=6, lr=1e-3, holdout=0.34, dtype="bf16", pack=40), log.append
+        )
     assert all(p.dtype == torch.float32 for p in head.parameters())
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
 
@@ -279,3 +343,17 @@ def test_the_head_drafts_through_the_targets_own_weight_format(engines: Callable
 
     assert isinstance(engines("head", weights="int4")._drafts["head"].stage.head_w, Int8Channel)
     assert isinstance(engines("head")._drafts["head"].stage.head_w, torch.Tensor)
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(0, 120), st.integers(0, 3))
+def test_packs_hold_every_sequence_once_and_reach_their_rows(lengths: list[int], rows: int, seed: int) -> None:
+    """A training step packs whole sequences until they reach ``rows`` (0: one each); every sequence in one step."""
+    import random
+
+    from homespec.model.train_head import packs
+
+    got = packs(range(len(lengths)), lengths, rows, random.Random(seed))
+    assert sorted(i for p in got for i in p) == list(range(len(lengths)))
+    for p in got[:-1]:
+        assert sum(lengths[i] for i in p) >= rows and (len(p) == 1 or sum(lengths[i] for i in p[:-1]) < rows)
+    assert rows > 0 or all(len(p) == 1 for p in got)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from homespec.cli.common import DEFAULT_DRAFT, quiet_libraries, user_errors
+from homespec.cli.common import DEFAULT_DRAFT, keep_freed_memory, quiet_libraries, user_errors
 from homespec.errors import ConfigError
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "train_prompts.jsonl"
@@ -39,12 +38,16 @@ def train_draft(
     ] = 4,
     temperature: Annotated[float, typer.Option(help="temperature of the sampled replies")] = 0.8,
     batch: Annotated[int, typer.Option(help="replies decoded together (one forward per token for all)")] = 32,
-    epochs: Annotated[int, typer.Option()] = 10,
+    epochs: Annotated[int, typer.Option(help="training epochs (0: make the data and stop)")] = 10,
     lr: Annotated[float, typer.Option()] = 5e-4,
     unroll: Annotated[
         int,
         typer.Option(help="EAGLE-3's training-time test: steps in which the head reads its own predicted features"),
     ] = 1,
+    pack: Annotated[
+        int,
+        typer.Option(help="rows per training step: whole sequences packed until they reach it (0: one per step)"),
+    ] = 2048,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     draft_vocab: Annotated[
         int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")
@@ -61,6 +64,7 @@ def train_draft(
 ) -> None:
     """Generate training data with the target (once), then train a draft head on it (resumable)."""
     quiet_libraries()
+    keep_freed_memory()
     with user_errors():
         texts: list[str] = []
         from homespec.model.train_head import (
@@ -88,6 +92,8 @@ def train_draft(
             raise ConfigError(
                 f"need --samples >= 1, --batch >= 1, --temperature > 0 (got {samples}, {batch}, {temperature})"
             )
+        if epochs < 0:
+            raise ConfigError(f"--epochs must be >= 0, got {epochs}")
         if not 1 <= unroll <= 8:
             raise ConfigError(f"--unroll must be in [1, 8], got {unroll}")
         if dtype not in ("auto", "fp32", "bf16"):
@@ -95,37 +101,48 @@ def train_draft(
         if dtype == "auto":
             dtype, why = fastest_dtype(device)
             typer.echo(why, err=True)
-        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype)
+        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype, pack=pack)
         if vocab_for is not None and not vocab_for.is_file():
             raise ConfigError(f"head file not found: {vocab_for}")
         from rich.progress import Progress
 
         from homespec.engine import Engine, EngineOptions
 
-        data_path = out / "data.safetensors"
+        legacy = out / "data.safetensors"  # one file: what runs before the shards wrote
         # float weights: the head trains through the target's own LM head, and torch's int4/int8 products have no
         # gradient (a head trained on the float target drafts for its int4 run too: drafts never change the output);
         # in bf16 where this device's matrix units make it much faster (data and training, BENCHMARKS.md §3)
         options = EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device, dtype=dtype, weights=dtype)
         with Engine(options) as engine:
-            if self_written and not data_path.is_file():
+            if self_written and not legacy.is_file():
                 texts += _self_written(engine, out / "self_prompts.jsonl", self_written)
-            if not data_path.is_file():
-                started = time.perf_counter()
+            if legacy.is_file():
+                data = Sequences.load(legacy)
+            else:
                 with Progress(transient=True) as bar:
-                    task = bar.add_task("generating training data", total=len(texts))
+                    task = bar.add_task("training data", total=len(texts))
+
+                    def shard(index: int, count: int, made: int, seconds: float) -> None:
+                        bar.console.print(
+                            f"data shard {index + 1}/{count}: {made} rows in {seconds:.0f} s "
+                            f"({made / max(seconds, 1e-9):.0f} rows/s, {dtype})"
+                        )
+
                     data = build_data(
-                        engine, texts, cfg.max_new, lambda: bar.advance(task), samples, temperature, batch
+                        engine,
+                        texts,
+                        cfg.max_new,
+                        lambda: bar.advance(task),
+                        samples,
+                        temperature,
+                        batch,
+                        shards=out / "data",
+                        on_shard=shard,
                     )
-                took = time.perf_counter() - started
-                made = sum(len(t) - 1 for t in data.tokens)
-                typer.echo(
-                    f"data: {made} rows in {took:.0f} s ({made / max(took, 1e-9):.0f} rows/s, {dtype})", err=True
-                )
-                data.save(data_path)
-            data = Sequences.load(data_path)
             rows = sum(len(t) - 1 for t in data.tokens)
             typer.echo(f"{len(data.tokens)} sequences, {rows} training rows", err=True)
+            if epochs == 0:
+                return
             size = int(engine.source.config.vocab_size)
             if not 0 <= draft_vocab <= size:
                 raise ConfigError(f"--draft-vocab must be in [0, {size}], got {draft_vocab}")
@@ -160,6 +177,7 @@ def train_draft(
                 "epochs": cfg.epochs,
                 "unroll": cfg.unroll,
                 "dtype": cfg.dtype,
+                "pack": cfg.pack,
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
             }
@@ -197,7 +215,7 @@ def _self_written(engine: object, path: Path, count: int) -> list[str]:
 
     with Progress(transient=True) as bar:
         task = bar.add_task("the target writes prompts", total=count)
-        made = self_prompts(engine, count, exclude=exclude, progress=lambda n: bar.update(task, completed=n))
+        made = self_prompts(engine, count, batch=128, exclude=exclude, progress=lambda n: bar.update(task, completed=n))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"category": "self", "turns": [t]}) + "\n" for t in made))

@@ -25,6 +25,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import random
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from homespec.errors import ModelError
+from homespec.errors import ConfigError, ModelError
 from homespec.model.head import DraftHead, HeadConfig
 from homespec.model.kv import TreeKVCache
 from homespec.model.quant import as_tensor
@@ -56,6 +58,7 @@ class TrainConfig:
     unroll: int = 1  # EAGLE-3's training-time test: steps in which the head reads its own predicted features
     eval_depth: int = 3  # held-out top-1 reported at depths 1 .. max(unroll, eval_depth), whatever the training
     dtype: str = "fp32"  # "bf16": the products in bf16 autocast (the target's stage then runs in bf16 too)
+    pack: int = 2048  # rows per training step: sequences packed until they reach it (0: one sequence per step)
 
 
 @dataclass
@@ -67,6 +70,12 @@ class Sequences:
 
     def group_of(self, i: int) -> int:
         return self.groups[i] if self.groups else i
+
+    def extend(self, other: Sequences) -> None:
+        self.tokens += other.tokens
+        self.features += other.features
+        self.labels += other.labels
+        self.groups += [other.group_of(i) for i in range(len(other.tokens))]
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -94,6 +103,9 @@ class Sequences:
             )
 
 
+SHARD_PROMPTS = 256  # prompts per data shard (``build_data``): what an interrupted run loses at most
+
+
 def build_data(
     engine: Any,
     prompts: Sequence[str],
@@ -103,21 +115,91 @@ def build_data(
     temperature: float = 0.8,
     batch: int = 16,
     seed: int = 0,
+    shards: Path | None = None,
+    on_shard: Callable[[int, int, int, float], None] | None = None,
 ) -> Sequences:
     """``samples`` replies of the target to each prompt, the first greedy and the others sampled at
     ``temperature`` (the target's own text, as the head will meet it), with every position's feature and greedy
-    next token recorded as they are computed. Replies are decoded ``batch`` at a time: one forward of the whole
-    target per token over all of them (``Stage.forward_batch``), so a CPU or GPU does the matrix work once for the
-    batch. ``progress`` is called once per prompt whose replies are all done."""
+    next token recorded as they are computed. Replies are decoded ``batch`` at a time in lockstep
+    (``_decode_batch``), prompts of similar length together (less padding to read in attention).
+
+    With ``shards`` (a folder), the prompts go ``SHARD_PROMPTS`` at a time, each group's replies written to
+    ``shards/NNNNN.safetensors`` as it ends and read back instead of made again by a later run with the same
+    settings (``shards/plan.json``; other settings are refused): a run of millions of rows is resumable.
+    ``progress`` is called once per prompt whose replies are all done; ``on_shard(index, shards, rows, seconds)``
+    after each shard made."""
     stage: Stage = _whole_target(engine)
     encoded = [engine.encode(p) for p in prompts]  # once per prompt, not once per reply
-    jobs = [(g, k, ids) for g, ids in enumerate(encoded) for k in range(max(1, samples))]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    order = sorted(range(len(encoded)), key=lambda g: len(encoded[g]))  # similar widths share a batch: less padding
+    per = max(1, samples)
+    if shards is not None:
+        plan = {
+            "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
+            "count": len(prompts),
+            "max_new": max_new,
+            "samples": per,
+            "temperature": temperature,
+            "seed": seed,
+            "shard_prompts": SHARD_PROMPTS,
+            "dtype": str(stage.dtype).removeprefix("torch."),
+        }
+        _check_plan(shards / "plan.json", plan)
+    size = SHARD_PROMPTS if shards is not None else max(1, len(order))
+    parts = [order[i : i + size] for i in range(0, len(order), size)]
     out = Sequences([], [], [])
-    left = {g: max(1, samples) for g in range(len(prompts))}
+    for index, part in enumerate(parts):
+        path = None if shards is None else shards / f"{index:05d}.safetensors"
+        if path is not None and path.is_file():
+            got = Sequences.load(path)
+            for _ in part:
+                progress()
+        else:
+            started = time.perf_counter()
+            gen = torch.Generator(device="cpu").manual_seed(seed * 100_003 + index)
+            jobs = [(g, k, encoded[g]) for g in part for k in range(per)]
+            got = _replies(stage, jobs, max_new, temperature, gen, engine.eos_ids, batch, progress)
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                got.save(tmp)
+                tmp.replace(path)
+            if on_shard is not None:
+                on_shard(index, len(parts), sum(len(t) for t in got.tokens), time.perf_counter() - started)
+        out.extend(got)
+    return out
+
+
+def _check_plan(path: Path, plan: dict[str, Any]) -> None:
+    """Shards made before must have been made with ``plan``; a new folder gets it written."""
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != plan:
+            changed = sorted(k for k in plan if before.get(k) != plan[k])
+            raise ConfigError(
+                f"{path.parent} holds training data made with other settings ({', '.join(changed)})",
+                hint="use another --out folder, or delete that one to start over",
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=2))
+
+
+def _replies(
+    stage: Stage,
+    jobs: Sequence[tuple[int, int, list[int]]],
+    max_new: int,
+    temperature: float,
+    gen: torch.Generator,
+    eos: frozenset[int],
+    batch: int,
+    progress: Callable[[], None],
+) -> Sequences:
+    out = Sequences([], [], [])
+    left: dict[int, int] = {}
+    for g, _, _ in jobs:
+        left[g] = left.get(g, 0) + 1
     for first in range(0, len(jobs), batch):
         for g, seq, feats, labels, _ in _decode_batch(
-            stage, jobs[first : first + batch], max_new, temperature, gen, engine.eos_ids
+            stage, jobs[first : first + batch], max_new, temperature, gen, eos
         ):
             out.tokens.append(seq)
             out.features.append(feats)
@@ -140,8 +222,9 @@ def _decode_batch(
     """Decode one batch of replies in lockstep (``Stage.forward_lockstep``: one forward per token for the batch,
     attention of all of them in one call per layer); per job (prompt index, tokens, float16 features, greedy next
     tokens, whether the reply ended with an end token: that token, drawn last, has no feature and is not kept).
-    Prompts are prefilled several per forward (``_prefill_groups``), each one's keys copied right-aligned
-    into the batch's cache; a batch whose replies have mostly ended is compacted to the live ones."""
+    A prompt is prefilled once for all its replies in the batch, several prompts per forward (``_prefill_groups``),
+    its keys copied right-aligned into each reply's row of the batch's cache; a batch whose replies have mostly
+    ended is compacted to the live ones."""
     n_jobs, lengths = len(jobs), [len(ids) for _, _, ids in jobs]
     width = max(lengths)
     shape = (len(stage.layers), n_jobs, stage.kv_heads, width + max_new, stage.head_dim)
@@ -151,35 +234,41 @@ def _decode_batch(
     feats: list[list[torch.Tensor]] = [[] for _ in jobs]
     labels: list[list[torch.Tensor]] = [[] for _ in jobs]
     last: list[torch.Tensor] = [torch.empty(0) for _ in jobs]  # each job's last logits
-    top = [0 for _ in jobs]  # and their argmax
-    for group in _prefill_groups(lengths):  # several prompts per forward: wider products
-        caches = [stage.new_cache(len(jobs[j][2]) + 1, 1) for j in group]
-        segments = [Segment(c, *_prefix_rows(c, len(jobs[j][2]))) for c, j in zip(caches, group, strict=True)]
-        ids = [t for j in group for t in jobs[j][2]]
-        logits = stage.forward_batch(segments, torch.tensor(ids), [p for j in group for p in range(len(jobs[j][2]))])
+    shared: dict[int, list[int]] = {}  # a prompt's jobs (its replies): prefilled once for all of them
+    for j, (g, _, _) in enumerate(jobs):
+        shared.setdefault(g, []).append(j)
+    firsts = [js[0] for js in shared.values()]
+    for group in _prefill_groups([lengths[j] for j in firsts]):  # several prompts per forward: wider products
+        heads = [firsts[i] for i in group]
+        caches = [stage.new_cache(lengths[j] + 1, 1) for j in heads]
+        segments = [Segment(c, *_prefix_rows(c, lengths[j])) for c, j in zip(caches, heads, strict=True)]
+        ids = [t for j in heads for t in jobs[j][2]]
+        logits = stage.forward_batch(segments, torch.tensor(ids), [p for j in heads for p in range(lengths[j])])
         assert stage.last_hidden is not None
-        hidden, best = stage.last_hidden.to(torch.float16), torch.argmax(logits, dim=-1)
+        hidden, best = stage.last_hidden.to(torch.float16), torch.argmax(logits.float(), dim=-1)
         a = 0
-        for j, cache in zip(group, caches, strict=True):
-            n = len(jobs[j][2])
-            k[:, j, :, width - n : width] = cache.k[:, :, :n]
-            v[:, j, :, width - n : width] = cache.v[:, :, :n]
-            tokens[j] = list(jobs[j][2])
-            feats[j] = [hidden[a : a + n]]
-            labels[j] = [best[a : a + n]]
-            last[j], top[j] = logits[a + n - 1], int(best[a + n - 1])
+        for first, cache in zip(heads, caches, strict=True):
+            n = lengths[first]
+            for j in shared[jobs[first][0]]:
+                k[:, j, :, width - n : width] = cache.k[:, :, :n]
+                v[:, j, :, width - n : width] = cache.v[:, :, :n]
+                tokens[j] = list(jobs[j][2])
+                feats[j] = [hidden[a : a + n]]
+                labels[j] = [best[a : a + n]]
+                last[j] = logits[a + n - 1]
             a += n
     rows = list(range(n_jobs))  # the job each row of k/v holds
+    greedy = torch.tensor([jobs[j][1] == 0 or temperature <= 0 for j in rows])
     pad = torch.tensor([width - n for n in lengths], device=stage.device)
     live = set(rows)
+    current = torch.stack(last)  # [rows, vocab]: each row's last logits
     for step in range(max_new):
-        for j in [j for j in rows if j in live]:  # in row order: the sampled draws come in a fixed order
-            greedy = jobs[j][1] == 0 or temperature <= 0
-            probs = None if greedy else torch.softmax(last[j].float() / temperature, dim=-1)
-            pick = top[j] if probs is None else int(torch.multinomial(probs, 1, generator=gen))
-            tokens[j].append(pick)
+        drawing = [r for r, j in enumerate(rows) if j in live]
+        picks = draw(current[drawing], greedy[[rows[r] for r in drawing]], temperature, gen).tolist()
+        for r, pick in zip(drawing, picks, strict=True):
+            tokens[rows[r]].append(pick)
             if pick in eos:
-                live.discard(j)
+                live.discard(rows[r])
         if not live:
             break
         if 2 * len(live) <= len(rows):  # most have ended: keep only the live rows
@@ -188,20 +277,34 @@ def _decode_batch(
             k, v, pad = k.index_select(1, index), v.index_select(1, index), pad[index]
             rows = [rows[r] for r in keep]
         x = torch.tensor([tokens[j][-1] for j in rows])
-        logits = stage.forward_lockstep(Lockstep(k, v, pad, width + step), x)
+        current = stage.forward_lockstep(Lockstep(k, v, pad, width + step), x)
         assert stage.last_hidden is not None
-        hidden, best = stage.last_hidden.to(torch.float16), torch.argmax(logits, dim=-1)  # once for the batch
+        hidden = stage.last_hidden.to(torch.float16)
+        best = torch.argmax(current.float(), dim=-1)  # once for the batch (over bf16 logits: ~5x slower here)
         for r, j in enumerate(rows):
             if j in live:
                 feats[j].append(hidden[r : r + 1])
                 labels[j].append(best[r : r + 1])
-                last[j], top[j] = logits[r], int(best[r])
     results = []
     for j, (g, _, _) in enumerate(jobs):
         n = sum(len(f) for f in feats[j])  # positions computed: the last token drawn has no feature yet
         seq = torch.tensor(tokens[j][:n], dtype=torch.int64)
         results.append((g, seq, torch.cat(feats[j]), torch.cat(labels[j]), j not in live))
     return results
+
+
+def draw(logits: torch.Tensor, greedy: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """One next token per row of ``logits`` [R, vocab]: the argmax where ``greedy`` [R] is set, else a draw from
+    softmax(logits / ``temperature``) by inverse CDF, one uniform per row from ``gen`` (the sampled rows together:
+    ``torch.multinomial`` costs ~0.9 ms per row of this vocabulary here, the batch's cumulative sums ~3 ms for 128)."""
+    wide = logits.float()
+    picks = torch.argmax(wide, dim=-1)
+    sampled = torch.nonzero(~greedy).flatten()
+    if sampled.numel():
+        cdf = torch.softmax(wide[sampled] / temperature, dim=-1).cumsum(dim=-1)
+        u = torch.rand(len(sampled), 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+        picks[sampled] = torch.searchsorted(cdf, u, right=True).flatten().clamp_(max=wide.shape[-1] - 1)
+    return picks
 
 
 USER_MARK = "\x00HOMESPEC-USER\x00"  # stands for a user's message while the chat template is rendered
@@ -324,7 +427,9 @@ def train(
     train_ids = [i for i in range(len(data.tokens)) if data.group_of(i) not in held_groups] or held
     head = new_head(engine)
     opt = torch.optim.AdamW([p for p in head.parameters()], lr=cfg.lr, weight_decay=0.0)
-    total = cfg.epochs * len(train_ids) if max_steps is None else max_steps
+    lengths = [len(t) - 1 for t in data.tokens]
+    per_epoch = len(packs(train_ids, lengths, cfg.pack, random.Random(0)))
+    total = cfg.epochs * per_epoch if max_steps is None else max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ckpt = out_dir / "checkpoint.pt"
     first_epoch = 0
@@ -337,14 +442,11 @@ def train(
     steps = 0
     for epoch in range(first_epoch, cfg.epochs):
         head.train()
-        rng_epoch = random.Random(cfg.seed * 1000 + epoch)
-        ids = list(train_ids)
-        rng_epoch.shuffle(ids)
         losses = []
         started = time.perf_counter()
-        for i in ids:
+        for pack in packs(train_ids, lengths, cfg.pack, random.Random(cfg.seed * 1000 + epoch)):
             with torch.enable_grad(), _autocast(cfg, stage):  # the engine turns autograd off process-wide
-                loss, _ = _loss(head, stage, data, i, cfg)
+                loss, _ = _loss(head, stage, data, pack, cfg)
                 opt.zero_grad()
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -353,13 +455,14 @@ def train(
             losses.append(float(loss))
             steps += 1
             if progress:
-                progress()
+                for _ in pack:
+                    progress()
             if max_steps is not None and steps >= max_steps:
                 break
         head.eval()
         deep = dataclasses.replace(cfg, unroll=max(cfg.unroll, cfg.eval_depth))
         with torch.no_grad(), _autocast(cfg, stage):
-            hits = [_loss(head, stage, data, i, deep, noise=False)[1] for i in held]
+            hits = [_loss(head, stage, data, pack, deep, noise=False)[1] for pack in packs(held, lengths, cfg.pack)]
         depth = [
             sum(h[d][0] for h in hits if len(h) > d) / max(1, sum(h[d][1] for h in hits if len(h) > d))
             for d in range(deep.unroll)
@@ -376,6 +479,23 @@ def train(
     return head
 
 
+def packs(ids: Sequence[int], lengths: Sequence[int], rows: int, rng: random.Random | None = None) -> list[list[int]]:
+    """``ids`` (shuffled by ``rng`` when given) in consecutive groups of at least ``rows`` rows each (the last may
+    have fewer; ``rows`` <= 0: one sequence per group): the sequences one training step packs together."""
+    order = list(ids)
+    if rng is not None:
+        rng.shuffle(order)
+    out: list[list[int]] = []
+    filled = 0
+    for i in order:
+        if not out or filled >= rows:
+            out.append([])
+            filled = 0
+        out[-1].append(i)
+        filled += lengths[i]
+    return out
+
+
 def _autocast(cfg: TrainConfig, stage: Stage) -> Any:
     """bf16 products for ``cfg.dtype`` bf16 (AMX and AVX-512 BF16 on CPUs that have them: ~8x fp32 here), the
     parameters, optimizer and losses staying fp32; a no-op context for fp32."""
@@ -384,33 +504,39 @@ def _autocast(cfg: TrainConfig, stage: Stage) -> Any:
 
 
 def _loss(
-    head: DraftHead, stage: Stage, data: Sequences, i: int, cfg: TrainConfig, noise: bool = True
+    head: DraftHead, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, noise: bool = True
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Loss on sequence i, and (top-1 hits, rows) at each unrolled depth (``cfg.unroll`` steps; ``ttt_mask``).
+    """Loss on the sequences ``ids`` packed into one set of rows (each attending only within itself: ``ttt_mask``),
+    and (top-1 hits, rows) at each unrolled depth (``cfg.unroll`` steps).
 
     Step 0 is EAGLE's: row r reads the token t_{r+1} and the target's feature f_r and predicts f_{r+1} and the
     target's next token. Step j reads, at row r, the feature step j - 1 predicted at row r - 1, as a draft j deep
     does at inference, and attends as such a draft would: to the true rows up to r - j, then to its own chain of
     predictions (EAGLE-3's training-time test, Li et al., 2025); rows r < j have no such chain and are not scored.
     The tokens stay the target's own (teacher forcing); gradients flow through the predicted features. Each
-    step's loss (feature regression + ``cls_weight`` × cross-entropy) counts equally."""
-    tokens, feats, labels = data.tokens[i], data.features[i].float(), data.labels[i]
-    n = len(tokens) - 1  # rows r = 0 .. T-1
-    emb = stage.embed(tokens[1:]).detach()
-    inp = feats[:-1]
+    step's loss (feature regression + ``cls_weight`` × cross-entropy, averaged over its scored rows) counts
+    equally."""
+    spans = [len(data.tokens[i]) - 1 for i in ids]  # rows r = 0 .. T-1 of each sequence
+    tokens = torch.cat([data.tokens[i][1:] for i in ids])
+    feats = [data.features[i].float() for i in ids]
+    emb = stage.embed(tokens).detach()
+    inp = torch.cat([f[:-1] for f in feats])
     if noise and cfg.noise:
         inp = inp + (torch.rand_like(inp) - 0.5) * 2 * cfg.noise
-    cos, sin = stage.rope(range(n))  # row r at position r
-    target, y = feats[1:], labels[1:]
+    local = torch.cat([torch.arange(n) for n in spans])  # each row's position in its sequence
+    cos, sin = stage.rope(local.tolist())
+    target = torch.cat([f[1:] for f in feats])
+    y = torch.cat([data.labels[i][1:] for i in ids])
     total = torch.zeros(())
     stats: list[tuple[int, int]] = []
-    for j, pred in enumerate(unrolled(head, emb, inp, feats[0], cos, sin, cfg.unroll)):
-        rows = slice(j, n)
+    first = torch.stack([f[0] for f in feats])
+    for j, pred in enumerate(unrolled(head, emb, inp, first, cos, sin, cfg.unroll, spans)):
+        rows = torch.nonzero(local >= j).flatten()
         logits = stage.logits(pred[rows]).float()  # (argmax over bf16 logits costs ~4x fp32's here)
         reg = F.smooth_l1_loss(pred[rows].float(), target[rows])
         cls = F.cross_entropy(logits, y[rows])
         total = total + reg + cfg.cls_weight * cls
-        stats.append((int((logits.argmax(-1) == y[rows]).sum()), n - j))
+        stats.append((int((logits.argmax(-1) == y[rows]).sum()), len(rows)))
     return total / len(stats), stats
 
 
@@ -418,41 +544,51 @@ def unrolled(
     head: DraftHead,
     emb: torch.Tensor,  # [n, hidden]: row r's token t_{r+1}
     feat: torch.Tensor,  # [n, hidden]: row r's true feature f_r
-    first: torch.Tensor,  # [hidden]: f_0, what row 0 reads at every step (it is never scored there)
+    first: torch.Tensor,  # [hidden] or [sequences, hidden]: f_0 of each sequence, what its row 0 reads at every step
     cos: torch.Tensor,
     sin: torch.Tensor,
     steps: int,
+    spans: Sequence[int] | None = None,  # rows of each packed sequence, in order (None: one sequence of n rows)
 ) -> list[torch.Tensor]:
     """The head's predicted features [n, hidden] at each unrolled step (``_loss``, ``ttt_mask``): step j > 0 reads
-    at row r what step j - 1 predicted at row r - 1, with the keys of every earlier step in its past."""
+    at row r what step j - 1 predicted at row r - 1 of the same sequence, with the keys of every earlier step in
+    its past. Packed sequences give what each would alone."""
     n = emb.shape[0]
+    spans = [n] if spans is None else list(spans)
+    starts = torch.tensor([0, *itertools.accumulate(spans)][:-1])
+    first = first.reshape(len(spans), -1)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     preds: list[torch.Tensor] = []
     inp = feat
-    for j in range(min(max(1, steps), n)):
+    for j in range(min(max(1, steps), max(spans))):
         past = None if not keys else (torch.cat(keys, 1), torch.cat(values, 1))
-        pred, k, v = head(emb, inp, cos, sin, ttt_mask(n, j), past)
+        pred, k, v = head(emb, inp, cos, sin, ttt_mask(n, j, spans), past)
         keys.append(k)
         values.append(v)
         preds.append(pred)
-        inp = torch.cat([first[None], pred[:-1]])
+        inp = torch.cat([pred[-1:], pred[:-1]]).index_copy(0, starts, first.to(pred.dtype))
     return preds
 
 
-def ttt_mask(n: int, step: int) -> torch.Tensor:
+def ttt_mask(n: int, step: int, spans: Sequence[int] | None = None) -> torch.Tensor:
     """Which keys row r (0..n-1) of unrolled ``step`` attends, over the keys of steps 0..step, n per step: step 0's
     rows 0..r - step (true features), then row r - step + s of each step s in 1..step (its own chain; s = step is
-    itself). Step 0 is the causal mask. Rows r < step have no chain: they attend only to themselves (unscored)."""
-    r = torch.arange(n)[:, None]
-    c = torch.arange(n)[None, :]
-    blocks = [c <= r - step]
+    itself), all within r's own sequence (``spans``: the packed sequences' rows; positions counted in each). Step 0
+    is the causal mask. Rows r < step of a sequence have no chain: they attend only to themselves (unscored)."""
+    spans = [n] if spans is None else list(spans)
+    local = torch.cat([torch.arange(m) for m in spans])
+    seq = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans))
+    r, c = local[:, None], local[None, :]
+    same = seq[:, None] == seq[None, :]
+    blocks = [same & (c <= r - step)]
     for s in range(1, step + 1):
-        blocks.append(c == r - step + s)
+        blocks.append(same & (c == r - step + s))
     mask = torch.cat(blocks, dim=1)
     if step:
-        mask[:step] = False
-        mask[torch.arange(step), step * n + torch.arange(step)] = True
+        early = torch.nonzero(local < step).flatten()
+        mask[early] = False
+        mask[early, step * n + early] = True
     return mask
 
 
