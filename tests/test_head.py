@@ -322,7 +322,7 @@ def test_the_training_time_test_attends_as_a_draft_would(engines: Callable[..., 
 
 def test_training_in_bf16_lowers_the_loss(tmp_path: Path) -> None:
     """``train-draft --dtype bf16``: the target runs in bf16 and the head's products in bf16 autocast, its weights,
-    optimizer and losses in fp32."""
+    optimizer and losses in fp32; ``init`` goes on training a given head."""
     from homespec.engine import Engine, EngineOptions
 
     with Engine(EngineOptions(draft="none", dtype="bf16", weights="bf16")) as engine:
@@ -332,8 +332,17 @@ def test_training_in_bf16_lowers_the_loss(tmp_path: Path) -> None:
         head = train(
             engine, data, tmp_path, TrainConfig(epochs=6, lr=1e-3, holdout=0.34, dtype="bf16", pack=40), log.append
         )
-    assert all(p.dtype == torch.float32 for p in head.parameters())
-    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+        assert all(p.dtype == torch.float32 for p in head.parameters())
+        assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+        # ``--init``: training goes on from a head (the shipped one), which already predicts better than a new one
+        from homespec.model.drafts import SHIPPED_HEADS
+
+        shipped = load_head(sorted(SHIPPED_HEADS.glob("*.safetensors"))[0], engine.source.config)
+        before = shipped.fc.weight.detach().clone()
+        cfg = TrainConfig(epochs=1, lr=1e-4, holdout=0.34, dtype="bf16", pack=40)
+        went_on: list[dict[str, float]] = []
+        assert train(engine, data, tmp_path / "init", cfg, went_on.append, max_steps=2, init=shipped) is shipped
+    assert not torch.equal(shipped.fc.weight, before) and went_on[0]["loss"] < log[0]["loss"]
 
 
 def test_the_head_drafts_through_the_targets_own_weight_format(engines: Callable[..., Any]) -> None:

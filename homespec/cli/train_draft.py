@@ -48,6 +48,10 @@ def train_draft(
         int,
         typer.Option(help="rows per training step: whole sequences packed until they reach it (0: one per step)"),
     ] = 2048,
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="go on training this head file (for this target) instead of a new head"),
+    ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     draft_vocab: Annotated[
         int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")
@@ -102,6 +106,8 @@ def train_draft(
             dtype, why = fastest_dtype(device)
             typer.echo(why, err=True)
         cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype, pack=pack)
+        if init is not None and not init.is_file():
+            raise ConfigError(f"head file not found: {init}")
         if vocab_for is not None and not vocab_for.is_file():
             raise ConfigError(f"head file not found: {vocab_for}")
         from rich.progress import Progress
@@ -153,6 +159,8 @@ def train_draft(
                 write_vocab(vocab_for, engine.source.config, vocab)
                 typer.echo(str(vocab_for))
                 return
+            from homespec.model.head import load_head
+
             log: list[dict[str, float]] = []
 
             def report(m: dict[str, float]) -> None:
@@ -166,7 +174,8 @@ def train_draft(
             with Progress(transient=True) as bar:
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
-                head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None)
+                start = None if init is None else load_head(init, engine.source.config)
+                head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start)
             head.vocab = vocab
             extra = {
                 "prompts": len(texts),
@@ -178,6 +187,7 @@ def train_draft(
                 "unroll": cfg.unroll,
                 "dtype": cfg.dtype,
                 "pack": cfg.pack,
+                "init": None if init is None else str(init),
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
             }

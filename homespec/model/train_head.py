@@ -3,23 +3,24 @@
 1. **Data**: for each training prompt, the target's replies (``max_new`` tokens, chat template on): the greedy one
    and ``samples - 1`` sampled at ``temperature``, decoded a batch at a time in lockstep (``Stage.forward_lockstep``:
    one forward per token for the batch, one attention call per layer), with each position's last-layer feature
-   ``f`` and greedy next token recorded as the target computes them. Prompts are prefilled several at a time
-   (``PREFILL_ROWS``). Measured on this CPU, 128 replies of 48 tokens: 1020 rows/s (319 generated) in bf16,
-   against 413 (129) with one prefill and one attention call per reply; fp32: 422 rows/s (358 before). What is
-   left: the batch's keys read at every step (attention, 2.3 ms per layer at 128 replies of 200 tokens) and
-   per-reply attention in the prefill. Written once to
-   ``DIR/data.safetensors``; a later run reuses it. Every reply to a held-out prompt is held out.
-   Prompts: the built-in set, the user's, and (``--self-prompts``) requests the target writes itself
-   (``self_prompts``, the Magpie method: the target continues its own empty user header; the bundled model writes
-   16 usable ones in 13 s in fp32).
+   ``f`` and greedy next token recorded as the target computes them (in its run dtype: bf16 where ``--dtype``
+   picks it, as the head meets them in a bf16 run). A prompt is prefilled once for all its replies, several
+   prompts per forward (``PREFILL_ROWS``); prompts of like length share a batch; the sampled rows are drawn
+   together (inverse CDF). Measured on this CPU, 128 replies of 96 tokens in bf16: ~1,000 rows/s (BENCHMARKS.md
+   §3), bounded by reading the batch's keys at every token (attention: ~2.5 ms per layer at 128 replies of 250
+   slots, within 2x of this machine's memory bandwidth). Written ``SHARD_PROMPTS`` prompts at a time to
+   ``DIR/data/NNNNN.safetensors``: an interrupted run resumes at the first missing shard. Every reply to a
+   held-out prompt is held out. Prompts: the built-in set, the user's, and (``--self-prompts``) requests the
+   target writes itself (``self_prompts``, the Magpie method: the target continues its own empty user header).
 2. **Training**: the head sees ``(embed(x_q), f_{q-1})`` for every position q of a sequence (causal attention)
    and learns to predict ``f_q`` (smooth L1) and the target's greedy next token through the frozen norm and LM head
    (cross-entropy), EAGLE's objective; with ``unroll`` > 1 (``train-draft --unroll``; default 1) also EAGLE-3's
    training-time test, in which the head reads its own predicted features as a draft several deep does
-   (``_loss``). The decoder layer starts from the target's last layer, ``fc`` from "take the feature". One
-   sequence per step, AdamW, cosine decay. ``DIR/checkpoint.pt`` after every epoch makes a run resumable;
-   ``DIR/head.safetensors`` is the result. Reported per epoch: training loss and, on held-out sequences, how
-   often the head's top-1 next token is the target's at each unrolled depth (depth 1: true features).
+   (``_loss``). The decoder layer starts from the target's last layer, ``fc`` from "take the feature". Whole
+   sequences are packed into steps of ``pack`` rows (each attending only within itself), AdamW, cosine decay.
+   ``DIR/checkpoint.pt`` after every epoch makes a run resumable; ``DIR/head.safetensors`` is the result. Reported
+   per epoch: training loss and, on held-out sequences, how often the head's top-1 next token is the target's at
+   each unrolled depth (depth 1: true features; ``top1_by_depth``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ class Sequences:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"count": str(len(self.tokens)), "groups": json.dumps(self.groups)}
         save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load_shards(cls, folder: Path) -> Sequences:
+        """Every shard ``build_data`` wrote into ``folder``, in order."""
+        out = cls([], [], [])
+        for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].safetensors")):
+            out.extend(cls.load(path))
+        return out
 
     @classmethod
     def load(cls, path: Path) -> Sequences:
@@ -414,18 +423,14 @@ def train(
     report: Callable[[dict[str, float]], None],
     progress: Callable[[], None] | None = None,
     max_steps: int | None = None,
+    init: DraftHead | None = None,
 ) -> DraftHead:
-    """Train (or resume) a head on ``data``; writes DIR/checkpoint.pt each epoch and DIR/head.safetensors."""
+    """Train (or resume) a head on ``data``, from ``init`` (a head to go on training; its weights are changed in
+    place) or a new one (``new_head``); writes DIR/checkpoint.pt each epoch and DIR/head.safetensors."""
     stage = _whole_target(engine)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    groups = sorted({data.group_of(i) for i in range(len(data.tokens))})
-    rng.shuffle(groups)
-    n_hold = max(1, int(len(groups) * cfg.holdout)) if len(groups) > 1 else 0
-    held_groups = set(groups[:n_hold])  # every reply to a held-out prompt is held out
-    held = [i for i in range(len(data.tokens)) if data.group_of(i) in held_groups]
-    train_ids = [i for i in range(len(data.tokens)) if data.group_of(i) not in held_groups] or held
-    head = new_head(engine)
+    train_ids, held = split(data, cfg)
+    head = new_head(engine) if init is None else init
     opt = torch.optim.AdamW([p for p in head.parameters()], lr=cfg.lr, weight_decay=0.0)
     lengths = [len(t) - 1 for t in data.tokens]
     per_epoch = len(packs(train_ids, lengths, cfg.pack, random.Random(0)))
@@ -459,14 +464,7 @@ def train(
                     progress()
             if max_steps is not None and steps >= max_steps:
                 break
-        head.eval()
-        deep = dataclasses.replace(cfg, unroll=max(cfg.unroll, cfg.eval_depth))
-        with torch.no_grad(), _autocast(cfg, stage):
-            hits = [_loss(head, stage, data, pack, deep, noise=False)[1] for pack in packs(held, lengths, cfg.pack)]
-        depth = [
-            sum(h[d][0] for h in hits if len(h) > d) / max(1, sum(h[d][1] for h in hits if len(h) > d))
-            for d in range(deep.unroll)
-        ]
+        depth = top1_by_depth(head, stage, data, held, cfg, max(cfg.unroll, cfg.eval_depth))
         metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "top1": depth[0]}
         metrics.update({f"top1_d{d + 1}": acc for d, acc in enumerate(depth)})
         report({**metrics, "s": time.perf_counter() - started})
@@ -477,6 +475,33 @@ def train(
         if max_steps is not None and steps >= max_steps:
             break
     return head
+
+
+def split(data: Sequences, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """The sequences trained on and those held out (``cfg.holdout`` of the prompts, drawn with ``cfg.seed``; every
+    reply to a held-out prompt is held out)."""
+    groups = sorted({data.group_of(i) for i in range(len(data.tokens))})
+    random.Random(cfg.seed).shuffle(groups)
+    n_hold = max(1, int(len(groups) * cfg.holdout)) if len(groups) > 1 else 0
+    held_groups = set(groups[:n_hold])
+    held = [i for i in range(len(data.tokens)) if data.group_of(i) in held_groups]
+    return [i for i in range(len(data.tokens)) if data.group_of(i) not in held_groups] or held, held
+
+
+def top1_by_depth(
+    head: DraftHead, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, depth: int
+) -> list[float]:
+    """How often the head's top-1 next token is the target's on sequences ``ids``, at each unrolled depth 1 ..
+    ``depth`` (depth 1: the target's own features; depth j: the head's own predicted features j - 1 deep)."""
+    head.eval()
+    deep = dataclasses.replace(cfg, unroll=depth)
+    lengths = [len(t) - 1 for t in data.tokens]
+    with torch.no_grad(), _autocast(cfg, stage):
+        hits = [_loss(head, stage, data, pack, deep, noise=False)[1] for pack in packs(ids, lengths, cfg.pack)]
+    return [
+        sum(h[d][0] for h in hits if len(h) > d) / max(1, sum(h[d][1] for h in hits if len(h) > d))
+        for d in range(depth)
+    ]
 
 
 def packs(ids: Sequence[int], lengths: Sequence[int], rows: int, rng: random.Random | None = None) -> list[list[int]]:
