@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from homespec.core.step import (
     PREFIX_CHUNK,
     PREFIX_STEP,
+    STOCK_WAVES,
     Action,
     Emit,
     EndRequest,
@@ -197,9 +198,11 @@ def run_lockstep(
     rng: random.Random | None = None,
     early: bool = False,
     hits: Any = None,
+    draft_after: bool = False,
 ) -> FakeStages:
     """Every request joins before tick 0 and runs until it has ``max_new`` tokens. Results are delivered when the
-    machine waits for them, or (``early``) as soon as they exist, in an order ``rng`` shuffles across requests."""
+    machine waits for them, or (``early``) as soon as they exist, in an order ``rng`` shuffles across requests;
+    with ``draft_after`` the executor calls ``draft`` after each tick's wave, as the pipeline's does."""
     m = StepMachine(mode, latency, wave_size=wave_size, max_context=4096)
     stages = FakeStages()
     drafts = {}
@@ -218,6 +221,8 @@ def run_lockstep(
             if len(stages.emitted.get(req, [])) >= max_new:
                 stages.perform(m.leave(req))
         stages.perform(m.inject(tick))
+        if draft_after:
+            m.draft()
     assert not m.runs, "the requests did not finish"
     return stages
 
@@ -239,17 +244,48 @@ def test_every_request_gets_the_targets_tokens_whatever_the_delivery_order(
     mode: PipelineMode, latency: int, requests: int, wave_size: int, max_new: int, seed: int, miss_every: int
 ) -> None:
     """Lossless, and deterministic: the same tokens and the same steps when results arrive in another order across
-    requests, or earlier than they are due."""
+    requests, or earlier than they are due, and whether the executor drafts after sending a wave or not."""
 
     def hits(p: int) -> bool:
         return p % miss_every != 0
 
     prompts = PROMPTS[:requests]
     a = run_lockstep(mode, latency, prompts, max_new, wave_size, hits=hits)
-    b = run_lockstep(mode, latency, prompts, max_new, wave_size, random.Random(seed), early=True, hits=hits)
+    b = run_lockstep(mode, latency, prompts, max_new, wave_size, random.Random(seed), True, hits, draft_after=True)
     for req, prompt in enumerate(prompts, start=1):
         assert a.emitted[req][:max_new] == greedy(prompt, max_new)
     assert a.emitted == b.emitted and a.steps == b.steps
+
+
+def test_specpipe_sends_from_its_stock_and_drafts_after_the_wave_is_sent() -> None:
+    """A wave that the drafted stock fills goes out without a proposal; ``draft`` then refills the stock (to
+    ``STOCK_WAVES`` waves). After a flush the stock is empty: the draft proposes before the wave."""
+    m = StepMachine("specpipe", latency=3, wave_size=4)
+    stages, draft = FakeStages(), FakeDraft(hits=lambda p: p != 4, depth=8)
+    stages.perform(m.join(1, [5, 6], draft, 12, tick=0))
+    stages.deliver_all(m)
+    stages.perform([*m.collect(0), *m.inject(0)])  # a new root: drafted first
+    assert draft.proposals == 1
+    tree = m.runs[1].tree
+    stages.perform(m.inject(1))  # the stock (12 drafted, 4 sent) fills the wave: no proposal before it is sent
+    assert draft.proposals == 1 and len(m.runs[1].in_flight) == 2
+    m.draft()
+    assert draft.proposals == 2 and len(tree.in_state(NodeState.DRAFTED)) == STOCK_WAVES * 4
+    m.draft()  # nothing owed
+    assert draft.proposals == 2
+    flushed = False
+    for tick in range(2, 12):
+        stages.deliver_all(m)
+        stages.perform(m.collect(tick))
+        before = draft.proposals
+        new_root = m.runs[1].tree.root.state is NodeState.DRAFTED
+        stages.perform(m.inject(tick))
+        if new_root:  # the flush at position 4 (the draft's miss): drafted before the wave
+            flushed = True
+            assert draft.proposals == before + 1
+        m.draft()
+    assert flushed
+    assert stages.emitted[1] == greedy([5, 6], len(stages.emitted[1]))
 
 
 def test_pp_gives_one_token_per_latency_ticks() -> None:

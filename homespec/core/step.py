@@ -18,7 +18,9 @@ that follows it is drafted. The executor's loop for tick t:
    verify, and emit. Actions: ``SendPrune`` (every stage drops the dead nodes and commits the accepted ones), ``Emit``.
 3. ``inject(t)``: fail the requests whose context is full, split the step's node budget among the others, let each
    one's draft grow its tree, and choose the rows of the step's one wave. Actions: ``Fail``, ``EndRequest``,
-   ``SendWave``.
+   ``SendWave``. In ``specpipe`` a request whose tree still holds at least half a wave of drafted nodes (no flush)
+   sends them without drafting first ...
+4. ``draft()``: ... and drafts now, once the wave is on its way, while the stages compute (``STOCK_WAVES``).
 
 Applying a result only when it is due (never when it happens to arrive) keeps the step counts and the drafts'
 inputs deterministic for a given prompt, seed, mode, latency and batch: wall time changes, the tokens and the steps
@@ -51,6 +53,12 @@ PipelineMode = Literal["pp", "tree", "specpipe"]
 #: free on a memory-bound device (a 3090 stage of Llama-70B stays memory-bound up to ~39 rows).
 DEFAULT_WAVE_SIZE = 32
 DEFAULT_BY_SCORE = True
+#: specpipe drafts until its tree holds this many waves of unsent nodes: a score-ordered wave picks the best of them,
+#: and after a verification prunes some, the rest can still fill the next wave while the draft refills it off the
+#: critical path (``StepMachine.draft``). Measured (BENCHMARKS.md §3, S = 8, ``auto``): 2 waves gave 1096 steps, 3
+#: 1078, 4 1075 (each more draft work); a stock under half a wave is drafted up first (after a flush it is empty).
+STOCK_WAVES = 3
+STOCK_MIN = 0.5
 #: the most tree nodes a stage holds per request beside the committed prefix (``Assign.max_tree``)
 DEFAULT_MAX_TREE = 512
 #: a prompt goes through the stages in causal chunks of at most this many tokens
@@ -215,7 +223,7 @@ def draft_budget(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size:
     if mode == "tree":
         return tree_budget if in_flight == 0 else 0
     drafted = len(tree.in_state(NodeState.DRAFTED))
-    return max(0, 2 * wave_size - drafted)
+    return max(0, STOCK_WAVES * wave_size - drafted)
 
 
 def choose_wave(mode: PipelineMode, tree: TokenTree, in_flight: int, wave_size: int, by_score: bool) -> list[NodeId]:
@@ -292,6 +300,7 @@ class _Run:
     prefix: deque[tuple[int, tuple[int, ...]]] = field(default_factory=deque)  # chunks whose results are not applied
     inbox: deque[StageResult] = field(default_factory=deque)  # delivered, not applied yet (in the order sent)
     tokens: dict[int, int] = field(default_factory=dict)  # node -> token, for nodes in flight
+    owed: int = 0  # its wave came from the drafted stock: the share to draft for, after the wave is sent
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # node -> the target's log-probs after it
     prune_seq: int = 0
 
@@ -308,12 +317,15 @@ class StepMachine:
         by_score: bool = DEFAULT_BY_SCORE,
         max_tree: int = DEFAULT_MAX_TREE,
         max_context: int = 4096,
+        draft_behind: bool = True,
     ) -> None:
         """``latency``: ticks from sending a wave to verifying it; ``stages``: the stage count that traced trees
-        report (default: ``latency``)."""
+        report (default: ``latency``); ``draft_behind``: specpipe sends a wave from the drafted stock and drafts
+        after it is sent (``draft``), off the critical path, whenever the stock holds half a wave."""
         if latency < 1 or wave_size < 1 or max_tree < 2:
             raise ValueError(f"latency {latency}, wave size {wave_size}, max tree {max_tree}: each must be positive")
         self.mode, self.latency, self.wave_size, self.by_score = mode, latency, wave_size, by_score
+        self.draft_behind = draft_behind and mode == "specpipe"
         self.stages = latency if stages is None else stages
         self.max_tree, self.max_context = max_tree, max_context
         self.runs: dict[int, _Run] = {}  # in join order
@@ -389,6 +401,7 @@ class StepMachine:
     def collect(self, tick: int) -> list[Action]:
         """Apply every due result and verify: SendPrune and Emit actions. Every request must have its due
         results delivered (``waiting`` is empty)."""
+        self.draft()  # what the tick before owes, if its executor did not draft after sending
         actions: list[Action] = []
         for run in list(self.runs.values()):
             if len(run.inbox) < self._due(run, tick):
@@ -401,8 +414,10 @@ class StepMachine:
         return actions
 
     def inject(self, tick: int) -> list[Action]:
-        """Draft and choose the step's wave (after ``collect``): Fail for requests whose context is full, then one
-        SendWave if any request has rows to send."""
+        """Choose the step's wave (after ``collect``): Fail for requests whose context is full, then one SendWave if
+        any request has rows to send. A request drafts first unless its wave can come from its stock of drafted
+        nodes (``draft_behind``, the root not new): then it drafts in ``draft``, once the wave is on its way."""
+        self.draft()  # what the tick before owes, if its executor did not draft after sending
         actions: list[Action] = []
         for run in list(self.runs.values()):
             if run.tree.root.position > (run.tree.max_position or 0) + 1:
@@ -411,10 +426,18 @@ class StepMachine:
         parts: list[WavePart] = []
         for run, share in zip(runs, split_budget(self.wave_size, len(runs), tick), strict=True):
             in_flight = len(run.in_flight)
-            budget = draft_budget(self.mode, run.tree, in_flight, share, min(run.tree_budget, self.max_tree - 1))
-            if budget:
-                run.draft.propose(run.tree, run.committed, budget)
-            wave = choose_wave(self.mode, run.tree, in_flight, share, self.by_score)
+            wave: list[NodeId] = []
+            if self.draft_behind and run.tree.root.state is not NodeState.DRAFTED:
+                wave = choose_wave(self.mode, run.tree, in_flight, share, self.by_score)
+                if len(wave) < share * STOCK_MIN:
+                    wave = []  # a thin stock (most of it pruned): draft first
+            if not wave:
+                budget = draft_budget(self.mode, run.tree, in_flight, share, min(run.tree_budget, self.max_tree - 1))
+                if budget:
+                    run.draft.propose(run.tree, run.committed, budget)
+                wave = choose_wave(self.mode, run.tree, in_flight, share, self.by_score)
+            else:
+                run.owed = share
             if wave:
                 run.tree.mark_sent(wave)
                 rows = tuple(run.tree.rows(wave))
@@ -424,6 +447,17 @@ class StepMachine:
         if parts:
             actions.append(SendWave(tick, tuple(parts)))
         return actions
+
+    def draft(self) -> None:
+        """Refill the drafted stock of the requests whose wave came from it this tick: the executor calls this
+        after sending the wave, so that drafting overlaps the stages' work (else ``collect`` calls it, before it
+        applies a result). What is drafted does not depend on when this runs: the step counts stay deterministic."""
+        for run in self.runs.values():
+            if run.owed:
+                budget = draft_budget(self.mode, run.tree, len(run.in_flight), run.owed, run.tree_budget)
+                if budget:
+                    run.draft.propose(run.tree, run.committed, budget)
+                run.owed = 0
 
     def _apply_prefix(self, run: _Run, msg: StageResult) -> None:
         a, chunk = run.prefix.popleft()

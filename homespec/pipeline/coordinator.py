@@ -1,9 +1,10 @@
 """The head of a pipeline: an executor of ``core.step.StepMachine`` across stage processes (DESIGN §4.1, §4.2).
 
 Lockstep ticks: at tick t the head reads results until every request has the ones due (the wave it injected at
-tick t - S), the machine verifies them (the head broadcasts each Prune: pruning propagation), lets the drafts expand
-the trees and chooses the next wave, which the head injects into stage 1. Step counts are therefore deterministic
-for a given prompt, seed, mode, S and batch; wall time is whatever the stages take.
+tick t - S), the machine verifies them (the head broadcasts each Prune: pruning propagation) and chooses the next
+wave, which the head injects into stage 1; then the drafts expand the trees (``StepMachine.draft``) while the stages
+compute it (in ``specpipe`` a wave comes from the nodes drafted the tick before, unless a flush left too few). Step
+counts are therefore deterministic for a given prompt, seed, mode, S and batch; wall time is whatever the stages take.
 
 Several requests share the ticks (SpecPipe-DB): each has its own tree, draft source and KV on every stage, and each
 tick injects one wave that holds every active request's rows, the step's node budget split among them, so every
@@ -147,6 +148,7 @@ class PipelineDecoder:
                 m.deliver(self._result(msg))
             out.extend(self._perform(self._failures()))
         out.extend(self._perform([*m.collect(tick), *m.inject(tick)]))
+        m.draft()  # the wave is on its way: drafting overlaps the stages' work
         self.cluster.tick += 1
         if self._stats_due:
             self._read_stats(wait_s=0.0)
