@@ -3,8 +3,11 @@
 Same tree policy as the model drafts (``ModelDraft``: EAGLE-2 rounds over the best frontier, the head's own greedy
 child always kept), different inputs: a row needs the feature before its token, so the target's last-layer
 hidden states come back with every result (``wants_features``) and the committed text's features are kept in
-order. The head's cache holds one row per committed token after the first (true features); draft rows use the
-head's own predicted features and are dropped at every verification, as in EAGLE. With a draft vocabulary in the
+order. The head's cache holds one row per committed token after the first (true features) and a row per tree node it
+ran (the parent's feature: the target's where it computed the parent, else the head's own prediction). A
+verification moves the accepted path's rows into the prefix (rewriting those that read a prediction) and keeps the
+surviving subtree's: in ``specpipe``, where a tree outlives many verifications, a step runs only the new frontier,
+not every level down to it again (BENCHMARKS.md §3). With a draft vocabulary in the
 head file (``model/head.py``) the head scores those tokens and the prompt's only.
 """
 
@@ -24,6 +27,10 @@ from homespec.model.quant import Weight, out_features, select_rows
 from homespec.model.stage import Stage
 
 _PREFIX_CHUNK = 256
+#: the head extends a leaf only if fewer than this many of its ancestors lack a row and a target feature: each costs a
+#: sequential head forward (a row reads its parent's output), and deep chains of other sources' guesses are better
+#: left to them. Measured (BENCHMARKS.md §3, specpipe S = 8, ``auto``): no limit 1093 steps, 3 1045, 1 1051.
+_CHASE = 3
 
 
 class HeadDraft(ModelDraft):
@@ -37,7 +44,8 @@ class HeadDraft(ModelDraft):
         self.head = head
         self.features: list[torch.Tensor] = []  # true feature per committed position, in order
         self.node_features: dict[int, torch.Tensor] = {}  # tree node -> the target's feature, once computed
-        self.predicted: dict[int, torch.Tensor] = {}  # tree node -> the head's feature (until the next verification)
+        self.predicted: dict[int, torch.Tensor] = {}  # tree node -> the head's feature (while its row is kept)
+        self.row_true: dict[int, bool] = {}  # tree node with a row -> whether that row read the target's feature
         cfg = ends.source.config
         target = forward_params(cfg, ends.source.num_layers, lm_head=True)
         h = int(cfg.hidden_size)
@@ -59,6 +67,7 @@ class HeadDraft(ModelDraft):
         self.features = []
         self.node_features = {}
         self.predicted = {}
+        self.row_true = {}
 
     # -- what the target tells the head ----------------------------------------------------------------------
     def prefix_features(self, start: int, hidden: torch.Tensor) -> None:
@@ -71,13 +80,40 @@ class HeadDraft(ModelDraft):
             self.node_features[node] = h
 
     def observe(self, verification: Verification, committed: Sequence[int]) -> None:
+        """Keep the head's rows: the accepted path's move into its prefix, the surviving subtree's stay (their
+        predicted features too), the dead ones go. Prefix rows that read a predicted feature are written again
+        from the target's (one forward: a row's keys and values depend on its own input only); the rows kept in
+        the tree keep what they read, as EAGLE's draft does within a step. Only when the head's cache does not
+        hold the whole path (it never ran those nodes) does it start the tree again and catch up."""
         for node in verification.committed:  # every committed node was computed by the target
             self.features.append(self.node_features[node])
+        cache = self.cache
+        if cache is not None and cache.tree_len and verification.committed:
+            path = list(verification.committed)
+            root = len(committed) - len(verification.emitted) - 1  # the old root's position
+            if all(n in cache.slot_of for n in path) and cache.prefix_len == root - 1:
+                stale = [i for i, n in enumerate(path) if not self.row_true.get(n, False)]
+                cache.commit(path, dead=verification.dead)
+                if stale:
+                    self._rewrite_prefix(root + stale[0], root + len(path) - 1, committed)
+            else:
+                cache.drop(list(cache.tree_ids))
         for node in (*verification.committed, *verification.dead):
             self.node_features.pop(node, None)
-        self.predicted = {}
-        if self.cache is not None and self.cache.tree_len:
-            self.cache.drop(list(self.cache.tree_ids))  # draft rows used predicted features: recomputed later
+            self.predicted.pop(node, None)
+            self.row_true.pop(node, None)
+        if cache is not None and not cache.tree_len:
+            self.predicted, self.row_true = {}, {}
+
+    def _rewrite_prefix(self, first: int, last: int, committed: Sequence[int]) -> None:
+        """Prefix rows for positions first .. last again, from the target's features."""
+        assert self.cache is not None
+        positions = list(range(first, last + 1))
+        start, n = first - 1, len(positions)  # a row for position q sits in prefix slot q - 1
+        mask = torch.ones(n, start + n, dtype=torch.bool, device=self.stage.device)
+        mask[:, start:] = torch.ones(n, n, dtype=torch.bool, device=self.stage.device).tril()
+        feats = torch.stack([self.features[q - 1] for q in positions])
+        self._forward(self.cache, [committed[q] for q in positions], feats, positions, start, mask)
 
     # -- the model's hooks --------------------------------------------------------------------------------
     def _catch_up(self, committed: Sequence[int]) -> TreeKVCache:
@@ -103,7 +139,19 @@ class HeadDraft(ModelDraft):
         root = tree.root
         if root.position < 1 or len(self.features) < root.position:
             return []  # the feature before the root is not known yet (first token of a request)
-        return super()._frontier(tree)
+        assert self.cache is not None
+        cached, known = self.cache.slot_of, self.node_features
+        leaves = []
+        for i in tree.leaves():
+            if i in cached:
+                continue
+            node, rows, parent = tree.node(i), 0, tree.node(i).parent
+            while parent is not None and parent not in cached and parent not in known and rows < _CHASE:
+                rows, parent = rows + 1, tree.node(parent).parent
+            if rows < _CHASE or parent is None:
+                leaves.append(node)
+        leaves.sort(key=lambda n: (-n.score, n.id))
+        return [n.id for n in leaves[: self.width]]
 
     def _run(self, cache: TreeKVCache, tree: TokenTree, nodes: list[NodeId]) -> torch.Tensor:
         """Head log-probs for ``nodes``; ancestors the head has not run are run first, one depth level at a time
@@ -120,6 +168,9 @@ class HeadDraft(ModelDraft):
             level = by_level[position]
             rows = tree.rows(level)
             feats = torch.stack([self._feature_before(tree, n) for n in level])
+            for n in level:
+                parent = tree.node(n).parent
+                self.row_true[n] = parent is None or parent in self.node_features
             start, mask = cache.reserve_tree([r.node for r in rows], [r.parent for r in rows])
             out = self._forward(cache, [r.token for r in rows], feats, [r.position for r in rows], start, mask)
             self.predicted.update(zip(level, out.unbind(0), strict=True))
