@@ -366,3 +366,44 @@ def test_packs_hold_every_sequence_once_and_reach_their_rows(lengths: list[int],
     for p in got[:-1]:
         assert sum(lengths[i] for i in p) >= rows and (len(p) == 1 or sum(lengths[i] for i in p[:-1]) < rows)
     assert rows > 0 or all(len(p) == 1 for p in got)
+
+
+def test_the_head_keeps_its_rows_across_a_verification_and_its_prefix_is_a_fresh_catch_ups(bundled: Any) -> None:
+    """specpipe's trees outlive many verifications: the head keeps the surviving subtree's rows and moves the
+    accepted path's into its prefix, rewriting the rows that read its own predicted feature. That prefix holds the
+    same keys and values as a head that catches up on the committed tokens from the target's features alone."""
+    from homespec.core.tree import TokenTree
+    from homespec.model.drafts import build_draft
+
+    draft = build_draft("head", bundled, None, TreeConfig(depth=6, width=4), torch.float32, weights="fp32")
+    hidden = int(bundled.config.hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47]
+    draft.start(prompt)
+    draft.prefix_features(0, torch.randn(len(prompt) - 1, hidden, generator=gen))
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    assert draft.propose(tree, prompt, 24) > 0
+    root = tree.root.id
+    a = next(iter(tree.node(root).children.values()))
+    b = next(iter(tree.node(a).children.values()))
+    assert b in draft.cache.slot_of and not draft.row_true[a]  # a's row read the head's own feature for the root
+    tree.mark_sent([root, a, b])
+    draft.tree_features([root, a], torch.randn(2, hidden, generator=gen))  # the target computed root and a
+    tree.set_result(root, tree.node(a).token)
+    tree.set_result(a, tree.node(b).token)
+    v = tree.verify()
+    assert v.committed == (root, a) and v.root == b
+    committed = [*prompt, *v.emitted]
+    kept = [n for n in tree.subtree(b) if n in draft.cache.slot_of]
+    draft.observe(v, committed)
+    cache = draft.cache
+    assert cache.prefix_len == len(committed) - 2 and kept and all(n in cache.slot_of for n in kept)
+
+    fresh = build_draft("head", bundled, None, TreeConfig(), torch.float32, weights="fp32")
+    fresh.start(prompt)
+    fresh.features = list(draft.features)
+    fresh._catch_up(committed)
+    n = cache.prefix_len
+    assert fresh.cache.prefix_len == n
+    torch.testing.assert_close(cache.k[:, :, :n], fresh.cache.k[:, :, :n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.v[:, :, :n], fresh.cache.v[:, :, :n], rtol=1e-4, atol=1e-4)
