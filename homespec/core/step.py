@@ -55,7 +55,7 @@ DEFAULT_WAVE_SIZE = 32
 DEFAULT_BY_SCORE = True
 #: specpipe drafts until its tree holds this many waves of unsent nodes: a score-ordered wave picks the best of them,
 #: and after a verification prunes some, the rest can still fill the next wave while the draft refills it off the
-#: critical path (``StepMachine.draft``). Measured (BENCHMARKS.md §3, S = 8, ``auto``): 2 waves gave 1096 steps, 3
+#: critical path (``StepMachine.draft``). Measured (BENCHMARKS.md §2, S = 8, ``auto``): 2 waves gave 1096 steps, 3
 #: 1078, 4 1075 (each more draft work); a stock under half a wave is drafted up first (after a flush it is empty).
 STOCK_WAVES = 3
 STOCK_MIN = 0.5

@@ -29,7 +29,7 @@ from homespec.model.stage import Stage
 _PREFIX_CHUNK = 256
 #: the head extends a leaf only if fewer than this many of its ancestors lack a row and a target feature: each costs a
 #: sequential head forward (a row reads its parent's output), and deep chains of other sources' guesses are better
-#: left to them. Measured (BENCHMARKS.md §3, specpipe S = 8, ``auto``): no limit 1093 steps, 3 1045, 1 1051.
+#: left to them. Measured (BENCHMARKS.md §2, specpipe S = 8, ``auto``): no limit 1093 steps, 3 1045, 1 1051.
 _CHASE = 3
 
 
