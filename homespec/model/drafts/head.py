@@ -7,7 +7,7 @@ order. The head's cache holds one row per committed token after the first (true 
 ran (the parent's feature: the target's where it computed the parent, else the head's own prediction). A
 verification moves the accepted path's rows into the prefix (rewriting those that read a prediction) and keeps the
 surviving subtree's: in ``specpipe``, where a tree outlives many verifications, a step runs only the new frontier,
-not every level down to it again (BENCHMARKS.md §3). With a draft vocabulary in the
+not every level down to it again (BENCHMARKS.md §2). With a draft vocabulary in the
 head file (``model/head.py``) the head scores those tokens and the prompt's only.
 """
 
