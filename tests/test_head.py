@@ -217,6 +217,29 @@ def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
     assert_lossless(chat_ids(prompt), result["tokens"], reference_greedy(chat_ids(prompt), 16))
 
 
+def test_train_draft_trains_also_on_data_other_runs_made(tmp_path: Path) -> None:
+    """``--also DIR`` adds the data another ``train-draft`` run made (its shards) to this run's: the rows add up, and
+    the other run's prompts are new groups (a prompt's replies are held out together, never mixed with another's).
+    A folder without data is refused before the model loads."""
+    from homespec.model.train_head import Sequences
+    from tests.test_cli import homespec
+
+    tiny = ("--max-new", "8", "--samples", "1", "--epochs", "0", "--dtype", "fp32")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert homespec("train-draft", "--limit", "2", *tiny, "--out", str(a)).returncode == 0
+    out = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--also", str(a))
+    assert out.returncode == 0, out.stderr[-3000:]
+    mine, theirs = Sequences.load_shards(b / "data"), Sequences.load_shards(a / "data")
+    rows = sum(len(t) - 1 for d in (mine, theirs) for t in d.tokens)
+    assert f"{len(mine.tokens) + len(theirs.tokens)} sequences, {rows} training rows" in out.stderr
+    both = Sequences.load_shards(b / "data")
+    both.extend(theirs, groups=True)
+    first = {both.group_of(i) for i in range(len(mine.tokens))}
+    assert first.isdisjoint(both.group_of(i) for i in range(len(mine.tokens), len(both.tokens)))
+    bad = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--also", str(tmp_path / "none"))
+    assert bad.returncode != 0 and "no training data there" in bad.stderr
+
+
 def test_the_target_writes_its_own_prompts(
     engines: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -52,6 +52,10 @@ def train_draft(
         Path | None,
         typer.Option("--init", help="go on training this head file (for this target) instead of a new head"),
     ] = None,
+    also: Annotated[
+        list[Path] | None,
+        typer.Option("--also", help="train also on the data another train-draft run made in DIR (repeatable)"),
+    ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", help="stop after N optimizer steps (0 = all)")] = 0,
     draft_vocab: Annotated[
         int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")
@@ -110,6 +114,7 @@ def train_draft(
             raise ConfigError(f"head file not found: {init}")
         if vocab_for is not None and not vocab_for.is_file():
             raise ConfigError(f"head file not found: {vocab_for}")
+        more = [_made_data(d) for d in also or []]
         from rich.progress import Progress
 
         from homespec.engine import Engine, EngineOptions
@@ -145,6 +150,8 @@ def train_draft(
                         shards=out / "data",
                         on_shard=shard,
                     )
+            for folder in more:  # each folder's prompts stay apart: a prompt's replies are held out together
+                data.extend(Sequences.load_shards(folder) if folder.is_dir() else Sequences.load(folder), groups=True)
             rows = sum(len(t) - 1 for t in data.tokens)
             typer.echo(f"{len(data.tokens)} sequences, {rows} training rows", err=True)
             if epochs == 0:
@@ -210,6 +217,17 @@ def fastest_dtype(device: str) -> tuple[str, str]:
     fp32, bf16 = (matmul_tflops(torch, device, d, budget_s=0.3) for d in ("fp32", "bf16"))
     pick = "bf16" if bf16 >= BF16_GAIN * fp32 > 0 else "fp32"
     return pick, f"dtype: {pick} (matmul here: bf16 {bf16:.2f} TFLOP/s, fp32 {fp32:.2f}; --dtype to choose)"
+
+
+def _made_data(folder: Path) -> Path:
+    """The data another train-draft run made in ``folder``: its shards' folder, or its one legacy file."""
+    if any((folder / "data").glob("[0-9][0-9][0-9][0-9][0-9].safetensors")):
+        return folder / "data"
+    if (folder / "data.safetensors").is_file():
+        return folder / "data.safetensors"
+    raise ConfigError(
+        f"--also {folder}: no training data there", hint="make it: homespec train-draft --out DIR --epochs 0"
+    )
 
 
 def _self_written(engine: object, path: Path, count: int) -> list[str]:

@@ -72,11 +72,15 @@ class Sequences:
     def group_of(self, i: int) -> int:
         return self.groups[i] if self.groups else i
 
-    def extend(self, other: Sequences) -> None:
+    def extend(self, other: Sequences, groups: bool = False) -> None:
+        """Append ``other``'s sequences; with ``groups`` its prompts are new ones (numbered after this data's), as
+        for data from another run, else its group numbers are kept (the shards of one run)."""
+        mine = [self.group_of(i) for i in range(len(self.tokens))]
+        base = 1 + max(mine, default=-1) if groups else 0
         self.tokens += other.tokens
         self.features += other.features
         self.labels += other.labels
-        self.groups += [other.group_of(i) for i in range(len(other.tokens))]
+        self.groups = mine + [base + other.group_of(i) for i in range(len(other.tokens))]
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
