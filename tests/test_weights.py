@@ -90,15 +90,18 @@ def test_the_perplexity_command_scores_in_stages_as_in_one() -> None:
     assert result["nll"] == _nll(resolve(None), "int4")
 
 
-def test_an_int4_row_gets_the_same_bits_in_any_wave() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_an_int4_row_gets_the_same_bits_in_any_wave(native: bool) -> None:
     """A quantized stage's logits for a position are bit-identical whether the position is computed in one prefix
-    of 40 rows, in a chunk of 10 after 30, or alone (``stage.attention``: fp64 in a quantized stage). Broken on
-    purpose (attention in the activation dtype), the chunk differed by 0.31 and the lone row by 0.17."""
+    of 40 rows, in a chunk of 10 after 30, or alone (``stage.attention``: fp64 in a quantized stage), through the
+    native glue and through torch's operators. Broken on purpose (attention in the activation dtype), the chunk
+    differed by 0.31 and the lone row by 0.17."""
     import torch
 
     from homespec.model.loader import resolve
+    from homespec.model.stage import Stage
 
-    stage = _stage(resolve(None), 0, 30, "int4")
+    stage = Stage(resolve(None), 0, 30, weights="int4", native=native)
     ids = torch.arange(100, 140)
 
     def logits(*cuts: int) -> torch.Tensor:
@@ -161,9 +164,9 @@ def test_stacked_projections_give_the_bits_of_separate_ones(
 
     monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path / "cache"))
     source = resolve(None) if weights == "int4" else open_folder(truncated_copy, "float")
-    stacked = stage_module.Stage(source, 0, 3, weights=weights)
+    stacked = stage_module.Stage(source, 0, 3, weights=weights, native=False)  # both through torch's operators
     monkeypatch.setattr(stage_module._Layer, "fuse", lambda self, rows: None)
-    alone = stage_module.Stage(source, 0, 3, weights=weights)
+    alone = stage_module.Stage(source, 0, 3, weights=weights, native=False)
     assert all(layer.qkv is not None and layer.gu is not None and layer.wq is None for layer in stacked.layers)
     assert all(layer.qkv is None and layer.wq is not None for layer in alone.layers)
     assert stacked.weight_bytes == alone.weight_bytes

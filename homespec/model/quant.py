@@ -347,6 +347,29 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     return y if bias is None else y + bias
 
 
+def bf16_kernel(w: Weight) -> bool:
+    """Whether ``w`` multiplies through a torch CPU kernel with bf16 input and output (``bf16_product``)."""
+    if isinstance(w, Int4Affine):
+        k = w.kernel
+        return k is not None and k.packed.device.type == "cpu" and w.dtype == torch.bfloat16
+    if isinstance(w, Int8Channel):
+        return w.codes.device.type == "cpu" and w.dtype == torch.bfloat16
+    return False
+
+
+def bf16_product(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x bf16 [n, in] (contiguous) @ w.T -> bf16 [n, out] (contiguous), for a weight with ``bf16_kernel``: the
+    product ``linear`` computes, without its casts (the native decode glue reads and writes bf16 itself)."""
+    if isinstance(w, Int4Affine):
+        k = w.kernel
+        assert k is not None
+        y = k.matmul(x, w.group)
+        return y if k.rows == w.out_features else y[:, : w.out_features].contiguous()
+    assert isinstance(w, Int8Channel)
+    out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, w.codes, w.scales)
+    return out
+
+
 def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
     """Token ids [...] -> rows of ``w`` [..., in] (``F.embedding`` for a float weight)."""
     if isinstance(w, torch.Tensor):

@@ -15,6 +15,10 @@ own RoPE base on the layers ``layer_types`` names ``sliding_attention`` (each ke
 router and experts: softmax over the router's logits in fp32, the top k, renormalized where the family does, and
 each expert run once over the rows routed to it, their outputs summed in expert order as transformers does.
 
+A quantized Llama-family stage on the CPU runs its layers through the native glue (``homespec/native``,
+``_native_layers``): the same math with the four products in torch's kernels and the rest in five C calls per layer,
+each row on its own (so a row's bits do not depend on its wave); torch's operators where the glue cannot build.
+
 This module computes; it never decides which nodes to run, and knows nothing of sockets or drafts.
 """
 
@@ -35,6 +39,8 @@ from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
 from homespec.model.quant import (
     Weight,
+    bf16_kernel,
+    bf16_product,
     compact,
     embedding,
     fuse_rows,
@@ -217,6 +223,7 @@ class Stage:
         device: str = "cpu",
         weights: str = "auto",
         taps: dict[int, torch.Tensor] | None = None,
+        native: bool = True,
     ) -> None:
         shape = source.shape
         total = source.num_layers
@@ -243,6 +250,26 @@ class Stage:
         if any(not start <= i < end for i in self.taps):
             raise ConfigError(f"EAGLE-3 feature layers {sorted(self.taps)} are not all in [{start}, {end})")
         self.last_carry: torch.Tensor | None = None  # [n, hidden] fp32: fc's sum so far, after the last call
+        self.glue: Any = self._glue() if native else None  # homespec/native: this stage's layers in native calls
+
+    def _glue(self) -> Any:
+        """The native decode glue (``homespec.native``) where this stage's layers fit it, else None: a quantized
+        Llama-family stage on the CPU with fp32 activations, q/k/v and gate/up stacked, every product through a
+        bf16 CPU kernel, no biases or extra norms (Gemma 3, Qwen3, mixtures of experts run torch operators)."""
+        if self.device != "cpu" or self.dtype != torch.float32 or self.gemma or not self.layers:
+            return None
+        if self.head_dim % 8 or self.head_dim > 512:
+            return None
+        for layer in self.layers:
+            if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (layer.ln1, layer.ln2)):
+                return None
+            products = (layer.qkv, layer.wo, layer.gu, layer.wd)
+            extras = (layer.bo, layer.bd, layer.qn, layer.kn, layer.pa, layer.pf, layer.moe)
+            if any(w is None or not bf16_kernel(w) for w in products) or any(x is not None for x in extras):
+                return None
+        from homespec.native import library
+
+        return library()
 
     # -- loading -------------------------------------------------------------------------------------------
     def _family_options(self, raw: dict[str, Any]) -> None:
@@ -454,18 +481,72 @@ class Stage:
             else:
                 windowed = self._windowed(segments, positions)
             local = (*self.rope(positions, self.local_rotary), windowed)
-        for li, layer in enumerate(self.layers):
-            tap = self.taps.get(self.start + li)
-            if tap is not None:  # the stream entering this layer, through its columns of fc
-                part = F.linear(h.float(), tap)
-                acc = part if acc is None else acc + part
-            cos, sin, masks = local if self.sliding[li] else full
-            h = self._layer(layer, li, h, segments, cos, sin, masks)
+        if self.glue is not None and not isinstance(segments, Lockstep):
+            h, acc = self._native_layers(h, segments, full[0], full[1], acc)
+        else:
+            for li, layer in enumerate(self.layers):
+                tap = self.taps.get(self.start + li)
+                if tap is not None:  # the stream entering this layer, through its columns of fc
+                    part = F.linear(h.float(), tap)
+                    acc = part if acc is None else acc + part
+                cos, sin, masks = local if self.sliding[li] else full
+                h = self._layer(layer, li, h, segments, cos, sin, masks)
         self.last_carry = acc
         if self.has_head:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
         return h
+
+    def _native_layers(
+        self, h: torch.Tensor, segments: Sequence[Segment], cos: torch.Tensor, sin: torch.Tensor, acc: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """The layers through the native glue (``_glue``): per layer the four products in torch's bf16 kernels and
+        five native calls around them (norm, RoPE and the cache writes, attention per request, SwiGLU, the
+        residual adds with the next norm). Same math as ``_layer``, one row at a time; h [n, hidden] fp32."""
+        glue, (n, hidden) = self.glue, h.shape
+        heads, kvh, d = self.heads, self.kv_heads, self.head_dim
+        h = h.contiguous().clone()  # updated in place by the glue
+        cos, sin = cos.contiguous(), sin.contiguous()
+        r = torch.empty(n, hidden, dtype=torch.bfloat16)  # the next product's input
+        q = torch.empty(n, heads, d)
+        a = torch.empty(n, heads * d, dtype=torch.bfloat16)
+        masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
+        work = torch.empty(max(seg.start + seg.n for seg in segments), dtype=torch.float64)
+        scale = self.attn_scale if self.attn_scale is not None else d**-0.5
+        first = self.layers[0].ln1
+        glue.hs_rms_bf16(h.data_ptr(), first.data_ptr(), n, hidden, self.eps, r.data_ptr())
+        for li, w in enumerate(self.layers):
+            tap = self.taps.get(self.start + li)
+            if tap is not None:  # the stream entering this layer, through its columns of fc
+                part = F.linear(h, tap)
+                acc = part if acc is None else acc + part
+            assert w.qkv is not None and w.gu is not None and w.wd is not None  # ``_glue`` checked
+            qkv = bf16_product(r, w.qkv)
+            row = 0
+            for seg, mask in zip(segments, masks, strict=True):
+                k, v = seg.cache.k[li], seg.cache.v[li]  # [kvh, slots, d], contiguous
+                glue.hs_rope_store(
+                    qkv[row].data_ptr(), cos[row].data_ptr(), sin[row].data_ptr(), seg.n, heads, kvh, d,
+                    q[row].data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], seg.start,
+                )  # fmt: skip
+                glue.hs_attend(
+                    q[row].data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), seg.n, heads, kvh, d,
+                    k.shape[1], seg.start + seg.n, scale, work.data_ptr(), a[row].data_ptr(),
+                )  # fmt: skip
+                row += seg.n
+            o = bf16_product(a, w.wo)
+            glue.hs_add_rms_bf16(h.data_ptr(), o.data_ptr(), w.ln2.data_ptr(), n, hidden, self.eps, r.data_ptr())
+            gu = bf16_product(r, w.gu)
+            inter = gu.shape[1] // 2
+            act = torch.empty(n, inter, dtype=torch.bfloat16)
+            glue.hs_silu_mul(gu.data_ptr(), n, inter, act.data_ptr())
+            down = bf16_product(act, w.wd)
+            last = li + 1 == len(self.layers)
+            norm = None if last else self.layers[li + 1].ln1.data_ptr()
+            glue.hs_add_rms_bf16(
+                h.data_ptr(), down.data_ptr(), norm, n, hidden, self.eps, None if last else r.data_ptr()
+            )
+        return h, acc
 
     def _windowed(self, segments: Sequence[Segment], positions: Sequence[int]) -> list[torch.Tensor]:
         """The segments' masks for sliding-window layers: a row at position p sees a key at position j only when

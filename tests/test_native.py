@@ -1,0 +1,105 @@
+"""The native decode glue (``homespec/native``): built here, used by quantized stages, the same tokens as torch's
+operators, a row's bits independent of its wave, and torch's operators where it cannot build."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from homespec import native
+from homespec.core.tree import TokenTree
+from homespec.model.loader import resolve
+from homespec.model.stage import Stage
+
+needs_cc = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler on this machine"
+)
+
+
+@pytest.fixture(scope="module")
+def stages() -> tuple[Stage, Stage]:
+    """The bundled model's int4 GGUF as one stage through the glue, and the same through torch's operators."""
+    source = resolve(None)
+    return Stage(source, 0, source.num_layers, weights="int4"), Stage(
+        source, 0, source.num_layers, weights="int4", native=False
+    )
+
+
+PROMPT = "<|im_start|>user\nName three rivers in Europe and say where each one ends.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def greedy(stage: Stage, ids: list[int], n: int) -> list[int]:
+    cache = stage.new_cache(512, 16)
+    logits = stage.forward_prefix(cache, torch.tensor(ids), range(len(ids)))
+    out = [int(logits[-1].argmax())]
+    for _ in range(n - 1):
+        pos = len(ids) + len(out) - 1
+        logits = stage.forward_prefix(cache, torch.tensor(out[-1:]), range(pos, pos + 1))
+        out.append(int(logits[-1].argmax()))
+    return out
+
+
+@needs_cc
+def test_a_quantized_stage_runs_its_layers_through_the_glue(stages: tuple[Stage, Stage]) -> None:
+    glued, plain = stages
+    assert glued.glue is not None and plain.glue is None
+    assert Stage(resolve(None), 0, 2, weights="fp32").glue is None  # float stages keep torch's operators
+
+
+@needs_cc
+def test_the_glue_and_torch_operators_give_the_same_greedy_tokens(stages: tuple[Stage, Stage]) -> None:
+    """48 greedy tokens of a real prompt, through the glue and through torch's operators: the same tokens, and
+    logits within bf16 rounding of each other (the two sum a norm's squares in different orders)."""
+    glued, plain = stages
+    ids = resolve(None).tokenizer()(PROMPT)["input_ids"]
+    assert greedy(glued, ids, 48) == greedy(plain, ids, 48)
+    a, b = glued.new_cache(512, 16), plain.new_cache(512, 16)
+    la = glued.forward_prefix(a, torch.tensor(ids), range(len(ids)))
+    lb = plain.forward_prefix(b, torch.tensor(ids), range(len(ids)))
+    assert (la - lb).abs().max() < 0.05 * lb.abs().max()
+
+
+@needs_cc
+def test_a_glued_row_gets_the_same_bits_in_a_tree_wave_as_decoded_alone(stages: tuple[Stage, Stage]) -> None:
+    """Siblings in one wave, their keys scattered over the tree slots: each node's logits are bit-identical to
+    decoding its branch alone, cut into two chunks (attention one row at a time over its own keys)."""
+    glued, _ = stages
+    prompt = resolve(None).tokenizer()(PROMPT)["input_ids"]
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    a, _ = tree.add(tree.root.id, 1001, 0.0)
+    b, _ = tree.add(tree.root.id, 1002, 0.0)
+    c, _ = tree.add(a, 1003, 0.0)
+    d, _ = tree.add(b, 1004, 0.0)
+    e, _ = tree.add(c, 1005, 0.0)
+    cache = glued.new_cache(512, 16)
+    glued.forward_prefix(cache, torch.tensor(prompt[:-1]), range(len(prompt) - 1))
+    ids = [tree.root.id, a, b, c, d, e]
+    rows = tree.rows(ids)
+    got = glued.forward_tree(cache, rows, torch.tensor([r.token for r in rows]))
+    for i, node in enumerate(ids):
+        seq = [*prompt[:-1], *tree.path_tokens(node)]
+        fresh = glued.new_cache(512, 16)
+        cut = len(seq) - 2
+        glued.forward_prefix(fresh, torch.tensor(seq[:cut]), range(cut))
+        want = glued.forward_prefix(fresh, torch.tensor(seq[cut:]), range(cut, len(seq)))[-1]
+        assert torch.equal(got[i], want), f"node {node}"
+
+
+def test_no_glue_where_turned_off_or_not_buildable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``HOMESPEC_NATIVE=0``: stages keep torch's operators. A compiler that fails: a clear error from ``build``,
+    one notice from ``library`` and no glue (the stages fall back)."""
+    monkeypatch.setenv("HOMESPEC_NATIVE", "0")
+    assert native.library.__wrapped__() is None
+    monkeypatch.setenv("HOMESPEC_NATIVE", "1")
+    monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with pytest.raises(RuntimeError, match="false failed"):
+        native.build()
+    assert native.library.__wrapped__() is None
+    assert "native decode glue unavailable" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
