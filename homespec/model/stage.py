@@ -258,8 +258,8 @@ class Stage:
         bf16 CPU kernel, no biases or extra norms (Gemma 3, Qwen3, mixtures of experts run torch operators)."""
         if self.device != "cpu" or self.dtype != torch.float32 or self.gemma or not self.layers:
             return None
-        if self.head_dim % 8 or self.head_dim > 512:
-            return None
+        if self.head_dim % 16 or self.head_dim > 512 or self.heads // self.kv_heads > 16:
+            return None  # glue.c's attention: 16 lanes per dot product, a group's outputs on its stack
         for layer in self.layers:
             if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (layer.ln1, layer.ln2)):
                 return None
@@ -511,7 +511,7 @@ class Stage:
         q = torch.empty(n, heads, d)
         a = torch.empty(n, heads * d, dtype=torch.bfloat16)
         masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
-        work = torch.empty(max(seg.start + seg.n for seg in segments), dtype=torch.float64)
+        work = torch.empty(heads // kvh * max(seg.start + seg.n for seg in segments))  # hs_attend's scores
         scale = self.attn_scale if self.attn_scale is not None else d**-0.5
         first = self.layers[0].ln1
         glue.hs_rms_bf16(h.data_ptr(), first.data_ptr(), n, hidden, self.eps, r.data_ptr())

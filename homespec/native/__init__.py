@@ -26,7 +26,7 @@ from pathlib import Path
 from homespec.config import cache_dir
 
 SOURCE = Path(__file__).with_name("glue.c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 #: each function's argument types (glue.c's comments say what they are)
