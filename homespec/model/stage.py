@@ -485,10 +485,7 @@ class Stage:
             h, acc = self._native_layers(h, segments, full[0], full[1], acc)
         else:
             for li, layer in enumerate(self.layers):
-                tap = self.taps.get(self.start + li)
-                if tap is not None:  # the stream entering this layer, through its columns of fc
-                    part = F.linear(h.float(), tap)
-                    acc = part if acc is None else acc + part
+                acc = self._tap(li, h, acc)
                 cos, sin, masks = local if self.sliding[li] else full
                 h = self._layer(layer, li, h, segments, cos, sin, masks)
         self.last_carry = acc
@@ -496,6 +493,14 @@ class Stage:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
         return h
+
+    def _tap(self, li: int, h: torch.Tensor, acc: Any) -> Any:
+        """EAGLE-3's running fc sum after adding layer ``li``'s incoming stream through its columns of fc, if tapped."""
+        tap = self.taps.get(self.start + li)
+        if tap is None:
+            return acc
+        part = F.linear(h.float(), tap)
+        return part if acc is None else acc + part
 
     def _native_layers(
         self, h: torch.Tensor, segments: Sequence[Segment], cos: torch.Tensor, sin: torch.Tensor, acc: Any
@@ -510,16 +515,14 @@ class Stage:
         r = torch.empty(n, hidden, dtype=torch.bfloat16)  # the next product's input
         q = torch.empty(n, heads, d)
         a = torch.empty(n, heads * d, dtype=torch.bfloat16)
+        act = torch.empty(n, self.part_rows["wg"], dtype=torch.bfloat16)  # SwiGLU's output
         masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
         work = torch.empty(heads // kvh * max(seg.start + seg.n for seg in segments))  # hs_attend's scores
         scale = self.attn_scale if self.attn_scale is not None else d**-0.5
         first = self.layers[0].ln1
         glue.hs_rms_bf16(h.data_ptr(), first.data_ptr(), n, hidden, self.eps, r.data_ptr())
         for li, w in enumerate(self.layers):
-            tap = self.taps.get(self.start + li)
-            if tap is not None:  # the stream entering this layer, through its columns of fc
-                part = F.linear(h, tap)
-                acc = part if acc is None else acc + part
+            acc = self._tap(li, h, acc)
             assert w.qkv is not None and w.gu is not None and w.wd is not None  # ``_glue`` checked
             qkv = bf16_product(r, w.qkv)
             row = 0
@@ -537,9 +540,7 @@ class Stage:
             o = bf16_product(a, w.wo)
             glue.hs_add_rms_bf16(h.data_ptr(), o.data_ptr(), w.ln2.data_ptr(), n, hidden, self.eps, r.data_ptr())
             gu = bf16_product(r, w.gu)
-            inter = gu.shape[1] // 2
-            act = torch.empty(n, inter, dtype=torch.bfloat16)
-            glue.hs_silu_mul(gu.data_ptr(), n, inter, act.data_ptr())
+            glue.hs_silu_mul(gu.data_ptr(), n, act.shape[1], act.data_ptr())
             down = bf16_product(act, w.wd)
             last = li + 1 == len(self.layers)
             norm = None if last else self.layers[li + 1].ln1.data_ptr()
