@@ -49,17 +49,32 @@ def test_a_quantized_stage_runs_its_layers_through_the_glue(stages: tuple[Stage,
     assert Stage(resolve(None), 0, 2, weights="fp32").glue is None  # float stages keep torch's operators
 
 
+def decode(stage: Stage, ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), vocab] of each token's position, the prompt as one chunk and then one row a step."""
+    cache = stage.new_cache(512, 16)
+    out = [stage.forward_prefix(cache, torch.tensor(ids), range(len(ids)))[-1]]
+    for i, t in enumerate(tokens[:-1]):
+        pos = len(ids) + i
+        out.append(stage.forward_prefix(cache, torch.tensor([t]), range(pos, pos + 1))[-1])
+    return torch.stack(out)
+
+
 @needs_cc
-def test_the_glue_and_torch_operators_give_the_same_greedy_tokens(stages: tuple[Stage, Stage]) -> None:
-    """48 greedy tokens of a real prompt, through the glue and through torch's operators: the same tokens, and
-    logits within bf16 rounding of each other (the two sum a norm's squares in different orders)."""
+def test_the_glue_and_torch_operators_pick_the_same_tokens(stages: tuple[Stage, Stage]) -> None:
+    """48 greedy tokens of a real prompt through torch's operators, then the glue fed the same tokens: at every step
+    where torch's best logit beats its runner-up by more than 1% the glue picks the same token, and the logits are
+    within bf16 rounding of each other. The two paths sum in different orders, and the LM head's logits are bf16, so
+    where two logits sit within a step or two of each other (an exact tie happens here) either may come out on top."""
     glued, plain = stages
     ids = resolve(None).tokenizer()(PROMPT)["input_ids"]
-    assert greedy(glued, ids, 48) == greedy(plain, ids, 48)
-    a, b = glued.new_cache(512, 16), plain.new_cache(512, 16)
-    la = glued.forward_prefix(a, torch.tensor(ids), range(len(ids)))
-    lb = plain.forward_prefix(b, torch.tensor(ids), range(len(ids)))
-    assert (la - lb).abs().max() < 0.05 * lb.abs().max()
+    tokens = greedy(plain, ids, 48)
+    want, got = decode(plain, ids, tokens), decode(glued, ids, tokens)
+    assert torch.equal(want.argmax(-1), torch.tensor(tokens))
+    top = want.topk(2, dim=-1).values
+    clear = (top[:, 0] - top[:, 1]) > 0.01 * top[:, 0].abs()
+    assert int(clear.sum()) >= 40  # the check below covers most of the steps
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
 @needs_cc

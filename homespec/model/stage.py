@@ -517,7 +517,7 @@ class Stage:
         a = torch.empty(n, heads * d, dtype=torch.bfloat16)
         act = torch.empty(n, self.part_rows["wg"], dtype=torch.bfloat16)  # SwiGLU's output
         masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
-        work = torch.empty(heads // kvh * max(seg.start + seg.n for seg in segments))  # hs_attend's scores
+        work = torch.empty(heads * max(seg.n * (seg.start + seg.n) for seg in segments))  # hs_attend's scores
         scale = self.attn_scale if self.attn_scale is not None else d**-0.5
         first = self.layers[0].ln1
         glue.hs_rms_bf16(h.data_ptr(), first.data_ptr(), n, hidden, self.eps, r.data_ptr())

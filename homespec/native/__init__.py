@@ -3,7 +3,7 @@
 At one row a quantized layer is ~230 small torch operators around its four int4 products, and each costs its
 call more than its arithmetic: on the bundled model the products take 5.0 ms of a 10.8 ms decode step
 (BENCHMARKS.md §6). ``glue.c`` does the rest of a Llama layer (RMSNorm, RoPE and the cache writes, attention in
-fp64, SwiGLU, the residual adds) in five calls per layer, through ``ctypes``; the products stay torch's own
+fp32, SwiGLU, the residual adds) in five calls per layer, through ``ctypes``; the products stay torch's own
 kernels. ``library()`` compiles the source with ``cc -O3 -march=native`` into HomeSpec's cache (keyed by the
 source, the compiler and the CPU), loads it, and returns None with a one-line notice where there is no compiler
 or the build fails: stages then run the same layers in torch (``model/stage.py``). ``HOMESPEC_NATIVE=0`` turns it
@@ -27,6 +27,9 @@ from homespec.config import cache_dir
 
 SOURCE = Path(__file__).with_name("glue.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+#: tried first: torch's CPU build runs OpenMP (libgomp.so.1), which the loaded glue then shares, with torch's
+#: thread count (``torch.set_num_threads``); where the compiler has no OpenMP (Apple's clang), one thread
+OPENMP = ("-fopenmp",)
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 #: each function's argument types (glue.c's comments say what they are)
@@ -82,9 +85,12 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300
-        )
+        for threads in (OPENMP, ()):  # attention's items over torch's OpenMP threads, else one thread
+            done = subprocess.run(
+                [compiler, *FLAGS, *threads, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300
+            )
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: stage processes starting together each build, one library lands

@@ -1,7 +1,11 @@
 /* A quantized stage's decode glue: everything in a Llama layer but its four matrix products, in a few calls
    (homespec/native/__init__.py). Activations fp32, the products' inputs and outputs bf16 (torch's int4/int8 CPU
    kernels), attention one row at a time over its keys in slot order (a row gets the same bits whatever rows ride
-   with it and wherever its keys sit: model/stage.py). Plain C that compilers vectorize; no intrinsics, no threads. */
+   with it and wherever its keys sit: model/stage.py). Plain C that compilers vectorize, AVX-512 intrinsics where
+   they pay (attention), attention's (row, head) items over OpenMP threads where the compiler has it. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -95,57 +99,98 @@ void hs_rope_store(const uint16_t* qkv, const float* cos, const float* sin, int 
     }
 }
 
-/* attention of rows q [n, heads, d] over keys/values [kvh, slots, d] (the first `used` slots) where mask [n, used]
-   allows: out bf16 [n, heads * d]. One row at a time, its keys in slot order, the masked ones skipped, so a row gets
-   the same bits whatever rows ride with it (in ar its keys are contiguous, in a tree wave its ancestors sit among
-   other nodes' slots). The query heads that share a key head read each key and value once. fp32 throughout;
-   work: heads / kvh * used floats. */
-void hs_attend(const float* q, const float* kc, const float* vc, const uint8_t* mask, int n, int heads, int kvh,
-               int d, int slots, int used, float scale, float* work, uint16_t* out) {
-    int group = heads / kvh;
-    float acc[16 * 512];
-    for (int r = 0; r < n; r++) {
-        const uint8_t* m = mask + (size_t)r * used;
-        for (int g = 0; g < kvh; g++) {
-            const float* K = kc + (size_t)g * slots * d;
-            const float* V = vc + (size_t)g * slots * d;
-            const float* Q = q + ((size_t)r * heads + (size_t)g * group) * d; /* the group's heads, contiguous */
-            for (int j = 0; j < used; j++) {
-                const float* kj = K + (size_t)j * d;
-                for (int h = 0; h < group; h++) {
-                    const float* qh = Q + (size_t)h * d;
-                    float lane[16] = {0};
-                    for (int i = 0; i < d; i += 16)
-                        for (int l = 0; l < 16; l++) lane[l] += qh[i + l] * kj[i + l];
-                    float sc = 0.f;
-                    for (int l = 0; l < 16; l += 2) sc += lane[l] + lane[l + 1];
-                    work[(size_t)h * used + j] = m[j] ? sc * scale : -INFINITY;
-                }
+/* q . k over d floats (d % 16 == 0) in a fixed order: 16 lanes, then the lanes. AVX-512 where the compiler targets
+   it (one register, its own reduction), else plain C that compilers vectorize. */
+static inline float dot16(const float* a, const float* b, int d) {
+#if defined(__AVX512F__)
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (int i = 16; i < d; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+    return _mm512_reduce_add_ps(s);
+#else
+    float lane[16] = {0};
+    for (int i = 0; i < d; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += a[i + l] * b[i + l];
+    for (int l = 8; l > 0; l >>= 1)
+        for (int k = 0; k < l; k++) lane[k] += lane[k + l];
+    return lane[0];
+#endif
+}
+
+/* o = bf16(sum over unmasked k of p[k] * V[k] / total), V [.., d] rows, keys in slot order; 64 outputs at a time
+   kept in registers over the keys */
+static inline void weighted_sum(const float* p, const uint8_t* m, const float* V, int used, int d, float total,
+                                uint16_t* o) {
+    float acc[64];
+    for (int c = 0; c < d; c += 64) {
+        int width = d - c < 64 ? d - c : 64;
+#if defined(__AVX512F__)
+        if (width == 64) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < used; k++) {
+                if (!m[k]) continue;
+                const float* vk = V + (size_t)k * d + c;
+                __m512 pk = _mm512_set1_ps(p[k]);
+                a0 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk), a0);
+                a1 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk + 16), a1);
+                a2 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk + 32), a2);
+                a3 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk + 48), a3);
             }
-            for (int h = 0; h < group; h++) {
-                float* w = work + (size_t)h * used;
-                float best = -INFINITY;
-                for (int j = 0; j < used; j++) best = w[j] > best ? w[j] : best;
-                for (int j = 0; j < used; j++) w[j] = m[j] ? hs_expf(w[j] - best) : 0.f;
-            }
-            for (int i = 0; i < group * d; i++) acc[i] = 0.f;
-            for (int j = 0; j < used; j++) {
-                if (!m[j]) continue;
-                const float* vj = V + (size_t)j * d;
-                for (int h = 0; h < group; h++) {
-                    float p = work[(size_t)h * used + j];
-                    float* ah = acc + (size_t)h * d;
-                    for (int i = 0; i < d; i++) ah[i] += p * vj[i];
-                }
-            }
-            for (int h = 0; h < group; h++) {
-                float total = 0.f;
-                const float* w = work + (size_t)h * used;
-                for (int j = 0; j < used; j++) total += w[j];
-                uint16_t* o = out + ((size_t)r * heads + (size_t)g * group + h) * d;
-                for (int i = 0; i < d; i++) o[i] = f2bf(acc[(size_t)h * d + i] / total);
+            _mm512_storeu_ps(acc, a0);
+            _mm512_storeu_ps(acc + 16, a1);
+            _mm512_storeu_ps(acc + 32, a2);
+            _mm512_storeu_ps(acc + 48, a3);
+        } else
+#endif
+        {
+            for (int i = 0; i < width; i++) acc[i] = 0.f;
+            for (int k = 0; k < used; k++) {
+                if (!m[k]) continue;
+                const float* vk = V + (size_t)k * d + c;
+                for (int i = 0; i < width; i++) acc[i] += p[k] * vk[i];
             }
         }
+        for (int i = 0; i < width; i++) o[c + i] = f2bf(acc[i] / total);
+    }
+}
+
+/* attention of rows q [n, heads, d] over keys/values [kvh, slots, d] (the first `used` slots) where mask [n, used]
+   allows: out bf16 [n, heads * d]. Each (row, head) on its own, its keys in slot order, the masked ones skipped,
+   so a row gets the same bits whatever rows ride with it, however the items are shared among threads (OpenMP,
+   as many as torch uses; in ar its keys are contiguous, in a tree wave its ancestors sit among others' nodes).
+   work: n * heads * used floats. */
+void hs_attend(const float* q, const float* kc, const float* vc, const uint8_t* mask, int n, int heads, int kvh,
+               int d, int slots, int used, float scale, float* work, uint16_t* out) {
+    int group = heads / kvh, items = n * heads;
+#pragma omp parallel for schedule(static) if (items > 1)
+    for (int it = 0; it < items; it++) {
+        int r = it / heads, hh = it % heads, g = hh / group;
+        const uint8_t* m = mask + (size_t)r * used;
+        const float* K = kc + (size_t)g * slots * d;
+        const float* V = vc + (size_t)g * slots * d;
+        const float* qh = q + ((size_t)r * heads + hh) * d;
+        float* w = work + (size_t)it * used;
+        float best = -INFINITY;
+        for (int j = 0; j < used; j++) {
+            float s = m[j] ? dot16(qh, K + (size_t)j * d, d) * scale : -INFINITY;
+            w[j] = s;
+            best = s > best ? s : best;
+        }
+        float lane[16] = {0}; /* e^(s - best), 0 where masked (s = -inf); their sum in 16 lanes */
+        int j = 0;
+        for (; j + 16 <= used; j += 16)
+            for (int l = 0; l < 16; l++) {
+                float x = w[j + l] - best, e = x < -87.3f ? 0.f : hs_expf(x);
+                w[j + l] = e;
+                lane[l] += e;
+            }
+        for (int l = 0; j + l < used; l++) { /* slot j + l in lane l = its slot mod 16, whatever `used` is */
+            float x = w[j + l] - best;
+            w[j + l] = x < -87.3f ? 0.f : hs_expf(x);
+            lane[l] += w[j + l];
+        }
+        float total = 0.f;
+        for (int l = 0; l < 16; l++) total += lane[l];
+        weighted_sum(w, m, V, used, d, total, out + ((size_t)r * heads + hh) * d);
     }
 }
 
