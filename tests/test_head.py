@@ -92,7 +92,8 @@ def test_a_head_with_a_draft_vocabulary_scores_those_tokens_and_stays_lossless(
     tmp_path: Path,
 ) -> None:
     """``train-draft --vocab-for`` writes the vocabulary into a head file (weights unchanged); the head then scores
-    the vocabulary and the prompt's tokens only, and the output is still the target's own."""
+    the vocabulary and the prompt's tokens only in ``ar`` (every token beside a pipeline), and the output is still
+    the target's own."""
     import shutil
 
     import torch
@@ -123,6 +124,12 @@ def test_a_head_with_a_draft_vocabulary_scores_those_tokens_and_stays_lossless(
         assert_lossless(ids, list(done.tokens), reference_greedy(ids, 32))
         accepted += round(done.stats.accepted_per_step * done.stats.target_forwards)
     assert accepted > 0
+    draft.set_mode("specpipe")  # beside a pipeline the head's forwards are free: every token is scored
+    draft.start(chat_ids(EQUIVALENCE_PROMPTS[0]))
+    assert draft.columns is None and draft._head_w is None and draft.lm_unit == draft._lm_full
+    draft.set_mode("ar")
+    draft.start(chat_ids(EQUIVALENCE_PROMPTS[0]))
+    assert draft.columns is not None and draft.lm_unit < draft._lm_full
 
 
 LABEL_TIE = 1e-3  # logits apart less than this are a near-tie that float rounding may order either way

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from homespec.core.bandit import cost_weight
 from homespec.core.step import DEFAULT_MAX_TREE
 from homespec.core.tree import NodeId, TokenTree, Verification
 from homespec.model.drafts.base import forward_params
@@ -52,18 +53,26 @@ class HeadDraft(ModelDraft):
         self.layer_unit = (forward_params(cfg, 1, lm_head=False) + 2 * h * h) / target  # fc + one layer
         self.lm_unit = self._lm_full = forward_params(cfg, 0, lm_head=True) / target
         self._head_w: Weight | None = None  # the LM head's rows for ``columns`` (a draft vocabulary)
+        self.vocab_on = True  # score the draft vocabulary only, if the head has one (``set_mode``)
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
             self.cache = self.head.new_cache(self.max_context, DEFAULT_MAX_TREE, self.stage.dtype, self.stage.device)
         else:
             self.cache.reset()
-        if self.head.vocab is not None:  # the draft vocabulary and this prompt's own tokens (names, numbers)
+        self.columns, self._head_w, self.lm_unit = None, None, self._lm_full
+        if self.head.vocab is not None and self.vocab_on:  # the draft vocabulary and the prompt's own tokens
             assert self.stage.head_w is not None
             ids = torch.tensor(list(prompt), dtype=torch.int64)
             columns = torch.unique(torch.cat([self.head.vocab, ids])).to(self.stage.device)
             self.columns, self._head_w = columns, select_rows(self.stage.head_w, columns)
             self.lm_unit = self._lm_full * len(columns) / out_features(self.stage.head_w)
+
+    def set_mode(self, mode: str) -> None:
+        """A draft vocabulary scores fewer tokens where the head's forwards cost the target time (``ar``); beside a
+        pipeline every token is scored (BENCHMARKS.md §3: there the smaller vocabulary's renormalized scores rank
+        the head's nodes above prompt lookup's and cost steps)."""
+        self.vocab_on = cost_weight(mode) > 0
         self.features = []
         self.node_features = {}
         self.predicted = {}
