@@ -118,3 +118,33 @@ def test_no_glue_where_turned_off_or_not_buildable(
     assert native.library.__wrapped__() is None
     assert "native decode glue unavailable" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+
+
+@needs_cc
+def test_the_draft_head_through_the_glue_predicts_what_its_torch_forward_does(stages: tuple[Stage, Stage]) -> None:
+    """The shipped head drafting through the glue (int8 products, ``DraftHead.use_glue``) against its fp32 torch
+    forward on a real reply's features: the same next token for nearly every row, features within int8 rounding."""
+    from homespec.model.drafts import SHIPPED_HEADS
+    from homespec.model.head import load_head
+
+    glued, _ = stages
+    source = resolve(None)
+    ids = source.tokenizer()(PROMPT)["input_ids"]
+    ids = ids + greedy(glued, ids, 32)
+    glued.forward_prefix(glued.new_cache(512, 16), torch.tensor(ids), range(len(ids)))
+    feats = glued.last_hidden
+    assert feats is not None
+    path = sorted(SHIPPED_HEADS.glob("*.safetensors"))[0]
+    plain, head = load_head(path, source.config), load_head(path, source.config)
+    assert head.use_glue() and head.glued is not None and plain.glued is None
+    n = len(ids) - 1  # the row for position q reads the token at q and the feature at q - 1
+    emb, feat = glued.embed(torch.tensor(ids[1:])), feats[:-1]
+    cos, sin = glued.rope(range(n))
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    with torch.inference_mode():
+        want = plain.forward(emb, feat, cos, sin, mask)[0]
+        got = head.run_cached(head.new_cache(512, 16, torch.float32, "cpu"), emb, feat, cos, sin, 0, mask)
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    assert float(cosine.min()) > 0.995  # an int8 fc gave 0.84 (its input holds the features' outliers)
+    agree = (glued.logits(got).argmax(-1) == glued.logits(want).argmax(-1)).float().mean()
+    assert float(agree) >= 0.95

@@ -30,7 +30,8 @@ from torch import nn
 
 from homespec.errors import DraftError
 from homespec.model.kv import TreeKVCache
-from homespec.model.stage import rms_norm, rotate_half
+from homespec.model.quant import Int8Channel, quantize_int8
+from homespec.model.stage import GlueShape, Segment, _Layer, glue_fits, glue_layers, rms_norm, rotate_half
 
 FORMAT = "homespec-draft-head-1"
 VOCAB_KEY = "draft_vocab"
@@ -91,6 +92,12 @@ class CachedRows:
     given slots, and a cache of its shape. The head supplies ``cfg`` (kv_heads, head_dim) and ``forward``."""
 
     cfg: Any
+    glued: tuple[Any, ...] | None = None  # the native glue and the layer's weights for it (``DraftHead.use_glue``)
+
+    def use_glue(self) -> bool:
+        """Draft through the native glue where this head's layer fits it; returns whether it does (here: never,
+        a published EAGLE head keeps torch's operators)."""
+        return False
 
     def forward(
         self,
@@ -116,6 +123,10 @@ class CachedRows:
     ) -> torch.Tensor:
         """Rows written at cache slots [start, start + n), attending as ``mask`` says; returns predicted features."""
         n = emb.shape[0]
+        if self.glued is not None and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu":
+            glue, shape, layer, fc = self.glued
+            x = F.linear(torch.cat([emb, feat], dim=-1).to(torch.bfloat16), fc).float()
+            return glue_layers(glue, shape, [layer], x, [Segment(cache, start, n, mask)], cos.float(), sin.float())
         out, k, v = self.forward(emb, feat, cos, sin, mask, (cache.k[0, :, :start], cache.v[0, :, :start]))
         cache.k[0, :, start : start + n] = k
         cache.v[0, :, start : start + n] = v
@@ -141,6 +152,41 @@ class DraftHead(CachedRows, nn.Module):
         self.gate = nn.Linear(h, cfg.intermediate, bias=False)
         self.up = nn.Linear(h, cfg.intermediate, bias=False)
         self.down = nn.Linear(cfg.intermediate, h, bias=False)
+        self.glued: tuple[Any, ...] | None = None  # ``use_glue``: the native glue and this layer's int8 weights
+
+    def use_glue(self) -> bool:
+        """Draft through the native glue (``homespec.native``, as a quantized stage runs its layers): the layer's
+        products in int8 with one scale per output row, ``fc`` in bf16, the rest in the glue's five calls. A head
+        forward at one row costs ~40 small operator calls in fp32 otherwise, about half a target step on the
+        bundled model (BENCHMARKS.md §6). Training keeps ``forward``. Returns whether the glue runs the head."""
+        if self.glued is not None:
+            return True
+        if self.fc.weight.device.type != "cpu":
+            return False
+        from homespec.native import library
+
+        cfg = self.cfg
+
+        def int8(*parts: nn.Linear) -> Int8Channel:
+            return quantize_int8(torch.cat([p.weight.detach().float() for p in parts]), torch.bfloat16)
+
+        layer = _Layer(
+            ln1=self.ln1.detach().float().contiguous(),
+            ln2=self.ln2.detach().float().contiguous(),
+            wq=None, wk=None, wv=None,
+            wo=int8(self.o),
+            wd=int8(self.down),
+            qkv=int8(self.q, self.k, self.v),
+            gu=int8(self.gate, self.up),
+        )  # fmt: skip
+        shape = GlueShape(cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.eps, None, cfg.intermediate)
+        glue = library() if glue_fits(shape, [layer]) else None
+        if glue is None:
+            return False
+        # fc stays bf16: its input holds the target's features, whose outlier channels (thousands, against
+        # embeddings of about 1) make an int8 grid of fc's rows lose the rest (cosine 0.99 to fp32, 0.9999 in bf16)
+        self.glued = (glue, shape, layer, self.fc.weight.detach().to(torch.bfloat16))
+        return True
 
     def forward(
         self,

@@ -253,20 +253,14 @@ class Stage:
         self.glue: Any = self._glue() if native else None  # homespec/native: this stage's layers in native calls
 
     def _glue(self) -> Any:
-        """The native decode glue (``homespec.native``) where this stage's layers fit it, else None: a quantized
-        Llama-family stage on the CPU with fp32 activations, q/k/v and gate/up stacked, every product through a
-        bf16 CPU kernel, no biases or extra norms (Gemma 3, Qwen3, mixtures of experts run torch operators)."""
-        if self.device != "cpu" or self.dtype != torch.float32 or self.gemma or not self.layers:
+        """The native decode glue (``homespec.native``) where this stage's layers fit it (``glue_fits``), else None:
+        a quantized Llama-family stage on the CPU with fp32 activations (Gemma 3, Qwen3, mixtures of experts and
+        float stages run torch operators)."""
+        if self.device != "cpu" or self.dtype != torch.float32 or self.gemma:
             return None
-        if self.head_dim % 16 or self.head_dim > 512 or self.heads // self.kv_heads > 16:
-            return None  # glue.c's attention: 16 lanes per dot product, a group's outputs on its stack
-        for layer in self.layers:
-            if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (layer.ln1, layer.ln2)):
-                return None
-            products = (layer.qkv, layer.wo, layer.gu, layer.wd)
-            extras = (layer.bo, layer.bd, layer.qn, layer.kn, layer.pa, layer.pf, layer.moe)
-            if any(w is None or not bf16_kernel(w) for w in products) or any(x is not None for x in extras):
-                return None
+        shape = GlueShape(self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, 0)
+        if not glue_fits(shape, self.layers):
+            return None
         from homespec.native import library
 
         return library()
@@ -505,49 +499,14 @@ class Stage:
     def _native_layers(
         self, h: torch.Tensor, segments: Sequence[Segment], cos: torch.Tensor, sin: torch.Tensor, acc: Any
     ) -> tuple[torch.Tensor, Any]:
-        """The layers through the native glue (``_glue``): per layer the four products in torch's bf16 kernels and
-        five native calls around them (norm, RoPE and the cache writes, attention per request, SwiGLU, the
-        residual adds with the next norm). Same math as ``_layer``, one row at a time; h [n, hidden] fp32."""
-        glue, (n, hidden) = self.glue, h.shape
-        heads, kvh, d = self.heads, self.kv_heads, self.head_dim
-        h = h.contiguous().clone()  # updated in place by the glue
-        cos, sin = cos.contiguous(), sin.contiguous()
-        r = torch.empty(n, hidden, dtype=torch.bfloat16)  # the next product's input
-        q = torch.empty(n, heads, d)
-        a = torch.empty(n, heads * d, dtype=torch.bfloat16)
-        act = torch.empty(n, self.part_rows["wg"], dtype=torch.bfloat16)  # SwiGLU's output
-        masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
-        work = torch.empty(heads * max(seg.n * (seg.start + seg.n) for seg in segments))  # hs_attend's scores
-        scale = self.attn_scale if self.attn_scale is not None else d**-0.5
-        first = self.layers[0].ln1
-        glue.hs_rms_bf16(h.data_ptr(), first.data_ptr(), n, hidden, self.eps, r.data_ptr())
-        for li, w in enumerate(self.layers):
-            acc = self._tap(li, h, acc)
-            assert w.qkv is not None and w.gu is not None and w.wd is not None  # ``_glue`` checked
-            qkv = bf16_product(r, w.qkv)
-            row = 0
-            for seg, mask in zip(segments, masks, strict=True):
-                k, v = seg.cache.k[li], seg.cache.v[li]  # [kvh, slots, d], contiguous
-                glue.hs_rope_store(
-                    qkv[row].data_ptr(), cos[row].data_ptr(), sin[row].data_ptr(), seg.n, heads, kvh, d,
-                    q[row].data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], seg.start,
-                )  # fmt: skip
-                glue.hs_attend(
-                    q[row].data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), seg.n, heads, kvh, d,
-                    k.shape[1], seg.start + seg.n, scale, work.data_ptr(), a[row].data_ptr(),
-                )  # fmt: skip
-                row += seg.n
-            o = bf16_product(a, w.wo)
-            glue.hs_add_rms_bf16(h.data_ptr(), o.data_ptr(), w.ln2.data_ptr(), n, hidden, self.eps, r.data_ptr())
-            gu = bf16_product(r, w.gu)
-            glue.hs_silu_mul(gu.data_ptr(), n, act.shape[1], act.data_ptr())
-            down = bf16_product(act, w.wd)
-            last = li + 1 == len(self.layers)
-            norm = None if last else self.layers[li + 1].ln1.data_ptr()
-            glue.hs_add_rms_bf16(
-                h.data_ptr(), down.data_ptr(), norm, n, hidden, self.eps, None if last else r.data_ptr()
-            )
-        return h, acc
+        """The layers through the native glue (``_glue``, ``glue_layers``); EAGLE-3's taps read each layer's input."""
+        shape = GlueShape(self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, self.part_rows["wg"])
+        carry = [acc]
+
+        def tap(li: int, x: torch.Tensor) -> None:
+            carry[0] = self._tap(li, x, carry[0])
+
+        return glue_layers(self.glue, shape, self.layers, h, segments, cos, sin, tap), carry[0]
 
     def _windowed(self, segments: Sequence[Segment], positions: Sequence[int]) -> list[torch.Tensor]:
         """The segments' masks for sliding-window layers: a row at position p sees a key at position j only when
@@ -697,6 +656,89 @@ class Stage:
 #: few hundred tokens, well under the products' time; it grows with the context). Float stages keep their own
 #: dtype: they differ anyway by the last bits of their float products, which change with the row count (the near-tie
 #: excuses of the lossless checks against transformers).
+
+
+@dataclass(frozen=True)
+class GlueShape:
+    """What the native glue needs to know of a Llama layer besides its weights."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float | None  # None: 1 / sqrt(head_dim)
+    inter: int  # the MLP's width
+
+
+def glue_fits(shape: GlueShape, layers: Sequence[_Layer]) -> bool:
+    """Whether ``glue_layers`` runs these layers: q/k/v and gate/up stacked, every product through a bf16 CPU kernel
+    (``quant.bf16_kernel``), fp32 norms, no biases or extra norms, heads the glue's attention takes."""
+    d = shape.head_dim
+    if d % 16 or d > 512 or shape.heads // shape.kv_heads > 16 or not layers:
+        return False  # glue.c's attention: 16 lanes per dot product
+    for layer in layers:
+        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (layer.ln1, layer.ln2)):
+            return False
+        products = (layer.qkv, layer.wo, layer.gu, layer.wd)
+        extras = (layer.bo, layer.bd, layer.qn, layer.kn, layer.pa, layer.pf, layer.moe)
+        if any(w is None or not bf16_kernel(w) for w in products) or any(x is not None for x in extras):
+            return False
+    return True
+
+
+def glue_layers(
+    glue: Any,
+    shape: GlueShape,
+    layers: Sequence[_Layer],
+    h: torch.Tensor,
+    segments: Sequence[Segment],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    tap: Any = None,
+) -> torch.Tensor:
+    """Llama layers (``glue_fits``) through the native glue (``homespec.native``): per layer the four products in
+    torch's bf16 kernels and five native calls around them (norm, RoPE and the cache writes, attention per segment,
+    SwiGLU, the residual adds with the next norm). Same math as ``Stage._layer``, one row at a time; h [n, hidden]
+    fp32 in, the stream after the last layer out; layer i reads each segment's ``cache.k[i]``. ``tap(i, h)`` sees
+    the stream entering layer i (EAGLE-3's taps)."""
+    n, hidden = h.shape
+    heads, kvh, d = shape.heads, shape.kv_heads, shape.head_dim
+    h = h.contiguous().clone()  # updated in place by the glue
+    cos, sin = cos.contiguous(), sin.contiguous()
+    r = torch.empty(n, hidden, dtype=torch.bfloat16)  # the next product's input
+    q = torch.empty(n, heads, d)
+    a = torch.empty(n, heads * d, dtype=torch.bfloat16)
+    act = torch.empty(n, shape.inter, dtype=torch.bfloat16)  # SwiGLU's output
+    masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
+    work = torch.empty(heads * max(seg.n * (seg.start + seg.n) for seg in segments))  # hs_attend's scores
+    scale = shape.scale if shape.scale is not None else d**-0.5
+    glue.hs_rms_bf16(h.data_ptr(), layers[0].ln1.data_ptr(), n, hidden, shape.eps, r.data_ptr())
+    for li, w in enumerate(layers):
+        if tap is not None:
+            tap(li, h)
+        assert w.qkv is not None and w.gu is not None and w.wd is not None  # ``glue_fits`` checked
+        qkv = bf16_product(r, w.qkv)
+        row = 0
+        for seg, mask in zip(segments, masks, strict=True):
+            k, v = seg.cache.k[li], seg.cache.v[li]  # [kvh, slots, d], contiguous
+            glue.hs_rope_store(
+                qkv[row].data_ptr(), cos[row].data_ptr(), sin[row].data_ptr(), seg.n, heads, kvh, d,
+                q[row].data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], seg.start,
+            )  # fmt: skip
+            glue.hs_attend(
+                q[row].data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), seg.n, heads, kvh, d,
+                k.shape[1], seg.start + seg.n, scale, work.data_ptr(), a[row].data_ptr(),
+            )  # fmt: skip
+            row += seg.n
+        o = bf16_product(a, w.wo)
+        glue.hs_add_rms_bf16(h.data_ptr(), o.data_ptr(), w.ln2.data_ptr(), n, hidden, shape.eps, r.data_ptr())
+        gu = bf16_product(r, w.gu)
+        glue.hs_silu_mul(gu.data_ptr(), n, shape.inter, act.data_ptr())
+        down = bf16_product(act, w.wd)
+        last = li + 1 == len(layers)
+        norm = None if last else layers[li + 1].ln1.data_ptr()
+        glue.hs_add_rms_bf16(h.data_ptr(), down.data_ptr(), norm, n, hidden, shape.eps, None if last else r.data_ptr())
+    return h
 
 
 def attention(

@@ -43,6 +43,8 @@ class HeadDraft(ModelDraft):
         """``ends``: the target's embeddings, final norm and LM head (a Stage with no layers)."""
         super().__init__(ends, name, depth, width, max_context)
         self.head = head
+        if ends.device == "cpu" and ends.dtype == torch.float32:
+            head.use_glue()  # its forwards through the native glue, where it builds
         self.features: list[torch.Tensor] = []  # true feature per committed position, in order
         self.node_features: dict[int, torch.Tensor] = {}  # tree node -> the target's feature, once computed
         self.predicted: dict[int, torch.Tensor] = {}  # tree node -> the head's feature (while its row is kept)
