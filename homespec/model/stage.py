@@ -710,7 +710,7 @@ def glue_layers(
     a = torch.empty(n, heads * d, dtype=torch.bfloat16)
     act = torch.empty(n, shape.inter, dtype=torch.bfloat16)  # SwiGLU's output
     masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
-    work = torch.empty(heads * max(seg.n * (seg.start + seg.n) for seg in segments))  # hs_attend's scores
+    work = torch.empty(2 * heads * max(seg.n * (seg.start + seg.n) for seg in segments))  # hs_attend's scratch
     scale = shape.scale if shape.scale is not None else d**-0.5
     glue.hs_rms_bf16(h.data_ptr(), layers[0].ln1.data_ptr(), n, hidden, shape.eps, r.data_ptr())
     for li, w in enumerate(layers):

@@ -116,20 +116,19 @@ static inline float dot16(const float* a, const float* b, int d) {
 #endif
 }
 
-/* o = bf16(sum over unmasked k of p[k] * V[k] / total), V [.., d] rows, keys in slot order; 64 outputs at a time
-   kept in registers over the keys */
-static inline void weighted_sum(const float* p, const uint8_t* m, const float* V, int used, int d, float total,
+/* o = bf16(sum over c < nv of p[c] * V[idx[c]] / total), V [.., d] rows: the row's keys in slot order; 64 outputs
+   at a time kept in registers over the keys */
+static inline void weighted_sum(const float* p, const int* idx, int nv, const float* V, int d, float total,
                                 uint16_t* o) {
     float acc[64];
-    for (int c = 0; c < d; c += 64) {
-        int width = d - c < 64 ? d - c : 64;
+    for (int c0 = 0; c0 < d; c0 += 64) {
+        int width = d - c0 < 64 ? d - c0 : 64;
 #if defined(__AVX512F__)
         if (width == 64) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int k = 0; k < used; k++) {
-                if (!m[k]) continue;
-                const float* vk = V + (size_t)k * d + c;
-                __m512 pk = _mm512_set1_ps(p[k]);
+            for (int c = 0; c < nv; c++) {
+                const float* vk = V + (size_t)idx[c] * d + c0;
+                __m512 pk = _mm512_set1_ps(p[c]);
                 a0 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk), a0);
                 a1 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk + 16), a1);
                 a2 = _mm512_fmadd_ps(pk, _mm512_loadu_ps(vk + 32), a2);
@@ -143,21 +142,21 @@ static inline void weighted_sum(const float* p, const uint8_t* m, const float* V
 #endif
         {
             for (int i = 0; i < width; i++) acc[i] = 0.f;
-            for (int k = 0; k < used; k++) {
-                if (!m[k]) continue;
-                const float* vk = V + (size_t)k * d + c;
-                for (int i = 0; i < width; i++) acc[i] += p[k] * vk[i];
+            for (int c = 0; c < nv; c++) {
+                const float* vk = V + (size_t)idx[c] * d + c0;
+                for (int i = 0; i < width; i++) acc[i] += p[c] * vk[i];
             }
         }
-        for (int i = 0; i < width; i++) o[c + i] = f2bf(acc[i] / total);
+        for (int i = 0; i < width; i++) o[c0 + i] = f2bf(acc[i] / total);
     }
 }
 
 /* attention of rows q [n, heads, d] over keys/values [kvh, slots, d] (the first `used` slots) where mask [n, used]
-   allows: out bf16 [n, heads * d]. Each (row, head) on its own, its keys in slot order, the masked ones skipped,
-   so a row gets the same bits whatever rows ride with it, however the items are shared among threads (OpenMP,
-   as many as torch uses; in ar its keys are contiguous, in a tree wave its ancestors sit among others' nodes).
-   work: n * heads * used floats. */
+   allows: out bf16 [n, heads * d]. Each (row, head) on its own over the keys its row sees, taken in slot order and
+   numbered c = 0, 1, ... (the scores' sum in 16 lanes by c), so a row gets the same bits whatever rows ride with it,
+   wherever its keys sit (in ar they are contiguous; in a tree wave its ancestors sit among others' nodes, and a
+   verified path's keys move to the prefix) and however the items are shared among threads (OpenMP, as many as
+   torch uses). work: 2 * n * heads * used floats. */
 void hs_attend(const float* q, const float* kc, const float* vc, const uint8_t* mask, int n, int heads, int kvh,
                int d, int slots, int used, float scale, float* work, uint16_t* out) {
     int group = heads / kvh, items = n * heads;
@@ -168,29 +167,33 @@ void hs_attend(const float* q, const float* kc, const float* vc, const uint8_t* 
         const float* K = kc + (size_t)g * slots * d;
         const float* V = vc + (size_t)g * slots * d;
         const float* qh = q + ((size_t)r * heads + hh) * d;
-        float* w = work + (size_t)it * used;
+        float* w = work + (size_t)it * 2 * used;
+        int* idx = (int*)(w + used);
+        int nv = 0;
+        for (int j = 0; j < used; j++)
+            if (m[j]) idx[nv++] = j;
         float best = -INFINITY;
-        for (int j = 0; j < used; j++) {
-            float s = m[j] ? dot16(qh, K + (size_t)j * d, d) * scale : -INFINITY;
-            w[j] = s;
+        for (int c = 0; c < nv; c++) {
+            float s = dot16(qh, K + (size_t)idx[c] * d, d) * scale;
+            w[c] = s;
             best = s > best ? s : best;
         }
-        float lane[16] = {0}; /* e^(s - best), 0 where masked (s = -inf); their sum in 16 lanes */
-        int j = 0;
-        for (; j + 16 <= used; j += 16)
+        float lane[16] = {0};
+        int c = 0;
+        for (; c + 16 <= nv; c += 16)
             for (int l = 0; l < 16; l++) {
-                float x = w[j + l] - best, e = x < -87.3f ? 0.f : hs_expf(x);
-                w[j + l] = e;
+                float x = w[c + l] - best, e = x < -87.3f ? 0.f : hs_expf(x);
+                w[c + l] = e;
                 lane[l] += e;
             }
-        for (int l = 0; j + l < used; l++) { /* slot j + l in lane l = its slot mod 16, whatever `used` is */
-            float x = w[j + l] - best;
-            w[j + l] = x < -87.3f ? 0.f : hs_expf(x);
-            lane[l] += w[j + l];
+        for (int l = 0; c + l < nv; l++) {
+            float x = w[c + l] - best;
+            w[c + l] = x < -87.3f ? 0.f : hs_expf(x);
+            lane[l] += w[c + l];
         }
         float total = 0.f;
         for (int l = 0; l < 16; l++) total += lane[l];
-        weighted_sum(w, m, V, used, d, total, out + ((size_t)r * heads + hh) * d);
+        weighted_sum(w, idx, nv, V, d, total, out + ((size_t)r * heads + hh) * d);
     }
 }
 

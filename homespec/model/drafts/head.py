@@ -69,16 +69,16 @@ class HeadDraft(ModelDraft):
             columns = torch.unique(torch.cat([self.head.vocab, ids])).to(self.stage.device)
             self.columns, self._head_w = columns, select_rows(self.stage.head_w, columns)
             self.lm_unit = self._lm_full * len(columns) / out_features(self.stage.head_w)
+        self.features = []
+        self.node_features = {}
+        self.predicted = {}
+        self.row_true = {}
 
     def set_mode(self, mode: str) -> None:
         """A draft vocabulary scores fewer tokens where the head's forwards cost the target time (``ar``); beside a
         pipeline every token is scored (BENCHMARKS.md §3: there the smaller vocabulary's renormalized scores rank
         the head's nodes above prompt lookup's and cost steps)."""
         self.vocab_on = cost_weight(mode) > 0
-        self.features = []
-        self.node_features = {}
-        self.predicted = {}
-        self.row_true = {}
 
     # -- what the target tells the head ----------------------------------------------------------------------
     def prefix_features(self, start: int, hidden: torch.Tensor) -> None:
