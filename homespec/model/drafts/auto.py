@@ -136,6 +136,9 @@ class AutoDraft(DraftSource):
     def prefix_features(self, start: int, hidden: Any) -> None:
         for b in self.bases.values():
             b.prefix_features(start, hidden)
+        v0, t0, _ = self._window
+        if self._verifications == v0:  # the prompt's processing (a head's prompt rows) is no arm's draft cost
+            self._window = (v0, t0, self.cost)
 
     def tree_features(self, nodes: Sequence[int], hidden: Any) -> None:
         for b in self.bases.values():

@@ -56,6 +56,7 @@ class HeadDraft(ModelDraft):
         self.lm_unit = self._lm_full = forward_params(cfg, 0, lm_head=True) / target
         self._head_w: Weight | None = None  # the LM head's rows for ``columns`` (a draft vocabulary)
         self.vocab_on = True  # score the draft vocabulary only, if the head has one (``set_mode``)
+        self._prompt: list[int] = []  # the request's prompt until its rows are run (``prefix_features``)
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
@@ -73,6 +74,9 @@ class HeadDraft(ModelDraft):
         self.node_features = {}
         self.predicted = {}
         self.row_true = {}
+        # the head's rows for the prompt are prompt processing: run when the target's prefill hands over its
+        # features (``prefix_features``), not in the first step's drafting
+        self._prompt = list(prompt)
 
     def set_mode(self, mode: str) -> None:
         """A draft vocabulary scores fewer tokens where the head's forwards cost the target time (``ar``); beside a
@@ -85,6 +89,9 @@ class HeadDraft(ModelDraft):
         if start != len(self.features):
             raise ValueError(f"prompt features for position {start}, expected {len(self.features)}")
         self.features.extend(self._take(hidden).unbind(0))
+        if self._prompt and len(self.features) >= len(self._prompt):  # the whole prompt: its rows now, in prefill
+            self._catch_up(self._prompt)
+            self._prompt = []
 
     def tree_features(self, nodes: Sequence[int], hidden: torch.Tensor) -> None:
         for node, h in zip(nodes, self._take(hidden).unbind(0), strict=True):
