@@ -7,8 +7,10 @@ order. The head's cache holds one row per committed token after the first (true 
 ran (the parent's feature: the target's where it computed the parent, else the head's own prediction). A
 verification moves the accepted path's rows into the prefix (rewriting those that read a prediction) and keeps the
 surviving subtree's: in ``specpipe``, where a tree outlives many verifications, a step runs only the new frontier,
-not every level down to it again (BENCHMARKS.md §2). With a draft vocabulary in the
-head file (``model/head.py``) the head scores those tokens and the prompt's only.
+not every level down to it again (BENCHMARKS.md §2). The prompt's rows run when the target's prefill hands over its
+features. With a draft vocabulary in the head file (``model/head.py``) the head scores those tokens and the prompt's
+only, in ``ar`` (where its forwards cost the target time); beside a pipeline it scores every token. On a CPU the
+head's forwards run through the native glue (``DraftHead.use_glue``).
 """
 
 from __future__ import annotations
