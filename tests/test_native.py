@@ -121,6 +121,20 @@ def test_no_glue_where_turned_off_or_not_buildable(
 
 
 @needs_cc
+def test_a_build_says_so_while_it_waits_and_happens_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stage that finds no built glue (a new version, a cleared cache) compiles it and says so on stderr while
+    it waits; the next one loads the cached library, silently."""
+    monkeypatch.setenv("HOMESPEC_CACHE", str(tmp_path))
+    path = native.build()
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert "compiling the native decode glue" in capsys.readouterr().err
+    assert native.build() == path
+    assert capsys.readouterr().err == ""
+
+
+@needs_cc
 def test_the_draft_head_through_the_glue_predicts_what_its_torch_forward_does(stages: tuple[Stage, Stage]) -> None:
     """The shipped head drafting through the glue (int8 products, ``DraftHead.use_glue``) against its fp32 torch
     forward on a real reply's features: the same next token for nearly every row, features within int8 rounding."""

@@ -82,6 +82,8 @@ def build() -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    # said while it waits: the first stage after an upgrade (or a cleared cache) pays this once (~1 s here)
+    print(f"homespec: compiling the native decode glue ({compiler}, once per source and CPU)...", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
     os.close(fd)
     try:
