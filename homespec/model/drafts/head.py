@@ -45,8 +45,10 @@ class HeadDraft(ModelDraft):
         """``ends``: the target's embeddings, final norm and LM head (a Stage with no layers)."""
         super().__init__(ends, name, depth, width, max_context)
         self.head = head
-        if ends.device == "cpu" and ends.dtype == torch.float32:
-            head.use_glue()  # its forwards through the native glue, where it builds
+        # on a CPU the head's forwards run through the native glue where it builds, in fp32 activations (its
+        # cache and the features it keeps) whatever the target's dtype
+        self.glued = ends.device == "cpu" and head.use_glue()
+        self.dtype = torch.float32 if self.glued else ends.dtype
         self.features: list[torch.Tensor] = []  # true feature per committed position, in order
         self.node_features: dict[int, torch.Tensor] = {}  # tree node -> the target's feature, once computed
         self.predicted: dict[int, torch.Tensor] = {}  # tree node -> the head's feature (while its row is kept)
@@ -62,7 +64,7 @@ class HeadDraft(ModelDraft):
 
     def start(self, prompt: Sequence[int]) -> None:
         if self.cache is None or self.cache.max_prefix < self.max_context:
-            self.cache = self.head.new_cache(self.max_context, DEFAULT_MAX_TREE, self.stage.dtype, self.stage.device)
+            self.cache = self.head.new_cache(self.max_context, DEFAULT_MAX_TREE, self.dtype, self.stage.device)
         else:
             self.cache.reset()
         self.columns, self._head_w, self.lm_unit = None, None, self._lm_full
@@ -200,13 +202,13 @@ class HeadDraft(ModelDraft):
 
     def _take(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's features [n, hidden] as this head reads them (its last hidden states, as they come)."""
-        return hidden.to(self.stage.device, self.stage.dtype)
+        return hidden.to(self.stage.device, self.dtype)
 
     def _logits(self, nodes: list[NodeId]) -> torch.Tensor:
         """Logits [len(nodes), columns] after each node: the target's own where it computed the node (its true
         feature through its norm and LM head), else the head's prediction through them."""
         picked = torch.stack([self._feature_of(n) for n in nodes])
-        return self.stage.logits(picked, self._head_w)
+        return self.stage.logits(picked.to(self.stage.dtype), self._head_w)
 
     def _feature_of(self, node: int) -> torch.Tensor:
         """The feature at a node's position: the target's if it computed the node, else the head's prediction."""
