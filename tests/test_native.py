@@ -162,3 +162,34 @@ def test_the_draft_head_through_the_glue_predicts_what_its_torch_forward_does(st
     assert float(cosine.min()) > 0.995  # an int8 fc gave 0.84 (its input holds the features' outliers)
     agree = (glued.logits(got).argmax(-1) == glued.logits(want).argmax(-1)).float().mean()
     assert float(agree) >= 0.95
+
+
+@needs_cc
+def test_attention_gives_a_row_the_same_bits_wherever_its_keys_sit() -> None:
+    """``hs_attend`` directly, random queries and keys: 1,000 rows that see the same 64 keys get the same bits when
+    those are their only slots and when masked slots lie between them (a tree wave's others, in two layouts). What
+    keeps a verified path's rows exact after its keys move from tree slots to the prefix. A one-ulp change of a
+    softmax sum rarely moves a bf16 output, hence many rows: summing in lanes by slot fails this test."""
+    glue = native.library()
+    assert glue is not None
+    g = torch.Generator().manual_seed(0)
+    rows, heads, kvh, d, seen = 1000, 9, 3, 64, 64
+    q = torch.randn(rows, heads, d, generator=g)
+    keys, values = torch.randn(kvh, seen, d, generator=g) * 3, torch.randn(kvh, seen, d, generator=g)
+
+    def attend(slots: list[int], used: int) -> torch.Tensor:
+        k, v = torch.randn(kvh, used, d, generator=g), torch.randn(kvh, used, d, generator=g)  # others' keys
+        k[:, slots], v[:, slots] = keys, values
+        mask = torch.zeros(rows, used, dtype=torch.uint8)
+        mask[:, slots] = 1
+        work = torch.empty(2 * rows * heads * used)
+        out = torch.empty(rows, heads * d, dtype=torch.bfloat16)
+        glue.hs_attend(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), rows, heads, kvh, d, used, used, 0.125,
+            work.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    alone = attend(list(range(seen)), seen)
+    assert torch.equal(attend(sorted(torch.randperm(3 * seen, generator=g)[:seen].tolist()), 3 * seen), alone)
+    assert torch.equal(attend([2 * i + 5 for i in range(seen)], 2 * seen + 7), alone)
