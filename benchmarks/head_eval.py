@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--from-group", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="at most N held-out sequences (0: all)")
+    ap.add_argument("--greedy", action="store_true", help="only each prompt's first reply (the greedy one)")
     ap.add_argument("--dtype", default="bf16")
     args = ap.parse_args()
     from homespec.cli.common import DEFAULT_DRAFT, keep_freed_memory
@@ -37,6 +38,8 @@ def main() -> None:
     cfg = TrainConfig(dtype=args.dtype)
     _, held = split(data, cfg)
     held = [i for i in held if data.group_of(i) >= args.from_group]
+    if args.greedy:  # a prompt's replies are stored together, the greedy one first
+        held = [i for i in held if i == 0 or data.group_of(i - 1) != data.group_of(i)]
     if args.limit:
         held = held[: args.limit]
     rows = sum(len(data.tokens[i]) - 1 for i in held)
