@@ -250,6 +250,9 @@ class Stage:
         if any(not start <= i < end for i in self.taps):
             raise ConfigError(f"EAGLE-3 feature layers {sorted(self.taps)} are not all in [{start}, {end})")
         self.last_carry: torch.Tensor | None = None  # [n, hidden] fp32: fc's sum so far, after the last call
+        self.glue_shape = GlueShape(
+            self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, self.part_rows["wg"]
+        )
         self.glue: Any = self._glue() if native else None  # homespec/native: this stage's layers in native calls
 
     def _glue(self) -> Any:
@@ -258,8 +261,7 @@ class Stage:
         float stages run torch operators)."""
         if self.device != "cpu" or self.dtype != torch.float32 or self.gemma:
             return None
-        shape = GlueShape(self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, 0)
-        if not glue_fits(shape, self.layers):
+        if not glue_fits(self.glue_shape, self.layers):
             return None
         from homespec.native import library
 
@@ -500,13 +502,12 @@ class Stage:
         self, h: torch.Tensor, segments: Sequence[Segment], cos: torch.Tensor, sin: torch.Tensor, acc: Any
     ) -> tuple[torch.Tensor, Any]:
         """The layers through the native glue (``_glue``, ``glue_layers``); EAGLE-3's taps read each layer's input."""
-        shape = GlueShape(self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, self.part_rows["wg"])
         carry = [acc]
 
         def tap(li: int, x: torch.Tensor) -> None:
             carry[0] = self._tap(li, x, carry[0])
 
-        return glue_layers(self.glue, shape, self.layers, h, segments, cos, sin, tap), carry[0]
+        return glue_layers(self.glue, self.glue_shape, self.layers, h, segments, cos, sin, tap), carry[0]
 
     def _windowed(self, segments: Sequence[Segment], positions: Sequence[int]) -> list[torch.Tensor]:
         """The segments' masks for sliding-window layers: a row at position p sees a key at position j only when
