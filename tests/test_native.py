@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from homespec import native
 from homespec.core.tree import TokenTree
 from homespec.model.loader import resolve
-from homespec.model.stage import Stage
+from homespec.model.stage import NATIVE_ROWS, Stage, glue_product
 
 needs_cc = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler on this machine"
@@ -22,10 +23,15 @@ needs_cc = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def stages() -> tuple[Stage, Stage]:
     """The bundled model's int4 GGUF as one stage through the glue, and the same through torch's operators."""
-    source = resolve(None)
-    return Stage(source, 0, source.num_layers, weights="int4"), Stage(
-        source, 0, source.num_layers, weights="int4", native=False
-    )
+    return whole("int4")
+
+
+def whole(weights: str) -> tuple[Stage, Stage]:
+    """The bundled model in ``weights`` (``bf16``: activations too) as one stage through the glue, and the same
+    through torch's operators."""
+    source, dtype = resolve(None), torch.bfloat16 if weights == "bf16" else torch.float32
+    glued = Stage(source, 0, source.num_layers, weights=weights, dtype=dtype)
+    return glued, Stage(source, 0, source.num_layers, weights=weights, dtype=dtype, native=False)
 
 
 PROMPT = "<|im_start|>user\nName three rivers in Europe and say where each one ends.<|im_end|>\n<|im_start|>assistant\n"
@@ -43,10 +49,15 @@ def greedy(stage: Stage, ids: list[int], n: int) -> list[int]:
 
 
 @needs_cc
-def test_a_quantized_stage_runs_its_layers_through_the_glue(stages: tuple[Stage, Stage]) -> None:
+def test_cpu_stages_run_their_layers_through_the_glue(stages: tuple[Stage, Stage]) -> None:
+    """Quantized and float stages (fp32, bf16) on the glue, their products in the dtype their weights take; fp16
+    and ``native=False`` keep torch's operators."""
     glued, plain = stages
-    assert glued.glue is not None and plain.glue is None
-    assert Stage(resolve(None), 0, 2, weights="fp32").glue is None  # float stages keep torch's operators
+    assert glued.glue is not None and glued.glue_io == torch.bfloat16 and plain.glue is None
+    source = resolve(None)
+    assert Stage(source, 0, 2, weights="fp32").glue_io == torch.float32
+    assert Stage(source, 0, 2, weights="bf16", dtype=torch.bfloat16).glue_io == torch.bfloat16
+    assert Stage(source, 0, 2, weights="fp16", dtype=torch.float16).glue is None
 
 
 def decode(stage: Stage, ids: list[int], tokens: list[int]) -> torch.Tensor:
@@ -60,12 +71,14 @@ def decode(stage: Stage, ids: list[int], tokens: list[int]) -> torch.Tensor:
 
 
 @needs_cc
-def test_the_glue_and_torch_operators_pick_the_same_tokens(stages: tuple[Stage, Stage]) -> None:
+@pytest.mark.parametrize("weights", ["int4", "fp32", "bf16"])
+def test_the_glue_and_torch_operators_pick_the_same_tokens(stages: tuple[Stage, Stage], weights: str) -> None:
     """48 greedy tokens of a real prompt through torch's operators, then the glue fed the same tokens: at every step
     where torch's best logit beats its runner-up by more than 1% the glue picks the same token, and the logits are
     within bf16 rounding of each other. The two paths sum in different orders, and the LM head's logits are bf16, so
-    where two logits sit within a step or two of each other (an exact tie happens here) either may come out on top."""
-    glued, plain = stages
+    where two logits sit within a step or two of each other (an exact tie happens here) either may come out on top.
+    Float stages too (the glue's own products; a bf16 stage's residual stream in fp32 there, in bf16 in torch's)."""
+    glued, plain = stages if weights == "int4" else whole(weights)
     ids = resolve(None).tokenizer()(PROMPT)["input_ids"]
     tokens = greedy(plain, ids, 48)
     want, got = decode(plain, ids, tokens), decode(glued, ids, tokens)
@@ -75,13 +88,20 @@ def test_the_glue_and_torch_operators_pick_the_same_tokens(stages: tuple[Stage, 
     assert int(clear.sum()) >= 40  # the check below covers most of the steps
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+    if weights == "fp32":  # no bf16 rounding on either path: the two orders of the sums differ in the last bits
+        assert torch.equal(got.argmax(-1), want.argmax(-1)) and (got - want).abs().max() < 1e-3
 
 
 @needs_cc
-def test_a_glued_row_gets_the_same_bits_in_a_tree_wave_as_decoded_alone(stages: tuple[Stage, Stage]) -> None:
+@pytest.mark.parametrize("weights", ["int4", "fp32", "bf16"])
+def test_a_glued_row_gets_the_same_bits_in_a_tree_wave_as_decoded_alone(
+    stages: tuple[Stage, Stage], weights: str
+) -> None:
     """Siblings in one wave, their keys scattered over the tree slots: each node's logits are bit-identical to
-    decoding its branch alone, cut into two chunks (attention one row at a time over its own keys)."""
-    glued, _ = stages
+    decoding its branch alone, cut into two chunks (attention one row at a time over its own keys). Float stages'
+    products at a wave's few rows run one row at a time too (``glue_product``), a prefill's in torch's kernels,
+    whose bits change with the chunk's rows: there the branch is cut where the wave's prefix ends."""
+    glued = stages[0] if weights == "int4" else whole(weights)[0]
     prompt = resolve(None).tokenizer()(PROMPT)["input_ids"]
     tree = TokenTree(prompt[-1], len(prompt) - 1)
     a, _ = tree.add(tree.root.id, 1001, 0.0)
@@ -97,10 +117,33 @@ def test_a_glued_row_gets_the_same_bits_in_a_tree_wave_as_decoded_alone(stages: 
     for i, node in enumerate(ids):
         seq = [*prompt[:-1], *tree.path_tokens(node)]
         fresh = glued.new_cache(512, 16)
-        cut = len(seq) - 2
+        cut = len(seq) - 2 if weights == "int4" else len(prompt) - 1
         glued.forward_prefix(fresh, torch.tensor(seq[:cut]), range(cut))
         want = glued.forward_prefix(fresh, torch.tensor(seq[cut:]), range(cut, len(seq)))[-1]
         assert torch.equal(got[i], want), f"node {node}"
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_products_match_torch_and_give_a_row_its_bits_alone(dtype: torch.dtype) -> None:
+    """``glue_product`` on float weights (q/k/v apart, their outputs side by side): within rounding of an fp32
+    reference, each row's bits the same alone as among up to ``NATIVE_ROWS`` rows, and torch's own kernel above
+    that."""
+    glue = native.library()
+    assert glue is not None
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(rows, 576, generator=g).to(dtype) for rows in (576, 192, 192)]
+    x = torch.randn(NATIVE_ROWS, 576, generator=g).to(dtype)
+    got = glue_product(glue, x, parts)
+    want = torch.cat([F.linear(x.float(), w.float()) for w in parts], dim=1)
+    assert got.dtype == dtype and got.shape == want.shape
+    step = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 outputs: a rounding of 2^-8 of the value, and the sums
+    assert float((got.float() - want).abs().max()) <= step * float(want.abs().max())
+    for n in (1, 3, 4, 5, NATIVE_ROWS):
+        assert torch.equal(glue_product(glue, x[:n].contiguous(), parts), got[:n])
+    assert torch.equal(glue_product(glue, x[7:8].contiguous(), parts)[0], got[7])
+    many = torch.randn(NATIVE_ROWS + 1, 576, generator=g).to(dtype)
+    assert torch.equal(glue_product(glue, many, parts), torch.cat([F.linear(many, w) for w in parts], dim=1))
 
 
 def test_no_glue_where_turned_off_or_not_buildable(
@@ -165,11 +208,15 @@ def test_the_draft_head_through_the_glue_predicts_what_its_torch_forward_does(st
 
 
 @needs_cc
-def test_attention_gives_a_row_the_same_bits_wherever_its_keys_sit() -> None:
+@pytest.mark.parametrize("out_dtype, kv_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_attention_gives_a_row_the_same_bits_wherever_its_keys_sit(
+    out_dtype: torch.dtype, kv_dtype: torch.dtype
+) -> None:
     """``hs_attend`` directly, random queries and keys: 1,000 rows that see the same 64 keys get the same bits when
     those are their only slots and when masked slots lie between them (a tree wave's others, in two layouts). What
     keeps a verified path's rows exact after its keys move from tree slots to the prefix. A one-ulp change of a
-    softmax sum rarely moves a bf16 output, hence many rows: summing in lanes by slot fails this test."""
+    softmax sum rarely moves a bf16 output, hence many rows: summing in lanes by slot fails this test. A quantized
+    stage's outputs (bf16) over its fp32 cache, and a float stage's (fp32) over a bf16 one."""
     glue = native.library()
     assert glue is not None
     g = torch.Generator().manual_seed(0)
@@ -180,13 +227,14 @@ def test_attention_gives_a_row_the_same_bits_wherever_its_keys_sit() -> None:
     def attend(slots: list[int], used: int) -> torch.Tensor:
         k, v = torch.randn(kvh, used, d, generator=g), torch.randn(kvh, used, d, generator=g)  # others' keys
         k[:, slots], v[:, slots] = keys, values
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
         mask = torch.zeros(rows, used, dtype=torch.uint8)
         mask[:, slots] = 1
         work = torch.empty(2 * rows * heads * used)
-        out = torch.empty(rows, heads * d, dtype=torch.bfloat16)
+        out = torch.empty(rows, heads * d, dtype=out_dtype)
         glue.hs_attend(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), rows, heads, kvh, d, used, used, 0.125,
-            work.data_ptr(), out.data_ptr(),
+            work.data_ptr(), out.data_ptr(), int(out_dtype == torch.float32), int(kv_dtype == torch.float32),
         )  # fmt: skip
         return out
 

@@ -31,7 +31,7 @@ from torch import nn
 from homespec.errors import DraftError
 from homespec.model.kv import TreeKVCache
 from homespec.model.quant import Int8Channel, quantize_int8
-from homespec.model.stage import GlueShape, Segment, _Layer, glue_fits, glue_layers, rms_norm, rotate_half
+from homespec.model.stage import GlueShape, Segment, _Layer, glue_io, glue_layers, rms_norm, rotate_half
 
 FORMAT = "homespec-draft-head-1"
 VOCAB_KEY = "draft_vocab"
@@ -180,7 +180,7 @@ class DraftHead(CachedRows, nn.Module):
             gu=int8(self.gate, self.up),
         )  # fmt: skip
         shape = GlueShape(cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.eps, None, cfg.intermediate)
-        glue = library() if glue_fits(shape, [layer]) else None
+        glue = library() if glue_io(shape, [layer]) == torch.bfloat16 else None
         if glue is None:
             return False
         # fc stays bf16: its input holds the target's features, whose outlier channels (thousands, against

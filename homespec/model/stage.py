@@ -15,9 +15,11 @@ own RoPE base on the layers ``layer_types`` names ``sliding_attention`` (each ke
 router and experts: softmax over the router's logits in fp32, the top k, renormalized where the family does, and
 each expert run once over the rows routed to it, their outputs summed in expert order as transformers does.
 
-A quantized Llama-family stage on the CPU runs its layers through the native glue (``homespec/native``,
-``_native_layers``): the same math with the four products in torch's kernels and the rest in five C calls per layer,
-each row on its own (so a row's bits do not depend on its wave); torch's operators where the glue cannot build.
+A Llama-family stage on the CPU (quantized, fp32 or bf16) runs its layers through the native glue
+(``homespec/native``, ``_native_layers``): the same math with the rest of a layer in five C calls around its
+products, each row on its own (so a row's bits do not depend on its wave). Quantized products run in torch's int4/int8
+kernels; float products at a wave's few rows in the glue's own (``glue_product``), more rows in torch's; a bf16
+stage keeps its residual stream in fp32 there. Torch's operators where the glue cannot build.
 
 This module computes; it never decides which nodes to run, and knows nothing of sockets or drafts.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -253,19 +255,27 @@ class Stage:
         self.glue_shape = GlueShape(
             self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, self.part_rows["wg"]
         )
-        self.glue: Any = self._glue() if native else None  # homespec/native: this stage's layers in native calls
+        self.glue: Any = None  # homespec/native: this stage's layers in native calls (``_glue``)
+        self.glue_io: torch.dtype | None = None  # the glue's product dtype
+        self.glued_layers: list[_Layer] = []  # the layers as the glue reads them (norms in fp32)
+        if native:
+            self._glue()
 
-    def _glue(self) -> Any:
-        """The native decode glue (``homespec.native``) where this stage's layers fit it (``glue_fits``), else None:
-        a quantized Llama-family stage on the CPU with fp32 activations (Gemma 3, Qwen3, mixtures of experts and
-        float stages run torch operators)."""
-        if self.device != "cpu" or self.dtype != torch.float32 or self.gemma:
-            return None
-        if not glue_fits(self.glue_shape, self.layers):
-            return None
+    def _glue(self) -> None:
+        """Run this stage's layers through the native glue (``homespec.native``) where they fit it (``glue_io``): a
+        Llama-family stage on the CPU in fp32 or bf16, its weights quantized (int4, int8) or float (Gemma 3, Qwen3,
+        mixtures of experts, fp16 and layers with biases run torch operators)."""
+        if self.device != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) or self.gemma:
+            return
+        layers = [replace(w, ln1=w.ln1.float(), ln2=w.ln2.float()) for w in self.layers]
+        io = glue_io(self.glue_shape, layers)
+        if io is None:
+            return
         from homespec.native import library
 
-        return library()
+        self.glue = library()
+        if self.glue is not None:
+            self.glue_io, self.glued_layers = io, layers
 
     # -- loading -------------------------------------------------------------------------------------------
     def _family_options(self, raw: dict[str, Any]) -> None:
@@ -507,7 +517,9 @@ class Stage:
         def tap(li: int, x: torch.Tensor) -> None:
             carry[0] = self._tap(li, x, carry[0])
 
-        return glue_layers(self.glue, self.glue_shape, self.layers, h, segments, cos, sin, tap), carry[0]
+        assert self.glue_io is not None  # set with ``glue``
+        out = glue_layers(self.glue, self.glue_shape, self.glued_layers, h, segments, cos, sin, tap, self.glue_io)
+        return out.to(self.dtype), carry[0]
 
     def _windowed(self, segments: Sequence[Segment], positions: Sequence[int]) -> list[torch.Tensor]:
         """The segments' masks for sliding-window layers: a row at position p sees a key at position j only when
@@ -538,7 +550,10 @@ class Stage:
         ``head_w``: some of the LM head's rows (a draft vocabulary), for logits over those tokens only;
         ``normed``: h is already after the final norm (EAGLE-1's features)."""
         assert self.head_w is not None
-        out = linear(h if normed else self.final_norm(h), self.head_w if head_w is None else head_w)
+        x, w = h if normed else self.final_norm(h), self.head_w if head_w is None else head_w
+        native = self.glue is not None and x.shape[0] <= NATIVE_ROWS and _glue_weight(w) == x.dtype
+        native = native and isinstance(w, torch.Tensor)  # the glue's own float products (``glue_product``)
+        out = glue_product(self.glue, x.contiguous(), [w]) if native else linear(x, w)
         if self.final_softcap:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out
@@ -654,9 +669,10 @@ class Stage:
 #: (``invariant``) computes attention in fp64: two orders of the same sums differ there by ~1e-16, and the result
 #: rounded to the activations' dtype comes out the same unless it lies within that of a rounding boundary (about
 #: 2e-8 of fp32 values), which no test run has met. Its cost: the span of keys cast to fp64 per layer and step (at a
-#: few hundred tokens, well under the products' time; it grows with the context). Float stages keep their own
-#: dtype: they differ anyway by the last bits of their float products, which change with the row count (the near-tie
-#: excuses of the lossless checks against transformers).
+#: few hundred tokens, well under the products' time; it grows with the context); the native glue's attention gets
+#: the same by its fixed order. Float stages on torch's operators keep their own dtype: they differ anyway by the
+#: last bits of their float products, which change with the row count (the near-tie excuses of the lossless checks
+#: against transformers); on the glue their rows' products are independent of the wave up to ``NATIVE_ROWS`` rows.
 
 
 @dataclass(frozen=True)
@@ -671,20 +687,66 @@ class GlueShape:
     inter: int  # the MLP's width
 
 
-def glue_fits(shape: GlueShape, layers: Sequence[_Layer]) -> bool:
-    """Whether ``glue_layers`` runs these layers: q/k/v and gate/up stacked, every product through a bf16 CPU kernel
-    (``quant.bf16_kernel``), fp32 norms, no biases or extra norms, heads the glue's attention takes."""
+#: rows up to which the glue's own float products (``glue_product``) run: torch's fp32 kernels cost 2-4x theirs at
+#: decoding's few rows on the CPUs measured, its bf16 ones ~2.5x; from ~24 rows torch's blocked kernels win
+#: (BENCHMARKS.md §6)
+NATIVE_ROWS = 16
+
+
+def _glue_weight(w: Weight | None) -> torch.dtype | None:
+    """The dtype of a product's input and output where ``glue_product`` takes weight ``w``, else None: a quantized
+    weight with a bf16 CPU kernel (``quant.bf16_kernel``), or a contiguous fp32 or bf16 CPU tensor whose input width
+    the glue's products take (a multiple of 32)."""
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor):
+        return torch.bfloat16 if bf16_kernel(w) else None
+    fits = w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and w.shape[1] % 32 == 0
+    return w.dtype if fits and w.dtype in (torch.float32, torch.bfloat16) else None
+
+
+def glue_io(shape: GlueShape, layers: Sequence[_Layer]) -> torch.dtype | None:
+    """The dtype (bf16 or fp32) of every product's input and output where ``glue_layers`` runs these layers, else
+    None. It runs them where every product is one ``glue_product`` takes, all of one dtype (q/k/v and gate/up
+    stacked or apart), the norms fp32, no biases or extra norms, heads the glue's attention takes."""
     d = shape.head_dim
     if d % 16 or d > 512 or shape.heads // shape.kv_heads > 16 or not layers:
-        return False  # glue.c's attention: 16 lanes per dot product
+        return None  # glue.c's attention: 16 lanes per dot product
+    kinds = set()
     for layer in layers:
         if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (layer.ln1, layer.ln2)):
-            return False
-        products = (layer.qkv, layer.wo, layer.gu, layer.wd)
-        extras = (layer.bo, layer.bd, layer.qn, layer.kn, layer.pa, layer.pf, layer.moe)
-        if any(w is None or not bf16_kernel(w) for w in products) or any(x is not None for x in extras):
-            return False
-    return True
+            return None
+        qkv = [layer.qkv] if layer.qkv is not None else [layer.wq, layer.wk, layer.wv]
+        gu = [layer.gu] if layer.gu is not None else [layer.wg, layer.wu]
+        kinds |= {_glue_weight(w) for w in (*qkv, layer.wo, *gu, layer.wd)}
+        extras = (layer.bq, layer.bk, layer.bv, layer.bo, layer.bg, layer.bu, layer.bd)
+        if any(x is not None for x in (*extras, layer.qn, layer.kn, layer.pa, layer.pf, layer.moe)):
+            return None
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
+def glue_product(glue: Any, x: torch.Tensor, parts: Sequence[Weight | None]) -> torch.Tensor:
+    """x [n, in] (contiguous, ``glue_io``'s dtype) through ``parts`` (weights ``_glue_weight`` takes, of one input):
+    their outputs side by side [n, sum of outs]. Float weights at up to ``NATIVE_ROWS`` rows in the glue's own
+    products (each output one dot product in a fixed order: a row's bits whatever its companions), more rows in
+    torch's; quantized ones in torch's bf16 kernels (``quant.bf16_product``)."""
+    n = x.shape[0]
+    if len(parts) == 1 and not isinstance(parts[0], torch.Tensor):
+        assert parts[0] is not None
+        return bf16_product(x, parts[0])
+    if n > NATIVE_ROWS:
+        outs = [F.linear(x, w) if isinstance(w, torch.Tensor) else bf16_product(x, w) for w in parts if w is not None]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    weights = [w for w in parts if isinstance(w, torch.Tensor)]
+    assert len(weights) == len(parts)  # ``glue_io``: parts apart are float
+    width = sum(w.shape[0] for w in weights)
+    y = torch.empty(n, width, dtype=x.dtype)
+    fn = glue.hs_linear_f32 if x.dtype == torch.float32 else glue.hs_linear_bf16
+    col = 0
+    for w in weights:
+        fn(x.data_ptr(), w.data_ptr(), n, w.shape[1], w.shape[0], y.data_ptr() + col * y.element_size(), width)
+        col += w.shape[0]
+    return y
 
 
 def glue_layers(
@@ -696,49 +758,53 @@ def glue_layers(
     cos: torch.Tensor,
     sin: torch.Tensor,
     tap: Any = None,
+    io: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Llama layers (``glue_fits``) through the native glue (``homespec.native``): per layer the four products in
-    torch's bf16 kernels and five native calls around them (norm, RoPE and the cache writes, attention per segment,
-    SwiGLU, the residual adds with the next norm). Same math as ``Stage._layer``, one row at a time; h [n, hidden]
-    fp32 in, the stream after the last layer out; layer i reads each segment's ``cache.k[i]``. ``tap(i, h)`` sees
-    the stream entering layer i (EAGLE-3's taps)."""
+    """Llama layers (``glue_io``) through the native glue (``homespec.native``): per layer the products
+    (``glue_product``, inputs and outputs of dtype ``io``) and five native calls around them (norm, RoPE and the
+    cache writes, attention per segment, SwiGLU, the residual adds with the next norm). Same math as
+    ``Stage._layer``, one row at a time, the residual stream in fp32 (a bf16 stage's too); h [n, hidden] in, the
+    fp32 stream after the last layer out; layer i reads each segment's ``cache.k[i]`` (fp32 or bf16). ``tap(i, h)``
+    sees the stream entering layer i (EAGLE-3's taps)."""
     n, hidden = h.shape
     heads, kvh, d = shape.heads, shape.kv_heads, shape.head_dim
-    h = h.contiguous().clone()  # updated in place by the glue
-    cos, sin = cos.contiguous(), sin.contiguous()
-    r = torch.empty(n, hidden, dtype=torch.bfloat16)  # the next product's input
+    f32 = int(io == torch.float32)
+    h = h.to(torch.float32, copy=True).contiguous()  # updated in place by the glue
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    r = torch.empty(n, hidden, dtype=io)  # the next product's input
     q = torch.empty(n, heads, d)
-    a = torch.empty(n, heads * d, dtype=torch.bfloat16)
-    act = torch.empty(n, shape.inter, dtype=torch.bfloat16)  # SwiGLU's output
+    a = torch.empty(n, heads * d, dtype=io)
+    act = torch.empty(n, shape.inter, dtype=io)  # SwiGLU's output
     masks = [seg.mask.contiguous().view(torch.uint8) for seg in segments]
     work = torch.empty(2 * heads * max(seg.n * (seg.start + seg.n) for seg in segments))  # hs_attend's scratch
     scale = shape.scale if shape.scale is not None else d**-0.5
-    glue.hs_rms_bf16(h.data_ptr(), layers[0].ln1.data_ptr(), n, hidden, shape.eps, r.data_ptr())
+    glue.hs_rms(h.data_ptr(), layers[0].ln1.data_ptr(), n, hidden, shape.eps, r.data_ptr(), f32)
     for li, w in enumerate(layers):
         if tap is not None:
             tap(li, h)
-        assert w.qkv is not None and w.gu is not None and w.wd is not None  # ``glue_fits`` checked
-        qkv = bf16_product(r, w.qkv)
+        qkv = glue_product(glue, r, [w.qkv] if w.qkv is not None else [w.wq, w.wk, w.wv])
         row = 0
         for seg, mask in zip(segments, masks, strict=True):
             k, v = seg.cache.k[li], seg.cache.v[li]  # [kvh, slots, d], contiguous
+            kv32 = int(k.dtype == torch.float32)
             glue.hs_rope_store(
                 qkv[row].data_ptr(), cos[row].data_ptr(), sin[row].data_ptr(), seg.n, heads, kvh, d,
-                q[row].data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], seg.start,
+                q[row].data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[1], seg.start, f32, kv32,
             )  # fmt: skip
             glue.hs_attend(
                 q[row].data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), seg.n, heads, kvh, d,
-                k.shape[1], seg.start + seg.n, scale, work.data_ptr(), a[row].data_ptr(),
+                k.shape[1], seg.start + seg.n, scale, work.data_ptr(), a[row].data_ptr(), f32, kv32,
             )  # fmt: skip
             row += seg.n
-        o = bf16_product(a, w.wo)
-        glue.hs_add_rms_bf16(h.data_ptr(), o.data_ptr(), w.ln2.data_ptr(), n, hidden, shape.eps, r.data_ptr())
-        gu = bf16_product(r, w.gu)
-        glue.hs_silu_mul(gu.data_ptr(), n, shape.inter, act.data_ptr())
-        down = bf16_product(act, w.wd)
+        o = glue_product(glue, a, [w.wo])
+        glue.hs_add_rms(h.data_ptr(), o.data_ptr(), w.ln2.data_ptr(), n, hidden, shape.eps, r.data_ptr(), f32)
+        gu = glue_product(glue, r, [w.gu] if w.gu is not None else [w.wg, w.wu])
+        glue.hs_silu_mul(gu.data_ptr(), n, shape.inter, act.data_ptr(), f32)
+        down = glue_product(glue, act, [w.wd])
         last = li + 1 == len(layers)
         norm = None if last else layers[li + 1].ln1.data_ptr()
-        glue.hs_add_rms_bf16(h.data_ptr(), down.data_ptr(), norm, n, hidden, shape.eps, None if last else r.data_ptr())
+        out = None if last else r.data_ptr()
+        glue.hs_add_rms(h.data_ptr(), down.data_ptr(), norm, n, hidden, shape.eps, out, f32)
     return h
 
 

@@ -1,13 +1,15 @@
-"""Native decode glue for quantized stages: ``glue.c``, built once per machine by the system's C compiler.
+"""Native decode glue for CPU stages: ``glue.c``, built once per machine by the system's C compiler.
 
 At one row a quantized layer is ~230 small torch operators around its four int4 products, and each costs its
 call more than its arithmetic: on the bundled model the products take 5.0 ms of a 10.8 ms decode step
 (BENCHMARKS.md §6). ``glue.c`` does the rest of a Llama layer (RMSNorm, RoPE and the cache writes, attention in
-fp32, SwiGLU, the residual adds) in five calls per layer, through ``ctypes``; the products stay torch's own
-kernels. ``library()`` compiles the source with ``cc -O3 -march=native`` into HomeSpec's cache (keyed by the
-source, the compiler and the CPU), loads it, and returns None with a one-line notice where there is no compiler
-or the build fails: stages then run the same layers in torch (``model/stage.py``). ``HOMESPEC_NATIVE=0`` turns it
-off. ``python -m homespec.native`` builds it now (``install.sh`` does).
+fp32, SwiGLU, the residual adds) in five calls per layer, through ``ctypes``; quantized products stay torch's own
+kernels, and float ones (fp32, bf16) at decoding's few rows run in the glue's own (``hs_linear_f32``,
+``hs_linear_bf16``: torch's cost 2-4x as much there). ``library()`` compiles the source with ``cc -O3
+-march=native`` into HomeSpec's cache (keyed by the source, the compiler and the CPU), loads it, and returns None
+with a one-line notice where there is no compiler or the build fails: stages then run the same layers in torch
+(``model/stage.py``). ``HOMESPEC_NATIVE=0`` turns it off. ``python -m homespec.native`` builds it now
+(``install.sh`` does).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ OPENMP = ("-fopenmp",)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 #: each function's argument types (glue.c's comments say what they are)
 SIGNATURES = {
-    "hs_rms_bf16": [_P, _P, _I, _I, _F, _P],
-    "hs_add_rms_bf16": [_P, _P, _P, _I, _I, _F, _P],
-    "hs_rope_store": [_P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I],
-    "hs_attend": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P],
-    "hs_silu_mul": [_P, _I, _I, _P],
+    "hs_rms": [_P, _P, _I, _I, _F, _P, _I],
+    "hs_add_rms": [_P, _P, _P, _I, _I, _F, _P, _I],
+    "hs_rope_store": [_P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I],
+    "hs_attend": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _I, _I],
+    "hs_silu_mul": [_P, _I, _I, _P, _I],
+    "hs_linear_f32": [_P, _P, _I, _I, _I, _P, _I],
+    "hs_linear_bf16": [_P, _P, _I, _I, _I, _P, _I],
 }
 
 
@@ -110,7 +114,7 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        print(f"homespec: native decode glue unavailable ({e}); quantized stages run torch operators", file=sys.stderr)
+        print(f"homespec: native decode glue unavailable ({e}); stages run torch operators", file=sys.stderr)
         return None
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
