@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from homespec import native
 from homespec.core.tree import TokenTree
 from homespec.model.loader import resolve
+from homespec.model.quant import quantize_int8
 from homespec.model.stage import NATIVE_ROWS, Stage, glue_product
 
 needs_cc = pytest.mark.skipif(
@@ -124,18 +126,21 @@ def test_a_glued_row_gets_the_same_bits_in_a_tree_wave_as_decoded_alone(
 
 
 @needs_cc
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_float_products_match_torch_and_give_a_row_its_bits_alone(dtype: torch.dtype) -> None:
-    """``glue_product`` on float weights (q/k/v apart, their outputs side by side): within rounding of an fp32
-    reference, each row's bits the same alone as among up to ``NATIVE_ROWS`` rows, and torch's own kernel above
-    that."""
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_native_products_match_torch_and_give_a_row_its_bits_alone(kind: str) -> None:
+    """``glue_product`` on float and int8 weights (q/k/v apart, their outputs side by side): within rounding of an
+    fp32 reference, each row's bits the same alone as among up to ``NATIVE_ROWS`` rows, and torch's own kernels
+    above that for float weights (int8: the glue's at any row count)."""
     glue = native.library()
     assert glue is not None
     g = torch.Generator().manual_seed(0)
-    parts = [torch.randn(rows, 576, generator=g).to(dtype) for rows in (576, 192, 192)]
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    dense = [torch.randn(rows, 576, generator=g) for rows in (576, 192, 192)]
+    parts: list[Any] = [quantize_int8(w, dtype) for w in dense] if kind == "int8" else [w.to(dtype) for w in dense]
     x = torch.randn(NATIVE_ROWS, 576, generator=g).to(dtype)
     got = glue_product(glue, x, parts)
-    want = torch.cat([F.linear(x.float(), w.float()) for w in parts], dim=1)
+    dense = [w.dequantize(torch.float32) if kind == "int8" else w.float() for w in parts]
+    want = torch.cat([F.linear(x.float(), w) for w in dense], dim=1)
     assert got.dtype == dtype and got.shape == want.shape
     step = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 outputs: a rounding of 2^-8 of the value, and the sums
     assert float((got.float() - want).abs().max()) <= step * float(want.abs().max())
@@ -143,7 +148,10 @@ def test_float_products_match_torch_and_give_a_row_its_bits_alone(dtype: torch.d
         assert torch.equal(glue_product(glue, x[:n].contiguous(), parts), got[:n])
     assert torch.equal(glue_product(glue, x[7:8].contiguous(), parts)[0], got[7])
     many = torch.randn(NATIVE_ROWS + 1, 576, generator=g).to(dtype)
-    assert torch.equal(glue_product(glue, many, parts), torch.cat([F.linear(many, w) for w in parts], dim=1))
+    if kind == "int8":  # native at any row count
+        assert torch.equal(glue_product(glue, many, parts)[-1], glue_product(glue, many[-1:], parts)[0])
+    else:
+        assert torch.equal(glue_product(glue, many, parts), torch.cat([F.linear(many, w) for w in parts], dim=1))
 
 
 def test_no_glue_where_turned_off_or_not_buildable(

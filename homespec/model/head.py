@@ -31,7 +31,16 @@ from torch import nn
 from homespec.errors import DraftError
 from homespec.model.kv import TreeKVCache
 from homespec.model.quant import Int8Channel, quantize_int8
-from homespec.model.stage import GlueShape, Segment, _Layer, glue_io, glue_layers, rms_norm, rotate_half
+from homespec.model.stage import (
+    GlueShape,
+    Segment,
+    _Layer,
+    glue_io,
+    glue_layers,
+    glue_product,
+    rms_norm,
+    rotate_half,
+)
 
 FORMAT = "homespec-draft-head-1"
 VOCAB_KEY = "draft_vocab"
@@ -125,7 +134,7 @@ class CachedRows:
         n = emb.shape[0]
         if self.glued is not None and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu":
             glue, shape, layer, fc = self.glued
-            x = F.linear(torch.cat([emb, feat], dim=-1).to(torch.bfloat16), fc).float()
+            x = glue_product(glue, torch.cat([emb, feat], dim=-1).to(torch.bfloat16), [fc]).float()
             return glue_layers(glue, shape, [layer], x, [Segment(cache, start, n, mask)], cos.float(), sin.float())
         out, k, v = self.forward(emb, feat, cos, sin, mask, (cache.k[0, :, :start], cache.v[0, :, :start]))
         cache.k[0, :, start : start + n] = k

@@ -40,6 +40,7 @@ from homespec.errors import CapacityError, ConfigError, ModelError
 from homespec.model.kv import TreeKVCache
 from homespec.model.loader import ModelSource
 from homespec.model.quant import (
+    Int8Channel,
     Weight,
     bf16_kernel,
     bf16_product,
@@ -551,9 +552,12 @@ class Stage:
         ``normed``: h is already after the final norm (EAGLE-1's features)."""
         assert self.head_w is not None
         x, w = h if normed else self.final_norm(h), self.head_w if head_w is None else head_w
-        native = self.glue is not None and x.shape[0] <= NATIVE_ROWS and _glue_weight(w) == x.dtype
-        native = native and isinstance(w, torch.Tensor)  # the glue's own float products (``glue_product``)
-        out = glue_product(self.glue, x.contiguous(), [w]) if native else linear(x, w)
+        io = _glue_weight(w) if self.glue is not None else None
+        few = x.shape[0] <= NATIVE_ROWS and isinstance(w, torch.Tensor)
+        if io is not None and (isinstance(w, Int8Channel) or few):  # the glue's own products (``glue_product``)
+            out = glue_product(self.glue, x.to(io).contiguous(), [w]).to(x.dtype)
+        else:
+            out = linear(x, w)
         if self.final_softcap:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out
@@ -695,10 +699,13 @@ NATIVE_ROWS = 16
 
 def _glue_weight(w: Weight | None) -> torch.dtype | None:
     """The dtype of a product's input and output where ``glue_product`` takes weight ``w``, else None: a quantized
-    weight with a bf16 CPU kernel (``quant.bf16_kernel``), or a contiguous fp32 or bf16 CPU tensor whose input width
-    the glue's products take (a multiple of 32)."""
+    weight with a bf16 CPU kernel (``quant.bf16_kernel``; int8 codes contiguous, their input width a multiple of 32),
+    or a contiguous fp32 or bf16 CPU tensor whose input width the glue's products take (a multiple of 32)."""
     if w is None:
         return None
+    if isinstance(w, Int8Channel):
+        fits = w.codes.is_contiguous() and w.scales.is_contiguous() and w.in_features % 32 == 0
+        return torch.bfloat16 if fits and bf16_kernel(w) else None
     if not isinstance(w, torch.Tensor):
         return torch.bfloat16 if bf16_kernel(w) else None
     fits = w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and w.shape[1] % 32 == 0
@@ -727,25 +734,36 @@ def glue_io(shape: GlueShape, layers: Sequence[_Layer]) -> torch.dtype | None:
 
 def glue_product(glue: Any, x: torch.Tensor, parts: Sequence[Weight | None]) -> torch.Tensor:
     """x [n, in] (contiguous, ``glue_io``'s dtype) through ``parts`` (weights ``_glue_weight`` takes, of one input):
-    their outputs side by side [n, sum of outs]. Float weights at up to ``NATIVE_ROWS`` rows in the glue's own
-    products (each output one dot product in a fixed order: a row's bits whatever its companions), more rows in
-    torch's; quantized ones in torch's bf16 kernels (``quant.bf16_product``)."""
+    their outputs side by side [n, sum of outs]. int8 weights in the glue's own products, float ones there at up to
+    ``NATIVE_ROWS`` rows (each output one dot product in a fixed order: a row's bits whatever its companions), more
+    rows in torch's kernels; int4 ones in torch's (``quant.bf16_product``). int8 stays native at any row count,
+    where torch's int8 kernel costs 0.9-1.3x as much (BENCHMARKS.md §6), so that a row's bits never depend on its
+    wave (as int4's kernel gives them)."""
     n = x.shape[0]
-    if len(parts) == 1 and not isinstance(parts[0], torch.Tensor):
-        assert parts[0] is not None
-        return bf16_product(x, parts[0])
-    if n > NATIVE_ROWS:
+    native = all(isinstance(w, Int8Channel) for w in parts)
+    native = native or (n <= NATIVE_ROWS and all(isinstance(w, (torch.Tensor, Int8Channel)) for w in parts))
+    if not native:
         outs = [F.linear(x, w) if isinstance(w, torch.Tensor) else bf16_product(x, w) for w in parts if w is not None]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    weights = [w for w in parts if isinstance(w, torch.Tensor)]
-    assert len(weights) == len(parts)  # ``glue_io``: parts apart are float
-    width = sum(w.shape[0] for w in weights)
+    width = sum(out_features(w) for w in parts if w is not None)
     y = torch.empty(n, width, dtype=x.dtype)
-    fn = glue.hs_linear_f32 if x.dtype == torch.float32 else glue.hs_linear_bf16
+    scratch = None
     col = 0
-    for w in weights:
-        fn(x.data_ptr(), w.data_ptr(), n, w.shape[1], w.shape[0], y.data_ptr() + col * y.element_size(), width)
-        col += w.shape[0]
+    for w in parts:
+        at = y.data_ptr() + col * y.element_size()
+        if isinstance(w, Int8Channel):
+            scratch = (
+                torch.empty(n * w.in_features) if scratch is None or scratch.numel() < n * w.in_features else scratch
+            )
+            glue.hs_linear_i8(
+                x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(), n, w.in_features, w.out_features, at, width,
+                scratch.data_ptr(),
+            )  # fmt: skip
+        else:
+            assert isinstance(w, torch.Tensor)
+            fn = glue.hs_linear_f32 if x.dtype == torch.float32 else glue.hs_linear_bf16
+            fn(x.data_ptr(), w.data_ptr(), n, w.shape[1], w.shape[0], at, width)
+        col += out_features(w)
     return y
 
 

@@ -3,11 +3,11 @@
 At one row a quantized layer is ~230 small torch operators around its four int4 products, and each costs its
 call more than its arithmetic: on the bundled model the products take 5.0 ms of a 10.8 ms decode step
 (BENCHMARKS.md §6). ``glue.c`` does the rest of a Llama layer (RMSNorm, RoPE and the cache writes, attention in
-fp32, SwiGLU, the residual adds) in five calls per layer, through ``ctypes``; quantized products stay torch's own
-kernels, and float ones (fp32, bf16) at decoding's few rows run in the glue's own (``hs_linear_f32``,
-``hs_linear_bf16``: torch's cost 2-4x as much there). ``library()`` compiles the source with ``cc -O3
--march=native`` into HomeSpec's cache (keyed by the source, the compiler and the CPU), loads it, and returns None
-with a one-line notice where there is no compiler or the build fails: stages then run the same layers in torch
+fp32, SwiGLU, the residual adds) in five calls per layer, through ``ctypes``. int4 products stay torch's own
+kernels; int8 and float ones (fp32, bf16) at decoding's few rows run in the glue's own (``hs_linear_i8``,
+``hs_linear_f32``, ``hs_linear_bf16``: torch's cost 2-4x as much there). ``library()`` compiles the source with
+``cc -O3 -march=native`` into HomeSpec's cache (keyed by the source, the compiler and the CPU), loads it, and returns
+None with a one-line notice where there is no compiler or the build fails: stages then run the same layers in torch
 (``model/stage.py``). ``HOMESPEC_NATIVE=0`` turns it off. ``python -m homespec.native`` builds it now
 (``install.sh`` does).
 """
@@ -43,6 +43,7 @@ SIGNATURES = {
     "hs_silu_mul": [_P, _I, _I, _P, _I],
     "hs_linear_f32": [_P, _P, _I, _I, _I, _P, _I],
     "hs_linear_bf16": [_P, _P, _I, _I, _I, _P, _I],
+    "hs_linear_i8": [_P, _P, _P, _I, _I, _I, _P, _I, _P],
 }
 
 

@@ -294,3 +294,38 @@ void hs_linear_bf16(const uint16_t* x, const uint16_t* W, int n, int in, int out
         }
     }
 }
+
+/* the same with int8 codes W [out, in] and one bf16 scale per output row (w = code * scale; quant.Int8Channel), x
+   and y bf16: y[r, o] = bf16(scale[o] * sum of x[r] * code), the sum in fp32 as above, x widened into xf (n * in
+   floats of scratch) first. What torch's int8 kernel computes, at decoding's few rows for a fifth of its time here
+   (BENCHMARKS.md §6). */
+void hs_linear_i8(const uint16_t* x, const int8_t* W, const uint16_t* scales, int n, int in, int out, uint16_t* y,
+                  int ldy, float* xf) {
+    for (size_t i = 0; i < (size_t)n * in; i++) xf[i] = bf2f(x[i]);
+#pragma omp parallel for schedule(static) if (out >= 64)
+    for (int o = 0; o < out; o++) {
+        const int8_t* w = W + (size_t)o * in;
+        float scale = bf2f(scales[o]);
+        for (int r0 = 0; r0 < n; r0 += 4) {
+            int m = n - r0 < 4 ? n - r0 : 4;
+            const float* x0 = xf + (size_t)r0 * in;
+#if defined(__AVX512F__)
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int i = 0; i < in; i += 16) {
+                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + i))));
+                for (int j = 0; j < m; j++) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + (size_t)j * in + i), acc[j]);
+            }
+            for (int j = 0; j < m; j++) y[(size_t)(r0 + j) * ldy + o] = f2bf(_mm512_reduce_add_ps(acc[j]) * scale);
+#else
+            for (int j = 0; j < m; j++) {
+                float lane[16] = {0};
+                for (int i = 0; i < in; i += 16)
+                    for (int l = 0; l < 16; l++) lane[l] += (float)w[i + l] * x0[(size_t)j * in + i + l];
+                for (int l = 8; l > 0; l >>= 1)
+                    for (int k = 0; k < l; k++) lane[k] += lane[k + l];
+                y[(size_t)(r0 + j) * ldy + o] = f2bf(lane[0] * scale);
+            }
+#endif
+        }
+    }
+}
