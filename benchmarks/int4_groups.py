@@ -26,7 +26,7 @@ from homespec.model.stage import _LAYER_TENSORS, Stage
 def quantized_copy(fp32: Stage, source_model: str | None, fmt: str, group: int, int8: tuple[str, ...] = ()) -> Stage:
     """A fresh fp32 stage of the whole model whose linears (and ends) are ``fmt`` in groups of ``group``; the
     linears named in ``int8`` (``_LAYER_TENSORS`` keys: wq, wk, wv, wo, wg, wu, wd) int8 instead."""
-    stage = Stage(resolve(source_model), 0, fp32.end, weights="fp32")
+    stage = Stage(resolve(source_model), 0, fp32.end, weights="fp32", native=False)  # weights swapped below
     for i, layer in enumerate(stage.layers):
         for attr, name in _LAYER_TENSORS.items():
             w = getattr(layer, attr)

@@ -237,7 +237,8 @@ def quantize_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     linears = 0
     for i in range(source.num_layers):
-        stage = Stage(source, i, i + 1, embed=False, head=False, weights="fp32")
+        # torch's operators: the recorders below stand in for the layer's weights, which the native glue reads itself
+        stage = Stage(source, i, i + 1, embed=False, head=False, weights="fp32", native=False)
         layer = stage.layers[0]
         if layer.moe is not None:
             raise ModelError(f"{source.name}: layer {i} is a mixture of experts, which quantize does not handle yet")
