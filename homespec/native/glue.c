@@ -42,6 +42,24 @@ static inline void put(void* p, size_t i, float v, int f32) {
         ((uint16_t*)p)[i] = f2bf(v);
 }
 
+enum { F32, BF16, I8 };
+
+/* element i of fp32, bf16 or int8 values */
+static inline float elem(const void* p, size_t i, int kind) {
+    return kind == F32 ? ((const float*)p)[i] : kind == BF16 ? bf2f(((const uint16_t*)p)[i]) : ((const int8_t*)p)[i];
+}
+
+/* the portable dot product of w and x over n values (n % 16 == 0): 16 lanes, then the lanes halved in a fixed order
+   (what the fallbacks below compute where the compiler does not target AVX-512) */
+static inline float dot_lanes(const void* w, int wk, const void* x, int xk, int n) {
+    float lane[16] = {0};
+    for (int i = 0; i < n; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += elem(w, (size_t)i + l, wk) * elem(x, (size_t)i + l, xk);
+    for (int l = 8; l > 0; l >>= 1)
+        for (int k = 0; k < l; k++) lane[k] += lane[k + l];
+    return lane[0];
+}
+
 /* e^x in fp32 that compilers vectorize (libm's expf does not vectorize without -ffast-math): Cody-Waite range
    reduction and Cephes' degree-5 polynomial, within 2 ulp; x clamped to [-87.3, 88.7] */
 static inline float hs_expf(float x) {
@@ -131,12 +149,7 @@ static inline float dot16(const float* a, const void* b, size_t at, int d, int f
     for (int i = 16; i < d; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b, at + i, f32), s);
     return _mm512_reduce_add_ps(s);
 #else
-    float lane[16] = {0};
-    for (int i = 0; i < d; i += 16)
-        for (int l = 0; l < 16; l++) lane[l] += a[i + l] * get(b, at + i + l, f32);
-    for (int l = 8; l > 0; l >>= 1)
-        for (int k = 0; k < l; k++) lane[k] += lane[k + l];
-    return lane[0];
+    return dot_lanes(a, F32, (const char*)b + at * (f32 ? 4 : 2), f32 ? F32 : BF16, d);
 #endif
 }
 
@@ -251,14 +264,7 @@ void hs_linear_f32(const float* x, const float* W, int n, int in, int out, float
             }
             for (int j = 0; j < m; j++) y[(size_t)(r0 + j) * ldy + o] = _mm512_reduce_add_ps(acc[j]);
 #else
-            for (int j = 0; j < m; j++) {
-                float lane[16] = {0};
-                for (int i = 0; i < in; i += 16)
-                    for (int l = 0; l < 16; l++) lane[l] += w[i + l] * x0[(size_t)j * in + i + l];
-                for (int l = 8; l > 0; l >>= 1)
-                    for (int k = 0; k < l; k++) lane[k] += lane[k + l];
-                y[(size_t)(r0 + j) * ldy + o] = lane[0];
-            }
+            for (int j = 0; j < m; j++) y[(size_t)(r0 + j) * ldy + o] = dot_lanes(w, F32, x0 + (size_t)j * in, F32, in);
 #endif
         }
     }
@@ -282,14 +288,8 @@ void hs_linear_bf16(const uint16_t* x, const uint16_t* W, int n, int in, int out
             }
             for (int j = 0; j < m; j++) y[(size_t)(r0 + j) * ldy + o] = f2bf(_mm512_reduce_add_ps(acc[j]));
 #else
-            for (int j = 0; j < m; j++) {
-                float lane[16] = {0};
-                for (int i = 0; i < in; i += 16)
-                    for (int l = 0; l < 16; l++) lane[l] += bf2f(w[i + l]) * bf2f(x0[(size_t)j * in + i + l]);
-                for (int l = 8; l > 0; l >>= 1)
-                    for (int k = 0; k < l; k++) lane[k] += lane[k + l];
-                y[(size_t)(r0 + j) * ldy + o] = f2bf(lane[0]);
-            }
+            for (int j = 0; j < m; j++)
+                y[(size_t)(r0 + j) * ldy + o] = f2bf(dot_lanes(w, BF16, x0 + (size_t)j * in, BF16, in));
 #endif
         }
     }
@@ -317,14 +317,8 @@ void hs_linear_i8(const uint16_t* x, const int8_t* W, const uint16_t* scales, in
             }
             for (int j = 0; j < m; j++) y[(size_t)(r0 + j) * ldy + o] = f2bf(_mm512_reduce_add_ps(acc[j]) * scale);
 #else
-            for (int j = 0; j < m; j++) {
-                float lane[16] = {0};
-                for (int i = 0; i < in; i += 16)
-                    for (int l = 0; l < 16; l++) lane[l] += (float)w[i + l] * x0[(size_t)j * in + i + l];
-                for (int l = 8; l > 0; l >>= 1)
-                    for (int k = 0; k < l; k++) lane[k] += lane[k + l];
-                y[(size_t)(r0 + j) * ldy + o] = f2bf(lane[0] * scale);
-            }
+            for (int j = 0; j < m; j++)
+                y[(size_t)(r0 + j) * ldy + o] = f2bf(dot_lanes(w, I8, x0 + (size_t)j * in, F32, in) * scale);
 #endif
         }
     }
