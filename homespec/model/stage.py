@@ -747,14 +747,12 @@ def glue_product(glue: Any, x: torch.Tensor, parts: Sequence[Weight | None]) -> 
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     width = sum(out_features(w) for w in parts if w is not None)
     y = torch.empty(n, width, dtype=x.dtype)
-    scratch = None
+    int8 = any(isinstance(w, Int8Channel) for w in parts)
+    scratch = torch.empty(n * x.shape[1] if int8 else 0)  # hs_linear_i8's input widened to fp32
     col = 0
     for w in parts:
         at = y.data_ptr() + col * y.element_size()
         if isinstance(w, Int8Channel):
-            scratch = (
-                torch.empty(n * w.in_features) if scratch is None or scratch.numel() < n * w.in_features else scratch
-            )
             glue.hs_linear_i8(
                 x.data_ptr(), w.codes.data_ptr(), w.scales.data_ptr(), n, w.in_features, w.out_features, at, width,
                 scratch.data_ptr(),
