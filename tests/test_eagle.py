@@ -349,3 +349,79 @@ def test_an_eagle3_head_from_the_hub_drafts_in_stage_processes_that_fetch_it_too
         assert {g.split("/", 2)[-1] for g in hub.gets} >= {"config.json", "model.safetensors"}
     finally:
         hub.close()
+
+
+@pytest.mark.slow
+def test_an_eagle3_head_trained_here_reads_the_right_layers_and_drafts_losslessly(
+    engines: Callable[..., Any], reference_model: Any, prompt: list[int], tmp_path: Path
+) -> None:
+    """``train-draft --eagle3``: the data records the streams *entering* layers 2, 15 and 27 (transformers'
+    ``hidden_states[i]``, as EAGLE-3's fc reads them); training with the training-time test lowers the loss; the
+    head is written in SafeAILab's EAGLE-3 layout without an LM head of its own (``draft_vocab_size`` 0), loads,
+    drafts what the papers' forward over the target's own LM head drafts, and keeps ``specpipe`` lossless. Written
+    with a draft vocabulary it holds the target's LM head rows for those tokens and the ``d2t`` that maps to them."""
+    from homespec.engine import Engine, EngineOptions
+    from homespec.model.eagle import eagle_config, read_eagle, tap_weights
+    from homespec.model.train_head import TrainConfig, build_data, train
+
+    engine = engines("none")
+    taps = (2, 15, 27)
+    texts = ["Name three colors of the rainbow.", "Write one sentence about the moon.", EQUIVALENCE_PROMPTS[0]]
+    data = build_data(engine, texts, max_new=12, progress=lambda: None, record=taps)
+    assert all(f.shape == (len(t), 3 * H) for f, t in zip(data.features, data.tokens, strict=True))
+    seq = data.tokens[2]  # the third prompt and its reply: the streams of transformers' forward over it
+    with torch.no_grad():
+        states = reference_model(seq[None], output_hidden_states=True).hidden_states
+    want = torch.cat([states[i][0] for i in taps], -1)
+    got = data.features[2].float()
+    assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.02  # bf16 storage; another layer is far off
+    off_by_one = torch.cat([states[i + 1][0] for i in taps], -1)
+    assert ((got - off_by_one).norm(dim=-1) / off_by_one.norm(dim=-1)).median() > 0.1  # (the first token's
+    # stream is one huge attention-sink activation that barely changes from layer to layer: the median, not the min)
+
+    log: list[dict[str, float]] = []
+    cfg = TrainConfig(epochs=4, lr=1e-3, holdout=0.34, unroll=2, pack=40, taps=taps)
+    head = train(engine, data, tmp_path / "run", cfg, log.append)
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+    folder = head.save(tmp_path / "eagle3", engine.source.config, {"test": True})
+    config, tensors = read_eagle(folder)
+    assert "midlayer.hidden_norm.weight" in _tensors(folder) and "lm_head.weight" not in tensors
+    assert config["draft_vocab_size"] == 0 and config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]
+    loaded = eagle_config(config, tensors, engine.source.config)
+    assert (loaded.version, loaded.taps, loaded.draft_vocab) == (3, taps, 0)
+
+    # it drafts what the papers' EAGLE-3 forward drafts through the target's own norm-free LM head
+    bundled = engine.source
+    stage = Stage(bundled, 0, bundled.num_layers, weights="fp32", taps=tap_weights(folder, bundled.config, 0, 30))
+    stage.forward_prefix(stage.new_cache(), torch.tensor(prompt), range(len(prompt)))
+    draft = build_draft(f"eagle:{folder}", bundled, engine.tokenizer, TreeConfig())
+    children = _first_children(draft, prompt, stage.last_carry)
+    t, m = {k: v.float() for k, v in _tensors(folder).items()}, reference_model.model
+    with torch.no_grad():
+        states = reference_model(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        fused = torch.cat([states[i][0] for i in taps], -1) @ t["fc.weight"].T
+        emb = m.embed_tokens(torch.tensor(prompt[1:]))
+        g = fused[:-1]
+        hn = _rms(g, t["midlayer.hidden_norm.weight"])
+        attn_in = torch.cat([_rms(emb, t["midlayer.input_layernorm.weight"]), hn], -1)
+        out = reference_head(t, "midlayer.", attn_in, g, m.rotary_emb)
+        logp = (_rms(out[-1], t["norm.weight"]) @ reference_model.lm_head.weight.T).log_softmax(-1)
+    top = logp.topk(len(children))
+    assert set(children) == {int(i) for i in top.indices}
+    assert max(abs(children[int(i)] - float(v)) for v, i in zip(top.values, top.indices, strict=True)) < 1e-3
+
+    plain = engines("none", weights="int4")
+    ids = prompt
+    gen = GenerationConfig(max_tokens=24)
+    want_tokens = list(plain.generate(ids, gen))[-1].tokens
+    with Engine(EngineOptions(draft=f"eagle:{folder}", mode="specpipe", stages=4, weights="int4")) as piped:
+        done = list(piped.generate(ids, gen))[-1]
+    assert isinstance(done, GenerationFinished) and done.tokens == want_tokens and done.stats.draft_forwards > 0
+
+    # a draft vocabulary: the target's LM head rows for those tokens, and d2t mapping draft id i to them
+    vocab = torch.tensor(sorted({*range(3000), *prompt}))
+    lm = engines("none").target_stages()[0].head_w
+    cut = head.save(tmp_path / "cut", engine.source.config, None, vocab, lm)
+    eagle = load_eagle(cut, engine.source.config)
+    assert eagle.cfg.draft_vocab == len(vocab) and eagle.columns is not None and torch.equal(eagle.columns, vocab)
+    torch.testing.assert_close(eagle.w["lm_head.weight"], lm[vocab].to(torch.float16).float())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -64,6 +65,14 @@ def train_draft(
         Path | None,
         typer.Option("--vocab-for", help="only write the draft vocabulary from DIR's data into this head file"),
     ] = None,
+    eagle3: Annotated[
+        bool,
+        typer.Option(
+            "--eagle3",
+            help="train an EAGLE-3 head (fc over three of the target's layers; data records them) into DIR/eagle3, "
+            "for --draft eagle:DIR/eagle3",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
     dtype: Annotated[
         str,
@@ -109,8 +118,10 @@ def train_draft(
         if dtype == "auto":
             dtype, why = fastest_dtype(device)
             typer.echo(why, err=True)
+        if eagle3 and vocab_for is not None:
+            raise ConfigError("--vocab-for writes a HomeSpec head's vocabulary; an --eagle3 head holds its own")
         cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype, pack=pack)
-        if init is not None and not init.is_file():
+        if init is not None and not (init.is_file() or (eagle3 and init.is_dir())):
             raise ConfigError(f"head file not found: {init}")
         if vocab_for is not None and not vocab_for.is_file():
             raise ConfigError(f"head file not found: {vocab_for}")
@@ -125,6 +136,10 @@ def train_draft(
         # in bf16 where this device's matrix units make it much faster (data and training, BENCHMARKS.md §3)
         options = EngineOptions(model=model, draft=DEFAULT_DRAFT, device=device, dtype=dtype, weights=dtype)
         with Engine(options) as engine:
+            if eagle3:
+                from homespec.model.eagle import default_taps
+
+                cfg = dataclasses.replace(cfg, taps=default_taps(int(engine.source.config.num_hidden_layers)))
             if self_written and not legacy.is_file():
                 texts += _self_written(engine, out / "self_prompts.jsonl", self_written)
             if legacy.is_file():
@@ -149,6 +164,7 @@ def train_draft(
                         batch,
                         shards=out / "data",
                         on_shard=shard,
+                        record=cfg.taps,
                     )
             for folder in more:  # each folder's prompts stay apart: a prompt's replies are held out together
                 data.extend(Sequences.load_shards(folder) if folder.is_dir() else Sequences.load(folder), groups=True)
@@ -166,8 +182,6 @@ def train_draft(
                 write_vocab(vocab_for, engine.source.config, vocab)
                 typer.echo(str(vocab_for))
                 return
-            from homespec.model.head import load_head
-
             log: list[dict[str, float]] = []
 
             def report(m: dict[str, float]) -> None:
@@ -181,9 +195,8 @@ def train_draft(
             with Progress(transient=True) as bar:
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
-                start = None if init is None else load_head(init, engine.source.config)
+                start = None if init is None else _init_head(init, engine, cfg)
                 head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start)
-            head.vocab = vocab
             extra = {
                 "prompts": len(texts),
                 "samples": samples,
@@ -198,9 +211,19 @@ def train_draft(
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
             }
-            head.save(out / "head.safetensors", extra)
             (out / "training.json").write_text(json.dumps(extra, indent=2))
-        typer.echo(str(out / "head.safetensors"))
+            from homespec.model.eagle import Eagle3Trainable
+            from homespec.model.quant import as_tensor
+
+            if isinstance(head, Eagle3Trainable):
+                stage = engine.target_stages()[0]
+                lm = None if vocab is None else as_tensor(stage.head_w)  # type: ignore[arg-type]
+                made = head.save(out / "eagle3", engine.source.config, extra, vocab, lm)
+            else:
+                head.vocab = vocab
+                made = out / "head.safetensors"
+                head.save(made, extra)
+        typer.echo(str(made))
 
 
 BF16_GAIN = 2.0  # bf16 is chosen where its products run at least this many times fp32's
@@ -217,6 +240,29 @@ def fastest_dtype(device: str) -> tuple[str, str]:
     fp32, bf16 = (matmul_tflops(torch, device, d, budget_s=0.3) for d in ("fp32", "bf16"))
     pick = "bf16" if bf16 >= BF16_GAIN * fp32 > 0 else "fp32"
     return pick, f"dtype: {pick} (matmul here: bf16 {bf16:.2f} TFLOP/s, fp32 {fp32:.2f}; --dtype to choose)"
+
+
+def _init_head(path: Path, engine: Any, cfg: Any) -> Any:
+    """The head ``--init`` names, to go on training: a HomeSpec head file, or (``--eagle3``) an EAGLE-3 head's folder
+    or weights file as ``train-draft --eagle3`` writes it (without an LM head of its own)."""
+    config = engine.source.config
+    if not cfg.taps:
+        from homespec.model.head import load_head
+
+        return load_head(path, config)
+    from homespec.model.eagle import eagle_config, read_eagle
+    from homespec.model.train_head import new_eagle3
+
+    raw, tensors = read_eagle(path)
+    got = eagle_config(raw, tensors, config)
+    if got.version != 3 or got.draft_vocab or got.taps != cfg.taps:
+        raise ConfigError(
+            f"--init {path} is not an EAGLE-3 head over layers {list(cfg.taps)} without an LM head of its own",
+            hint="go on from a folder train-draft --eagle3 wrote",
+        )
+    head = new_eagle3(engine, cfg.taps)
+    head.load_tensors(tensors)
+    return head
 
 
 def _made_data(folder: Path) -> Path:

@@ -24,12 +24,14 @@ activations (``tap_weights``, ``Stage(taps=...)``), and the last stage returns t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from homespec.errors import DraftError
 from homespec.model.head import CachedRows, head_attention
@@ -114,11 +116,16 @@ def _layer_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, **inner} if isinstance(inner, dict) else config
 
 
+def default_taps(layers: int) -> tuple[int, ...]:
+    """EAGLE-3's feature layers for a target of ``layers`` layers when its config names none (SafeAILab's choice)."""
+    return (2, layers // 2, layers - 3)
+
+
 def _taps(config: dict[str, Any], layers: int) -> tuple[int, ...]:
     named = config.get("eagle_aux_hidden_state_layer_ids") or (config.get("eagle_config") or {}).get(
         "eagle_aux_hidden_state_layer_ids"
     )
-    taps = tuple(int(i) for i in named) if named else (2, layers // 2, layers - 3)
+    taps = tuple(int(i) for i in named) if named else default_taps(layers)
     if len(taps) != 3 or not all(0 <= i < layers for i in taps):
         raise DraftError(f"EAGLE-3 feature layers {taps} do not fit a target of {layers} layers")
     return taps
@@ -145,6 +152,8 @@ def eagle_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], targe
         raise DraftError("an EAGLE head needs its layer's mlp.gate_proj.weight (layers.0.* or midlayer.*)")
     lm = tensors.get("lm_head.weight")
     vocab = int(lm.shape[0]) if version == 3 and lm is not None else 0
+    if version == 3 and lm is None and int(config.get("draft_vocab_size") or 0):  # only a head that says so drafts
+        raise DraftError("EAGLE-3 head has no tensor lm_head.weight")  # through the target's LM head
     taps = _taps(config, int(target.num_hidden_layers)) if version == 3 else ()
     eps = float(layer.get("rms_norm_eps") or getattr(target, "rms_norm_eps", None) or 1e-6)
     for option in ("norm_before_fc", "fc_norm", "norm_output"):
@@ -160,29 +169,9 @@ class EagleHead(CachedRows):
 
     def __init__(self, cfg: EagleConfig, tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
         self.cfg, self.vocab = cfg, None  # ``vocab``: HeadDraft's draft vocabulary slot (unused: see ``columns``)
-        h, d, x = cfg.hidden, cfg.head_dim, (1 if cfg.version == 1 else 2) * cfg.hidden
-        want = {
-            "layer.self_attn.q_proj.weight": (cfg.heads * d, x),
-            "layer.self_attn.k_proj.weight": (cfg.kv_heads * d, x),
-            "layer.self_attn.v_proj.weight": (cfg.kv_heads * d, x),
-            "layer.self_attn.o_proj.weight": (h, cfg.heads * d),
-            "layer.mlp.gate_proj.weight": (cfg.intermediate, h),
-            "layer.mlp.up_proj.weight": (cfg.intermediate, h),
-            "layer.mlp.down_proj.weight": (h, cfg.intermediate),
-            "layer.post_attention_layernorm.weight": (h,),
-        }
-        if cfg.version == 1:
-            want["fc.weight"] = (h, 2 * h)
-            if "fc.bias" in tensors:
-                want["fc.bias"] = (h,)
-        else:
-            want |= {
-                "fc.weight": (h, 3 * h),
-                "layer.input_layernorm.weight": (h,),
-                "layer.hidden_norm.weight": (h,),
-                "norm.weight": (h,),
-                "lm_head.weight": (cfg.draft_vocab, h),
-            }
+        want = eagle_shapes(cfg)
+        if cfg.version == 1 and "fc.bias" in tensors:
+            want["fc.bias"] = (cfg.hidden,)
         for name, shape in want.items():
             t = tensors.get(name)
             if t is None:
@@ -191,7 +180,7 @@ class EagleHead(CachedRows):
                 raise DraftError(f"EAGLE-{cfg.version} head: {name} is {list(t.shape)}, expected {list(shape)}")
         self.w = {k: tensors[k].to(torch.float32) for k in want}
         self.columns: torch.Tensor | None = None  # EAGLE-3: the target token of each draft-vocabulary id
-        if cfg.version == 3:
+        if cfg.version == 3 and cfg.draft_vocab:
             self.columns = _draft_columns(tensors.get("d2t"), cfg.draft_vocab, vocab_size)
 
     def to(self, device: str, dtype: torch.dtype) -> EagleHead:
@@ -214,24 +203,73 @@ class EagleHead(CachedRows):
         past: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([kvh, past, d], [kvh, past, d])
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predicted features [n, hidden], and this call's keys and values [kvh, n, d] (for a cache)."""
-        cfg, w, n = self.cfg, self.w, emb.shape[0]
-        if cfg.version == 1:
-            x = F.linear(torch.cat([emb, feat], -1), w["fc.weight"], w.get("fc.bias"))
-            z = x  # the head's first layer has no input norm
-        else:
-            normed = rms_norm(feat, w["layer.hidden_norm.weight"], cfg.eps)
-            x = normed if cfg.norm_before_residual else feat
-            z = torch.cat([rms_norm(emb, w["layer.input_layernorm.weight"], cfg.eps), normed], -1)
-        q, k, v = (F.linear(z, w[f"layer.{p}.weight"]).view(n, -1, cfg.head_dim).transpose(0, 1) for p in _PROJ[:3])
-        attn, k, v = head_attention(q, k, v, cos, sin, mask, past)
-        x = x + F.linear(attn, w["layer.self_attn.o_proj.weight"])
-        r = rms_norm(x, w["layer.post_attention_layernorm.weight"], cfg.eps)
-        up = F.silu(F.linear(r, w["layer.mlp.gate_proj.weight"])) * F.linear(r, w["layer.mlp.up_proj.weight"])
-        return x + F.linear(up, w["layer.mlp.down_proj.weight"]), k, v
+        return eagle_forward(self.cfg, self.w, emb, feat, cos, sin, mask, past)
+
+    def normed(self, feat: torch.Tensor) -> torch.Tensor:
+        """EAGLE-3: predicted features through the head's own ``norm``, as its LM head reads them."""
+        return rms_norm(feat, self.w["norm.weight"], self.cfg.eps)
 
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
-        """EAGLE-3: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]."""
-        return F.linear(rms_norm(feat, self.w["norm.weight"], self.cfg.eps), self.w["lm_head.weight"])
+        """EAGLE-3 with its own LM head: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]
+        (a head without one drafts through the target's: ``drafts/eagle.py``)."""
+        return F.linear(self.normed(feat), self.w["lm_head.weight"])
+
+
+def eagle_shapes(cfg: EagleConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an EAGLE head of this shape holds (names with the layer as ``layer.``), and its shape; EAGLE-1's
+    optional fc bias is not listed. An EAGLE-3 head with ``draft_vocab`` 0 has no ``lm_head`` (HomeSpec's own
+    heads: ``train-draft --eagle3``): it drafts through the target's LM head, every token."""
+    h, d, x = cfg.hidden, cfg.head_dim, (1 if cfg.version == 1 else 2) * cfg.hidden
+    want: dict[str, tuple[int, ...]] = {
+        "layer.self_attn.q_proj.weight": (cfg.heads * d, x),
+        "layer.self_attn.k_proj.weight": (cfg.kv_heads * d, x),
+        "layer.self_attn.v_proj.weight": (cfg.kv_heads * d, x),
+        "layer.self_attn.o_proj.weight": (h, cfg.heads * d),
+        "layer.mlp.gate_proj.weight": (cfg.intermediate, h),
+        "layer.mlp.up_proj.weight": (cfg.intermediate, h),
+        "layer.mlp.down_proj.weight": (h, cfg.intermediate),
+        "layer.post_attention_layernorm.weight": (h,),
+    }
+    if cfg.version == 1:
+        return want | {"fc.weight": (h, 2 * h)}
+    want |= {
+        "fc.weight": (h, 3 * h),
+        "layer.input_layernorm.weight": (h,),
+        "layer.hidden_norm.weight": (h,),
+        "norm.weight": (h,),
+    }
+    if cfg.draft_vocab:
+        want["lm_head.weight"] = (cfg.draft_vocab, h)
+    return want
+
+
+def eagle_forward(
+    cfg: EagleConfig,
+    w: Mapping[str, torch.Tensor],
+    emb: torch.Tensor,
+    feat: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An EAGLE head's layer over weights ``w`` (``eagle_shapes``' names): predicted features [n, hidden] and the
+    rows' keys and values [kvh, n, d]. The one forward of a loaded head (``EagleHead``) and of one in training
+    (``Eagle3Trainable``)."""
+    n = emb.shape[0]
+    if cfg.version == 1:
+        x = F.linear(torch.cat([emb, feat], -1), w["fc.weight"], w.get("fc.bias"))
+        z = x  # the head's first layer has no input norm
+    else:
+        normed = rms_norm(feat, w["layer.hidden_norm.weight"], cfg.eps)
+        x = normed if cfg.norm_before_residual else feat
+        z = torch.cat([rms_norm(emb, w["layer.input_layernorm.weight"], cfg.eps), normed], -1)
+    q, k, v = (F.linear(z, w[f"layer.{p}.weight"]).view(n, -1, cfg.head_dim).transpose(0, 1) for p in _PROJ[:3])
+    attn, k, v = head_attention(q, k, v, cos, sin, mask, past)
+    x = x + F.linear(attn, w["layer.self_attn.o_proj.weight"])
+    r = rms_norm(x, w["layer.post_attention_layernorm.weight"], cfg.eps)
+    up = F.silu(F.linear(r, w["layer.mlp.gate_proj.weight"])) * F.linear(r, w["layer.mlp.up_proj.weight"])
+    return x + F.linear(up, w["layer.mlp.down_proj.weight"]), k, v
 
 
 def _draft_columns(d2t: torch.Tensor | None, draft_vocab: int, vocab_size: int) -> torch.Tensor:
@@ -284,3 +322,100 @@ def tap_weights(path: str | Path, target: Any, start: int, end: int) -> dict[int
         raise DraftError(f"{path} is an EAGLE-{cfg.version} head: only EAGLE-3 heads read the target's inner layers")
     fc, h = tensors["fc.weight"].to(torch.float32), cfg.hidden
     return {layer: fc[:, i * h : (i + 1) * h].contiguous() for i, layer in enumerate(cfg.taps) if start <= layer < end}
+
+
+def _param(name: str) -> str:
+    return name.replace(".", "__")  # a ParameterDict key cannot hold a dot
+
+
+class Eagle3Trainable(nn.Module):
+    """An EAGLE-3 head in training (``train-draft --eagle3``, ``train_head.new_eagle3``): the forward of a loaded
+    head (``eagle_forward``) over parameters with the published layout's names, its fp32 weights trained under
+    autocast. It drafts through the target's LM head (no ``lm_head`` of its own, every token), so ``save`` writes a
+    head with ``draft_vocab_size`` 0, or one over a draft vocabulary cut from the target's LM head (``d2t``)."""
+
+    def __init__(self, cfg: EagleConfig) -> None:
+        super().__init__()
+        if cfg.version != 3 or cfg.draft_vocab:
+            raise ValueError("Eagle3Trainable trains an EAGLE-3 head through the target's LM head (draft_vocab 0)")
+        self.cfg = cfg
+        self.weights = nn.ParameterDict({_param(k): nn.Parameter(torch.zeros(s)) for k, s in eagle_shapes(cfg).items()})
+
+    @property
+    def w(self) -> dict[str, torch.Tensor]:
+        return {k.replace("__", "."): p for k, p in self.weights.items()}
+
+    def fc(self, streams: torch.Tensor) -> torch.Tensor:
+        """The feature [n, H] from the target's streams [n, 3H] (as ``EagleHead.fc``)."""
+        return F.linear(streams, self.weights[_param("fc.weight")])
+
+    def forward(
+        self,
+        emb: torch.Tensor,
+        feat: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return eagle_forward(self.cfg, self.w, emb, feat, cos, sin, mask, past)
+
+    def normed(self, feat: torch.Tensor) -> torch.Tensor:
+        return rms_norm(feat, self.weights[_param("norm.weight")], self.cfg.eps)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Go on from a head's weights (``read_eagle``'s names), e.g. one ``save`` wrote."""
+        with torch.no_grad():
+            for name, p in self.w.items():
+                t = tensors.get(name)
+                if t is None or tuple(t.shape) != tuple(p.shape):
+                    raise DraftError(f"the EAGLE-3 head to go on from has no tensor {name} of shape {list(p.shape)}")
+                p.copy_(t.to(torch.float32))
+
+    def save(
+        self,
+        folder: Path,
+        target: Any,
+        extra: dict[str, Any] | None = None,
+        vocab: torch.Tensor | None = None,
+        lm_head: torch.Tensor | None = None,
+    ) -> Path:
+        """``folder``/config.json and model.safetensors in SafeAILab's EAGLE-3 layout (``midlayer.*``; fp16), for
+        ``--draft eagle:FOLDER``. With ``vocab`` (sorted token ids) and ``lm_head`` (the target's LM head [V, H]), the
+        file scores only those tokens: ``lm_head`` holds their rows and ``d2t`` maps draft id i to token i + d2t[i]."""
+        from safetensors.torch import save_file
+
+        cfg = self.cfg
+        tensors = {
+            ("midlayer." + k[len("layer.") :] if k.startswith("layer.") else k): p.detach().to(torch.float16)
+            for k, p in self.w.items()
+        }
+        draft_vocab = 0
+        if vocab is not None:
+            if lm_head is None:
+                raise ValueError("a draft vocabulary needs the target's LM head to cut its rows from")
+            ids = vocab.to(torch.int64).cpu()
+            tensors["lm_head.weight"] = lm_head.detach().float().cpu()[ids].to(torch.float16)
+            tensors["d2t"] = ids - torch.arange(len(ids))
+            draft_vocab = len(ids)
+        config = {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "hidden_size": cfg.hidden,
+            "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate,
+            "num_hidden_layers": 1,
+            "rms_norm_eps": cfg.eps,
+            "vocab_size": int(target.vocab_size),
+            "draft_vocab_size": draft_vocab,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.taps)},
+            "homespec_training": extra or {},
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        return folder

@@ -253,6 +253,11 @@ class Stage:
         if any(not start <= i < end for i in self.taps):
             raise ConfigError(f"EAGLE-3 feature layers {sorted(self.taps)} are not all in [{start}, {end})")
         self.last_carry: torch.Tensor | None = None  # [n, hidden] fp32: fc's sum so far, after the last call
+        # layers whose incoming streams every call keeps, concatenated in this order in ``last_streams`` [n, k *
+        # hidden] (``train-draft --eagle3``: what an EAGLE-3 head's fc reads, recorded as the data is decoded)
+        self.record: tuple[int, ...] = ()
+        self.last_streams: torch.Tensor | None = None
+        self._streams: dict[int, torch.Tensor] = {}
         self.glue_shape = GlueShape(
             self.heads, self.kv_heads, self.head_dim, self.eps, self.attn_scale, self.part_rows["wg"]
         )
@@ -496,13 +501,18 @@ class Stage:
                 cos, sin, masks = local if self.sliding[li] else full
                 h = self._layer(layer, li, h, segments, cos, sin, masks)
         self.last_carry = acc
+        if self.record:
+            self.last_streams = torch.cat([self._streams.pop(i) for i in self.record], dim=-1)
         if self.has_head:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
         return h
 
     def _tap(self, li: int, h: torch.Tensor, acc: Any) -> Any:
-        """EAGLE-3's running fc sum after adding layer ``li``'s incoming stream through its columns of fc, if tapped."""
+        """EAGLE-3's running fc sum after adding layer ``li``'s incoming stream through its columns of fc, if tapped;
+        the stream kept for ``last_streams`` if recorded (a copy: the native glue updates its stream in place)."""
+        if self.start + li in self.record:
+            self._streams[self.start + li] = h.clone()
         tap = self.taps.get(self.start + li)
         if tap is None:
             return acc

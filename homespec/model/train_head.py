@@ -41,10 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from homespec.errors import ConfigError, ModelError
+from homespec.model.eagle import Eagle3Trainable, EagleConfig
 from homespec.model.head import DraftHead, HeadConfig
 from homespec.model.kv import TreeKVCache
 from homespec.model.quant import as_tensor
 from homespec.model.stage import Lockstep, Segment, Stage
+
+Head = DraftHead | Eagle3Trainable  # what train-draft trains: HomeSpec's EAGLE-1 style head, or an EAGLE-3 head
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class TrainConfig:
     eval_depth: int = 3  # held-out top-1 reported at depths 1 .. max(unroll, eval_depth), whatever the training
     dtype: str = "fp32"  # "bf16": the products in bf16 autocast (the target's stage then runs in bf16 too)
     pack: int = 2048  # rows per training step: sequences packed until they reach it (0: one sequence per step)
+    taps: tuple[int, ...] = ()  # an EAGLE-3 head over the streams entering these layers (``new_eagle3``); () EAGLE-1
 
 
 @dataclass
@@ -130,6 +134,7 @@ def build_data(
     seed: int = 0,
     shards: Path | None = None,
     on_shard: Callable[[int, int, int, float], None] | None = None,
+    record: Sequence[int] = (),
 ) -> Sequences:
     """``samples`` replies of the target to each prompt, the first greedy and the others sampled at
     ``temperature`` (the target's own text, as the head will meet it), with every position's feature and greedy
@@ -140,8 +145,30 @@ def build_data(
     ``shards/NNNNN.safetensors`` as it ends and read back instead of made again by a later run with the same
     settings (``shards/plan.json``; other settings are refused): a run of millions of rows is resumable.
     ``progress`` is called once per prompt whose replies are all done; ``on_shard(index, shards, rows, seconds)``
-    after each shard made."""
+    after each shard made. With ``record`` (an EAGLE-3 head's feature layers) the features kept are the streams
+    entering those layers, concatenated [T, len(record) * hidden] in bf16 (``Stage.record``; their outlier channels
+    reach ~25,000 on the bundled model, too near float16's range), instead of the last hidden states."""
     stage: Stage = _whole_target(engine)
+    stage.record = tuple(record)
+    try:
+        return _build(engine, stage, prompts, max_new, progress, samples, temperature, batch, seed, shards, on_shard)
+    finally:
+        stage.record, stage.last_streams = (), None
+
+
+def _build(
+    engine: Any,
+    stage: Stage,
+    prompts: Sequence[str],
+    max_new: int,
+    progress: Callable[[], None],
+    samples: int,
+    temperature: float,
+    batch: int,
+    seed: int,
+    shards: Path | None,
+    on_shard: Callable[[int, int, int, float], None] | None,
+) -> Sequences:
     encoded = [engine.encode(p) for p in prompts]  # once per prompt, not once per reply
     order = sorted(range(len(encoded)), key=lambda g: len(encoded[g]))  # similar widths share a batch: less padding
     per = max(1, samples)
@@ -156,6 +183,8 @@ def build_data(
             "shard_prompts": SHARD_PROMPTS,
             "dtype": str(stage.dtype).removeprefix("torch."),
         }
+        if stage.record:  # (only then: folders made before this key existed stay resumable)
+            plan["features"] = list(stage.record)
         _check_plan(shards / "plan.json", plan)
     size = SHARD_PROMPTS if shards is not None else max(1, len(order))
     parts = [order[i : i + size] for i in range(0, len(order), size)]
@@ -257,8 +286,7 @@ def _decode_batch(
         segments = [Segment(c, *_prefix_rows(c, lengths[j])) for c, j in zip(caches, heads, strict=True)]
         ids = [t for j in heads for t in jobs[j][2]]
         logits = stage.forward_batch(segments, torch.tensor(ids), [p for j in heads for p in range(lengths[j])])
-        assert stage.last_hidden is not None
-        hidden, best = stage.last_hidden.to(torch.float16), torch.argmax(logits.float(), dim=-1)
+        hidden, best = _features(stage), torch.argmax(logits.float(), dim=-1)
         a = 0
         for first, cache in zip(heads, caches, strict=True):
             n = lengths[first]
@@ -291,8 +319,7 @@ def _decode_batch(
             rows = [rows[r] for r in keep]
         x = torch.tensor([tokens[j][-1] for j in rows])
         current = stage.forward_lockstep(Lockstep(k, v, pad, width + step), x)
-        assert stage.last_hidden is not None
-        hidden = stage.last_hidden.to(torch.float16)
+        hidden = _features(stage)
         best = torch.argmax(current.float(), dim=-1)  # once for the batch (over bf16 logits: ~5x slower here)
         for r, j in enumerate(rows):
             if j in live:
@@ -304,6 +331,16 @@ def _decode_batch(
         seq = torch.tensor(tokens[j][:n], dtype=torch.int64)
         results.append((g, seq, torch.cat(feats[j]), torch.cat(labels[j]), j not in live))
     return results
+
+
+def _features(stage: Stage) -> torch.Tensor:
+    """What the last call's rows record as their features: the streams ``stage.record`` names (bf16), else the last
+    hidden states (float16)."""
+    if stage.record:
+        assert stage.last_streams is not None
+        return stage.last_streams.to(torch.bfloat16)
+    assert stage.last_hidden is not None
+    return stage.last_hidden.to(torch.float16)
 
 
 def draw(logits: torch.Tensor, greedy: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
@@ -419,6 +456,38 @@ def new_head(engine: Any) -> DraftHead:
     return head
 
 
+def new_eagle3(engine: Any, taps: Sequence[int]) -> Eagle3Trainable:
+    """An EAGLE-3 head for the engine's target over the streams entering layers ``taps``, started as the head
+    before (``new_head``): its layer from the target's last layer (q/k/v's feature half; the embedding half small and
+    random), both input norms the target's last input norm, ``norm`` the target's final norm, and fc taking the last
+    of the streams as it is. It drafts through the target's LM head."""
+    stage = _whole_target(engine)
+    last = stage.layers[-1]
+    got = {k: last.part(k, stage.part_rows) for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")}
+    if any(w is None for w in got.values()):
+        raise ModelError("train-draft --eagle3 copies the target's last MLP: a mixture-of-experts last layer has none")
+    h = stage.hidden
+    inter, kvh = stage.part_rows["wg"], stage.kv_heads
+    cfg = EagleConfig(3, h, stage.heads, kvh, stage.head_dim, inter, stage.eps, 0, tuple(taps))
+    head = Eagle3Trainable(cfg)
+    w = head.w
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, key in (("q", "wq"), ("k", "wk"), ("v", "wv")):
+            dst = w[f"layer.self_attn.{name}_proj.weight"]
+            dst[:, :h] = torch.randn(dst.shape[0], h, generator=gen) * 0.02
+            dst[:, h:] = as_tensor(got[key]).float()  # type: ignore[arg-type]
+        rest = (("self_attn.o_proj", "wo"), ("mlp.gate_proj", "wg"), ("mlp.up_proj", "wu"), ("mlp.down_proj", "wd"))
+        for name, key in rest:
+            w[f"layer.{name}.weight"].copy_(as_tensor(got[key]).float())  # type: ignore[arg-type]
+        w["layer.input_layernorm.weight"].copy_(last.ln1)
+        w["layer.hidden_norm.weight"].copy_(last.ln1)
+        w["layer.post_attention_layernorm.weight"].copy_(last.ln2)
+        w["norm.weight"].copy_(stage.norm_w if stage.norm_w is not None else torch.ones(h))
+        w["fc.weight"][:, (len(taps) - 1) * h :] = torch.eye(h)
+    return head
+
+
 def train(
     engine: Any,
     data: Sequences,
@@ -427,14 +496,21 @@ def train(
     report: Callable[[dict[str, float]], None],
     progress: Callable[[], None] | None = None,
     max_steps: int | None = None,
-    init: DraftHead | None = None,
-) -> DraftHead:
+    init: Head | None = None,
+) -> Head:
     """Train (or resume) a head on ``data``, from ``init`` (a head to go on training; its weights are changed in
     place) or a new one (``new_head``); writes DIR/checkpoint.pt each epoch and DIR/head.safetensors."""
     stage = _whole_target(engine)
     torch.manual_seed(cfg.seed)
     train_ids, held = split(data, cfg)
-    head = new_head(engine) if init is None else init
+    if cfg.taps:
+        width = len(cfg.taps) * stage.hidden
+        if any(f.shape[-1] != width for f in data.features):
+            raise ConfigError(
+                f"an EAGLE-3 head reads {len(cfg.taps)} streams ({width} values a row); this data holds other features",
+                hint="make the data with train-draft --eagle3 (it records the streams as it decodes)",
+            )
+    head = init if init is not None else new_eagle3(engine, cfg.taps) if cfg.taps else new_head(engine)
     opt = torch.optim.AdamW([p for p in head.parameters()], lr=cfg.lr, weight_decay=0.0)
     lengths = [len(t) - 1 for t in data.tokens]
     per_epoch = len(packs(train_ids, lengths, cfg.pack, random.Random(0)))
@@ -493,7 +569,7 @@ def split(data: Sequences, cfg: TrainConfig) -> tuple[list[int], list[int]]:
 
 
 def top1_by_depth(
-    head: DraftHead, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, depth: int
+    head: Head, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, depth: int
 ) -> list[float]:
     """How often the head's top-1 next token is the target's on sequences ``ids``, at each unrolled depth 1 ..
     ``depth`` (depth 1: the target's own features; depth j: the head's own predicted features j - 1 deep)."""
@@ -533,7 +609,7 @@ def _autocast(cfg: TrainConfig, stage: Stage) -> Any:
 
 
 def _loss(
-    head: DraftHead, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, noise: bool = True
+    head: Head, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, noise: bool = True
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Loss on the sequences ``ids`` packed into one set of rows (each attending only within itself: ``ttt_mask``),
     and (top-1 hits, rows) at each unrolled depth (``cfg.unroll`` steps).
@@ -544,33 +620,44 @@ def _loss(
     predictions (EAGLE-3's training-time test, Li et al., 2025); rows r < j have no such chain and are not scored.
     The tokens stay the target's own (teacher forcing); gradients flow through the predicted features. Each
     step's loss (feature regression + ``cls_weight`` × cross-entropy, averaged over its scored rows) counts
-    equally."""
+    equally. An EAGLE-3 head (``Eagle3Trainable``) reads fc over the recorded streams where the EAGLE-1 head reads
+    f_r, and its loss is the cross-entropy alone, through its own norm and the target's LM head (EAGLE-3: its
+    features are its own, with no target to regress to)."""
     spans = [len(data.tokens[i]) - 1 for i in ids]  # rows r = 0 .. T-1 of each sequence
     tokens = torch.cat([data.tokens[i][1:] for i in ids])
     feats = [data.features[i].float() for i in ids]
     emb = stage.embed(tokens).detach()
+    eagle3 = isinstance(head, Eagle3Trainable)
     inp = torch.cat([f[:-1] for f in feats])
+    first = torch.stack([f[0] for f in feats])
+    if eagle3:
+        inp, first = head.fc(inp), head.fc(first)
     if noise and cfg.noise:
         inp = inp + (torch.rand_like(inp) - 0.5) * 2 * cfg.noise
     local = torch.cat([torch.arange(n) for n in spans])  # each row's position in its sequence
     cos, sin = stage.rope(local.tolist())
-    target = torch.cat([f[1:] for f in feats])
+    target = None if eagle3 else torch.cat([f[1:] for f in feats])
     y = torch.cat([data.labels[i][1:] for i in ids])
     total = torch.zeros(())
     stats: list[tuple[int, int]] = []
-    first = torch.stack([f[0] for f in feats])
     for j, pred in enumerate(unrolled(head, emb, inp, first, cos, sin, cfg.unroll, spans)):
         rows = torch.nonzero(local >= j).flatten()
-        logits = stage.logits(pred[rows]).float()  # (argmax over bf16 logits costs ~4x fp32's here)
-        reg = F.smooth_l1_loss(pred[rows].float(), target[rows])
-        cls = F.cross_entropy(logits, y[rows])
-        total = total + reg + cfg.cls_weight * cls
+        if isinstance(head, Eagle3Trainable):
+            logits = stage.logits(head.normed(pred[rows]), normed=True).float()
+            loss = F.cross_entropy(logits, y[rows])
+        else:
+            assert target is not None
+            logits = stage.logits(pred[rows]).float()  # (argmax over bf16 logits costs ~4x fp32's here)
+            loss = F.smooth_l1_loss(pred[rows].float(), target[rows]) + cfg.cls_weight * F.cross_entropy(
+                logits, y[rows]
+            )
+        total = total + loss
         stats.append((int((logits.argmax(-1) == y[rows]).sum()), len(rows)))
     return total / len(stats), stats
 
 
 def unrolled(
-    head: DraftHead,
+    head: Head,
     emb: torch.Tensor,  # [n, hidden]: row r's token t_{r+1}
     feat: torch.Tensor,  # [n, hidden]: row r's true feature f_r
     first: torch.Tensor,  # [hidden] or [sequences, hidden]: f_0 of each sequence, what its row 0 reads at every step

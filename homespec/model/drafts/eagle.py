@@ -5,7 +5,8 @@ EAGLE-1/2 reads the target's last hidden states after its final norm and drafts 
 node the target computed is scored by the target's own distribution. EAGLE-3 reads fc's sum over three of the
 target's residual streams, which the stages add up as the activations pass (``feature_taps``: the decoders ask the
 last stage for that sum instead of the last hidden states), and drafts through its own norm and draft-vocabulary LM
-head, from its own prediction at every node (fc's sum cannot be decoded).
+head, from its own prediction at every node (fc's sum cannot be decoded); a head without an LM head of its own
+(``train-draft --eagle3``) drafts through its norm and the target's LM head, every token.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class EagleDraft(HeadDraft):
             full = forward_params(target, target.num_hidden_layers, lm_head=True)
             wide = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim * cfg.hidden
             self.layer_unit = (forward_params(target, 1, lm_head=False) + wide) / full
-            self.lm_unit = self._lm_full = cfg.draft_vocab * cfg.hidden / full
+            if cfg.draft_vocab:  # its own LM head (else the target's, as the head source's)
+                self.lm_unit = self._lm_full = cfg.draft_vocab * cfg.hidden / full
 
     def start(self, prompt: Sequence[int]) -> None:
         super().start(prompt)
@@ -56,4 +58,7 @@ class EagleDraft(HeadDraft):
     def _logits(self, nodes: list[NodeId]) -> torch.Tensor:
         if self.eagle.cfg.version == 1:
             return self.stage.logits(torch.stack([self._feature_of(n) for n in nodes]), normed=True)
-        return self.eagle.logits(torch.stack([self.predicted[n] for n in nodes]))
+        feat = torch.stack([self.predicted[n] for n in nodes])
+        if self.eagle.cfg.draft_vocab:
+            return self.eagle.logits(feat)
+        return self.stage.logits(self.eagle.normed(feat).to(self.stage.dtype), normed=True)
