@@ -93,8 +93,12 @@ def bench(
         pipelined = any(m in PIPELINED_MODES for m, _ in runs)
         remote = parse_workers(workers)
         stages = stages or (1 if remote or cluster else 4)
+        # an EAGLE-3 head among the drafts: the stages start with its taps (they add up its fc; the other drafts
+        # read the last hidden states as ever)
+        eagle = next((d for d in draft_list if any(p.strip().startswith("eagle:") for p in d.split("+"))), None)
         opts = EngineOptions(
             model=model,
+            draft=eagle or "none",
             mode="specpipe" if pipelined else "ar",
             stages=stages,
             wave_size=wave_size,
