@@ -164,7 +164,35 @@ def eagle_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], targe
     return EagleConfig(version, h, heads, kv, d, int(gate.shape[0]), eps, vocab, taps, before)
 
 
-class EagleHead(CachedRows):
+class EagleCalls:
+    """What a loaded EAGLE head (``EagleHead``) and one in training (``Eagle3Trainable``) compute, over their weights
+    ``w`` (``eagle_shapes``' names)."""
+
+    cfg: EagleConfig
+    w: Mapping[str, torch.Tensor]
+
+    def fc(self, streams: torch.Tensor) -> torch.Tensor:
+        """EAGLE-3: the target's feature [n, H] from its three streams concatenated [n, 3H] (in one place)."""
+        return F.linear(streams, self.w["fc.weight"])
+
+    def forward(
+        self,
+        emb: torch.Tensor,  # [n, hidden]: embeddings of the rows' tokens
+        feat: torch.Tensor,  # [n, hidden]: the feature before each row's token
+        cos: torch.Tensor,  # [n, d]
+        sin: torch.Tensor,  # [n, d]
+        mask: torch.Tensor,  # [n, past + n] bool
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([kvh, past, d], [kvh, past, d])
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predicted features [n, hidden], and this call's keys and values [kvh, n, d] (for a cache)."""
+        return eagle_forward(self.cfg, self.w, emb, feat, cos, sin, mask, past)
+
+    def normed(self, feat: torch.Tensor) -> torch.Tensor:
+        """EAGLE-3: predicted features through the head's own ``norm``, as its LM head reads them."""
+        return rms_norm(feat, self.w["norm.weight"], self.cfg.eps)
+
+
+class EagleHead(EagleCalls, CachedRows):
     """One EAGLE head's weights and forward (inference only; the same call shape as ``head.DraftHead``)."""
 
     def __init__(self, cfg: EagleConfig, tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
@@ -188,26 +216,6 @@ class EagleHead(CachedRows):
         if self.columns is not None:
             self.columns = self.columns.to(device)
         return self
-
-    def fc(self, streams: torch.Tensor) -> torch.Tensor:
-        """EAGLE-3: the target's feature [n, H] from its three streams concatenated [n, 3H] (in one place)."""
-        return F.linear(streams, self.w["fc.weight"])
-
-    def forward(
-        self,
-        emb: torch.Tensor,  # [n, hidden]: embeddings of the rows' tokens
-        feat: torch.Tensor,  # [n, hidden]: the feature before each row's token
-        cos: torch.Tensor,  # [n, d]
-        sin: torch.Tensor,  # [n, d]
-        mask: torch.Tensor,  # [n, past + n] bool
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([kvh, past, d], [kvh, past, d])
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Predicted features [n, hidden], and this call's keys and values [kvh, n, d] (for a cache)."""
-        return eagle_forward(self.cfg, self.w, emb, feat, cos, sin, mask, past)
-
-    def normed(self, feat: torch.Tensor) -> torch.Tensor:
-        """EAGLE-3: predicted features through the head's own ``norm``, as its LM head reads them."""
-        return rms_norm(feat, self.w["norm.weight"], self.cfg.eps)
 
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """EAGLE-3 with its own LM head: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]
@@ -328,7 +336,7 @@ def _param(name: str) -> str:
     return name.replace(".", "__")  # a ParameterDict key cannot hold a dot
 
 
-class Eagle3Trainable(nn.Module):
+class Eagle3Trainable(EagleCalls, nn.Module):
     """An EAGLE-3 head in training (``train-draft --eagle3``, ``train_head.new_eagle3``): the forward of a loaded
     head (``eagle_forward``) over parameters with the published layout's names, its fp32 weights trained under
     autocast. It drafts through the target's LM head (no ``lm_head`` of its own, every token), so ``save`` writes a
@@ -342,26 +350,8 @@ class Eagle3Trainable(nn.Module):
         self.weights = nn.ParameterDict({_param(k): nn.Parameter(torch.zeros(s)) for k, s in eagle_shapes(cfg).items()})
 
     @property
-    def w(self) -> dict[str, torch.Tensor]:
+    def w(self) -> dict[str, torch.Tensor]:  # type: ignore[override]  # (EagleHead's is a plain attribute)
         return {k.replace("__", "."): p for k, p in self.weights.items()}
-
-    def fc(self, streams: torch.Tensor) -> torch.Tensor:
-        """The feature [n, H] from the target's streams [n, 3H] (as ``EagleHead.fc``)."""
-        return F.linear(streams, self.weights[_param("fc.weight")])
-
-    def forward(
-        self,
-        emb: torch.Tensor,
-        feat: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return eagle_forward(self.cfg, self.w, emb, feat, cos, sin, mask, past)
-
-    def normed(self, feat: torch.Tensor) -> torch.Tensor:
-        return rms_norm(feat, self.weights[_param("norm.weight")], self.cfg.eps)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Go on from a head's weights (``read_eagle``'s names), e.g. one ``save`` wrote."""
