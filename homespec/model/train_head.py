@@ -440,19 +440,10 @@ def new_head(engine: Any) -> DraftHead:
     """A head for the engine's target: its decoder layer copied from the target's last layer."""
     stage = _whole_target(engine)
     head = DraftHead(HeadConfig.for_target(engine.source.config))
-    last = stage.layers[-1]
-    got = {k: last.part(k, stage.part_rows) for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")}
-    if got["wg"] is None or got["wu"] is None or got["wd"] is None:
-        raise ModelError("train-draft copies the target's last MLP: a mixture-of-experts last layer has none")
+    last, got = _last_layer(stage)
     with torch.no_grad():
-        for name in ("q", "k", "v", "o"):
-            src = got["w" + name]
-            assert src is not None
-            getattr(head, name).weight.copy_(as_tensor(src))
-        for name, key in (("gate", "wg"), ("up", "wu"), ("down", "wd")):
-            src = got[key]
-            assert src is not None
-            getattr(head, name).weight.copy_(as_tensor(src))
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            getattr(head, name).weight.copy_(got["w" + name[0]])
         head.ln1.copy_(last.ln1)
         head.ln2.copy_(last.ln2)
         h = head.cfg.hidden
@@ -462,16 +453,22 @@ def new_head(engine: Any) -> DraftHead:
     return head
 
 
+def _last_layer(stage: Stage) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The target's last layer and its projections as fp32 tensors (``wq`` .. ``wd``): what a new head starts from."""
+    last = stage.layers[-1]
+    got = {k: last.part(k, stage.part_rows) for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")}
+    if any(w is None for w in got.values()):
+        raise ModelError("train-draft copies the target's last MLP: a mixture-of-experts last layer has none")
+    return last, {k: as_tensor(w).float() for k, w in got.items() if w is not None}
+
+
 def new_eagle3(engine: Any, taps: Sequence[int]) -> Eagle3Trainable:
     """An EAGLE-3 head for the engine's target over the streams entering layers ``taps``, started as the head
     before (``new_head``): its layer from the target's last layer (q/k/v's feature half; the embedding half small and
     random), both input norms the target's last input norm, ``norm`` the target's final norm, and fc taking the last
     of the streams as it is. It drafts through the target's LM head."""
     stage = _whole_target(engine)
-    last = stage.layers[-1]
-    got = {k: last.part(k, stage.part_rows) for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")}
-    if any(w is None for w in got.values()):
-        raise ModelError("train-draft --eagle3 copies the target's last MLP: a mixture-of-experts last layer has none")
+    last, got = _last_layer(stage)
     h = stage.hidden
     inter, kvh = stage.part_rows["wg"], stage.kv_heads
     cfg = EagleConfig(3, h, stage.heads, kvh, stage.head_dim, inter, stage.eps, 0, tuple(taps))
@@ -482,10 +479,10 @@ def new_eagle3(engine: Any, taps: Sequence[int]) -> Eagle3Trainable:
         for name, key in (("q", "wq"), ("k", "wk"), ("v", "wv")):
             dst = w[f"layer.self_attn.{name}_proj.weight"]
             dst[:, :h] = torch.randn(dst.shape[0], h, generator=gen) * 0.02
-            dst[:, h:] = as_tensor(got[key]).float()  # type: ignore[arg-type]
+            dst[:, h:] = got[key]
         rest = (("self_attn.o_proj", "wo"), ("mlp.gate_proj", "wg"), ("mlp.up_proj", "wu"), ("mlp.down_proj", "wd"))
         for name, key in rest:
-            w[f"layer.{name}.weight"].copy_(as_tensor(got[key]).float())  # type: ignore[arg-type]
+            w[f"layer.{name}.weight"].copy_(got[key])
         w["layer.input_layernorm.weight"].copy_(last.ln1)
         w["layer.hidden_norm.weight"].copy_(last.ln1)
         w["layer.post_attention_layernorm.weight"].copy_(last.ln2)
