@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from homespec.config import SamplingConfig, TreeConfig
 from homespec.core.planner import even_split
@@ -215,14 +215,20 @@ class ClusterBackend:
         self.cluster.close()
 
 
-def eagle3_head(draft: str, config: Any) -> str:
-    """The EAGLE-3 head named in a draft spec (``eagle:PATH``, alone or in a mix), whose fc the stages add up as
-    they run (model/eagle.py): a resolved path, or a hub repo id as given; "" when there is none."""
-    from homespec.model.eagle import eagle_version
+def eagle3_head(draft: str, source: ModelSource) -> str:
+    """The EAGLE-3 head named in a draft spec (``eagle:PATH``, alone or in a mix), or the one shipped for the target
+    that ``eagle`` and ``auto`` draft with, whose fc the stages add up as they run (model/eagle.py): a resolved path,
+    a hub repo id as given, or ``shipped:NAME`` (each machine reads its own copy); "" when there is none."""
+    from homespec.model.drafts import shipped_eagle
+    from homespec.model.eagle import SHIPPED, eagle_version
 
     for part in draft.split("+"):
         kind, _, arg = part.strip().partition(":")
-        if kind == "eagle" and arg and eagle_version(arg, config) == 3:
+        if kind in ("auto", "eagle") and not arg:
+            shipped = shipped_eagle(source, required=kind == "eagle")
+            if shipped:
+                return shipped
+        elif kind == "eagle" and (arg.startswith(SHIPPED) or eagle_version(arg, source.config) == 3):
             local = Path(arg).expanduser()
             return str(local.resolve()) if local.exists() else arg  # a hub repo id: each stage fetches it
     return ""

@@ -117,7 +117,7 @@ class Engine:
         wave = options.wave_size or default_wave_rows(self.source.shape)
         from homespec.backends import eagle3_head
 
-        taps = eagle3_head(options.draft, self.source.config)
+        taps = eagle3_head(options.draft, self.source)
         self.options = options = replace(options, weights=weights, wave_size=wave, taps=taps)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
@@ -138,7 +138,7 @@ class Engine:
         if draft.feature_taps:  # EAGLE-3: the stages add up one head's fc, the one the engine started with
             from homespec.backends import eagle3_head
 
-            want = eagle3_head(spec, self.source.config)
+            want = eagle3_head(spec, self.source)
             if want != o.taps:
                 raise DraftError(
                     f"the EAGLE-3 head {want} needs the stages to add up its fc; they hold {o.taps or 'no head'}'s",

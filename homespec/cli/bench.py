@@ -93,9 +93,10 @@ def bench(
         pipelined = any(m in PIPELINED_MODES for m, _ in runs)
         remote = parse_workers(workers)
         stages = stages or (1 if remote or cluster else 4)
-        # an EAGLE-3 head among the drafts: the stages start with its taps (they add up its fc; the other drafts
-        # read the last hidden states as ever)
-        eagle = next((d for d in draft_list if any(p.strip().startswith("eagle:") for p in d.split("+"))), None)
+        # an EAGLE-3 head among the drafts (eagle:PATH, or the shipped one that eagle and auto draft with): the stages
+        # start with its taps (they add up its fc; the other drafts read the last hidden states as ever)
+        kinds = {d: {p.strip().split(":")[0] for p in d.split("+")} for d in draft_list}
+        eagle = next((d for d in draft_list if kinds[d] & {"eagle", "auto"}), None)
         opts = EngineOptions(
             model=model,
             draft=eagle or "none",

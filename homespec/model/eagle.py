@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from homespec.errors import DraftError
-from homespec.model.head import CachedRows, head_attention
+from homespec.model.head import CachedRows, head_attention, target_fingerprint
 from homespec.model.stage import rms_norm
 
 _LAYER_PREFIXES = ("layers.0.", "midlayer.")
@@ -56,11 +56,22 @@ class EagleConfig:
     norm_before_residual: bool = False  # speculators' option: the residual is the feature after hidden_norm
 
 
+SHIPPED = "shipped:"  # an EAGLE-3 head shipped in homespec/assets/heads, named so that every machine finds its own copy
+
+
 def eagle_folder(spec: str | Path) -> Path:
-    """Where a head is: a local folder or file as it is; a hub repo id ("owner/name" that is no local path) fetched
-    into the Hugging Face cache, its config.json and one weights file (model.safetensors, else pytorch_model.bin)."""
-    path = Path(spec).expanduser()
+    """Where a head is: ``shipped:NAME`` in this installation's ``assets/heads``; a local folder or file as it is; a
+    hub repo id ("owner/name" that is no local path) fetched into the Hugging Face cache, its config.json and one
+    weights file (model.safetensors, else pytorch_model.bin)."""
     text = str(spec)
+    if text.startswith(SHIPPED):
+        from homespec.model.drafts import SHIPPED_HEADS
+
+        name = text[len(SHIPPED) :]
+        if not name or Path(name).name != name or not (SHIPPED_HEADS / name / "config.json").is_file():
+            raise DraftError(f"no EAGLE head {name!r} is shipped with this HomeSpec", hint="update HomeSpec here")
+        return SHIPPED_HEADS / name
+    path = Path(spec).expanduser()
     if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
         return path
     from homespec.model.fetch import HubFiles
@@ -216,6 +227,55 @@ class EagleHead(EagleCalls, CachedRows):
         if self.columns is not None:
             self.columns = self.columns.to(device)
         return self
+
+    def use_glue(self) -> bool:
+        """EAGLE-3 through the native glue (as ``head.DraftHead.use_glue``: int8 products, one scale per output row):
+        its q/k/v read [norm(emb), norm(feat)], so the feature half runs as a glued layer's q/k/v over the stream
+        (the glue's first norm being ``hidden_norm``) and the embedding half's product is added to it
+        (``glue_layers(qkv_add=...)``); the residual is the feature, as the glue's stream. An EAGLE-1 head, a
+        speculators head with ``norm_before_residual`` and one off the CPU keep torch's operators. Returns whether
+        the glue runs the head."""
+        if self.glued is not None:
+            return True
+        cfg, w = self.cfg, self.w
+        if cfg.version != 3 or cfg.norm_before_residual or w["fc.weight"].device.type != "cpu":
+            return False
+        from homespec.model.quant import quantize_int8
+        from homespec.model.stage import GlueShape, _Layer, glue_io
+        from homespec.native import library
+
+        h = cfg.hidden
+        qkv = torch.cat([w[f"layer.{p}.weight"].float() for p in _PROJ[:3]])  # [(heads + 2 kvh) d, 2H]
+
+        def int8(t: torch.Tensor) -> Any:
+            return quantize_int8(t.contiguous(), torch.bfloat16)
+
+        layer = _Layer(
+            ln1=w["layer.hidden_norm.weight"].float().contiguous(),
+            ln2=w["layer.post_attention_layernorm.weight"].float().contiguous(),
+            wq=None, wk=None, wv=None,
+            wo=int8(w["layer.self_attn.o_proj.weight"].float()),
+            wd=int8(w["layer.mlp.down_proj.weight"].float()),
+            qkv=int8(qkv[:, h:]),
+            gu=int8(torch.cat([w["layer.mlp.gate_proj.weight"].float(), w["layer.mlp.up_proj.weight"].float()])),
+        )  # fmt: skip
+        shape = GlueShape(cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.eps, None, cfg.intermediate)
+        glue = library() if glue_io(shape, [layer]) == torch.bfloat16 else None
+        if glue is None:
+            return False
+        self.glued = (glue, shape, layer, int8(qkv[:, :h]), w["layer.input_layernorm.weight"].float())
+        return True
+
+    def glue_rows(
+        self, emb: torch.Tensor, feat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment: Any
+    ) -> torch.Tensor:
+        from homespec.model.stage import glue_layers, glue_product
+
+        assert self.glued is not None
+        glue, shape, layer, emb_qkv, ln = self.glued
+        e = rms_norm(emb.float(), ln, self.cfg.eps).to(torch.bfloat16).contiguous()
+        extra = glue_product(glue, e, [emb_qkv])
+        return glue_layers(glue, shape, [layer], feat.float(), [segment], cos.float(), sin.float(), qkv_add=extra)
 
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """EAGLE-3 with its own LM head: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]
@@ -401,6 +461,7 @@ class Eagle3Trainable(EagleCalls, nn.Module):
             "vocab_size": int(target.vocab_size),
             "draft_vocab_size": draft_vocab,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.taps)},
+            "homespec_target": target_fingerprint(target),  # which target it was trained for (shipped heads)
             "homespec_training": extra or {},
         }
         folder.mkdir(parents=True, exist_ok=True)

@@ -133,13 +133,17 @@ class CachedRows:
         """Rows written at cache slots [start, start + n), attending as ``mask`` says; returns predicted features."""
         n = emb.shape[0]
         if self.glued is not None and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu":
-            glue, shape, layer, fc = self.glued
-            x = glue_product(glue, torch.cat([emb, feat], dim=-1).to(torch.bfloat16), [fc]).float()
-            return glue_layers(glue, shape, [layer], x, [Segment(cache, start, n, mask)], cos.float(), sin.float())
+            return self.glue_rows(emb, feat, cos, sin, Segment(cache, start, n, mask))
         out, k, v = self.forward(emb, feat, cos, sin, mask, (cache.k[0, :, :start], cache.v[0, :, :start]))
         cache.k[0, :, start : start + n] = k
         cache.v[0, :, start : start + n] = v
         return out
+
+    def glue_rows(
+        self, emb: torch.Tensor, feat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment: Segment
+    ) -> torch.Tensor:
+        """``run_cached`` through the native glue (after ``use_glue`` said yes)."""
+        raise NotImplementedError
 
     def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
         return TreeKVCache(1, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
@@ -196,6 +200,14 @@ class DraftHead(CachedRows, nn.Module):
         # embeddings of about 1) make an int8 grid of fc's rows lose the rest (cosine 0.99 to fp32, 0.9999 in bf16)
         self.glued = (glue, shape, layer, self.fc.weight.detach().to(torch.bfloat16))
         return True
+
+    def glue_rows(
+        self, emb: torch.Tensor, feat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment: Segment
+    ) -> torch.Tensor:
+        assert self.glued is not None
+        glue, shape, layer, fc = self.glued
+        x = glue_product(glue, torch.cat([emb, feat], dim=-1).to(torch.bfloat16), [fc]).float()
+        return glue_layers(glue, shape, [layer], x, [segment], cos.float(), sin.float())
 
     def forward(
         self,

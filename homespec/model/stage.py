@@ -785,13 +785,15 @@ def glue_layers(
     sin: torch.Tensor,
     tap: Any = None,
     io: torch.dtype = torch.bfloat16,
+    qkv_add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Llama layers (``glue_io``) through the native glue (``homespec.native``): per layer the products
     (``glue_product``, inputs and outputs of dtype ``io``) and five native calls around them (norm, RoPE and the
     cache writes, attention per segment, SwiGLU, the residual adds with the next norm). Same math as
     ``Stage._layer``, one row at a time, the residual stream in fp32 (a bf16 stage's too); h [n, hidden] in, the
     fp32 stream after the last layer out; layer i reads each segment's ``cache.k[i]`` (fp32 or bf16). ``tap(i, h)``
-    sees the stream entering layer i (EAGLE-3's taps)."""
+    sees the stream entering layer i (EAGLE-3's taps); ``qkv_add`` [n, (heads + 2 kvh) d] is added to the first
+    layer's q/k/v (an EAGLE-3 head's: the part its embedding half reads, ``eagle.EagleHead.use_glue``)."""
     n, hidden = h.shape
     heads, kvh, d = shape.heads, shape.kv_heads, shape.head_dim
     f32 = int(io == torch.float32)
@@ -809,6 +811,8 @@ def glue_layers(
         if tap is not None:
             tap(li, h)
         qkv = glue_product(glue, r, [w.qkv] if w.qkv is not None else [w.wq, w.wk, w.wv])
+        if qkv_add is not None and li == 0:
+            qkv += qkv_add
         row = 0
         for seg, mask in zip(segments, masks, strict=True):
             k, v = seg.cache.k[li], seg.cache.v[li]  # [kvh, slots, d], contiguous

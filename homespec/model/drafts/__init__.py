@@ -4,9 +4,10 @@ Specs: ``none``, ``ngram``, ``recycle`` or ``recycle:FILE`` (token recycling; wi
 and saved back by ``save``), ``early-exit`` or ``early-exit:K`` (the target's first K layers + its norm and head),
 ``model:PATH`` (a small model with the same tokenizer: folder, .gguf or repo id), ``head`` or ``head:FILE`` (an
 EAGLE-style draft head: the one shipped for the target, or a trained file), ``eagle:PATH`` (a published EAGLE-1/2
-or EAGLE-3 head: a folder with config.json and its weights, or the weights file; ``model/eagle.py``), and any of
-these joined by ``+`` (one tree grown by each in turn, e.g. ``ngram+recycle``), or ``auto`` (SPIN: a bandit
-choosing among mixes of ``ngram``, ``recycle`` and, when one is shipped for the target, ``head``; ``drafts/auto.py``).
+or EAGLE-3 head: a folder with config.json and its weights, or the weights file; ``model/eagle.py``) or ``eagle``
+(the EAGLE-3 head shipped for the target), and any of these joined by ``+`` (one tree grown by each in turn, e.g.
+``ngram+recycle``), or ``auto`` (SPIN: a bandit choosing among mixes of ``ngram``, ``recycle`` and the head shipped
+for the target, when there is one: the EAGLE-3 one, else the ``head`` one; ``drafts/auto.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 # Order is priority within a step's budget: prompt lookup where the text repeats, then recycling or the head.
-AUTO_ARMS = ("ngram+recycle", "ngram+head+recycle")  # measured: BENCHMARKS.md §1, §2
+AUTO_ARMS = ("ngram+recycle", "ngram+head+recycle", "ngram+eagle+recycle")  # measured: BENCHMARKS.md §1, §2, §3
 SHIPPED_HEADS = Path(__file__).resolve().parents[2] / "assets" / "heads"
 
 
@@ -80,11 +81,11 @@ def build_draft(
         head = load_head(path, target.config, dtype, device)
         ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device, weights=weights)
         return HeadDraft(head, ends, "head", tree.depth, tree.width, max_context)
-    if kind == "eagle" and arg:
+    if kind == "eagle":
         from homespec.model.drafts.eagle import EagleDraft
         from homespec.model.eagle import eagle_folder, load_eagle
 
-        path = eagle_folder(arg)
+        path = eagle_folder(arg or shipped_eagle(target))
         eagle = load_eagle(path, target.config, dtype, device)
         ends = Stage(target, 0, 0, embed=True, head=True, dtype=dtype, device=device, weights=weights)
         return EagleDraft(eagle, ends, path, f"eagle{eagle.cfg.version}", tree.depth, tree.width, max_context)
@@ -117,11 +118,14 @@ def _auto(
     from homespec.model.drafts.auto import AutoDraft
 
     names = ["ngram", "recycle"]
-    try:
-        _shipped_head(target)
-        names.append("head")
-    except DraftError:
-        pass  # no head for this target: the arms without it
+    if shipped_eagle(target, required=False):  # the head shipped for this target: the EAGLE-3 one where there is one
+        names.append("eagle")
+    else:
+        try:
+            _shipped_head(target)
+            names.append("head")
+        except DraftError:
+            pass  # no head for this target: the arms without it
     bases = {n: build_draft(n, target, tokenizer, tree, dtype, device, max_context, weights) for n in names}
     arms = [a for a in AUTO_ARMS if all(p in bases for p in a.split("+"))]
     return AutoDraft(bases, arms)
@@ -138,6 +142,30 @@ def _shipped_head(target: ModelSource) -> Path:
     raise DraftError(
         f"no draft head is shipped for {target.name}",
         hint="train one: homespec train-draft MODEL --out DIR, then --draft head:DIR/head.safetensors",
+    )
+
+
+def shipped_eagle(target: ModelSource, required: bool = True) -> str:
+    """``shipped:NAME``, the EAGLE-3 head shipped with HomeSpec for this target (its config's ``homespec_target``
+    is the target's fingerprint); "" where there is none and not ``required``."""
+    import json
+
+    from homespec.model.eagle import SHIPPED
+    from homespec.model.head import target_fingerprint
+
+    want = target_fingerprint(target.config)
+    for config in sorted(SHIPPED_HEADS.glob("*/config.json")):
+        try:
+            found = json.loads(config.read_text()).get("homespec_target") == want
+        except (OSError, ValueError):
+            found = False
+        if found:
+            return SHIPPED + config.parent.name
+    if not required:
+        return ""
+    raise DraftError(
+        f"no EAGLE-3 head is shipped for {target.name}",
+        hint="train one: homespec train-draft MODEL --eagle3 --out DIR, then --draft eagle:DIR/eagle3",
     )
 
 

@@ -57,6 +57,7 @@ class AutoDraft(DraftSource):
         self.period, self.min_tokens = period, min_tokens
         self.learns = any(b.learns for b in self.bases.values())
         self.wants_features = any(b.wants_features for b in self.bases.values())
+        self.feature_taps = MixDraft(list(self.bases.values())).feature_taps  # one kind of features for every arm
         self.cost_weight = 1.0
         self.arm = ""  # playing now
         self.history: list[str] = []
