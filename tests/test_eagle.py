@@ -455,3 +455,55 @@ def test_an_eagle3_head_trained_here_reads_the_right_layers_and_drafts_losslessl
     eagle = load_eagle(cut, engine.source.config)
     assert eagle.cfg.draft_vocab == len(vocab) and eagle.columns is not None and torch.equal(eagle.columns, vocab)
     torch.testing.assert_close(eagle.w["lm_head.weight"], lm[vocab].to(torch.float16).float())
+
+
+def test_a_shipped_eagle3_head_is_what_eagle_and_auto_draft_with(
+    bundled: Any,
+    tokenizer: Any,
+    chat_ids: Callable[[str], list[int]],
+    engines: Callable[..., Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head folder in ``assets/heads`` whose config names the target (``homespec_target``, as ``train-draft
+    --eagle3`` writes it) is what ``eagle`` drafts with and ``auto``'s union arm holds; the engine starts its stages
+    with the taps as ``shipped:NAME`` (each machine reads its own copy), and ``auto`` stays lossless with it. A name
+    that leaves the folder is refused; with none shipped, ``eagle`` says how to train one."""
+    import homespec.model.drafts as drafts
+    from homespec.backends import eagle3_head
+    from homespec.engine import Engine, EngineOptions
+    from homespec.model.eagle import eagle_folder
+    from homespec.model.head import target_fingerprint
+
+    heads = tmp_path / "heads"
+    monkeypatch.setattr(drafts, "SHIPPED_HEADS", heads)
+    heads.mkdir()
+    assert drafts.shipped_eagle(bundled, required=False) == "" and eagle3_head("auto", bundled) == ""
+    with pytest.raises(DraftError, match="no EAGLE-3 head is shipped") as err:
+        build_draft("eagle", bundled, tokenizer, TreeConfig())
+    assert "train-draft" in (err.value.hint or "")
+    folder = write_eagle3(heads / "mine")
+    write_eagle3(heads / "another", seed=4)  # no homespec_target: some other target's
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "homespec_target": target_fingerprint(bundled.config)}))
+
+    assert drafts.shipped_eagle(bundled) == "shipped:mine" and eagle_folder("shipped:mine") == folder
+    for bad in ("shipped:../heads/mine", "shipped:", "shipped:nothing"):
+        with pytest.raises(DraftError, match="is shipped"):
+            eagle_folder(bad)
+    assert {eagle3_head(d, bundled) for d in ("auto", "eagle", "ngram+eagle")} == {"shipped:mine"}
+    assert eagle3_head("ngram+head+recycle", bundled) == ""
+    auto = build_draft("auto", bundled, tokenizer, TreeConfig())
+    assert list(auto.arms) == ["ngram+recycle", "ngram+eagle+recycle"] and auto.feature_taps == (2, 15, 27)
+
+    ids = chat_ids(EQUIVALENCE_PROMPTS[2])
+    cfg = GenerationConfig(max_tokens=24)
+    want = list(engines("none").generate(ids, cfg))[-1].tokens
+    engine = Engine(EngineOptions(draft="auto", weights="fp32"))
+    try:
+        assert engine.options.taps == "shipped:mine"
+        done = list(engine.generate(ids, cfg))[-1]
+        assert isinstance(done, GenerationFinished) and done.tokens == want
+        assert engine._drafts["auto"].bases["eagle"].forwards > 0, "the shipped head never drafted"
+    finally:
+        engine.close()
