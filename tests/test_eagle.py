@@ -456,6 +456,24 @@ def test_an_eagle3_head_trained_here_reads_the_right_layers_and_drafts_losslessl
     assert eagle.cfg.draft_vocab == len(vocab) and eagle.columns is not None and torch.equal(eagle.columns, vocab)
     torch.testing.assert_close(eagle.w["lm_head.weight"], lm[vocab].to(torch.float16).float())
 
+    # training over a draft vocabulary (``DraftVocab``): over every token it is the full loss; over some, a row
+    # whose next token is outside them is out of the loss and a miss; training with one lowers the loss too
+    from homespec.model.train_head import DraftVocab, _loss, _whole_target
+
+    stage = _whole_target(engine)
+    rows, y = [0, 1], torch.cat([data.labels[i][1:] for i in (0, 1)])
+    full, hits = _loss(head, stage, data, rows, cfg, False)
+    every, every_hits = _loss(head, stage, data, rows, cfg, False, DraftVocab.of(stage, torch.arange(49152)))
+    assert abs(float(every) - float(full)) < 1e-4 * float(full) and every_hits == hits
+    half = torch.unique(y)[::2]
+    _, half_hits = _loss(head, stage, data, rows, cfg, False, DraftVocab.of(stage, half))
+    assert half_hits[0][1] == hits[0][1] and half_hits[0][0] <= int(torch.isin(y, half).sum())
+    log = []
+    train(
+        engine, data, tmp_path / "run-vocab", cfg, log.append, vocab=torch.tensor(sorted({*range(3000), *y.tolist()}))
+    )
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"
+
 
 def test_a_shipped_eagle3_head_is_what_eagle_and_auto_draft_with(
     bundled: Any,

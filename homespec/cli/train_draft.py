@@ -196,7 +196,9 @@ def train_draft(
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
                 start = None if init is None else _init_head(init, engine, cfg)
-                head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start)
+                head = train(
+                    engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start, vocab
+                )
             extra = {
                 "prompts": len(texts),
                 "samples": samples,

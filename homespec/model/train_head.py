@@ -500,10 +500,14 @@ def train(
     progress: Callable[[], None] | None = None,
     max_steps: int | None = None,
     init: Head | None = None,
+    vocab: torch.Tensor | None = None,
 ) -> Head:
     """Train (or resume) a head on ``data``, from ``init`` (a head to go on training; its weights are changed in
-    place) or a new one (``new_head``); writes DIR/checkpoint.pt each epoch and DIR/head.safetensors."""
+    place) or a new one (``new_head``); writes DIR/checkpoint.pt each epoch and DIR/head.safetensors. ``vocab``
+    (sorted token ids; EAGLE-3 only): the draft vocabulary the head will score, its loss and top-1 over those
+    tokens only (``DraftVocab``)."""
     stage = _whole_target(engine)
+    dv = DraftVocab.of(stage, vocab) if vocab is not None and cfg.taps else None
     torch.manual_seed(cfg.seed)
     train_ids, held = split(data, cfg)
     if cfg.taps:
@@ -534,7 +538,7 @@ def train(
         started = time.perf_counter()
         for pack in packs(train_ids, lengths, cfg.pack, random.Random(cfg.seed * 1000 + epoch)):
             with torch.enable_grad(), _autocast(cfg, stage):  # the engine turns autograd off process-wide
-                loss, _ = _loss(head, stage, data, pack, cfg)
+                loss, _ = _loss(head, stage, data, pack, cfg, dv=dv)
                 opt.zero_grad()
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -547,7 +551,7 @@ def train(
                     progress()
             if max_steps is not None and steps >= max_steps:
                 break
-        depth = top1_by_depth(head, stage, data, held, cfg, max(cfg.unroll, cfg.eval_depth))
+        depth = top1_by_depth(head, stage, data, held, cfg, max(cfg.unroll, cfg.eval_depth), dv)
         metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "top1": depth[0]}
         metrics.update({f"top1_d{d + 1}": acc for d, acc in enumerate(depth)})
         report({**metrics, "s": time.perf_counter() - started})
@@ -572,7 +576,13 @@ def split(data: Sequences, cfg: TrainConfig) -> tuple[list[int], list[int]]:
 
 
 def top1_by_depth(
-    head: Head, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, depth: int
+    head: Head,
+    stage: Stage,
+    data: Sequences,
+    ids: Sequence[int],
+    cfg: TrainConfig,
+    depth: int,
+    dv: DraftVocab | None = None,
 ) -> list[float]:
     """How often the head's top-1 next token is the target's on sequences ``ids``, at each unrolled depth 1 ..
     ``depth`` (depth 1: the target's own features; depth j: the head's own predicted features j - 1 deep)."""
@@ -580,7 +590,7 @@ def top1_by_depth(
     deep = dataclasses.replace(cfg, unroll=depth)
     lengths = [len(t) - 1 for t in data.tokens]
     with torch.no_grad(), _autocast(cfg, stage):
-        hits = [_loss(head, stage, data, pack, deep, noise=False)[1] for pack in packs(ids, lengths, cfg.pack)]
+        hits = [_loss(head, stage, data, pack, deep, False, dv)[1] for pack in packs(ids, lengths, cfg.pack)]
     return [
         sum(h[d][0] for h in hits if len(h) > d) / max(1, sum(h[d][1] for h in hits if len(h) > d))
         for d in range(depth)
@@ -611,8 +621,35 @@ def _autocast(cfg: TrainConfig, stage: Stage) -> Any:
     return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
 
 
+@dataclass(frozen=True)
+class DraftVocab:
+    """An EAGLE-3 head's draft vocabulary in training: the target's LM-head rows for those tokens, and each token's
+    draft id (-100 for the rest). The cross-entropy runs over the K rows (the full LM head is ~87% of a training
+    step's products on the bundled model: 49,152 rows against the head's ~4M weights a row); a row whose next token
+    is outside the vocabulary is not in the loss and counts as a miss in top-1, as at inference."""
+
+    ids: torch.Tensor  # [K] sorted token ids
+    rows: torch.Tensor  # [K, hidden]: the target's LM-head rows
+    index: torch.Tensor  # [vocab]: draft id of each token, -100 where none
+
+    @staticmethod
+    def of(stage: Stage, ids: torch.Tensor) -> DraftVocab:
+        assert stage.head_w is not None
+        ids = ids.to(torch.int64)
+        full = as_tensor(stage.head_w)  # type: ignore[arg-type]
+        index = torch.full((full.shape[0],), -100, dtype=torch.int64)
+        index[ids] = torch.arange(len(ids))
+        return DraftVocab(ids, full[ids].contiguous(), index)
+
+
 def _loss(
-    head: Head, stage: Stage, data: Sequences, ids: Sequence[int], cfg: TrainConfig, noise: bool = True
+    head: Head,
+    stage: Stage,
+    data: Sequences,
+    ids: Sequence[int],
+    cfg: TrainConfig,
+    noise: bool = True,
+    dv: DraftVocab | None = None,
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Loss on the sequences ``ids`` packed into one set of rows (each attending only within itself: ``ttt_mask``),
     and (top-1 hits, rows) at each unrolled depth (``cfg.unroll`` steps).
@@ -645,6 +682,13 @@ def _loss(
     stats: list[tuple[int, int]] = []
     for j, pred in enumerate(unrolled(head, emb, inp, first, cos, sin, cfg.unroll, spans)):
         rows = torch.nonzero(local >= j).flatten()
+        if isinstance(head, Eagle3Trainable) and dv is not None:  # over the draft vocabulary's tokens only
+            logits = stage.logits(head.normed(pred[rows]), head_w=dv.rows, normed=True).float()
+            want = dv.index[y[rows]]
+            loss = F.cross_entropy(logits, want) if bool((want >= 0).any()) else logits.sum() * 0
+            stats.append((int((dv.ids[logits.argmax(-1)] == y[rows]).sum()), len(rows)))
+            total = total + loss
+            continue
         if isinstance(head, Eagle3Trainable):
             logits = stage.logits(head.normed(pred[rows]), normed=True).float()
             loss = F.cross_entropy(logits, y[rows])
