@@ -636,7 +636,7 @@ class DraftVocab:
     def of(stage: Stage, ids: torch.Tensor) -> DraftVocab:
         assert stage.head_w is not None
         ids = ids.to(torch.int64)
-        full = as_tensor(stage.head_w)  # type: ignore[arg-type]
+        full = as_tensor(stage.head_w)
         index = torch.full((full.shape[0],), -100, dtype=torch.int64)
         index[ids] = torch.arange(len(ids))
         return DraftVocab(ids, full[ids].contiguous(), index)
