@@ -196,9 +196,7 @@ def train_draft(
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
                 start = None if init is None else _init_head(init, engine, cfg)
-                head = train(
-                    engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start, vocab
-                )
+                head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start, vocab)
             extra = {
                 "prompts": len(texts),
                 "samples": samples,
@@ -215,12 +213,9 @@ def train_draft(
             }
             (out / "training.json").write_text(json.dumps(extra, indent=2))
             from homespec.model.eagle import Eagle3Trainable
-            from homespec.model.quant import as_tensor
 
-            if isinstance(head, Eagle3Trainable):
-                stage = engine.target_stages()[0]
-                lm = None if vocab is None else as_tensor(stage.head_w)  # type: ignore[arg-type]
-                made = head.save(out / "eagle3", engine.source.config, extra, vocab, lm)
+            if isinstance(head, Eagle3Trainable):  # a draft vocabulary as ids: it drafts through the target's rows
+                made = head.save(out / "eagle3", engine.source.config, extra, vocab)
             else:
                 head.vocab = vocab
                 made = out / "head.safetensors"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from homespec.errors import DraftError
-from homespec.model.head import CachedRows, head_attention, target_fingerprint
+from homespec.model.head import VOCAB_KEY, CachedRows, head_attention, target_fingerprint
 from homespec.model.stage import rms_norm
 
 _LAYER_PREFIXES = ("layers.0.", "midlayer.")
@@ -207,7 +207,12 @@ class EagleHead(EagleCalls, CachedRows):
     """One EAGLE head's weights and forward (inference only; the same call shape as ``head.DraftHead``)."""
 
     def __init__(self, cfg: EagleConfig, tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
-        self.cfg, self.vocab = cfg, None  # ``vocab``: HeadDraft's draft vocabulary slot (unused: see ``columns``)
+        # ``vocab``: HeadDraft's draft vocabulary (sorted token ids) for a head without an LM head of its own that
+        # names one (``train-draft --eagle3 --draft-vocab K``: HomeSpec's ``draft_vocab`` tensor), drafting through
+        # the target's LM-head rows for them; a head with its own LM head maps its rows with ``columns``
+        self.cfg, self.vocab = cfg, None
+        if cfg.version == 3 and not cfg.draft_vocab and VOCAB_KEY in tensors:
+            self.vocab = _vocab_ids(tensors[VOCAB_KEY], vocab_size)
         want = eagle_shapes(cfg)
         if cfg.version == 1 and "fc.bias" in tensors:
             want["fc.bias"] = (cfg.hidden,)
@@ -340,6 +345,13 @@ def eagle_forward(
     return x + F.linear(up, w["layer.mlp.down_proj.weight"]), k, v
 
 
+def _vocab_ids(t: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    ids = t.to(torch.int64).flatten()
+    if len(ids) == 0 or bool((ids < 0).any() or (ids >= vocab_size).any()) or not bool((ids[1:] > ids[:-1]).all()):
+        raise DraftError(f"the head's {VOCAB_KEY} is not a sorted set of token ids below {vocab_size}")
+    return ids
+
+
 def _draft_columns(d2t: torch.Tensor | None, draft_vocab: int, vocab_size: int) -> torch.Tensor:
     """The target token of each draft id: i + d2t[i] (a head over the whole vocabulary may leave d2t out)."""
     ids = torch.arange(draft_vocab, dtype=torch.int64)
@@ -432,7 +444,10 @@ class Eagle3Trainable(EagleCalls, nn.Module):
     ) -> Path:
         """``folder``/config.json and model.safetensors in SafeAILab's EAGLE-3 layout (``midlayer.*``; fp16), for
         ``--draft eagle:FOLDER``. With ``vocab`` (sorted token ids) and ``lm_head`` (the target's LM head [V, H]), the
-        file scores only those tokens: ``lm_head`` holds their rows and ``d2t`` maps draft id i to token i + d2t[i]."""
+        file scores only those tokens: ``lm_head`` holds their rows and ``d2t`` maps draft id i to token i + d2t[i].
+        With ``vocab`` alone, HomeSpec's own form: no LM head, the ids as a ``draft_vocab`` tensor; HomeSpec then
+        drafts through the target's LM-head rows for them and the prompt's own tokens (a copy of those rows is
+        19 MB here), and over every token where drafting is free (the pipelined modes), as ``--draft head`` does."""
         from safetensors.torch import save_file
 
         cfg = self.cfg
@@ -441,9 +456,10 @@ class Eagle3Trainable(EagleCalls, nn.Module):
             for k, p in self.w.items()
         }
         draft_vocab = 0
-        if vocab is not None:
-            if lm_head is None:
-                raise ValueError("a draft vocabulary needs the target's LM head to cut its rows from")
+        if vocab is not None and lm_head is None:
+            tensors[VOCAB_KEY] = vocab.to(torch.int64).cpu().contiguous()
+        elif vocab is not None:
+            assert lm_head is not None
             ids = vocab.to(torch.int64).cpu()
             tensors["lm_head.weight"] = lm_head.detach().float().cpu()[ids].to(torch.float16)
             tensors["d2t"] = ids - torch.arange(len(ids))

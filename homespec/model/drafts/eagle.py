@@ -49,7 +49,8 @@ class EagleDraft(HeadDraft):
 
     def start(self, prompt: Sequence[int]) -> None:
         super().start(prompt)
-        self.columns = self.eagle.columns  # EAGLE-3: the target token of each draft id; EAGLE-1: None (all)
+        if self.eagle.columns is not None:  # EAGLE-3 with its own LM head: the target token of each draft id
+            self.columns = self.eagle.columns  # (else HeadDraft's: the draft vocabulary's and the prompt's, or all)
 
     def _take(self, hidden: torch.Tensor) -> torch.Tensor:
         h = super()._take(hidden)
@@ -61,4 +62,4 @@ class EagleDraft(HeadDraft):
         feat = torch.stack([self.predicted[n] for n in nodes])
         if self.eagle.cfg.draft_vocab:
             return self.eagle.logits(feat)
-        return self.stage.logits(self.eagle.normed(feat).to(self.stage.dtype), normed=True)
+        return self.stage.logits(self.eagle.normed(feat).to(self.stage.dtype), self._head_w, normed=True)
