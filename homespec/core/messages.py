@@ -120,7 +120,9 @@ class Assign(Message):
     model_digest: str = ""  # the head's ModelSource.digest(): a stage whose copy of the model differs refuses to run
     weights: str = "auto"  # the linear weights' format (model/formats.py); activations and KV in ``dtype``
     max_requests: int = DEFAULT_MAX_REQUESTS  # requests open on the stage at once (each holds a KV cache)
-    taps: str = ""  # an EAGLE-3 head (path on the stage's disk) whose fc columns for this stage's layers it adds up
+    # an EAGLE-3 head whose fc columns for this stage's layers it adds up: a path on the stage's disk, a hub repo id,
+    # or ``shipped:NAME`` (the head shipped with HomeSpec, read from the stage's own installation)
+    taps: str = ""
 
     def __post_init__(self) -> None:
         k = self.kind
