@@ -1,6 +1,7 @@
 """The ``auto`` draft source (SPIN): several arms over shared draft sources, chosen by ``core.bandit``.
 
-An arm is a mix of base sources (``ngram+recycle``, ``ngram+head+recycle``); the bases are built once and shared,
+An arm is a mix of base sources (``ngram+recycle``, ``ngram+head+recycle``, or ``ngram+eagle+recycle`` where the
+head shipped for the target is an EAGLE-3 one); the bases are built once and shared,
 so every base sees every request, verification, top-k and feature whichever arm is playing (the recycling table
 keeps learning, the head keeps its features and catches up when it is chosen again). The bandit chooses at the
 start of each request and again once a window has ``period`` verifications and ``min_tokens`` tokens; the

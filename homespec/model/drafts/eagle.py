@@ -6,7 +6,9 @@ node the target computed is scored by the target's own distribution. EAGLE-3 rea
 target's residual streams, which the stages add up as the activations pass (``feature_taps``: the decoders ask the
 last stage for that sum instead of the last hidden states), and drafts through its own norm and draft-vocabulary LM
 head, from its own prediction at every node (fc's sum cannot be decoded); a head without an LM head of its own
-(``train-draft --eagle3``) drafts through its norm and the target's LM head, every token.
+(``train-draft --eagle3``) drafts through its norm and the target's LM head, every token (or, naming a draft
+vocabulary, those tokens and the prompt's where drafting costs target time, as the ``head`` source). On a CPU an
+EAGLE-3 head's layer runs through the native glue in int8 (``EagleHead.use_glue``), as the ``head`` source's does.
 """
 
 from __future__ import annotations
