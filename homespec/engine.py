@@ -95,6 +95,8 @@ class Engine:
     def __init__(self, options: EngineOptions = EngineOptions(), progress: Callable[[str], None] | None = None) -> None:
         """Load the model (and start the stage processes for a pipelined mode); ``progress`` hears each phase."""
         say = progress or (lambda text: None)
+        self._say = say
+        self._auto_said = False  # auto fell back from the shipped EAGLE-3 head once (the stages hold no taps for it)
         import torch
 
         from homespec.backends import build_backend
@@ -134,7 +136,19 @@ class Engine:
         from homespec.model.drafts import build_draft
 
         o = self.options
-        draft = build_draft(spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context, o.weights)
+        if spec == "auto" and not self._auto_said:
+            from homespec.backends import eagle3_head
+
+            shipped = eagle3_head(spec, self.source)
+            if shipped and shipped != o.taps:  # the stages hold another head's taps, or none: auto drafts without it
+                self._auto_said = True
+                self._say(
+                    f"auto drafts with the EAGLE-1-style head: the stages were started without {shipped}'s taps "
+                    "(start the engine with --draft auto to draft with it)"
+                )
+        draft = build_draft(
+            spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context, o.weights, o.taps
+        )
         if draft.feature_taps:  # EAGLE-3: the stages add up one head's fc, the one the engine started with
             from homespec.backends import eagle3_head
 

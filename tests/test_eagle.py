@@ -496,8 +496,9 @@ def test_a_shipped_eagle3_head_is_what_eagle_and_auto_draft_with(
 ) -> None:
     """A head folder in ``assets/heads`` whose config names the target (``homespec_target``, as ``train-draft
     --eagle3`` writes it) is what ``eagle`` drafts with and ``auto``'s union arm holds; the engine starts its stages
-    with the taps as ``shipped:NAME`` (each machine reads its own copy), and ``auto`` stays lossless with it. A name
-    that leaves the folder is refused; with none shipped, ``eagle`` says how to train one."""
+    with the taps as ``shipped:NAME`` (each machine reads its own copy), and ``auto`` stays lossless with it (an
+    engine started without the taps: ``auto`` drafts without that head, and says so once). A name that leaves the
+    folder is refused; with none shipped, ``eagle`` says how to train one."""
     import homespec.model.drafts as drafts
     from homespec.backends import eagle3_head
     from homespec.engine import Engine, EngineOptions
@@ -536,3 +537,19 @@ def test_a_shipped_eagle3_head_is_what_eagle_and_auto_draft_with(
         assert engine._drafts["auto"].bases["eagle"].forwards > 0, "the shipped head never drafted"
     finally:
         engine.close()
+
+    # an engine whose stages hold no taps (started with another draft): auto drafts without the EAGLE-3 head rather
+    # than failing the request, and says so once
+    heard: list[str] = []
+    plain = Engine(EngineOptions(draft="none", weights="fp32"), progress=heard.append)
+    try:
+        assert plain.options.taps == ""
+        for _ in range(2):
+            plain.fresh_draft("auto")
+            done = list(plain.generate(ids, cfg, draft="auto"))[-1]
+            assert isinstance(done, GenerationFinished) and done.tokens == want
+        fallback = plain._drafts["auto"]
+        assert "eagle" not in fallback.bases and list(fallback.arms) == ["ngram+recycle"] and not fallback.feature_taps
+        assert [h for h in heard if "shipped:mine's taps" in h] == [heard[-1]], heard
+    finally:
+        plain.close()

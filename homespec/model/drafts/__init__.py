@@ -51,14 +51,17 @@ def build_draft(
     device: str = "cpu",
     max_context: int = 4096,
     weights: str = "auto",
+    taps: str | None = None,
 ) -> DraftSource:
     """``weights``: the target's own format (the engine's, resolved): the target's embeddings, LM head and layers that
     a draft reuses (``head``, ``eagle``, ``early-exit``) run as the target's stages hold them (the int4 run's LM head is
-    int8: a tenth of the fp32 one's time per call here); a draft never changes the output."""
+    int8: a tenth of the fp32 one's time per call here); a draft never changes the output. ``taps``: the EAGLE-3 head
+    whose fc the stages add up (``EngineOptions.taps``; None: the caller starts them as the draft needs) — ``auto``
+    drafts with the shipped EAGLE-3 head only where the stages hold its taps, else with the EAGLE-1-style one."""
     from homespec.model.stage import Stage
 
     if spec == "auto":
-        return _auto(target, target_tokenizer, tree, dtype, device, max_context, weights)
+        return _auto(target, target_tokenizer, tree, dtype, device, max_context, weights, taps)
     if "+" in spec:
         parts = [p.strip() for p in spec.split("+")]
         if len(parts) != len(set(parts)) or "none" in parts or not all(parts):
@@ -114,11 +117,13 @@ def _auto(
     device: str,
     max_context: int,
     weights: str = "auto",
+    taps: str | None = None,
 ) -> DraftSource:
     from homespec.model.drafts.auto import AutoDraft
 
     names = ["ngram", "recycle"]
-    if shipped_eagle(target, required=False):  # the head shipped for this target: the EAGLE-3 one where there is one
+    shipped = shipped_eagle(target, required=False)
+    if shipped and taps in (None, shipped):  # the head shipped for this target: the EAGLE-3 one where the stages can
         names.append("eagle")
     else:
         try:
