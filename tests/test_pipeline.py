@@ -42,9 +42,14 @@ GREEDY = SamplingConfig()
 
 def cluster_for(stages: int, bundled: Any) -> LocalCluster:
     """``stages`` stage processes on the bundled model (model "": its GGUF, so int4 reads the file's own blocks; the
-    dequantized folder's path would quantize its float copy at load, another set of weights)."""
+    dequantized folder's path would quantize its float copy at load, another set of weights). They hold the taps of
+    the EAGLE-3 head shipped for it, as the engine starts them for the default draft: ``auto`` drafts with that head,
+    each stage adding its share of the head's fc into the sum its activations carry (the other drafts ignore it)."""
+    from homespec.backends import eagle3_head
+
+    taps = eagle3_head("auto", bundled)
     assigns = [
-        Assign(i, stages, "", a, b, "fp32", "cpu", 4096, 512, weights=WEIGHTS)
+        Assign(i, stages, "", a, b, "fp32", "cpu", 4096, 512, weights=WEIGHTS, taps=taps)
         for i, (a, b) in enumerate(even_split(bundled.num_layers, stages))
     ]
     return LocalCluster(assigns)
