@@ -245,30 +245,27 @@ class EagleHead(EagleCalls, CachedRows):
         cfg, w = self.cfg, self.w
         if cfg.version != 3 or cfg.norm_before_residual or w["fc.weight"].device.type != "cpu":
             return False
-        from homespec.model.quant import quantize_int8
+        from homespec.model.quant import glue_int8
         from homespec.model.stage import GlueShape, _Layer, glue_io
         from homespec.native import library
 
         h = cfg.hidden
         qkv = torch.cat([w[f"layer.{p}.weight"].float() for p in _PROJ[:3]])  # [(heads + 2 kvh) d, 2H]
 
-        def int8(t: torch.Tensor) -> Any:
-            return quantize_int8(t.contiguous(), torch.bfloat16)
-
         layer = _Layer(
             ln1=w["layer.hidden_norm.weight"].float().contiguous(),
             ln2=w["layer.post_attention_layernorm.weight"].float().contiguous(),
             wq=None, wk=None, wv=None,
-            wo=int8(w["layer.self_attn.o_proj.weight"].float()),
-            wd=int8(w["layer.mlp.down_proj.weight"].float()),
-            qkv=int8(qkv[:, h:]),
-            gu=int8(torch.cat([w["layer.mlp.gate_proj.weight"].float(), w["layer.mlp.up_proj.weight"].float()])),
+            wo=glue_int8(w["layer.self_attn.o_proj.weight"]),
+            wd=glue_int8(w["layer.mlp.down_proj.weight"]),
+            qkv=glue_int8(qkv[:, h:]),
+            gu=glue_int8(w["layer.mlp.gate_proj.weight"], w["layer.mlp.up_proj.weight"]),
         )  # fmt: skip
         shape = GlueShape(cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.eps, None, cfg.intermediate)
         glue = library() if glue_io(shape, [layer]) == torch.bfloat16 else None
         if glue is None:
             return False
-        self.glued = (glue, shape, layer, int8(qkv[:, :h]), w["layer.input_layernorm.weight"].float())
+        self.glued = (glue, shape, layer, glue_int8(qkv[:, :h]), w["layer.input_layernorm.weight"].float())
         return True
 
     def glue_rows(

@@ -30,7 +30,7 @@ from torch import nn
 
 from homespec.errors import DraftError
 from homespec.model.kv import TreeKVCache
-from homespec.model.quant import Int8Channel, quantize_int8
+from homespec.model.quant import glue_int8
 from homespec.model.stage import (
     GlueShape,
     Segment,
@@ -180,17 +180,14 @@ class DraftHead(CachedRows, nn.Module):
 
         cfg = self.cfg
 
-        def int8(*parts: nn.Linear) -> Int8Channel:
-            return quantize_int8(torch.cat([p.weight.detach().float() for p in parts]), torch.bfloat16)
-
         layer = _Layer(
             ln1=self.ln1.detach().float().contiguous(),
             ln2=self.ln2.detach().float().contiguous(),
             wq=None, wk=None, wv=None,
-            wo=int8(self.o),
-            wd=int8(self.down),
-            qkv=int8(self.q, self.k, self.v),
-            gu=int8(self.gate, self.up),
+            wo=glue_int8(self.o.weight),
+            wd=glue_int8(self.down.weight),
+            qkv=glue_int8(self.q.weight, self.k.weight, self.v.weight),
+            gu=glue_int8(self.gate.weight, self.up.weight),
         )  # fmt: skip
         shape = GlueShape(cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.eps, None, cfg.intermediate)
         glue = library() if glue_io(shape, [layer]) == torch.bfloat16 else None

@@ -567,6 +567,12 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Chan
     return Int8Channel(q, scale)
 
 
+def glue_int8(*parts: torch.Tensor) -> Int8Channel:
+    """One product's weights as the native glue takes a draft head's (``DraftHead.use_glue``, ``EagleHead.use_glue``):
+    ``parts`` [out_i, in] stacked by output rows, int8 with one bf16 scale per output row (``quantize_int8``)."""
+    return quantize_int8(torch.cat([p.detach().float() for p in parts]).contiguous(), torch.bfloat16)
+
+
 # -- the formats' shared step ---------------------------------------------------------------------------------
 
 
