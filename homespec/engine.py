@@ -120,6 +120,7 @@ class Engine:
         from homespec.backends import eagle3_head
 
         taps = eagle3_head(options.draft, self.source)
+        self._auto_head = eagle3_head("auto", self.source)  # the shipped EAGLE-3 head auto drafts with, "" if none
         self.options = options = replace(options, weights=weights, wave_size=wave, taps=taps)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
@@ -136,16 +137,14 @@ class Engine:
         from homespec.model.drafts import build_draft
 
         o = self.options
-        if spec == "auto" and not self._auto_said:
-            from homespec.backends import eagle3_head
-
-            shipped = eagle3_head(spec, self.source)
-            if shipped and shipped != o.taps:  # the stages hold another head's taps, or none: auto drafts without it
-                self._auto_said = True
-                self._say(
-                    f"auto drafts with the EAGLE-1-style head: the stages were started without {shipped}'s taps "
-                    "(start the engine with --draft auto to draft with it)"
-                )
+        shipped = self._auto_head
+        if spec == "auto" and shipped and shipped != o.taps and not self._auto_said:
+            # the stages hold another head's taps, or none: auto drafts without it (build_draft decides; said once)
+            self._auto_said = True
+            self._say(
+                f"auto drafts with the EAGLE-1-style head: the stages were started without {shipped}'s taps "
+                "(start the engine with --draft auto to draft with it)"
+            )
         draft = build_draft(
             spec, self.source, self.tokenizer, o.tree, self._dtype, o.device, o.max_context, o.weights, o.taps
         )
