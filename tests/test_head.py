@@ -226,16 +226,17 @@ def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
 
 def test_train_draft_trains_also_on_data_other_runs_made(tmp_path: Path) -> None:
     """``--also DIR`` adds the data another ``train-draft`` run made (its shards) to this run's: the rows add up, and
-    the other run's prompts are new groups (a prompt's replies are held out together, never mixed with another's).
-    A folder without data is refused before the model loads."""
+    the other run's prompts are new groups (a prompt's replies are held out together, never mixed with another's);
+    ``--seed`` reaches the data's plan. A folder without data is refused before the model loads."""
     from homespec.model.train_head import Sequences
     from tests.test_cli import homespec
 
     tiny = ("--max-new", "8", "--samples", "1", "--epochs", "0", "--dtype", "fp32")
     a, b = tmp_path / "a", tmp_path / "b"
     assert homespec("train-draft", "--limit", "2", *tiny, "--out", str(a)).returncode == 0
-    out = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--also", str(a))
+    out = homespec("train-draft", "--limit", "1", *tiny, "--seed", "3", "--out", str(b), "--also", str(a))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((b / "data" / "plan.json").read_text())["seed"] == 3  # another seed: other sampled data
     mine, theirs = Sequences.load_shards(b / "data"), Sequences.load_shards(a / "data")
     rows = sum(len(t) - 1 for d in (mine, theirs) for t in d.tokens)
     assert f"{len(mine.tokens) + len(theirs.tokens)} sequences, {rows} training rows" in out.stderr
@@ -269,6 +270,7 @@ def test_the_target_writes_its_own_prompts(
     path = tmp_path / "self_prompts.jsonl"
     made = cli._self_written(engine, path, 2)
     assert 1 <= len(made) <= 2 and train_head.load_prompts(path) == made
+    assert cli._self_written(engine, tmp_path / "other.jsonl", 2, seed=1) != made  # another seed, other requests
 
     def refuse(*_: Any, **__: Any) -> list[str]:
         raise AssertionError("generated again")

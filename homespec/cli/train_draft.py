@@ -38,6 +38,10 @@ def train_draft(
         int, typer.Option(help="replies per prompt: the greedy one, then sampled ones at --temperature")
     ] = 4,
     temperature: Annotated[float, typer.Option(help="temperature of the sampled replies")] = 0.8,
+    seed: Annotated[
+        int,
+        typer.Option(help="seed of the self-written prompts and the sampled replies (another seed: other data)"),
+    ] = 0,
     batch: Annotated[int, typer.Option(help="replies decoded together (one forward per token for all)")] = 32,
     epochs: Annotated[int, typer.Option(help="training epochs (0: make the data and stop)")] = 10,
     lr: Annotated[float, typer.Option()] = 5e-4,
@@ -141,7 +145,7 @@ def train_draft(
 
                 cfg = dataclasses.replace(cfg, taps=default_taps(int(engine.source.config.num_hidden_layers)))
             if self_written and not legacy.is_file():
-                texts += _self_written(engine, out / "self_prompts.jsonl", self_written)
+                texts += _self_written(engine, out / "self_prompts.jsonl", self_written, seed)
             if legacy.is_file():
                 data = Sequences.load(legacy)
             else:
@@ -165,6 +169,7 @@ def train_draft(
                         shards=out / "data",
                         on_shard=shard,
                         record=cfg.taps,
+                        seed=seed,
                     )
             for folder in more:  # each folder's prompts stay apart: a prompt's replies are held out together
                 data.extend(Sequences.load_shards(folder) if folder.is_dir() else Sequences.load(folder), groups=True)
@@ -273,7 +278,7 @@ def _made_data(folder: Path) -> Path:
     )
 
 
-def _self_written(engine: object, path: Path, count: int) -> list[str]:
+def _self_written(engine: object, path: Path, count: int, seed: int = 0) -> list[str]:
     """``count`` requests the target writes itself, made once into ``path`` (JSONL with ``turns``, as ``--prompts``
     takes) and read back from it by a resumed run; the bench prompts (where ../shared holds them) are excluded."""
     from homespec.cli.bench import DEFAULT_PROMPTS
@@ -286,7 +291,9 @@ def _self_written(engine: object, path: Path, count: int) -> list[str]:
 
     with Progress(transient=True) as bar:
         task = bar.add_task("the target writes prompts", total=count)
-        made = self_prompts(engine, count, batch=128, exclude=exclude, progress=lambda n: bar.update(task, completed=n))
+        made = self_prompts(
+            engine, count, batch=128, seed=seed, exclude=exclude, progress=lambda n: bar.update(task, completed=n)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"category": "self", "turns": [t]}) + "\n" for t in made))
