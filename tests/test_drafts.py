@@ -24,8 +24,8 @@ def draft_tokens(tree: TokenTree) -> dict[tuple[int, ...], float]:
 
 def test_find_continuations_takes_the_longest_suffix_match_most_recent_first() -> None:
     tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
-    assert find_continuations(tokens, max_n=3, min_n=1, length=2, limit=4) == [[7, 5], [9, 1]]
-    assert find_continuations([4, 5, 6], max_n=3, min_n=1, length=2, limit=4) == []
+    assert find_continuations(tokens, max_n=3, min_n=1, length=2, limit=4) == (2, [[7, 5], [9, 1]])
+    assert find_continuations([4, 5, 6], max_n=3, min_n=1, length=2, limit=4) == (0, [])
 
 
 def test_ngram_draft_proposes_what_followed_in_the_prompt() -> None:
@@ -38,8 +38,9 @@ def test_ngram_draft_proposes_what_followed_in_the_prompt() -> None:
 
 
 def test_ngram_scores_follow_how_often_this_requests_lookups_were_right() -> None:
-    """Each verification tells prompt lookup which of its children under committed nodes were right; a request
-    where they keep missing scores its next continuations lower (a summary), a new request starts from the prior."""
+    """Each verification tells prompt lookup which of its children under committed nodes were right, by the length
+    of the match they continued; a request where the copies of 2-token matches keep missing scores its next such
+    continuations lower (a summary) and leaves other lengths at the prior; a new request starts from the prior."""
     prompt = [10, 11, 12, 13, 14, 10, 11]
     d = NgramDraft(depth=3, width=2)
     d.start(prompt)
@@ -47,7 +48,7 @@ def test_ngram_scores_follow_how_often_this_requests_lookups_were_right() -> Non
     tree = TokenTree(committed[-1], len(committed) - 1)
     d.propose(tree, committed, budget=8)
     first = max(n.score for n in tree if n.parent is not None)
-    assert math.isclose(first, math.log(0.9)) and d.rate() == pytest.approx(0.9)
+    assert math.isclose(first, math.log(0.9)) and d.rate(2) == pytest.approx(0.9)
     for i in range(3):  # the target never continues the copy: a new word each time
         tree.mark_sent(tree.in_state(NodeState.DRAFTED))
         for node in list(tree):
@@ -55,14 +56,28 @@ def test_ngram_scores_follow_how_often_this_requests_lookups_were_right() -> Non
         v = tree.verify()
         committed.extend(v.emitted)
         d.observe(v, committed)
-        committed.extend([10, 11])  # the text comes back to the repeated words
+        committed.extend([10, 11])  # the text comes back to the repeated words (a 2-token match)
         tree = TokenTree(committed[-1], len(committed) - 1)
         d.propose(tree, committed, budget=8)
-    assert d.trials >= 3 and d.hits == 0  # every child of a committed root, each time
-    assert d.rate() < 0.5
-    assert max(n.score for n in tree if n.parent is not None) < first + math.log(d.rate() / 0.9) + 1e-9
+    assert d.trials[2] >= 3 and d.hits[2] == 0  # every child of a committed root, each time
+    assert d.rate(2) < 0.5 and d.rate(3) == pytest.approx(0.9) and set(d.trials) == {2}
+    assert max(n.score for n in tree if n.parent is not None) < first + math.log(d.rate(2) / 0.9) + 1e-9
     d.start(prompt)
-    assert d.rate() == pytest.approx(0.9)
+    assert d.rate(2) == pytest.approx(0.9)
+
+
+def test_ngram_goes_on_with_its_copy_under_other_sources_children() -> None:
+    """In a union another source may have put children under the end of prompt lookup's copy: the copy's end is
+    still prompt lookup's to continue (it expands the nodes it has not continued, not only the leaves)."""
+    prompt = [10, 11, 12, 13, 14, 15, 16, 10, 11]
+    d = NgramDraft(depth=2, width=1)
+    d.start(prompt)
+    tree = TokenTree(prompt[-1], len(prompt) - 1)
+    assert d.propose(tree, prompt, budget=2) == 2
+    end = next(n.id for n in tree if tree.path_tokens(n.id)[1:] == [12, 13])
+    tree.add(end, 77, -0.1, "recycle")  # another source's child: the copy's end is no longer a leaf
+    assert d.propose(tree, prompt, budget=2) == 2
+    assert {(12, 13, 14), (12, 13, 14, 15)} <= set(draft_tokens(tree))
 
 
 def test_recycle_learns_the_latest_top_k_and_grows_best_first() -> None:

@@ -266,17 +266,26 @@ def test_the_target_writes_its_own_prompts(
     assert all("<|im_" not in t and len(t.split()) >= 3 for t in got)
     assert train_head.self_prompts(engine, 3, max_len=40, batch=8) == got
     assert got[0] not in train_head.self_prompts(engine, 3, max_len=40, batch=8, exclude=[got[0].upper()])
+    assert train_head.self_prompts(engine, 3, max_len=40, batch=8, seed=1) != got  # another seed, other requests
 
     path = tmp_path / "self_prompts.jsonl"
     made = cli._self_written(engine, path, 2)
     assert 1 <= len(made) <= 2 and train_head.load_prompts(path) == made
-    assert cli._self_written(engine, tmp_path / "other.jsonl", 2, seed=1) != made  # another seed, other requests
 
     def refuse(*_: Any, **__: Any) -> list[str]:
         raise AssertionError("generated again")
 
     monkeypatch.setattr(train_head, "self_prompts", refuse)
     assert cli._self_written(engine, path, 2) == made
+    asked: dict[str, Any] = {}  # train-draft --seed reaches the draws
+
+    def spy(*_: Any, **kw: Any) -> list[str]:
+        asked.update(kw)
+        return ["three words here"]
+
+    monkeypatch.setattr(train_head, "self_prompts", spy)
+    assert cli._self_written(engine, tmp_path / "other.jsonl", 2, seed=5) == ["three words here"]
+    assert asked["seed"] == 5
 
     class Plain:
         chat_template = None
