@@ -120,7 +120,6 @@ class Engine:
         from homespec.backends import eagle3_head
 
         taps = eagle3_head(options.draft, self.source)
-        self._auto_head = eagle3_head("auto", self.source)  # the shipped EAGLE-3 head auto drafts with, "" if none
         self.options = options = replace(options, weights=weights, wave_size=wave, taps=taps)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = _eos_ids(self.source, self.tokenizer)
@@ -132,13 +131,20 @@ class Engine:
             self.backend.close()
             raise
 
+    @functools.cached_property
+    def _auto_head(self) -> str:
+        """The shipped EAGLE-3 head ``auto`` drafts with ("" if none), looked up once, on the first ``auto`` draft
+        (an engine started with ``auto`` found it already: its stages' taps)."""
+        from homespec.backends import eagle3_head
+
+        return self.options.taps if self.options.draft == "auto" else eagle3_head("auto", self.source)
+
     def build_draft(self, spec: str) -> Any:
         """A new draft source ``spec`` for this engine's target (a batch gives each concurrent request its own)."""
         from homespec.model.drafts import build_draft
 
         o = self.options
-        shipped = self._auto_head
-        if spec == "auto" and shipped and shipped != o.taps and not self._auto_said:
+        if spec == "auto" and not self._auto_said and (shipped := self._auto_head) and shipped != o.taps:
             # the stages hold another head's taps, or none: auto drafts without it (build_draft decides; said once)
             self._auto_said = True
             self._say(

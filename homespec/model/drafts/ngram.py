@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 from homespec.core.tree import Node, NodeId, TokenTree, Verification
@@ -63,17 +64,17 @@ class NgramDraft(DraftSource):
         # nodes this source made whose parent's result is not known yet -> (parent, length of the match they continue)
         self._parent: dict[NodeId, tuple[NodeId, int]] = {}
         # by match length: this request's children whose parent was committed, and how many were right
-        self.hits: dict[int, int] = {}
-        self.trials: dict[int, int] = {}
+        self.hits: Counter[int] = Counter()
+        self.trials: Counter[int] = Counter()
 
     def start(self, prompt: Sequence[int]) -> None:
         self._expanded, self._parent = set(), {}
-        self.hits, self.trials = {}, {}
+        self.hits, self.trials = Counter(), Counter()
 
     def rate(self, n: int) -> float:
         """How often this request's prompt lookup children continuing a match of ``n`` tokens have been the target's
         token (with the prior)."""
-        return (self.hits.get(n, 0) + _PRIOR_WEIGHT * _PRIOR_RATE) / (self.trials.get(n, 0) + _PRIOR_WEIGHT)
+        return (self.hits[n] + _PRIOR_WEIGHT * _PRIOR_RATE) / (self.trials[n] + _PRIOR_WEIGHT)
 
     def propose(self, tree: TokenTree, committed: Sequence[int], budget: int) -> int:
         added = 0
@@ -105,8 +106,8 @@ class NgramDraft(DraftSource):
         right = done | ({verification.root} if not verification.flushed else set())
         for node, (parent, n) in list(self._parent.items()):
             if parent in done:
-                self.trials[n] = self.trials.get(n, 0) + 1
-                self.hits[n] = self.hits.get(n, 0) + (node in right)
+                self.trials[n] += 1
+                self.hits[n] += node in right
                 del self._parent[node]
             elif node in gone:
                 del self._parent[node]
