@@ -253,30 +253,40 @@ def test_the_target_writes_its_own_prompts(
 ) -> None:
     """Magpie (``self_prompts``): the bundled model continues its own empty user header into requests that ended
     with its end-of-turn token; the same seed gives the same list, excluded texts never come back, and train-draft
-    writes them once into DIR/self_prompts.jsonl, which a resumed run reads instead of generating again."""
+    writes them once into DIR/self_prompts.jsonl, which a resumed run reads instead of generating again; a run
+    stopped midway goes on from its journal's last whole batch and makes the same list."""
     from homespec.cli import train_draft as cli
-    from homespec.errors import ModelError
+    from homespec.errors import ConfigError, ModelError
     from homespec.model import train_head
 
     engine = engines("none")
     header = engine.tokenizer.decode(train_head.user_header(engine.tokenizer))
     assert header.endswith("<|im_start|>user\n") and "<|im_start|>system" in header
-    got = train_head.self_prompts(engine, 3, max_len=40, batch=8)
+    journal = tmp_path / "run.journal"  # (batch i draws with its own seed: a run stopped midway goes on from its
+    got = train_head.self_prompts(engine, 3, max_len=40, batch=2, journal=journal)  # journal, making the same list)
     assert 1 <= len(got) <= 3 and len(set(got)) == len(got)
     assert all("<|im_" not in t and len(t.split()) >= 3 for t in got)
-    assert train_head.self_prompts(engine, 3, max_len=40, batch=8) == got
+    lines = journal.read_text().splitlines(keepends=True)
+    assert len(lines) >= 3 and json.loads(lines[0])["settings"]["batch"] == 2
+    journal.write_text(lines[0] + lines[1] + lines[2][:9])  # the second batch's line cut off by the stop
+    heard: list[int] = []
+    assert train_head.self_prompts(engine, 3, max_len=40, batch=2, journal=journal, progress=heard.append) == got
+    assert journal.read_text().splitlines(keepends=True) == lines and len(heard) == len(lines) - 1
+    with pytest.raises(ConfigError, match="written with"):
+        train_head.self_prompts(engine, 3, max_len=40, batch=4, journal=journal)
     assert got[0] not in train_head.self_prompts(engine, 3, max_len=40, batch=8, exclude=[got[0].upper()])
     assert train_head.self_prompts(engine, 3, max_len=40, batch=8, seed=1) != got  # another seed, other requests
 
     path = tmp_path / "self_prompts.jsonl"
-    made = cli._self_written(engine, path, 2)
+    made = cli._self_written(engine, path, 2, batch=8)
+    assert not (tmp_path / "self_prompts.jsonl.journal").exists()
     assert 1 <= len(made) <= 2 and train_head.load_prompts(path) == made
 
     def refuse(*_: Any, **__: Any) -> list[str]:
         raise AssertionError("generated again")
 
     monkeypatch.setattr(train_head, "self_prompts", refuse)
-    assert cli._self_written(engine, path, 2) == made
+    assert cli._self_written(engine, path, 2, batch=8) == made
     asked: dict[str, Any] = {}  # train-draft --seed reaches the draws
 
     def spy(*_: Any, **kw: Any) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -278,25 +279,36 @@ def _made_data(folder: Path) -> Path:
     )
 
 
-def _self_written(engine: object, path: Path, count: int, seed: int = 0) -> list[str]:
+def _self_written(engine: object, path: Path, count: int, seed: int = 0, batch: int = 128) -> list[str]:
     """``count`` requests the target writes itself, made once into ``path`` (JSONL with ``turns``, as ``--prompts``
-    takes) and read back from it by a resumed run; the bench prompts (where ../shared holds them) are excluded."""
+    takes) and read back from it by a resumed run; the bench prompts (where ../shared holds them) are excluded.
+    While they are made, each batch's requests go to ``path`` + ``.journal``, so a run stopped midway goes on from
+    its last whole batch (``self_prompts``' journal) and makes the same list."""
+    import sys
+
     from homespec.cli.bench import DEFAULT_PROMPTS
     from homespec.model.train_head import load_prompts, self_prompts
 
     if path.is_file():
         return load_prompts(path)
     exclude = load_prompts(DEFAULT_PROMPTS) if DEFAULT_PROMPTS.is_file() else []
+    journal = path.with_name(path.name + ".journal")
     from rich.progress import Progress
+
+    start = time.monotonic()
+
+    def heard(n: int) -> None:
+        bar.update(task, completed=n)
+        if not sys.stderr.isatty():  # (a log gets a line per batch: the bar is drawn on terminals only)
+            typer.echo(f"self-written prompts: {n}/{count} kept, {time.monotonic() - start:.0f} s", err=True)
 
     with Progress(transient=True) as bar:
         task = bar.add_task("the target writes prompts", total=count)
-        made = self_prompts(
-            engine, count, batch=128, seed=seed, exclude=exclude, progress=lambda n: bar.update(task, completed=n)
-        )
+        made = self_prompts(engine, count, batch=batch, seed=seed, exclude=exclude, progress=heard, journal=journal)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"category": "self", "turns": [t]}) + "\n" for t in made))
     tmp.replace(path)
+    journal.unlink(missing_ok=True)
     typer.echo(f"{len(made)} self-written prompts -> {path}", err=True)
     return made

@@ -387,32 +387,91 @@ def self_prompts(
     seed: int = 0,
     exclude: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
+    journal: Path | None = None,
 ) -> list[str]:
     """Up to ``count`` user requests written by the target itself (Magpie: Xu et al., 2024, "Magpie: Alignment
     Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing"): its continuation of the empty user header
     (``user_header``), sampled at ``temperature`` and decoded ``batch`` at a time in lockstep, is a request from the
     distribution the target was tuned on. Kept: a continuation that ended with an end token within ``max_len``
     tokens, of 16 to 2000 characters and at least 3 words, not seen before and not in ``exclude`` (the bench
-    prompts), case and spacing folded. Draws stop at ``count`` kept or after ``4 * count`` draws; the same seed gives
-    the same list. ``progress`` hears the count kept after each batch."""
+    prompts), case and spacing folded. Draws stop at ``count`` kept or after ``4 * count`` draws. Batch ``i`` draws
+    from its own generator seeded by (``seed``, ``i``), so the same seed gives the same list, and a run stopped
+    midway and resumed from its ``journal`` (JSONL: the settings, then each batch's kept requests, appended as the
+    batch ends; ``_journal_read``) gives the same list as one run. ``progress`` hears the count kept after each
+    batch."""
     stage: Stage = _whole_target(engine)
     header = user_header(engine.tokenizer)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    settings = {"seed": seed, "temperature": temperature, "max_len": max_len, "batch": batch}
+    done = _journal_read(journal, settings) if journal is not None else []
     seen = {" ".join(t.lower().split()) for t in exclude}
     kept: list[str] = []
-    for _ in range(0, 4 * count, batch):
-        jobs = [(0, 1, header) for _ in range(batch)]
-        for _, seq, _, _, ended in _decode_batch(stage, jobs, max_len, temperature, gen, engine.eos_ids):
-            text = str(engine.tokenizer.decode(seq[len(header) :].tolist(), skip_special_tokens=True)).strip()
-            key = " ".join(text.lower().split())
-            if ended and 16 <= len(text) <= 2000 and len(text.split()) >= 3 and key not in seen:
-                seen.add(key)
-                kept.append(text)
-        if progress is not None:
-            progress(min(len(kept), count))
+    for text in itertools.chain.from_iterable(done):  # as the batches before kept them (filtered again: exclude
+        if _fold(text) not in seen:  # may have grown since)
+            seen.add(_fold(text))
+            kept.append(text)
+    if progress is not None and done:
+        progress(min(len(kept), count))
+    for i in range(len(done), -(-4 * count // batch)):
         if len(kept) >= count:
             break
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
+        jobs = [(0, 1, header) for _ in range(batch)]
+        fresh: list[str] = []
+        for _, seq, _, _, ended in _decode_batch(stage, jobs, max_len, temperature, gen, engine.eos_ids):
+            text = str(engine.tokenizer.decode(seq[len(header) :].tolist(), skip_special_tokens=True)).strip()
+            key = _fold(text)
+            if ended and 16 <= len(text) <= 2000 and len(text.split()) >= 3 and key not in seen:
+                seen.add(key)
+                fresh.append(text)
+        kept += fresh
+        if journal is not None:
+            with journal.open("a") as f:
+                f.write(json.dumps({"batch": i, "kept": fresh}) + "\n")
+        if progress is not None:
+            progress(min(len(kept), count))
     return kept[:count]
+
+
+def _fold(text: str) -> str:
+    """A request as compared for duplicates: lower case, runs of spacing as one space."""
+    return " ".join(text.lower().split())
+
+
+def _journal_read(path: Path, settings: dict[str, Any]) -> list[list[str]]:
+    """The requests each batch kept, in order, from a ``self_prompts`` journal (started, with ``settings`` as its
+    first line, where there is none). A last line cut off by a stop is dropped (that batch runs again); a journal of
+    other settings is refused, since its batches would not be the ones these settings draw."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings}) + "\n")
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    try:
+        head = json.loads(lines[0])["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a self-written prompts journal", hint="remove it to start again") from e
+    if head != settings:
+        raise ConfigError(
+            f"{path} was written with {head}, not {settings}", hint="use the same settings, or remove it to start again"
+        )
+    done: list[list[str]] = []
+    whole = len(lines[0]) + 1  # bytes of the journal up to its last whole line
+    for line in lines[1:-1]:  # (the last is empty, or a line cut off before its newline)
+        try:
+            row = json.loads(line)
+            texts = row["kept"]
+            ok = row["batch"] == len(done) and isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            break
+        done.append(texts)
+        whole += len(line) + 1
+    if whole < len(data):  # a cut-off tail: cut it, so that the next batch's line follows a whole one
+        with path.open("r+b") as f:
+            f.truncate(whole)
+    return done
 
 
 PREFILL_ROWS = 1024  # prompt tokens prefilled in one forward (bf16 products on this CPU: ~2x faster than 100 rows)
