@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -202,7 +203,9 @@ def train_draft(
                 total = max_steps or cfg.epochs * len(data.tokens)
                 task = bar.add_task("training", total=total)
                 start = None if init is None else _init_head(init, engine, cfg)
-                head = train(engine, data, out, cfg, report, lambda: bar.advance(task), max_steps or None, start, vocab)
+                head = train(
+                    engine, data, out, cfg, report, _ticker(bar, task, "training"), max_steps or None, start, vocab
+                )
             extra = {
                 "prompts": len(texts),
                 "samples": samples,
@@ -284,8 +287,6 @@ def _self_written(engine: object, path: Path, count: int, seed: int = 0, batch: 
     takes) and read back from it by a resumed run; the bench prompts (where ../shared holds them) are excluded.
     While they are made, each batch's requests go to ``path`` + ``.journal``, so a run stopped midway goes on from
     its last whole batch (``self_prompts``' journal) and makes the same list."""
-    import sys
-
     from homespec.cli.bench import DEFAULT_PROMPTS
     from homespec.model.train_head import load_prompts, self_prompts
 
@@ -295,16 +296,10 @@ def _self_written(engine: object, path: Path, count: int, seed: int = 0, batch: 
     journal = path.with_name(path.name + ".journal")
     from rich.progress import Progress
 
-    start = time.monotonic()
-
-    def heard(n: int) -> None:
-        bar.update(task, completed=n)
-        if not sys.stderr.isatty():  # (a log gets a line per batch: the bar is drawn on terminals only)
-            typer.echo(f"self-written prompts: {n}/{count} kept, {time.monotonic() - start:.0f} s", err=True)
-
     with Progress(transient=True) as bar:
-        task = bar.add_task("the target writes prompts", total=count)
-        made = self_prompts(engine, count, batch=batch, seed=seed, exclude=exclude, progress=heard, journal=journal)
+        task = bar.add_task("self-written prompts", total=count)
+        tick = _ticker(bar, task, "self-written prompts", every_s=0.0)
+        made = self_prompts(engine, count, batch=batch, seed=seed, exclude=exclude, progress=tick, journal=journal)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"category": "self", "turns": [t]}) + "\n" for t in made))
@@ -312,3 +307,26 @@ def _self_written(engine: object, path: Path, count: int, seed: int = 0, batch: 
     journal.unlink(missing_ok=True)
     typer.echo(f"{len(made)} self-written prompts -> {path}", err=True)
     return made
+
+
+def _ticker(bar: Any, task: Any, what: str, every_s: float = 60.0) -> Callable[..., None]:
+    """A progress callback for ``bar``'s ``task``: called with a count, it sets it; with none, it adds one. Where
+    stderr is not a terminal (a long run's log) the bar is not drawn, so a line with the count and the seconds
+    spent is written every ``every_s`` seconds instead."""
+    import sys
+
+    start = last = time.monotonic()
+
+    def tick(n: int | None = None) -> None:
+        nonlocal last
+        if n is None:
+            bar.advance(task)
+        else:
+            bar.update(task, completed=n)
+        now = time.monotonic()
+        if not sys.stderr.isatty() and now - last >= every_s:
+            last = now
+            got = next(t for t in bar.tasks if t.id == task)
+            typer.echo(f"{what}: {got.completed:.0f}/{got.total:.0f}, {now - start:.0f} s", err=True)
+
+    return tick

@@ -18,9 +18,10 @@
    training-time test, in which the head reads its own predicted features as a draft several deep does
    (``_loss``). The decoder layer starts from the target's last layer, ``fc`` from "take the feature". Whole
    sequences are packed into steps of ``pack`` rows (each attending only within itself), AdamW, cosine decay.
-   ``DIR/checkpoint.pt`` after every epoch makes a run resumable; ``DIR/head.safetensors`` is the result. Reported
-   per epoch: training loss and, on held-out sequences, how often the head's top-1 next token is the target's at
-   each unrolled depth (depth 1: true features; ``top1_by_depth``).
+   ``DIR/checkpoint.pt`` after every epoch, and every 10 minutes within one, makes a run resumable (a stopped run
+   ends as one that was not stopped would); ``DIR/head.safetensors`` is the result. Reported per epoch: training
+   loss and, on held-out sequences, how often the head's top-1 next token is the target's at each unrolled depth
+   (depth 1: true features; ``top1_by_depth``).
 3. **EAGLE-3** (``train-draft --eagle3``, ``TrainConfig.taps``): the data records the residual streams entering
    three of the target's layers (``Stage.record``) in place of f; the head (``eagle.Eagle3Trainable``, started by
    ``new_eagle3``) reads fc over them, attends over [its normed embedding, its normed feature], and learns by
@@ -560,9 +561,12 @@ def train(
     max_steps: int | None = None,
     init: Head | None = None,
     vocab: torch.Tensor | None = None,
+    checkpoint_s: float = 600.0,
 ) -> Head:
     """Train (or resume) a head on ``data``, from ``init`` (a head to go on training; its weights are changed in
-    place) or a new one (``new_head``); writes DIR/checkpoint.pt each epoch and DIR/head.safetensors. ``vocab``
+    place) or a new one (``new_head``); writes DIR/checkpoint.pt at the end of each epoch and, within one, every
+    ``checkpoint_s`` seconds (a run of millions of rows stopped midway resumes after its last saved pack, and ends
+    as the run that was not stopped would), and DIR/head.safetensors. ``vocab``
     (sorted token ids; EAGLE-3 only): the draft vocabulary the head will score, its loss and top-1 over those
     tokens only (``DraftVocab``)."""
     stage = _whole_target(engine)
@@ -583,19 +587,36 @@ def train(
     total = cfg.epochs * per_epoch if max_steps is None else max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ckpt = out_dir / "checkpoint.pt"
-    first_epoch = 0
+    first_epoch = skip = steps = 0
+    losses: list[float] = []
+    spent = 0.0  # seconds of this epoch before a resume
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         first_epoch = int(state["epoch"]) + 1
-    steps = 0
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        if "within" in state:  # saved within an epoch: go on after its last pack
+            first_epoch, skip, steps = (int(state["within"][k]) for k in ("epoch", "packs", "steps"))
+            losses, spent = list(state["within"]["losses"]), float(state["within"]["s"])
+    saved = time.monotonic()
+
+    def save(epoch: int, within: dict[str, Any] | None = None) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch}
+        state["rng"] = torch.get_rng_state()
+        if within is not None:
+            state["within"] = within
+        torch.save(state, ckpt.with_suffix(".tmp"))  # (a stop while writing leaves the last checkpoint whole)
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
     for epoch in range(first_epoch, cfg.epochs):
         head.train()
-        losses = []
-        started = time.perf_counter()
-        for pack in packs(train_ids, lengths, cfg.pack, random.Random(cfg.seed * 1000 + epoch)):
+        started = time.perf_counter() - spent
+        order = packs(train_ids, lengths, cfg.pack, random.Random(cfg.seed * 1000 + epoch))
+        for k, pack in enumerate(order[skip:], start=skip):
             with torch.enable_grad(), _autocast(cfg, stage):  # the engine turns autograd off process-wide
                 loss, _ = _loss(head, stage, data, pack, cfg, dv=dv)
                 opt.zero_grad()
@@ -610,14 +631,16 @@ def train(
                     progress()
             if max_steps is not None and steps >= max_steps:
                 break
+            if time.monotonic() - saved >= checkpoint_s and k + 1 < len(order):
+                s_now = time.perf_counter() - started
+                save(epoch - 1, {"epoch": epoch, "packs": k + 1, "steps": steps, "losses": losses, "s": s_now})
+                saved = time.monotonic()
         depth = top1_by_depth(head, stage, data, held, cfg, max(cfg.unroll, cfg.eval_depth), dv)
         metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "top1": depth[0]}
         metrics.update({f"top1_d{d + 1}": acc for d, acc in enumerate(depth)})
         report({**metrics, "s": time.perf_counter() - started})
-        out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch}, ckpt
-        )
+        save(epoch)
+        saved, skip, losses, spent = time.monotonic(), 0, [], 0.0
         if max_steps is not None and steps >= max_steps:
             break
     return head
