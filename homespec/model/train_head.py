@@ -404,7 +404,7 @@ def self_prompts(
     header = user_header(engine.tokenizer)
     settings = {"seed": seed, "temperature": temperature, "max_len": max_len, "batch": batch}
     done = _journal_read(journal, settings) if journal is not None else []
-    seen = {" ".join(t.lower().split()) for t in exclude}
+    seen = {_fold(t) for t in exclude}
     kept: list[str] = []
     for text in itertools.chain.from_iterable(done):  # as the batches before kept them (filtered again: exclude
         if _fold(text) not in seen:  # may have grown since)
