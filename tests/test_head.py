@@ -324,6 +324,31 @@ def test_the_target_writes_its_own_prompts(
         train_head.user_header(Plain())
 
 
+def test_reply_rows_are_the_only_rows_scored(engines: Callable[..., Any]) -> None:
+    """``train-draft --rows reply``: each sequence's reply begins after the chat template's assistant header (the
+    prompt's own length, as the engine encodes it), and the loss and the held-out top-1 score only the rows that
+    predict a reply token (row r predicts the token at position r + 2); without marks every row is scored."""
+    from homespec.model import train_head
+
+    engine = engines("none")
+    stage = engine.decoder_for("ar").stages[0]
+    data = build_data(engine, TRAIN_PROMPTS[:2], max_new=6, progress=lambda: None)
+    header = train_head.reply_header(engine.tokenizer)
+    assert engine.tokenizer.decode(header) == "<|im_end|>\n<|im_start|>assistant\n"
+    head = train_head.new_head(engine)
+    cfg = TrainConfig(unroll=2, pack=0)
+    ids = list(range(len(data.tokens)))
+    _, every = train_head._loss(head, stage, data, ids, cfg, False)
+    assert [rows for _, rows in every] == [sum(len(t) - 1 - j for t in data.tokens) for j in range(2)]
+    data.mark_replies(header)
+    assert data.starts == [len(engine.encode(TRAIN_PROMPTS[g])) for g in data.groups]
+    _, reply = train_head._loss(head, stage, data, ids, cfg, False)
+    want = [sum(len(t) - 1 - max(j, s - 2) for t, s in zip(data.tokens, data.starts, strict=True)) for j in range(2)]
+    assert [rows for _, rows in reply] == want and 0 < want[0] < every[0][1] // 3
+    data.extend(build_data(engine, TRAIN_PROMPTS[2:], max_new=6, progress=lambda: None), groups=True)
+    assert len(data.starts) == len(data.tokens) and data.starts[-1] == 0  # unmarked data: every row
+
+
 def test_the_training_time_test_attends_as_a_draft_would(engines: Callable[..., Any], tmp_path: Path) -> None:
     """EAGLE-3's training-time test (``unrolled``, ``ttt_mask``): each unrolled step's row r equals a draft written
     out by hand, one row at a time: the true rows up to r - j in the head's past, then the chain of its own

@@ -67,6 +67,14 @@ def train_draft(
     draft_vocab: Annotated[
         int, typer.Option("--draft-vocab", help="tokens the head scores: the target's most written (0 = all)")
     ] = 0,
+    rows_: Annotated[
+        str,
+        typer.Option(
+            "--rows",
+            help="rows in the loss and the held-out top-1: all, or reply (the replies' rows only: a draft never runs "
+            "in the prompt)",
+        ),
+    ] = "all",
     vocab_for: Annotated[
         Path | None,
         typer.Option("--vocab-for", help="only write the draft vocabulary from DIR's data into this head file"),
@@ -175,6 +183,12 @@ def train_draft(
                     )
             for folder in more:  # each folder's prompts stay apart: a prompt's replies are held out together
                 data.extend(Sequences.load_shards(folder) if folder.is_dir() else Sequences.load(folder), groups=True)
+            if rows_ not in ("all", "reply"):
+                raise ConfigError(f"--rows must be all or reply, got {rows_!r}")
+            if rows_ == "reply":
+                from homespec.model.train_head import reply_header
+
+                data.mark_replies(reply_header(engine.tokenizer))
             rows = sum(len(t) - 1 for t in data.tokens)
             typer.echo(f"{len(data.tokens)} sequences, {rows} training rows", err=True)
             if epochs == 0:
@@ -216,6 +230,7 @@ def train_draft(
                 "unroll": cfg.unroll,
                 "dtype": cfg.dtype,
                 "pack": cfg.pack,
+                "scored": rows_,
                 "init": None if init is None else str(init),
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,

@@ -79,6 +79,14 @@ class Sequences:
     features: list[torch.Tensor]  # float16 [T, hidden]
     labels: list[torch.Tensor]  # int64 [T]: the target's greedy next token after each position
     groups: list[int] = field(default_factory=list)  # the prompt each sequence answers (held out together)
+    # where each sequence's reply begins (its first token the target wrote; ``mark_replies``): rows before it read
+    # the prompt, where a draft never runs, and are left out of the loss and the held-out top-1. Empty: every row.
+    starts: list[int] = field(default_factory=list)
+
+    def mark_replies(self, header: Sequence[int]) -> None:
+        """Set ``starts`` from the chat template's assistant header (``reply_header``): each reply begins after
+        the header's last occurrence in its sequence (0, every row, where it does not occur)."""
+        self.starts = [_after_last(t.tolist(), list(header)) for t in self.tokens]
 
     def group_of(self, i: int) -> int:
         return self.groups[i] if self.groups else i
@@ -92,6 +100,9 @@ class Sequences:
         self.features += other.features
         self.labels += other.labels
         self.groups = mine + [base + other.group_of(i) for i in range(len(other.tokens))]
+        if self.starts or other.starts:
+            pad = [0] * (len(self.tokens) - len(other.tokens) - len(self.starts))
+            self.starts = self.starts + pad + (other.starts or [0] * len(other.tokens))
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -475,6 +486,26 @@ def _journal_read(path: Path, settings: dict[str, Any]) -> list[list[str]]:
     return done
 
 
+def reply_header(tokenizer: Any) -> list[int]:
+    """The token ids the chat template writes between a user's message and the assistant's reply (its end of the
+    user turn and the assistant header, as ``add_generation_prompt`` adds it): what ``Sequences.mark_replies``
+    finds in each sequence."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError("marking replies needs the target's chat template, and this tokenizer has none")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": USER_MARK}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text[text.index(USER_MARK) + len(USER_MARK) :], add_special_tokens=False)["input_ids"])
+
+
+def _after_last(tokens: list[int], header: list[int]) -> int:
+    n = len(header)
+    for end in range(len(tokens) - n, -1, -1):
+        if tokens[end : end + n] == header:
+            return end + n
+    return 0
+
+
 PREFILL_ROWS = 1024  # prompt tokens prefilled in one forward (bf16 products on this CPU: ~2x faster than 100 rows)
 
 
@@ -762,8 +793,12 @@ def _loss(
     y = torch.cat([data.labels[i][1:] for i in ids])
     total = torch.zeros(())
     stats: list[tuple[int, int]] = []
+    # row r predicts the token at position r + 2: scored where that is in the reply (``Sequences.starts``)
+    floor = torch.cat(
+        [torch.full((n,), max(0, data.starts[i] - 2) if data.starts else 0) for i, n in zip(ids, spans, strict=True)]
+    )
     for j, pred in enumerate(unrolled(head, emb, inp, first, cos, sin, cfg.unroll, spans)):
-        rows = torch.nonzero(local >= j).flatten()
+        rows = torch.nonzero((local >= j) & (local >= floor)).flatten()
         if isinstance(head, Eagle3Trainable) and dv is not None:  # over the draft vocabulary's tokens only
             logits = stage.logits(head.normed(pred[rows]), head_w=dv.rows, normed=True).float()
             want = dv.index[y[rows]]
