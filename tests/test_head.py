@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,8 @@ def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
 def test_train_draft_trains_also_on_data_other_runs_made(tmp_path: Path) -> None:
     """``--also DIR`` adds the data another ``train-draft`` run made (its shards) to this run's: the rows add up, and
     the other run's prompts are new groups (a prompt's replies are held out together, never mixed with another's);
-    ``--seed`` reaches the data's plan. A folder without data is refused before the model loads."""
+    ``--seed`` reaches the data's plan; with a chat template only the replies' rows are scored (``--rows auto``). A
+    folder without data, and a ``--rows`` that is not a choice, are refused before the model loads."""
     from homespec.model.train_head import Sequences
     from tests.test_cli import homespec
 
@@ -260,12 +262,16 @@ def test_train_draft_trains_also_on_data_other_runs_made(tmp_path: Path) -> None
     mine, theirs = Sequences.load_shards(b / "data"), Sequences.load_shards(a / "data")
     rows = sum(len(t) - 1 for d in (mine, theirs) for t in d.tokens)
     assert f"{len(mine.tokens) + len(theirs.tokens)} sequences, {rows} training rows" in out.stderr
+    scored = re.search(r"training rows, (\d+) of them in the replies", out.stderr)  # --rows auto: a chat template
+    assert scored is not None and 0 < int(scored[1]) < rows // 2, out.stderr[-2000:]
     both = Sequences.load_shards(b / "data")
     both.extend(theirs, groups=True)
     first = {both.group_of(i) for i in range(len(mine.tokens))}
     assert first.isdisjoint(both.group_of(i) for i in range(len(mine.tokens), len(both.tokens)))
     bad = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--also", str(tmp_path / "none"))
     assert bad.returncode != 0 and "no training data there" in bad.stderr
+    bad = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--rows", "prompt")
+    assert bad.returncode != 0 and "--rows must be auto, all or reply" in bad.stderr
 
 
 def test_the_target_writes_its_own_prompts(

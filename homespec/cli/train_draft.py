@@ -71,10 +71,10 @@ def train_draft(
         str,
         typer.Option(
             "--rows",
-            help="rows in the loss and the held-out top-1: all, or reply (the replies' rows only: a draft never runs "
-            "in the prompt)",
+            help="rows in the loss and the held-out top-1: reply (the replies' rows only: a draft never runs in the "
+            "prompt), all, or auto (reply where the target has a chat template)",
         ),
-    ] = "all",
+    ] = "auto",
     vocab_for: Annotated[
         Path | None,
         typer.Option("--vocab-for", help="only write the draft vocabulary from DIR's data into this head file"),
@@ -127,6 +127,8 @@ def train_draft(
             raise ConfigError(f"--epochs must be >= 0, got {epochs}")
         if not 1 <= unroll <= 8:
             raise ConfigError(f"--unroll must be in [1, 8], got {unroll}")
+        if rows_ not in ("auto", "all", "reply"):
+            raise ConfigError(f"--rows must be auto, all or reply, got {rows_!r}")
         if dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
         if dtype == "auto":
@@ -183,14 +185,18 @@ def train_draft(
                     )
             for folder in more:  # each folder's prompts stay apart: a prompt's replies are held out together
                 data.extend(Sequences.load_shards(folder) if folder.is_dir() else Sequences.load(folder), groups=True)
-            if rows_ not in ("all", "reply"):
-                raise ConfigError(f"--rows must be all or reply, got {rows_!r}")
+            if rows_ == "auto":
+                rows_ = "reply" if getattr(engine.tokenizer, "chat_template", None) else "all"
             if rows_ == "reply":
                 from homespec.model.train_head import reply_header
 
                 data.mark_replies(reply_header(engine.tokenizer))
             rows = sum(len(t) - 1 for t in data.tokens)
-            typer.echo(f"{len(data.tokens)} sequences, {rows} training rows", err=True)
+            said = f"{len(data.tokens)} sequences, {rows} training rows"
+            if data.starts:  # row r is scored where it predicts a reply token (r + 2 >= the reply's start)
+                pairs = zip(data.tokens, data.starts, strict=True)
+                said += f", {sum(len(t) - 1 - max(0, min(s - 2, len(t) - 1)) for t, s in pairs)} of them in the replies"
+            typer.echo(said, err=True)
             if epochs == 0:
                 return
             size = int(engine.source.config.vocab_size)
