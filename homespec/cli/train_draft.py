@@ -193,9 +193,8 @@ def train_draft(
                 data.mark_replies(reply_header(engine.tokenizer))
             rows = sum(len(t) - 1 for t in data.tokens)
             said = f"{len(data.tokens)} sequences, {rows} training rows"
-            if data.starts:  # row r is scored where it predicts a reply token (r + 2 >= the reply's start)
-                pairs = zip(data.tokens, data.starts, strict=True)
-                said += f", {sum(len(t) - 1 - max(0, min(s - 2, len(t) - 1)) for t, s in pairs)} of them in the replies"
+            if data.starts:
+                said += f", {data.scored_rows()} of them in the replies"
             typer.echo(said, err=True)
             if epochs == 0:
                 return

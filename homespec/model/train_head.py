@@ -88,6 +88,15 @@ class Sequences:
         the header's last occurrence in its sequence (0, every row, where it does not occur)."""
         self.starts = [_after_last(t.tolist(), list(header)) for t in self.tokens]
 
+    def first_scored(self, i: int) -> int:
+        """Sequence i's first row in the loss and the held-out top-1: row r predicts the token at r + 2, so the
+        rows from the reply's start - 2 (every row where unmarked)."""
+        return max(0, self.starts[i] - 2) if self.starts else 0
+
+    def scored_rows(self) -> int:
+        """Rows in the loss and the held-out top-1 at depth 1 (each sequence's len - 1 rows from ``first_scored``)."""
+        return sum(max(0, len(t) - 1 - self.first_scored(i)) for i, t in enumerate(self.tokens))
+
     def group_of(self, i: int) -> int:
         return self.groups[i] if self.groups else i
 
@@ -793,10 +802,7 @@ def _loss(
     y = torch.cat([data.labels[i][1:] for i in ids])
     total = torch.zeros(())
     stats: list[tuple[int, int]] = []
-    # row r predicts the token at position r + 2: scored where that is in the reply (``Sequences.starts``)
-    floor = torch.cat(
-        [torch.full((n,), max(0, data.starts[i] - 2) if data.starts else 0) for i, n in zip(ids, spans, strict=True)]
-    )
+    floor = torch.cat([torch.full((n,), data.first_scored(i)) for i, n in zip(ids, spans, strict=True)])
     for j, pred in enumerate(unrolled(head, emb, inp, first, cos, sin, cfg.unroll, spans)):
         rows = torch.nonzero((local >= j) & (local >= floor)).flatten()
         if isinstance(head, Eagle3Trainable) and dv is not None:  # over the draft vocabulary's tokens only
