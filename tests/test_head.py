@@ -512,3 +512,46 @@ def test_the_head_keeps_its_rows_across_a_verification_and_its_prefix_is_a_fresh
     assert fresh.cache.prefix_len == n
     torch.testing.assert_close(cache.k[:, :, :n], fresh.cache.k[:, :, :n], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.v[:, :, :n], fresh.cache.v[:, :, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_soft_targets_are_the_targets_own_distribution_and_train_the_head(
+    engines: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``train-draft --soft`` (EAGLE-3's loss: the cross-entropy against the target's whole next-token distribution):
+    ``soft_targets`` recomputes that distribution from the data, row r's at position r + 1. From an EAGLE-1 head's
+    data (the last hidden states) it is the LM head's softmax, whose argmax is the recorded greedy label; from an
+    EAGLE-3 head's (the streams entering layers 2, 15, 27), the target's layers from 27 on over the last stream
+    (``Stage.forward_from``) give the same distribution as the whole forward; with a draft vocabulary it is over
+    those tokens, renormalized. Training on it lowers the loss."""
+    from homespec.model import train_head
+
+    engine = engines("none")
+    stage = engine.target_stages()[0]
+    plain = build_data(engine, TRAIN_PROMPTS[:2], max_new=8, progress=lambda: None)
+    ids = [1, 0]  # any order: rows as ``_loss`` packs them
+    p = train_head.soft_targets(stage, plain, ids, ())
+    y = torch.cat([plain.labels[i][1:] for i in ids])
+    assert p.shape == (len(y), int(engine.source.config.vocab_size))
+    torch.testing.assert_close(p.float().sum(-1), torch.ones(len(y)), atol=0.02, rtol=0)
+    assert torch.equal(p.float().argmax(-1), y)
+
+    taps = (2, 15, 27)
+    streams = build_data(engine, TRAIN_PROMPTS[:2], max_new=8, progress=lambda: None, record=taps)
+    q = train_head.soft_targets(stage, streams, ids, taps)
+    whole = train_head.soft_targets(stage, plain, ids, ())
+    assert torch.equal(torch.cat([streams.tokens[i] for i in ids]), torch.cat([plain.tokens[i] for i in ids]))
+    assert (q.float() - whole.float()).abs().sum(-1).max() < 0.1  # (the streams are stored in bf16)
+    assert (q.float().argmax(-1) == y).float().mean() > 0.95
+    vocab = torch.tensor(sorted({*range(2000), *y.tolist()}))
+    dv = train_head.DraftVocab.of(stage, vocab)
+    cut = train_head.soft_targets(stage, streams, ids, taps, dv)
+    assert cut.shape == (len(y), len(vocab))
+    torch.testing.assert_close(
+        cut.float(), (q.float()[:, vocab] / q.float()[:, vocab].sum(-1, keepdim=True)), atol=0.01, rtol=0.05
+    )
+
+    log: list[dict[str, float]] = []
+    cfg = TrainConfig(epochs=4, lr=1e-3, holdout=0.34, unroll=2, pack=40, taps=taps, soft=True)
+    data = build_data(engine, TRAIN_PROMPTS, max_new=12, progress=lambda: None, record=taps)
+    train(engine, data, tmp_path / "soft", cfg, log.append)
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], f"loss did not go down: {[m['loss'] for m in log]}"

@@ -75,6 +75,14 @@ def train_draft(
             "prompt), all, or auto (reply where the target has a chat template)",
         ),
     ] = "auto",
+    soft: Annotated[
+        bool,
+        typer.Option(
+            "--soft/--greedy",
+            help="learn the target's whole next-token distribution (EAGLE-3's loss; recomputed from the data) or "
+            "its greedy token alone",
+        ),
+    ] = False,
     vocab_for: Annotated[
         Path | None,
         typer.Option("--vocab-for", help="only write the draft vocabulary from DIR's data into this head file"),
@@ -136,7 +144,7 @@ def train_draft(
             typer.echo(why, err=True)
         if eagle3 and vocab_for is not None:
             raise ConfigError("--vocab-for writes a HomeSpec head's vocabulary; an --eagle3 head holds its own")
-        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype, pack=pack)
+        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype, pack=pack, soft=soft)
         if init is not None and not (init.is_file() or (eagle3 and init.is_dir())):
             raise ConfigError(f"head file not found: {init}")
         if vocab_for is not None and not vocab_for.is_file():
@@ -236,6 +244,7 @@ def train_draft(
                 "dtype": cfg.dtype,
                 "pack": cfg.pack,
                 "scored": rows_,
+                "soft": cfg.soft,
                 "init": None if init is None else str(init),
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,

@@ -474,14 +474,28 @@ class Stage:
         """One row per sequence of ``batch`` (token ids or hidden [B]), at slot ``batch.t``; logits or hidden [B]."""
         return self._run(batch, x, (batch.t - batch.pad).tolist())
 
+    @torch.inference_mode()
+    def forward_from(
+        self, first: int, segments: Sequence[Segment], h: torch.Tensor, positions: Sequence[int]
+    ) -> torch.Tensor:
+        """This stage's layers ``first`` .. (an index into its layers) over the residual streams h [n, hidden]
+        entering layer ``first`` (as ``record`` keeps them): the last hidden states [n, hidden], before any final
+        norm (no taps, records or head). A draft head's trainer (``train_head.soft_targets``) gets the target's
+        whole next-token distribution this way from the last stream its data recorded."""
+        if not 0 <= first < len(self.layers):
+            raise ValueError(f"layer {first} is not in this stage's {len(self.layers)} layers")
+        return self._run(segments, h, positions, first=first)
+
     def _run(
         self,
         segments: Sequence[Segment] | Lockstep,
         x: torch.Tensor,
         positions: Sequence[int],
         carry: torch.Tensor | None = None,  # [n, hidden] fp32: EAGLE-3's fc sum from the stages before
+        first: int = 0,  # the layer x enters (``forward_from``; > 0: x is that layer's incoming stream)
     ) -> torch.Tensor:
-        h = self.embed(x) if self.has_embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
+        embed = self.has_embed and first == 0
+        h = self.embed(x) if embed else x.to(device=self.device, dtype=self.dtype)  # [n, hidden]
         acc = None if carry is None else carry.to(device=self.device, dtype=torch.float32)
         masks = [segments.mask()] if isinstance(segments, Lockstep) else [seg.mask for seg in segments]
         full = (*self.rope(positions), masks)
@@ -493,7 +507,11 @@ class Stage:
             else:
                 windowed = self._windowed(segments, positions)
             local = (*self.rope(positions, self.local_rotary), windowed)
-        if self.glue is not None and not isinstance(segments, Lockstep):
+        if first:
+            for li in range(first, len(self.layers)):
+                cos, sin, masks = local if self.sliding[li] else full
+                h = self._layer(self.layers[li], li, h, segments, cos, sin, masks)
+        elif self.glue is not None and not isinstance(segments, Lockstep):
             h, acc = self._native_layers(h, segments, full[0], full[1], acc)
         else:
             for li, layer in enumerate(self.layers):
@@ -501,9 +519,9 @@ class Stage:
                 cos, sin, masks = local if self.sliding[li] else full
                 h = self._layer(layer, li, h, segments, cos, sin, masks)
         self.last_carry = acc
-        if self.record:
+        if self.record and not first:
             self.last_streams = torch.cat([self._streams.pop(i) for i in self.record], dim=-1)
-        if self.has_head:
+        if self.has_head and not first:
             self.last_hidden = h  # the target's feature (before the final norm), for a draft head
             return self.logits(h)  # [n, vocab]
         return h

@@ -71,6 +71,9 @@ class TrainConfig:
     dtype: str = "fp32"  # "bf16": the products in bf16 autocast (the target's stage then runs in bf16 too)
     pack: int = 2048  # rows per training step: sequences packed until they reach it (0: one sequence per step)
     taps: tuple[int, ...] = ()  # an EAGLE-3 head over the streams entering these layers (``new_eagle3``); () EAGLE-1
+    # the cross-entropy against the target's whole next-token distribution (``soft_targets``, EAGLE-3's loss) in
+    # place of its greedy token alone
+    soft: bool = False
 
 
 @dataclass
@@ -800,6 +803,7 @@ def _loss(
     cos, sin = stage.rope(local.tolist())
     target = None if eagle3 else torch.cat([f[1:] for f in feats])
     y = torch.cat([data.labels[i][1:] for i in ids])
+    soft = soft_targets(stage, data, ids, cfg.taps, dv) if cfg.soft else None
     total = torch.zeros(())
     stats: list[tuple[int, int]] = []
     floor = torch.cat([torch.full((n,), data.first_scored(i)) for i, n in zip(ids, spans, strict=True)])
@@ -808,22 +812,55 @@ def _loss(
         if isinstance(head, Eagle3Trainable) and dv is not None:  # over the draft vocabulary's tokens only
             logits = stage.logits(head.normed(pred[rows]), head_w=dv.rows, normed=True).float()
             want = dv.index[y[rows]]
-            loss = F.cross_entropy(logits, want) if bool((want >= 0).any()) else logits.sum() * 0
+            if soft is not None:
+                loss = F.cross_entropy(logits, soft[rows].float())
+            else:
+                loss = F.cross_entropy(logits, want) if bool((want >= 0).any()) else logits.sum() * 0
             stats.append((int((dv.ids[logits.argmax(-1)] == y[rows]).sum()), len(rows)))
             total = total + loss
             continue
         if isinstance(head, Eagle3Trainable):
             logits = stage.logits(head.normed(pred[rows]), normed=True).float()
-            loss = F.cross_entropy(logits, y[rows])
+            loss = F.cross_entropy(logits, y[rows] if soft is None else soft[rows].float())
         else:
             assert target is not None
             logits = stage.logits(pred[rows]).float()  # (argmax over bf16 logits costs ~4x fp32's here)
             loss = F.smooth_l1_loss(pred[rows].float(), target[rows]) + cfg.cls_weight * F.cross_entropy(
-                logits, y[rows]
+                logits, y[rows] if soft is None else soft[rows].float()
             )
         total = total + loss
         stats.append((int((logits.argmax(-1) == y[rows]).sum()), len(rows)))
     return total / len(stats), stats
+
+
+def soft_targets(
+    stage: Stage, data: Sequences, ids: Sequence[int], taps: Sequence[int], dv: DraftVocab | None = None
+) -> torch.Tensor:
+    """The target's next-token distribution [rows, vocab] (bf16) at every row of the sequences ``ids`` as ``_loss``
+    packs them: row r of a sequence predicts the token after position r + 1, so the target's softmax there. An
+    EAGLE-1 head's data holds the last hidden states: through the final norm and LM head. An EAGLE-3 head's holds
+    the streams entering the layers ``taps``: the last one (the highest tap) goes on through the target's layers
+    from there (``Stage.forward_from``, causal within each sequence, as its prefill would). With a draft vocabulary
+    (``dv``), over its tokens, renormalized (EAGLE-3's loss over its draft vocabulary)."""
+    with torch.no_grad():
+        if taps:
+            segments, positions = [], []
+            for i in ids:
+                n = len(data.tokens[i])
+                cache = stage.new_cache(n + 1, 1)
+                segments.append(Segment(cache, *_prefix_rows(cache, n)))
+                positions += range(n)
+            streams = torch.cat([data.features[i][:, -stage.hidden :] for i in ids])
+            last = stage.forward_from(max(taps), segments, streams, positions)
+            first = torch.tensor([0, *itertools.accumulate(len(data.tokens[i]) for i in ids)][:-1])
+            keep = torch.cat(
+                [a + torch.arange(1, len(data.tokens[i])) for a, i in zip(first.tolist(), ids, strict=True)]
+            )
+            last = last[keep]
+        else:
+            last = torch.cat([data.features[i][1:] for i in ids])
+        logits = stage.logits(last.to(stage.dtype), None if dv is None else dv.rows)
+        return torch.softmax(logits.float(), dim=-1).to(torch.bfloat16)
 
 
 def unrolled(
