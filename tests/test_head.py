@@ -228,15 +228,16 @@ def test_training_data_in_shards_resumes_where_it_stopped(
 def test_train_draft_on_the_command_line_makes_a_head_that_generate_uses(
     tmp_path: Path, chat_ids: Callable[[str], list[int]], reference_greedy: Any, assert_lossless: Any
 ) -> None:
-    """``homespec train-draft`` end to end, kept tiny (2 prompts, 8 reply tokens, 2 optimizer steps): it writes
-    ``head.safetensors``, and ``generate --draft head:FILE`` uses that head and gives transformers' tokens."""
+    """``homespec train-draft`` end to end, kept tiny (2 prompts, 8 reply tokens, 2 optimizer steps, the target's
+    whole distribution as the label: ``--soft``): it writes ``head.safetensors``, and ``generate --draft head:FILE``
+    uses that head and gives transformers' tokens."""
     from tests.test_cli import homespec
 
     out = homespec("train-draft", "--limit", "2", "--max-new", "8", "--samples", "1", "--epochs", "1",
-                   "--max-steps", "2", "--draft-vocab", "2048", "--out", str(tmp_path))  # fmt: skip
+                   "--max-steps", "2", "--draft-vocab", "2048", "--soft", "--out", str(tmp_path))  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     head = tmp_path / "head.safetensors"
-    assert head.is_file()
+    assert head.is_file() and json.loads((tmp_path / "training.json").read_text())["soft"] is True
     prompt = EQUIVALENCE_PROMPTS[6]
     gen = homespec("generate", prompt, "--draft", f"head:{head}", "-n", "16", "--json", "--weights", "fp32")
     assert gen.returncode == 0, gen.stderr[-3000:]

@@ -26,6 +26,10 @@
    three of the target's layers (``Stage.record``) in place of f; the head (``eagle.Eagle3Trainable``, started by
    ``new_eagle3``) reads fc over them, attends over [its normed embedding, its normed feature], and learns by
    cross-entropy alone through its own norm and the target's frozen LM head, with the training-time test as above.
+   With ``--soft`` (``TrainConfig.soft``) that cross-entropy is against the target's whole next-token distribution,
+   as EAGLE-3 trains, not its greedy token alone: ``soft_targets`` recomputes it from the data (the last recorded
+   stream through the target's layers from there on; 98.8% of its argmaxes are the recorded greedy tokens, the
+   rest near-ties of bf16), so the data format is unchanged.
    Measured on the same 322k rows (BENCHMARKS.md §3): held-out top-1 after one epoch 0.44 / 0.40 / 0.37 at depths
    1-3 with ``--unroll 3``, against 0.35 / 0.24 / 0.20 for the EAGLE-1 style head.
 """
@@ -712,7 +716,7 @@ def top1_by_depth(
     """How often the head's top-1 next token is the target's on sequences ``ids``, at each unrolled depth 1 ..
     ``depth`` (depth 1: the target's own features; depth j: the head's own predicted features j - 1 deep)."""
     head.eval()
-    deep = dataclasses.replace(cfg, unroll=depth)
+    deep = dataclasses.replace(cfg, unroll=depth, soft=False)  # (the hits only: no targets for a loss)
     lengths = [len(t) - 1 for t in data.tokens]
     with torch.no_grad(), _autocast(cfg, stage):
         hits = [_loss(head, stage, data, pack, deep, False, dv)[1] for pack in packs(ids, lengths, cfg.pack)]
