@@ -854,7 +854,7 @@ def soft_targets(
                 cache = stage.new_cache(n + 1, 1)
                 segments.append(Segment(cache, *_prefix_rows(cache, n)))
                 positions += range(n)
-            streams = torch.cat([data.features[i][:, -stage.hidden :] for i in ids])
+            streams = torch.cat([data.features[i][:, -stage.hidden :].to(stage.dtype) for i in ids])
             last = stage.forward_from(max(taps), segments, streams, positions)
             first = torch.tensor([0, *itertools.accumulate(len(data.tokens[i]) for i in ids)][:-1])
             keep = torch.cat(
@@ -862,8 +862,8 @@ def soft_targets(
             )
             last = last[keep]
         else:
-            last = torch.cat([data.features[i][1:] for i in ids])
-        logits = stage.logits(last.to(stage.dtype), None if dv is None else dv.rows)
+            last = torch.cat([data.features[i][1:].to(stage.dtype) for i in ids])  # (cat under autocast: no fp16)
+        logits = stage.logits(last, None if dv is None else dv.rows)
         return torch.softmax(logits.float(), dim=-1).to(torch.bfloat16)
 
 
