@@ -848,7 +848,8 @@ def soft_targets(
     (``dv``), over its tokens, renormalized (EAGLE-3's loss over its draft vocabulary)."""
     with torch.no_grad():
         if taps:
-            segments, positions = [], []
+            segments: list[Segment] = []
+            positions: list[int] = []
             for i in ids:
                 n = len(data.tokens[i])
                 cache = stage.new_cache(n + 1, 1)
