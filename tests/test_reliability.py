@@ -72,6 +72,39 @@ def test_stages_exit_when_the_head_is_killed_mid_request(launcher: str) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("launcher", ["1", "0"])
+def test_stages_exit_when_the_head_is_killed_while_they_load(launcher: str) -> None:
+    """SIGKILL the head as soon as its 4 stage processes exist, while they still load their weights (or, started as
+    processes of their own, import torch). A stage that read its parent's pid only after loading saw init's and
+    never exited (8 were found alive 42 minutes after a bench was killed at its start): each now gets its starter's
+    pid when it is started and exits within seconds of its load."""
+    head = subprocess.Popen(
+        [HOMESPEC, "generate", "--stages", "4", "--draft", "ngram", "-n", "64", "Count from one to a thousand."],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOMESPEC_STAGE_LAUNCHER": launcher},
+    )
+    stages: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(stages) < 4 and head.poll() is None and time.monotonic() < deadline:
+            stages = stage_children(head.pid)
+            time.sleep(0.02)
+        assert len(stages) == 4, f"stages {stages}"
+        head.send_signal(signal.SIGKILL)
+        head.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in stages) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in stages if alive(p)]
+        assert not left, f"stages {left} outlived their head"
+    finally:
+        head.kill()
+        for pid in stages:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_hung_stage_fails_the_request_within_the_peer_timeout_and_the_next_request_works(
     chat_ids: Any, reference_greedy: Any, assert_lossless: Any
 ) -> None:

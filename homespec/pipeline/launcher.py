@@ -33,9 +33,10 @@ def _exit_code(status: int) -> int:
 STAGE_NAME = b"homespec-stage"  # a forked stage's process name (/proc/PID/comm), for ps and tests
 
 
-def _run_stage(request: dict[str, Any]) -> None:
-    """In the forked child: detach from the launcher's input, take the asked environment and name, run the stage,
-    and exit as a stage started on its own would (``sys.exit``: its sockets flush what they still hold)."""
+def _run_stage(request: dict[str, Any], launcher: int) -> None:
+    """In the forked child: detach from the launcher's input, take the asked environment and name, run the stage
+    (which exits once the ``launcher`` pid is no longer its parent), and exit as a stage started on its own would
+    (``sys.exit``: its sockets flush what they still hold)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stage's prints go where its logs go, never into the launcher's answers
@@ -49,7 +50,8 @@ def _run_stage(request: dict[str, Any]) -> None:
 
     code = 0
     try:
-        main(["--assign", json.dumps(request["assign"]), "--addresses", json.dumps(request["addresses"])])
+        args = ["--assign", json.dumps(request["assign"]), "--addresses", json.dumps(request["addresses"])]
+        main([*args, "--parent", str(launcher)])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -86,6 +88,7 @@ def main() -> None:
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
     buffer = b""
+    me = os.getpid()  # each stage's parent: a stage whose parent is another (init: the launcher died) exits
     while True:
         ready, _, _ = select.select([stdin], [], [], 0.2)
         _reap(out)
@@ -100,7 +103,7 @@ def main() -> None:
             request = json.loads(line)
             pid = os.fork()
             if pid == 0:
-                _run_stage(request)
+                _run_stage(request, me)
             out.write(json.dumps({"pid": pid}) + "\n")
             out.flush()
     _reap(out)

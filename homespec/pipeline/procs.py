@@ -47,7 +47,8 @@ def start_stage(assign: Mapping[str, Any], addresses: Mapping[str, Any]) -> Stag
         if forked is not None:
             return forked
     cmd = [sys.executable, "-m", "homespec.pipeline.worker", "--assign", json.dumps(dict(assign))]
-    return subprocess.Popen([*cmd, "--addresses", json.dumps(dict(addresses))], env={**os.environ, **STAGE_ENV})
+    cmd += ["--addresses", json.dumps(dict(addresses)), "--parent", str(os.getpid())]
+    return subprocess.Popen(cmd, env={**os.environ, **STAGE_ENV})
 
 
 class Forked:

@@ -61,7 +61,11 @@ class _Request:
 
 
 class StageWorker:
-    def __init__(self, assign: Assign, addresses: dict[str, Any]) -> None:
+    def __init__(self, assign: Assign, addresses: dict[str, Any], parent: int | None = None) -> None:
+        """``parent``: the pid of the process that started this stage (default: its parent now); the stage exits
+        once that one is gone (``_orphaned``). Given by the starter, so that one dying while the stage still loads
+        its weights is noticed too (a parent read after the load would already be init's)."""
+        self._parent = os.getppid() if parent is None else parent
         import torch
         import zmq
 
@@ -112,7 +116,6 @@ class StageWorker:
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.inp, zmq.POLLIN)
-        self._parent = os.getppid()
         self._running = True
         self.busy_total = 0.0  # seconds spent on steps (emulated: padded to the modeled time), sent with every wave
         self._newest = 0  # the highest request id started: ids grow, so a higher one's Start is still on its way
@@ -547,16 +550,18 @@ class _CurveSetup:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of a local stage process: ``python -m homespec.pipeline.worker --assign JSON --addresses JSON``."""
+    """Entry point of a local stage process: ``python -m homespec.pipeline.worker --assign JSON --addresses JSON
+    [--parent PID]``."""
     from homespec.core.messages import Assign
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--assign", required=True)
     parser.add_argument("--addresses", required=True)
+    parser.add_argument("--parent", type=int, default=None, help="pid of the starter: exit when it is gone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("HOMESPEC_LOG", "WARNING").upper(), format="%(levelname)s %(message)s")
     assign = Assign(**json.loads(args.assign))
-    worker = StageWorker(assign, json.loads(args.addresses))
+    worker = StageWorker(assign, json.loads(args.addresses), args.parent)
     worker.run()
     sys.exit(0)
 
