@@ -39,58 +39,37 @@ def stage_name(pid: int) -> str:
 
 
 @pytest.mark.parametrize("launcher", ["1", "0"])
-def test_stages_exit_when_the_head_is_killed_mid_request(launcher: str) -> None:
-    """SIGKILL the head while it decodes on 4 stages: it sends no Shutdown, and a stage may be waiting for a prune
-    that will never come (or idle in its loop). Every stage notices that its parent is gone and exits within
-    seconds: forked by the head's launcher (whose input closes with the head: it exits, and its stages follow) or,
-    with ``HOMESPEC_STAGE_LAUNCHER=0``, started as processes of their own."""
+@pytest.mark.parametrize("when", ["mid-request", "while-loading"])
+def test_stages_exit_when_the_head_is_killed(launcher: str, when: str) -> None:
+    """SIGKILL the head on 4 stages: it sends no Shutdown. Every stage notices that its parent is gone and exits
+    within seconds: forked by the head's launcher (whose input closes with the head: it exits, and its stages
+    follow) or, with ``HOMESPEC_STAGE_LAUNCHER=0``, started as processes of their own. ``mid-request``: while it
+    decodes (a stage may be waiting for a prune that will never come, or idle in its loop). ``while-loading``: as
+    soon as the 4 stage processes exist, while they still load their weights (or import torch). A stage that read
+    its parent's pid only after loading saw init's and never exited (8 were found alive 42 minutes after a bench was
+    killed at its start): each now gets its starter's pid when it is started."""
+    loading = when == "while-loading"
     head = subprocess.Popen(
-        [HOMESPEC, "generate", "--stages", "4", "--draft", "ngram", "-n", "2000", "Count from one to a thousand."],
-        stdout=subprocess.PIPE,
+        [HOMESPEC, "generate", "--stages", "4", "--draft", "ngram", "-n", "64" if loading else "2000",
+         "Count from one to a thousand."],
+        stdout=subprocess.DEVNULL if loading else subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "HOMESPEC_STAGE_LAUNCHER": launcher},
-    )
+    )  # fmt: skip
     stages: list[int] = []
     try:
-        assert head.stdout is not None
-        assert head.stdout.read(1), "generation never began"  # text streams: the pipeline is decoding
-        stages = stage_children(head.pid)
-        assert len(stages) == 4
+        if loading:
+            deadline = time.monotonic() + 60
+            while len(stages) < 4 and head.poll() is None and time.monotonic() < deadline:
+                stages = stage_children(head.pid)
+                time.sleep(0.02)
+        else:
+            assert head.stdout is not None
+            assert head.stdout.read(1), "generation never began"  # text streams: the pipeline is decoding
+            stages = stage_children(head.pid)
+        assert len(stages) == 4, f"stages {stages}"
         forked = {stage_name(p) == "homespec-stage" for p in stages}
         assert forked == {launcher == "1"}, "stages not started the way HOMESPEC_STAGE_LAUNCHER asks"
-        head.send_signal(signal.SIGKILL)
-        head.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while any(alive(p) for p in stages) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [p for p in stages if alive(p)]
-        assert not left, f"stages {left} outlived their head"
-    finally:
-        head.kill()
-        for pid in stages:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.mark.parametrize("launcher", ["1", "0"])
-def test_stages_exit_when_the_head_is_killed_while_they_load(launcher: str) -> None:
-    """SIGKILL the head as soon as its 4 stage processes exist, while they still load their weights (or, started as
-    processes of their own, import torch). A stage that read its parent's pid only after loading saw init's and
-    never exited (8 were found alive 42 minutes after a bench was killed at its start): each now gets its starter's
-    pid when it is started and exits within seconds of its load."""
-    head = subprocess.Popen(
-        [HOMESPEC, "generate", "--stages", "4", "--draft", "ngram", "-n", "64", "Count from one to a thousand."],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HOMESPEC_STAGE_LAUNCHER": launcher},
-    )
-    stages: list[int] = []
-    try:
-        deadline = time.monotonic() + 60
-        while len(stages) < 4 and head.poll() is None and time.monotonic() < deadline:
-            stages = stage_children(head.pid)
-            time.sleep(0.02)
-        assert len(stages) == 4, f"stages {stages}"
         head.send_signal(signal.SIGKILL)
         head.wait(timeout=10)
         deadline = time.monotonic() + 30
