@@ -813,11 +813,12 @@ def _loss(
     floor = torch.cat([torch.full((n,), data.first_scored(i)) for i, n in zip(ids, spans, strict=True)])
     for j, pred in enumerate(unrolled(head, emb, inp, first, cos, sin, cfg.unroll, spans)):
         rows = torch.nonzero((local >= j) & (local >= floor)).flatten()
+        p = None if soft is None else soft[rows].float()  # the target's distribution at these rows (``--soft``)
         if isinstance(head, Eagle3Trainable) and dv is not None:  # over the draft vocabulary's tokens only
             logits = stage.logits(head.normed(pred[rows]), head_w=dv.rows, normed=True).float()
             want = dv.index[y[rows]]
-            if soft is not None:
-                loss = F.cross_entropy(logits, soft[rows].float())
+            if p is not None:
+                loss = F.cross_entropy(logits, p)
             else:
                 loss = F.cross_entropy(logits, want) if bool((want >= 0).any()) else logits.sum() * 0
             stats.append((int((dv.ids[logits.argmax(-1)] == y[rows]).sum()), len(rows)))
@@ -825,12 +826,12 @@ def _loss(
             continue
         if isinstance(head, Eagle3Trainable):
             logits = stage.logits(head.normed(pred[rows]), normed=True).float()
-            loss = F.cross_entropy(logits, y[rows] if soft is None else soft[rows].float())
+            loss = F.cross_entropy(logits, y[rows] if p is None else p)
         else:
             assert target is not None
             logits = stage.logits(pred[rows]).float()  # (argmax over bf16 logits costs ~4x fp32's here)
             loss = F.smooth_l1_loss(pred[rows].float(), target[rows]) + cfg.cls_weight * F.cross_entropy(
-                logits, y[rows] if soft is None else soft[rows].float()
+                logits, y[rows] if p is None else p
             )
         total = total + loss
         stats.append((int((logits.argmax(-1) == y[rows]).sum()), len(rows)))
@@ -856,12 +857,8 @@ def soft_targets(
                 segments.append(Segment(cache, *_prefix_rows(cache, n)))
                 positions += range(n)
             streams = torch.cat([data.features[i][:, -stage.hidden :].to(stage.dtype) for i in ids])
-            last = stage.forward_from(max(taps), segments, streams, positions)
-            first = torch.tensor([0, *itertools.accumulate(len(data.tokens[i]) for i in ids)][:-1])
-            keep = torch.cat(
-                [a + torch.arange(1, len(data.tokens[i])) for a, i in zip(first.tolist(), ids, strict=True)]
-            )
-            last = last[keep]
+            out = stage.forward_from(max(taps), segments, streams, positions)
+            last = torch.cat([part[1:] for part in out.split([len(data.tokens[i]) for i in ids])])
         else:
             last = torch.cat([data.features[i][1:].to(stage.dtype) for i in ids])  # (cat under autocast: no fp16)
         logits = stage.logits(last, None if dv is None else dv.rows)
