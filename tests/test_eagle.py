@@ -9,6 +9,7 @@ features and the plumbing, not acceptance."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable
@@ -68,19 +69,29 @@ def _config(**extra: Any) -> dict[str, Any]:
     }
 
 
-def write_eagle1(folder: Path, seed: int = 1) -> Path:
-    """EAGLE-1/2 as SafeAILab publishes it: pytorch_model.bin, fc with a bias, layer 0 without an input norm."""
+def _further(g: torch.Generator, layers: int) -> dict[str, torch.Tensor]:
+    """Layers 1 .. ``layers`` - 1 of a head: plain Llama decoder layers, each with its input norm."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(1, layers):
+        out |= {**_layer(g, f"layers.{i}.", H), f"layers.{i}.input_layernorm.weight": _norm(g)}
+    return out
+
+
+def write_eagle1(folder: Path, seed: int = 1, layers: int = 1) -> Path:
+    """EAGLE-1/2 as SafeAILab publishes it: pytorch_model.bin, fc with a bias, layer 0 without an input norm (its
+    ``num_hidden_layers`` further layers with theirs)."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"fc.weight": _w(g, H, 2 * H), "fc.bias": _w(g, H), **_layer(g, "layers.0.", H)}
+    tensors = {"fc.weight": _w(g, H, 2 * H), "fc.bias": _w(g, H), **_layer(g, "layers.0.", H), **_further(g, layers)}
     torch.save(tensors, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps(_config(bias=True)))
+    (folder / "config.json").write_text(json.dumps(_config(bias=True, num_hidden_layers=layers)))
     return folder
 
 
-def write_eagle3(folder: Path, seed: int = 3, speculators: bool = False) -> Path:
+def write_eagle3(folder: Path, seed: int = 3, speculators: bool = False, layers: int = 1) -> Path:
     """EAGLE-3 as SafeAILab publishes it (``midlayer.*``), or as vllm-project/speculators converts it (``layers.0.*``,
-    the layer's settings under transformer_layer_config, ``norm_before_residual``)."""
+    the layer's settings under transformer_layer_config, ``norm_before_residual``); ``layers`` > 1: HomeSpec's
+    extension (``train-draft --head-layers``), plain layers ``layers.1.*`` .. after the first."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     prefix = "layers.0." if speculators else "midlayer."
@@ -97,6 +108,7 @@ def write_eagle3(folder: Path, seed: int = 3, speculators: bool = False) -> Path
         "lm_head.weight": _w(g, DRAFT_VOCAB, H, scale=0.2),
         "d2t": used - torch.arange(DRAFT_VOCAB),
         "t2d": torch.zeros(49152, dtype=torch.bool).index_fill_(0, used, True),
+        **_further(g, layers),
     }
     from safetensors.torch import save_file
 
@@ -111,7 +123,9 @@ def write_eagle3(folder: Path, seed: int = 3, speculators: bool = False) -> Path
             "target_hidden_size": H,
         }
     else:
-        config = _config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB)
+        config = _config(
+            architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB, num_hidden_layers=layers
+        )
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -151,6 +165,15 @@ def reference_head(
     return x + mlp
 
 
+def reference_further(t: dict[str, torch.Tensor], x: torch.Tensor, rotary: Any) -> torch.Tensor:
+    """A head's layers after its first (``layers.1.*`` ..): each a Llama decoder layer with its input norm."""
+    i = 1
+    while f"layers.{i}.input_layernorm.weight" in t:
+        x = reference_head(t, f"layers.{i}.", _rms(x, t[f"layers.{i}.input_layernorm.weight"]), x, rotary)
+        i += 1
+    return x
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -177,10 +200,13 @@ def prompt(chat_ids: Callable[[str], list[int]]) -> list[int]:
     return chat_ids(EQUIVALENCE_PROMPTS[0])
 
 
+@pytest.mark.parametrize("layers", [1, 2])
 def test_eagle1_drafts_what_the_papers_head_drafts_on_transformers_features(
-    bundled: Any, tokenizer: Any, reference_model: Any, prompt: list[int], tmp_path: Path
+    bundled: Any, tokenizer: Any, reference_model: Any, prompt: list[int], tmp_path: Path, layers: int
 ) -> None:
-    folder = write_eagle1(tmp_path / "eagle1")
+    """EAGLE-1/2 with its one layer, or with a further one (SafeAILab's ``num_hidden_layers`` 2: that layer keeps
+    its input norm)."""
+    folder = write_eagle1(tmp_path / "eagle1", layers=layers)
     draft = build_draft(f"eagle:{folder}", bundled, tokenizer, TreeConfig())
     stage = Stage(bundled, 0, bundled.num_layers, weights="fp32")
     stage.forward_prefix(stage.new_cache(), torch.tensor(prompt), range(len(prompt)))
@@ -192,6 +218,7 @@ def test_eagle1_drafts_what_the_papers_head_drafts_on_transformers_features(
         emb = m.embed_tokens(torch.tensor(prompt[1:]))  # row t: token x_{t+1} with feature f_t, at position t
         x = torch.cat([emb, f[:-1]], -1) @ t["fc.weight"].T + t["fc.bias"]
         out = reference_head(t, "layers.0.", x, x, m.rotary_emb)  # the first layer: no input norm
+        out = reference_further(t, out, m.rotary_emb)
         logp = (out[-1] @ reference_model.lm_head.weight.T).log_softmax(-1)  # the target's head, no norm
     top = logp.topk(len(got))
     want = {int(i): float(v) for v, i in zip(top.values, top.indices, strict=True)}
@@ -208,7 +235,9 @@ def _torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "speculators, glue", [(False, False), (True, False), (False, True)], ids=["eagle3", "speculators", "glue"]
+    "speculators, glue, head_layers",
+    [(False, False, 1), (True, False, 1), (False, True, 1), (False, False, 2)],
+    ids=["eagle3", "speculators", "glue", "two-layers"],
 )
 def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages(
     bundled: Any,
@@ -218,10 +247,12 @@ def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages
     tmp_path: Path,
     speculators: bool,
     glue: bool,
+    head_layers: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On torch's operators the head's log-probs are the reference's within 1e-3; through the native glue (int8
-    products, ``EagleHead.use_glue``; a C compiler here) the same children within 0.02."""
+    products, ``EagleHead.use_glue``; a C compiler here) the same children within 0.02. A head of two layers
+    (HomeSpec's ``--head-layers 2``): the second a plain decoder layer over the first's output."""
     from homespec.model.eagle import tap_weights
     from homespec.native import library
 
@@ -230,7 +261,7 @@ def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages
     elif library() is None:
         pytest.skip("no native glue here (no C compiler)")
 
-    folder = write_eagle3(tmp_path / "eagle3", speculators=speculators)
+    folder = write_eagle3(tmp_path / "eagle3", speculators=speculators, layers=head_layers)
     t, m, layers = _tensors(folder), reference_model.model, bundled.num_layers
     p = "layers.0." if speculators else "midlayer."
     with torch.no_grad():
@@ -256,6 +287,7 @@ def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages
         hn = _rms(g, t[f"{p}hidden_norm.weight"])
         attn_in = torch.cat([_rms(emb, t[f"{p}input_layernorm.weight"]), hn], -1)
         out = reference_head(t, p, attn_in, hn if speculators else g, m.rotary_emb)
+        out = reference_further(t, out, m.rotary_emb)
         logp = (_rms(out[-1], t["norm.weight"]) @ t["lm_head.weight"].T).log_softmax(-1)
     top = logp.topk(len(got))
     columns = torch.arange(DRAFT_VOCAB) + t["d2t"]  # draft id i is the target's token i + d2t[i]
@@ -271,7 +303,8 @@ def test_every_mode_is_lossless_with_an_eagle_head(
 ) -> None:
     from homespec.engine import Engine, EngineOptions
 
-    folder = (write_eagle1 if version == 1 else write_eagle3)(tmp_path / f"eagle{version}")
+    # (EAGLE-1 with two layers, as SafeAILab's num_hidden_layers allows: the head's cache holds both layers' rows)
+    folder = write_eagle1(tmp_path / "eagle1", layers=2) if version == 1 else write_eagle3(tmp_path / "eagle3")
     spec = f"ngram+eagle:{folder}"
     plain = engines("none", weights="int4")
     ids = chat_ids(EQUIVALENCE_PROMPTS[1])
@@ -417,7 +450,27 @@ def test_an_eagle3_head_trained_here_reads_the_right_layers_and_drafts_losslessl
     assert "midlayer.hidden_norm.weight" in _tensors(folder) and "lm_head.weight" not in tensors
     assert config["draft_vocab_size"] == 0 and config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]
     loaded = eagle_config(config, tensors, engine.source.config)
-    assert (loaded.version, loaded.taps, loaded.draft_vocab) == (3, taps, 0)
+    assert (loaded.version, loaded.taps, loaded.draft_vocab, loaded.layers) == (3, taps, 0, 1)
+
+    # grown to two layers (``--head-layers 2 --init``): it starts as the head it grew from, then its second layer
+    # trains; written with ``layers.1.*`` and num_hidden_layers 2, it loads as a head of two layers
+    from homespec.model.train_head import _loss, _whole_target, new_eagle3, split
+
+    grown = new_eagle3(engine, taps, layers=2)
+    grown.load_tensors(tensors)
+    whole, (trained, _) = _whole_target(engine), split(data, cfg)
+    with torch.no_grad():
+        before, hits = _loss(head, whole, data, trained, cfg, False)
+        start, start_hits = _loss(grown, whole, data, trained, cfg, False)
+    assert abs(float(start) - float(before)) < 1e-3 * float(before) and start_hits == hits
+    went_on: list[dict[str, float]] = []
+    train(engine, data, tmp_path / "grown", dataclasses.replace(cfg, head_layers=2), went_on.append, init=grown)
+    assert float(grown.w["layers.1.self_attn.o_proj.weight"].abs().max()) > 0
+    with torch.no_grad():
+        assert float(_loss(grown, whole, data, trained, cfg, False)[0]) < float(before)
+    two = load_eagle(grown.save(tmp_path / "two", engine.source.config), engine.source.config)
+    assert two.cfg.layers == 2 and json.loads((tmp_path / "two" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert "layers.1.mlp.down_proj.weight" in _tensors(tmp_path / "two")
 
     # it drafts what the papers' EAGLE-3 forward drafts through the target's own norm-free LM head
     _torch_ops(monkeypatch)

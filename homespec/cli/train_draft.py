@@ -95,6 +95,14 @@ def train_draft(
             "for --draft eagle:DIR/eagle3",
         ),
     ] = False,
+    head_layers: Annotated[
+        int,
+        typer.Option(
+            "--head-layers",
+            help="an --eagle3 head's decoder layers (published heads have 1; each further one a plain layer, started "
+            "as adding nothing, so --init from a 1-layer head starts as that head)",
+        ),
+    ] = 1,
     device: Annotated[str, typer.Option(help="cpu | cuda:N | mps")] = "cpu",
     dtype: Annotated[
         str,
@@ -142,9 +150,20 @@ def train_draft(
         if dtype == "auto":
             dtype, why = fastest_dtype(device)
             typer.echo(why, err=True)
+        if not 1 <= head_layers <= 8 or (head_layers > 1 and not eagle3):
+            raise ConfigError(f"--head-layers must be in [1, 8], and above 1 only with --eagle3 (got {head_layers})")
         if eagle3 and vocab_for is not None:
             raise ConfigError("--vocab-for writes a HomeSpec head's vocabulary; an --eagle3 head holds its own")
-        cfg = TrainConfig(max_new=max_new, epochs=epochs, lr=lr, unroll=unroll, dtype=dtype, pack=pack, soft=soft)
+        cfg = TrainConfig(
+            max_new=max_new,
+            epochs=epochs,
+            lr=lr,
+            unroll=unroll,
+            dtype=dtype,
+            pack=pack,
+            soft=soft,
+            head_layers=head_layers,
+        )
         if init is not None and not (init.is_file() or (eagle3 and init.is_dir())):
             raise ConfigError(f"head file not found: {init}")
         if vocab_for is not None and not vocab_for.is_file():
@@ -245,6 +264,7 @@ def train_draft(
                 "pack": cfg.pack,
                 "scored": rows_,
                 "soft": cfg.soft,
+                "head_layers": cfg.head_layers,
                 "init": None if init is None else str(init),
                 "draft_vocab": 0 if vocab is None else len(vocab),
                 "log": log,
@@ -290,12 +310,13 @@ def _init_head(path: Path, engine: Any, cfg: Any) -> Any:
 
     raw, tensors = read_eagle(path)
     got = eagle_config(raw, tensors, config)
-    if got.version != 3 or got.draft_vocab or got.taps != cfg.taps:
+    if got.version != 3 or got.draft_vocab or got.taps != cfg.taps or got.layers > cfg.head_layers:
         raise ConfigError(
-            f"--init {path} is not an EAGLE-3 head over layers {list(cfg.taps)} without an LM head of its own",
+            f"--init {path} is not an EAGLE-3 head over layers {list(cfg.taps)} without an LM head of its own, of at "
+            f"most --head-layers {cfg.head_layers} layers",
             hint="go on from a folder train-draft --eagle3 wrote",
         )
-    head = new_eagle3(engine, cfg.taps)
+    head = new_eagle3(engine, cfg.taps, cfg.head_layers)
     head.load_tensors(tensors)
     return head
 

@@ -24,6 +24,7 @@ activations (``tap_weights``, ``Stage(taps=...)``), and the last stage returns t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,13 @@ from torch import nn
 
 from homespec.errors import DraftError
 from homespec.model.head import VOCAB_KEY, CachedRows, head_attention, target_fingerprint
+from homespec.model.kv import TreeKVCache
 from homespec.model.stage import rms_norm
 
 _LAYER_PREFIXES = ("layers.0.", "midlayer.")
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_EXTRA = re.compile(r"layers\.([1-9][0-9]*)\.")  # a head's layers after its first (EAGLE-1's own convention)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class EagleConfig:
     draft_vocab: int  # EAGLE-3: rows of its lm_head; EAGLE-1: 0 (the target's LM head)
     taps: tuple[int, ...] = ()  # EAGLE-3: the target layers whose incoming stream feeds fc, in fc's column order
     norm_before_residual: bool = False  # speculators' option: the residual is the feature after hidden_norm
+    layers: int = 1  # decoder layers: the first as above, each further one a plain Llama layer (``layers.i.*``)
 
 
 SHIPPED = "shipped:"  # an EAGLE-3 head shipped in homespec/assets/heads, named so that every machine finds its own copy
@@ -172,7 +176,13 @@ def eagle_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], targe
             raise DraftError(f"EAGLE-3 head option {option} is not one HomeSpec runs", hint="SafeAILab and "
                              "speculators heads without it run (norm_before_residual is supported)")  # fmt: skip
     before = bool(config.get("norm_before_residual", False))
-    return EagleConfig(version, h, heads, kv, d, int(gate.shape[0]), eps, vocab, taps, before)
+    extra = {int(m[1]) for name in tensors if (m := _EXTRA.match(name))}
+    layers = 1 + len(extra)
+    if extra != set(range(1, layers)):
+        raise DraftError(
+            f"EAGLE head layers {sorted(extra)} beside its first: expected layers.1 .. layers.{layers - 1}"
+        )
+    return EagleConfig(version, h, heads, kv, d, int(gate.shape[0]), eps, vocab, taps, before, layers)
 
 
 class EagleCalls:
@@ -243,7 +253,7 @@ class EagleHead(EagleCalls, CachedRows):
         if self.glued is not None:
             return True
         cfg, w = self.cfg, self.w
-        if cfg.version != 3 or cfg.norm_before_residual or w["fc.weight"].device.type != "cpu":
+        if cfg.version != 3 or cfg.norm_before_residual or cfg.layers > 1 or w["fc.weight"].device.type != "cpu":
             return False
         from homespec.model.quant import glue_int8
         from homespec.model.stage import GlueShape, _Layer, glue_io
@@ -279,6 +289,11 @@ class EagleHead(EagleCalls, CachedRows):
         extra = glue_product(glue, e, [emb_qkv])
         return glue_layers(glue, shape, [layer], feat.float(), [segment], cos.float(), sin.float(), qkv_add=extra)
 
+    def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
+        """The head's KV cache: its layers' heads stacked (``eagle_forward``'s keys and values)."""
+        cfg = self.cfg
+        return TreeKVCache(1, cfg.layers * cfg.kv_heads, cfg.head_dim, max_context, max_tree, dtype, device)
+
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """EAGLE-3 with its own LM head: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]
         (a head without one drafts through the target's: ``drafts/eagle.py``)."""
@@ -300,6 +315,18 @@ def eagle_shapes(cfg: EagleConfig) -> dict[str, tuple[int, ...]]:
         "layer.mlp.down_proj.weight": (h, cfg.intermediate),
         "layer.post_attention_layernorm.weight": (h,),
     }
+    for i in range(1, cfg.layers):  # the further layers: plain Llama decoder layers over the H-wide stream
+        want |= {
+            f"layers.{i}.self_attn.q_proj.weight": (cfg.heads * d, h),
+            f"layers.{i}.self_attn.k_proj.weight": (cfg.kv_heads * d, h),
+            f"layers.{i}.self_attn.v_proj.weight": (cfg.kv_heads * d, h),
+            f"layers.{i}.self_attn.o_proj.weight": (h, cfg.heads * d),
+            f"layers.{i}.mlp.gate_proj.weight": (cfg.intermediate, h),
+            f"layers.{i}.mlp.up_proj.weight": (cfg.intermediate, h),
+            f"layers.{i}.mlp.down_proj.weight": (h, cfg.intermediate),
+            f"layers.{i}.input_layernorm.weight": (h,),
+            f"layers.{i}.post_attention_layernorm.weight": (h,),
+        }
     if cfg.version == 1:
         return want | {"fc.weight": (h, 2 * h)}
     want |= {
@@ -323,10 +350,11 @@ def eagle_forward(
     mask: torch.Tensor,
     past: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An EAGLE head's layer over weights ``w`` (``eagle_shapes``' names): predicted features [n, hidden] and the
-    rows' keys and values [kvh, n, d]. The one forward of a loaded head (``EagleHead``) and of one in training
-    (``Eagle3Trainable``)."""
-    n = emb.shape[0]
+    """An EAGLE head's layers over weights ``w`` (``eagle_shapes``' names): predicted features [n, hidden] and the
+    rows' keys and values [layers * kvh, n, d] (the layers' heads stacked, as ``past`` holds them). The one forward
+    of a loaded head (``EagleHead``) and of one in training (``Eagle3Trainable``). A head of more than one layer
+    (HomeSpec's ``train-draft --head-layers``; EAGLE-1's ``num_hidden_layers``) runs each further layer as a plain
+    Llama decoder layer over the first's output, with the same positions and mask."""
     if cfg.version == 1:
         x = F.linear(torch.cat([emb, feat], -1), w["fc.weight"], w.get("fc.bias"))
         z = x  # the head's first layer has no input norm
@@ -334,12 +362,37 @@ def eagle_forward(
         normed = rms_norm(feat, w["layer.hidden_norm.weight"], cfg.eps)
         x = normed if cfg.norm_before_residual else feat
         z = torch.cat([rms_norm(emb, w["layer.input_layernorm.weight"], cfg.eps), normed], -1)
-    q, k, v = (F.linear(z, w[f"layer.{p}.weight"]).view(n, -1, cfg.head_dim).transpose(0, 1) for p in _PROJ[:3])
+    pasts = [None] * cfg.layers if past is None else list(zip(*(p.chunk(cfg.layers) for p in past), strict=True))
+    x, k, v = _decoder(cfg, w, "layer.", x, z, cos, sin, mask, pasts[0])
+    keys, values = [k], [v]
+    for i in range(1, cfg.layers):
+        pre = f"layers.{i}."
+        z = rms_norm(x, w[pre + "input_layernorm.weight"], cfg.eps)
+        x, k, v = _decoder(cfg, w, pre, x, z, cos, sin, mask, pasts[i])
+        keys.append(k)
+        values.append(v)
+    return x, torch.cat(keys), torch.cat(values)
+
+
+def _decoder(
+    cfg: EagleConfig,
+    w: Mapping[str, torch.Tensor],
+    pre: str,
+    x: torch.Tensor,  # [n, hidden]: the residual stream
+    z: torch.Tensor,  # [n, width]: what q/k/v read (normed)
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One head layer after its input norm: attention over ``z`` added to ``x``, then the MLP's residual."""
+    n = z.shape[0]
+    q, k, v = (F.linear(z, w[f"{pre}{p}.weight"]).view(n, -1, cfg.head_dim).transpose(0, 1) for p in _PROJ[:3])
     attn, k, v = head_attention(q, k, v, cos, sin, mask, past)
-    x = x + F.linear(attn, w["layer.self_attn.o_proj.weight"])
-    r = rms_norm(x, w["layer.post_attention_layernorm.weight"], cfg.eps)
-    up = F.silu(F.linear(r, w["layer.mlp.gate_proj.weight"])) * F.linear(r, w["layer.mlp.up_proj.weight"])
-    return x + F.linear(up, w["layer.mlp.down_proj.weight"]), k, v
+    x = x + F.linear(attn, w[f"{pre}self_attn.o_proj.weight"])
+    r = rms_norm(x, w[f"{pre}post_attention_layernorm.weight"], cfg.eps)
+    up = F.silu(F.linear(r, w[f"{pre}mlp.gate_proj.weight"])) * F.linear(r, w[f"{pre}mlp.up_proj.weight"])
+    return x + F.linear(up, w[f"{pre}mlp.down_proj.weight"]), k, v
 
 
 def _vocab_ids(t: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -423,9 +476,15 @@ class Eagle3Trainable(EagleCalls, nn.Module):
         return {k.replace("__", "."): p for k, p in self.weights.items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Go on from a head's weights (``read_eagle``'s names), e.g. one ``save`` wrote."""
+        """Go on from a head's weights (``read_eagle``'s names), e.g. one ``save`` wrote. A head of fewer layers gives
+        its own; this one's further layers stay as they were started (``train_head.new_eagle3``: adding nothing)."""
+        have = 1 + len({m[1] for name in tensors if (m := _EXTRA.match(name))})
+        if have > self.cfg.layers:
+            raise DraftError(f"the EAGLE-3 head to go on from has {have} layers; this one {self.cfg.layers}")
         with torch.no_grad():
             for name, p in self.w.items():
+                if (m := _EXTRA.match(name)) and int(m[1]) >= have:
+                    continue
                 t = tensors.get(name)
                 if t is None or tuple(t.shape) != tuple(p.shape):
                     raise DraftError(f"the EAGLE-3 head to go on from has no tensor {name} of shape {list(p.shape)}")
@@ -469,7 +528,7 @@ class Eagle3Trainable(EagleCalls, nn.Module):
             "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.head_dim,
             "intermediate_size": cfg.intermediate,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": cfg.layers,
             "rms_norm_eps": cfg.eps,
             "vocab_size": int(target.vocab_size),
             "draft_vocab_size": draft_vocab,

@@ -78,6 +78,7 @@ class TrainConfig:
     # the cross-entropy against the target's whole next-token distribution (``soft_targets``, EAGLE-3's loss) in
     # place of its greedy token alone
     soft: bool = False
+    head_layers: int = 1  # an EAGLE-3 head's decoder layers (``new_eagle3``; the published layout has one)
 
 
 @dataclass
@@ -569,16 +570,18 @@ def _last_layer(stage: Stage) -> tuple[Any, dict[str, torch.Tensor]]:
     return last, {k: as_tensor(w).float() for k, w in got.items() if w is not None}
 
 
-def new_eagle3(engine: Any, taps: Sequence[int]) -> Eagle3Trainable:
+def new_eagle3(engine: Any, taps: Sequence[int], layers: int = 1) -> Eagle3Trainable:
     """An EAGLE-3 head for the engine's target over the streams entering layers ``taps``, started as the head
     before (``new_head``): its layer from the target's last layer (q/k/v's feature half; the embedding half small and
     random), both input norms the target's last input norm, ``norm`` the target's final norm, and fc taking the last
-    of the streams as it is. It drafts through the target's LM head."""
+    of the streams as it is. It drafts through the target's LM head. Each further layer (``layers`` > 1, a HomeSpec
+    extension) is the target's last layer with its two output projections zero, so that it adds nothing to the
+    stream until trained: a head grown from a trained one (``--init``) starts as that head."""
     stage = _whole_target(engine)
     last, got = _last_layer(stage)
     h = stage.hidden
     inter, kvh = stage.part_rows["wg"], stage.kv_heads
-    cfg = EagleConfig(3, h, stage.heads, kvh, stage.head_dim, inter, stage.eps, 0, tuple(taps))
+    cfg = EagleConfig(3, h, stage.heads, kvh, stage.head_dim, inter, stage.eps, 0, tuple(taps), layers=layers)
     head = Eagle3Trainable(cfg)
     w = head.w
     gen = torch.Generator().manual_seed(0)
@@ -595,6 +598,19 @@ def new_eagle3(engine: Any, taps: Sequence[int]) -> Eagle3Trainable:
         w["layer.post_attention_layernorm.weight"].copy_(last.ln2)
         w["norm.weight"].copy_(stage.norm_w if stage.norm_w is not None else torch.ones(h))
         w["fc.weight"][:, (len(taps) - 1) * h :] = torch.eye(h)
+        for i in range(1, layers):
+            pre = f"layers.{i}."
+            for name, key in (
+                ("self_attn.q_proj", "wq"),
+                ("self_attn.k_proj", "wk"),
+                ("self_attn.v_proj", "wv"),
+                *rest,
+            ):
+                w[f"{pre}{name}.weight"].copy_(got[key])
+            w[f"{pre}self_attn.o_proj.weight"].zero_()
+            w[f"{pre}mlp.down_proj.weight"].zero_()
+            w[f"{pre}input_layernorm.weight"].copy_(last.ln1)
+            w[f"{pre}post_attention_layernorm.weight"].copy_(last.ln2)
     return head
 
 
@@ -627,7 +643,7 @@ def train(
                 f"an EAGLE-3 head reads {len(cfg.taps)} streams ({width} values a row); this data holds other features",
                 hint="make the data with train-draft --eagle3 (it records the streams as it decodes)",
             )
-    head = init if init is not None else new_eagle3(engine, cfg.taps) if cfg.taps else new_head(engine)
+    head = init if init is not None else new_eagle3(engine, cfg.taps, cfg.head_layers) if cfg.taps else new_head(engine)
     opt = torch.optim.AdamW([p for p in head.parameters()], lr=cfg.lr, weight_decay=0.0)
     lengths = [len(t) - 1 for t in data.tokens]
     per_epoch = len(packs(train_ids, lengths, cfg.pack, random.Random(0)))
