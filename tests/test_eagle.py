@@ -236,8 +236,8 @@ def _torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "speculators, glue, head_layers",
-    [(False, False, 1), (True, False, 1), (False, True, 1), (False, False, 2)],
-    ids=["eagle3", "speculators", "glue", "two-layers"],
+    [(False, False, 1), (True, False, 1), (False, True, 1), (False, False, 2), (False, True, 2)],
+    ids=["eagle3", "speculators", "glue", "two-layers", "glue-two-layers"],
 )
 def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages(
     bundled: Any,

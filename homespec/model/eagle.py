@@ -16,6 +16,10 @@ output to the feature (the residual; the normed feature with speculators' ``norm
 MLP. The output is the next level's feature as it is;
 ``lm_head(norm(.))`` gives logits over the draft vocabulary, draft id i being the target's token i + d2t[i].
 
+A head of more than one layer (EAGLE-1's own ``num_hidden_layers``; for EAGLE-3 a HomeSpec extension,
+``train-draft --head-layers``) runs each further layer ``layers.i.*`` as a plain Llama decoder layer (input norm,
+attention of width H, MLP) over the one before, at the same positions; its KV cache holds one layer per head layer.
+
 fc is linear without a bias: fc([s_a, s_b, s_c]) = W_a s_a + W_b s_b + W_c s_c. In a pipeline the three layers sit
 on different stages, so each stage holding one adds its W_i s_i into a running H-wide sum that travels with the
 activations (``tap_weights``, ``Stage(taps=...)``), and the last stage returns the sum as the request's features.
@@ -36,7 +40,6 @@ from torch import nn
 
 from homespec.errors import DraftError
 from homespec.model.head import VOCAB_KEY, CachedRows, head_attention, target_fingerprint
-from homespec.model.kv import TreeKVCache
 from homespec.model.stage import rms_norm
 
 _LAYER_PREFIXES = ("layers.0.", "midlayer.")
@@ -220,7 +223,7 @@ class EagleHead(EagleCalls, CachedRows):
         # ``vocab``: HeadDraft's draft vocabulary (sorted token ids) for a head without an LM head of its own that
         # names one (``train-draft --eagle3 --draft-vocab K``: HomeSpec's ``draft_vocab`` tensor), drafting through
         # the target's LM-head rows for them; a head with its own LM head maps its rows with ``columns``
-        self.cfg, self.vocab = cfg, None
+        self.cfg, self.vocab, self.layers = cfg, None, cfg.layers
         if cfg.version == 3 and not cfg.draft_vocab and VOCAB_KEY in tensors:
             self.vocab = _vocab_ids(tensors[VOCAB_KEY], vocab_size)
         want = eagle_shapes(cfg)
@@ -247,35 +250,46 @@ class EagleHead(EagleCalls, CachedRows):
         """EAGLE-3 through the native glue (as ``head.DraftHead.use_glue``: int8 products, one scale per output row):
         its q/k/v read [norm(emb), norm(feat)], so the feature half runs as a glued layer's q/k/v over the stream
         (the glue's first norm being ``hidden_norm``) and the embedding half's product is added to it
-        (``glue_layers(qkv_add=...)``); the residual is the feature, as the glue's stream. An EAGLE-1 head, a
-        speculators head with ``norm_before_residual`` and one off the CPU keep torch's operators. Returns whether
-        the glue runs the head."""
+        (``glue_layers(qkv_add=...)``); the residual is the feature, as the glue's stream. Further layers are plain
+        glued layers after it (the cache holds one layer per head layer). An EAGLE-1 head, a speculators head with
+        ``norm_before_residual`` and one off the CPU keep torch's operators. Returns whether the glue runs the
+        head."""
         if self.glued is not None:
             return True
         cfg, w = self.cfg, self.w
-        if cfg.version != 3 or cfg.norm_before_residual or cfg.layers > 1 or w["fc.weight"].device.type != "cpu":
+        if cfg.version != 3 or cfg.norm_before_residual or w["fc.weight"].device.type != "cpu":
             return False
         from homespec.model.quant import glue_int8
         from homespec.model.stage import GlueShape, _Layer, glue_io
         from homespec.native import library
 
         h = cfg.hidden
-        qkv = torch.cat([w[f"layer.{p}.weight"].float() for p in _PROJ[:3]])  # [(heads + 2 kvh) d, 2H]
 
-        layer = _Layer(
-            ln1=w["layer.hidden_norm.weight"].float().contiguous(),
-            ln2=w["layer.post_attention_layernorm.weight"].float().contiguous(),
-            wq=None, wk=None, wv=None,
-            wo=glue_int8(w["layer.self_attn.o_proj.weight"]),
-            wd=glue_int8(w["layer.mlp.down_proj.weight"]),
-            qkv=glue_int8(qkv[:, h:]),
-            gu=glue_int8(w["layer.mlp.gate_proj.weight"], w["layer.mlp.up_proj.weight"]),
-        )  # fmt: skip
+        def glued(pre: str, ln1: torch.Tensor, qkv: torch.Tensor) -> _Layer:
+            return _Layer(
+                ln1=ln1.float().contiguous(),
+                ln2=w[f"{pre}post_attention_layernorm.weight"].float().contiguous(),
+                wq=None, wk=None, wv=None,
+                wo=glue_int8(w[f"{pre}self_attn.o_proj.weight"]),
+                wd=glue_int8(w[f"{pre}mlp.down_proj.weight"]),
+                qkv=glue_int8(qkv),
+                gu=glue_int8(w[f"{pre}mlp.gate_proj.weight"], w[f"{pre}mlp.up_proj.weight"]),
+            )  # fmt: skip
+
+        def qkv_of(pre: str) -> torch.Tensor:  # [(heads + 2 kvh) d, width]
+            return torch.cat([w[f"{pre}{p}.weight"].float() for p in _PROJ[:3]])
+
+        first = qkv_of("layer.")
+        layers = [glued("layer.", w["layer.hidden_norm.weight"], first[:, h:])]
+        layers += [
+            glued(f"layers.{i}.", w[f"layers.{i}.input_layernorm.weight"], qkv_of(f"layers.{i}."))
+            for i in range(1, cfg.layers)
+        ]
         shape = GlueShape(cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.eps, None, cfg.intermediate)
-        glue = library() if glue_io(shape, [layer]) == torch.bfloat16 else None
+        glue = library() if glue_io(shape, layers) == torch.bfloat16 else None
         if glue is None:
             return False
-        self.glued = (glue, shape, layer, glue_int8(qkv[:, :h]), w["layer.input_layernorm.weight"].float())
+        self.glued = (glue, shape, layers, glue_int8(first[:, :h]), w["layer.input_layernorm.weight"].float())
         return True
 
     def glue_rows(
@@ -284,15 +298,10 @@ class EagleHead(EagleCalls, CachedRows):
         from homespec.model.stage import glue_layers, glue_product
 
         assert self.glued is not None
-        glue, shape, layer, emb_qkv, ln = self.glued
+        glue, shape, layers, emb_qkv, ln = self.glued
         e = rms_norm(emb.float(), ln, self.cfg.eps).to(torch.bfloat16).contiguous()
         extra = glue_product(glue, e, [emb_qkv])
-        return glue_layers(glue, shape, [layer], feat.float(), [segment], cos.float(), sin.float(), qkv_add=extra)
-
-    def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
-        """The head's KV cache: its layers' heads stacked (``eagle_forward``'s keys and values)."""
-        cfg = self.cfg
-        return TreeKVCache(1, cfg.layers * cfg.kv_heads, cfg.head_dim, max_context, max_tree, dtype, device)
+        return glue_layers(glue, shape, layers, feat.float(), [segment], cos.float(), sin.float(), qkv_add=extra)
 
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """EAGLE-3 with its own LM head: draft-vocabulary logits [n, draft_vocab] of predicted features [n, hidden]

@@ -97,10 +97,12 @@ def head_attention(
 
 
 class CachedRows:
-    """What a one-layer draft head (``DraftHead``, ``eagle.EagleHead``) does with its own KV cache: rows written at
-    given slots, and a cache of its shape. The head supplies ``cfg`` (kv_heads, head_dim) and ``forward``."""
+    """What a draft head (``DraftHead``, ``eagle.EagleHead``) does with its own KV cache: rows written at given
+    slots, and a cache of its shape (one layer per head layer). The head supplies ``cfg`` (kv_heads, head_dim),
+    ``layers`` and ``forward``, whose keys and values stack its layers' heads ([layers * kvh, n, d])."""
 
     cfg: Any
+    layers: int = 1
     glued: tuple[Any, ...] | None = None  # the native glue and the layer's weights for it (``DraftHead.use_glue``)
 
     def use_glue(self) -> bool:
@@ -134,9 +136,10 @@ class CachedRows:
         n = emb.shape[0]
         if self.glued is not None and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu":
             return self.glue_rows(emb, feat, cos, sin, Segment(cache, start, n, mask))
-        out, k, v = self.forward(emb, feat, cos, sin, mask, (cache.k[0, :, :start], cache.v[0, :, :start]))
-        cache.k[0, :, start : start + n] = k
-        cache.v[0, :, start : start + n] = v
+        past = (cache.k[:, :, :start].flatten(0, 1), cache.v[:, :, :start].flatten(0, 1))  # (views)
+        out, k, v = self.forward(emb, feat, cos, sin, mask, past)
+        cache.k[:, :, start : start + n] = k.unflatten(0, (self.layers, -1))
+        cache.v[:, :, start : start + n] = v.unflatten(0, (self.layers, -1))
         return out
 
     def glue_rows(
@@ -146,7 +149,7 @@ class CachedRows:
         raise NotImplementedError
 
     def new_cache(self, max_context: int, max_tree: int, dtype: torch.dtype, device: str) -> TreeKVCache:
-        return TreeKVCache(1, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
+        return TreeKVCache(self.layers, self.cfg.kv_heads, self.cfg.head_dim, max_context, max_tree, dtype, device)
 
 
 class DraftHead(CachedRows, nn.Module):
