@@ -356,7 +356,7 @@ def test_bad_eagle_files_get_a_clear_error_naming_the_tensor(bundled: Any, tmp_p
         load_eagle(broken("d2t", {"d2t": torch.full((DRAFT_VOCAB,), 49152)}), bundled.config)
     with pytest.raises(DraftError, match=r"layers \[2\] beside its first: expected layers.1 .. layers.1"):
         load_eagle(broken("gap", {"layers.2.input_layernorm.weight": torch.ones(576)}), bundled.config)
-    with pytest.raises(DraftError, match=r"no tensor layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(DraftError, match=r"no tensor layers\.1\.self_attn\.q_proj\.weight"):
         load_eagle(broken("half", {"layers.1.input_layernorm.weight": torch.ones(576)}), bundled.config)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "model.safetensors").write_bytes(b"\x00" * 64)
