@@ -250,7 +250,8 @@ def test_train_draft_trains_also_on_data_other_runs_made(tmp_path: Path) -> None
     """``--also DIR`` adds the data another ``train-draft`` run made (its shards) to this run's: the rows add up, and
     the other run's prompts are new groups (a prompt's replies are held out together, never mixed with another's);
     ``--seed`` reaches the data's plan; with a chat template only the replies' rows are scored (``--rows auto``). A
-    folder without data, and a ``--rows`` that is not a choice, are refused before the model loads."""
+    folder without data, a ``--rows`` that is not a choice and ``--head-layers`` without ``--eagle3`` are refused
+    before the model loads."""
     from homespec.model.train_head import Sequences
     from tests.test_cli import homespec
 
@@ -273,6 +274,8 @@ def test_train_draft_trains_also_on_data_other_runs_made(tmp_path: Path) -> None
     assert bad.returncode != 0 and "no training data there" in bad.stderr
     bad = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--rows", "prompt")
     assert bad.returncode != 0 and "--rows must be auto, all or reply" in bad.stderr
+    bad = homespec("train-draft", "--limit", "1", *tiny, "--out", str(b), "--head-layers", "2")  # not an EAGLE-3 head
+    assert bad.returncode != 0 and "above 1 only with --eagle3" in bad.stderr
 
 
 def test_the_target_writes_its_own_prompts(
