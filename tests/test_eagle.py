@@ -200,30 +200,31 @@ def prompt(chat_ids: Callable[[str], list[int]]) -> list[int]:
     return chat_ids(EQUIVALENCE_PROMPTS[0])
 
 
-@pytest.mark.parametrize("layers", [1, 2])
 def test_eagle1_drafts_what_the_papers_head_drafts_on_transformers_features(
-    bundled: Any, tokenizer: Any, reference_model: Any, prompt: list[int], tmp_path: Path, layers: int
+    bundled: Any, tokenizer: Any, reference_model: Any, prompt: list[int], tmp_path: Path
 ) -> None:
-    """EAGLE-1/2 with its one layer, or with a further one (SafeAILab's ``num_hidden_layers`` 2: that layer keeps
+    """EAGLE-1/2 with its one layer, and with a further one (SafeAILab's ``num_hidden_layers`` 2: that layer keeps
     its input norm)."""
-    folder = write_eagle1(tmp_path / "eagle1", layers=layers)
-    draft = build_draft(f"eagle:{folder}", bundled, tokenizer, TreeConfig())
     stage = Stage(bundled, 0, bundled.num_layers, weights="fp32")
     stage.forward_prefix(stage.new_cache(), torch.tensor(prompt), range(len(prompt)))
-    got = _first_children(draft, prompt, stage.last_hidden)  # ours: the last hidden states before the final norm
-
-    t, m = _tensors(folder), reference_model.model
+    m = reference_model.model
     with torch.no_grad():
         f = reference_model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]  # after the norm
         emb = m.embed_tokens(torch.tensor(prompt[1:]))  # row t: token x_{t+1} with feature f_t, at position t
-        x = torch.cat([emb, f[:-1]], -1) @ t["fc.weight"].T + t["fc.bias"]
-        out = reference_head(t, "layers.0.", x, x, m.rotary_emb)  # the first layer: no input norm
-        out = reference_further(t, out, m.rotary_emb)
-        logp = (out[-1] @ reference_model.lm_head.weight.T).log_softmax(-1)  # the target's head, no norm
-    top = logp.topk(len(got))
-    want = {int(i): float(v) for v, i in zip(top.values, top.indices, strict=True)}
-    assert set(got) == set(want)
-    assert max(abs(got[k] - want[k]) for k in got) < 1e-3
+    for layers in (1, 2):
+        folder = write_eagle1(tmp_path / f"eagle1-{layers}", layers=layers)
+        draft = build_draft(f"eagle:{folder}", bundled, tokenizer, TreeConfig())
+        got = _first_children(draft, prompt, stage.last_hidden)  # ours: the last hidden states before the final norm
+        t = _tensors(folder)
+        with torch.no_grad():
+            x = torch.cat([emb, f[:-1]], -1) @ t["fc.weight"].T + t["fc.bias"]
+            out = reference_head(t, "layers.0.", x, x, m.rotary_emb)  # the first layer: no input norm
+            out = reference_further(t, out, m.rotary_emb)
+            logp = (out[-1] @ reference_model.lm_head.weight.T).log_softmax(-1)  # the target's head, no norm
+        top = logp.topk(len(got))
+        want = {int(i): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+        assert set(got) == set(want), layers
+        assert max(abs(got[k] - want[k]) for k in got) < 1e-3, layers
 
 
 def _torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,9 +236,7 @@ def _torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "speculators, glue, head_layers",
-    [(False, False, 1), (True, False, 1), (False, True, 1), (False, False, 2), (False, True, 2)],
-    ids=["eagle3", "speculators", "glue", "two-layers", "glue-two-layers"],
+    "speculators, glue", [(False, False), (True, False), (False, True)], ids=["eagle3", "speculators", "glue"]
 )
 def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages(
     bundled: Any,
@@ -247,12 +246,11 @@ def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages
     tmp_path: Path,
     speculators: bool,
     glue: bool,
-    head_layers: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On torch's operators the head's log-probs are the reference's within 1e-3; through the native glue (int8
-    products, ``EagleHead.use_glue``; a C compiler here) the same children within 0.02. A head of two layers
-    (HomeSpec's ``--head-layers 2``): the second a plain decoder layer over the first's output."""
+    products, ``EagleHead.use_glue``; a C compiler here) the same children within 0.02. SafeAILab's layout also
+    with two layers (HomeSpec's ``--head-layers 2``: the second a plain decoder layer over the first's output)."""
     from homespec.model.eagle import tap_weights
     from homespec.native import library
 
@@ -261,7 +259,7 @@ def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages
     elif library() is None:
         pytest.skip("no native glue here (no C compiler)")
 
-    folder = write_eagle3(tmp_path / "eagle3", speculators=speculators, layers=head_layers)
+    folder = write_eagle3(tmp_path / "eagle3", speculators=speculators)
     t, m, layers = _tensors(folder), reference_model.model, bundled.num_layers
     p = "layers.0." if speculators else "midlayer."
     with torch.no_grad():
@@ -278,22 +276,25 @@ def test_eagle3_drafts_what_the_papers_head_drafts_and_its_fc_sums_across_stages
             carry = stage.last_carry
         assert carry is not None and (carry - fused).abs().max() < 2e-3 * fused.abs().max(), split
 
-    draft = build_draft(f"eagle:{folder}", bundled, tokenizer, TreeConfig())
-    assert draft.feature_taps == (2, 15, 27) and draft.glued == glue
-    got = _first_children(draft, prompt, carry)
-    with torch.no_grad():
-        emb = m.embed_tokens(torch.tensor(prompt[1:]))
-        g = fused[:-1]  # row t: token x_{t+1} with the fused feature at t, position t
-        hn = _rms(g, t[f"{p}hidden_norm.weight"])
-        attn_in = torch.cat([_rms(emb, t[f"{p}input_layernorm.weight"]), hn], -1)
-        out = reference_head(t, p, attn_in, hn if speculators else g, m.rotary_emb)
-        out = reference_further(t, out, m.rotary_emb)
-        logp = (_rms(out[-1], t["norm.weight"]) @ t["lm_head.weight"].T).log_softmax(-1)
-    top = logp.topk(len(got))
-    columns = torch.arange(DRAFT_VOCAB) + t["d2t"]  # draft id i is the target's token i + d2t[i]
-    want = {int(columns[i]): float(v) for v, i in zip(top.values, top.indices, strict=True)}
-    assert set(got) == set(want)
-    assert max(abs(got[k] - want[k]) for k in got) < (0.02 if glue else 1e-3)
+    two = write_eagle3(tmp_path / "two", layers=2)  # (the same first layer, fc and LM head: the same carry)
+    for head in (folder,) if speculators else (folder, two):
+        t = _tensors(head)
+        draft = build_draft(f"eagle:{head}", bundled, tokenizer, TreeConfig())
+        assert draft.feature_taps == (2, 15, 27) and draft.glued == glue
+        got = _first_children(draft, prompt, carry)
+        with torch.no_grad():
+            emb = m.embed_tokens(torch.tensor(prompt[1:]))
+            g = fused[:-1]  # row t: token x_{t+1} with the fused feature at t, position t
+            hn = _rms(g, t[f"{p}hidden_norm.weight"])
+            attn_in = torch.cat([_rms(emb, t[f"{p}input_layernorm.weight"]), hn], -1)
+            out = reference_head(t, p, attn_in, hn if speculators else g, m.rotary_emb)
+            out = reference_further(t, out, m.rotary_emb)
+            logp = (_rms(out[-1], t["norm.weight"]) @ t["lm_head.weight"].T).log_softmax(-1)
+        top = logp.topk(len(got))
+        columns = torch.arange(DRAFT_VOCAB) + t["d2t"]  # draft id i is the target's token i + d2t[i]
+        want = {int(columns[i]): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+        assert set(got) == set(want), head.name
+        assert max(abs(got[k] - want[k]) for k in got) < (0.02 if glue else 1e-3), head.name
 
 
 @pytest.mark.slow
