@@ -45,7 +45,12 @@ from homespec.model.stage import rms_norm
 _LAYER_PREFIXES = ("layers.0.", "midlayer.")
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_EXTRA = re.compile(r"layers\.([1-9][0-9]*)\.")  # a head's layers after its first (EAGLE-1's own convention)
+_FURTHER = re.compile(r"layers\.([1-9][0-9]*)\.")  # a head's layers after its first (EAGLE-1's own convention)
+
+
+def _further_layers(tensors: Mapping[str, torch.Tensor]) -> set[int]:
+    """The indices i >= 1 of the layers ``layers.i.*`` a head's tensors hold beside its first."""
+    return {int(m[1]) for name in tensors if (m := _FURTHER.match(name))}
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,7 @@ def eagle_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], targe
             raise DraftError(f"EAGLE-3 head option {option} is not one HomeSpec runs", hint="SafeAILab and "
                              "speculators heads without it run (norm_before_residual is supported)")  # fmt: skip
     before = bool(config.get("norm_before_residual", False))
-    extra = {int(m[1]) for name in tensors if (m := _EXTRA.match(name))}
+    extra = _further_layers(tensors)
     layers = 1 + len(extra)
     if extra != set(range(1, layers)):
         raise DraftError(
@@ -487,12 +492,12 @@ class Eagle3Trainable(EagleCalls, nn.Module):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Go on from a head's weights (``read_eagle``'s names), e.g. one ``save`` wrote. A head of fewer layers gives
         its own; this one's further layers stay as they were started (``train_head.new_eagle3``: adding nothing)."""
-        have = 1 + len({m[1] for name in tensors if (m := _EXTRA.match(name))})
+        have = 1 + len(_further_layers(tensors))
         if have > self.cfg.layers:
             raise DraftError(f"the EAGLE-3 head to go on from has {have} layers; this one {self.cfg.layers}")
         with torch.no_grad():
             for name, p in self.w.items():
-                if (m := _EXTRA.match(name)) and int(m[1]) >= have:
+                if (m := _FURTHER.match(name)) and int(m[1]) >= have:
                     continue
                 t = tensors.get(name)
                 if t is None or tuple(t.shape) != tuple(p.shape):

@@ -43,12 +43,12 @@ class EagleDraft(HeadDraft):
         cfg, target = head.cfg, ends.source.config
         self.feature_taps = cfg.taps
         full = forward_params(target, target.num_hidden_layers, lm_head=True)
-        self.layer_unit += (cfg.layers - 1) * forward_params(target, 1, lm_head=False) / full  # further layers
         if cfg.version == 3:  # q/k/v read 2H; fc runs in the stages; the LM head is the draft vocabulary's
             wide = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim * cfg.hidden
-            self.layer_unit = (forward_params(target, cfg.layers, lm_head=False) + wide) / full
+            self.layer_unit = (forward_params(target, 1, lm_head=False) + wide) / full
             if cfg.draft_vocab:  # its own LM head (else the target's, as the head source's)
                 self.lm_unit = self._lm_full = cfg.draft_vocab * cfg.hidden / full
+        self.layer_unit += (cfg.layers - 1) * forward_params(target, 1, lm_head=False) / full  # further layers
 
     def set_mode(self, mode: str) -> None:
         """An EAGLE-3 head naming a draft vocabulary was trained over those tokens alone (``train-draft --eagle3
