@@ -147,11 +147,11 @@ def train_draft(
             raise ConfigError(f"--rows must be auto, all or reply, got {rows_!r}")
         if dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
+        if not 1 <= head_layers <= 8 or (head_layers > 1 and not eagle3):
+            raise ConfigError(f"--head-layers must be in [1, 8], and above 1 only with --eagle3 (got {head_layers})")
         if dtype == "auto":
             dtype, why = fastest_dtype(device)
             typer.echo(why, err=True)
-        if not 1 <= head_layers <= 8 or (head_layers > 1 and not eagle3):
-            raise ConfigError(f"--head-layers must be in [1, 8], and above 1 only with --eagle3 (got {head_layers})")
         if eagle3 and vocab_for is not None:
             raise ConfigError("--vocab-for writes a HomeSpec head's vocabulary; an --eagle3 head holds its own")
         cfg = TrainConfig(
