@@ -10,7 +10,10 @@ closes (its parent is gone, or closed it); a stage notices that its parent (the 
 
 A stage is forked before it computes anything: the launcher never runs a torch operation, so no thread pool exists
 to be copied half-way. Each stage gets the environment its parent had when it asked (``env``), then calls the same
-``worker.main`` a stage started as ``python -m homespec.pipeline.worker`` calls.
+``worker.main`` a stage started as ``python -m homespec.pipeline.worker`` calls, and ends with ``os._exit`` once that
+has closed its sockets (their pending messages sent): the interpreter's teardown of a process holding torch took
+~1 s, which every cluster's close waited for. A stage's exit wakes the launcher at once (SIGCHLD through a wakeup
+pipe), so the head hears it without waiting out a poll.
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ def _exit_code(status: int) -> int:
 STAGE_NAME = b"homespec-stage"  # a forked stage's process name (/proc/PID/comm), for ps and tests
 
 
-def _run_stage(request: dict[str, Any], launcher: int) -> None:
-    """In the forked child: detach from the launcher's input, take the asked environment and name, run the stage
-    (which exits once the ``launcher`` pid is no longer its parent), and exit as a stage started on its own would
-    (``sys.exit``: its sockets flush what they still hold)."""
+def _run_stage(request: dict[str, Any], launcher: int, wakeup: tuple[int, int]) -> None:
+    """In the forked child: detach from the launcher's input and its wakeup pipe, take the asked environment and
+    name, run the stage (which exits once the ``launcher`` pid is no longer its parent; ``worker.main`` closes its
+    sockets, what they still hold sent first), and end without the interpreter's teardown."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stage's prints go where its logs go, never into the launcher's answers
+    signal.set_wakeup_fd(-1)
+    for fd in wakeup:
+        os.close(fd)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     faulthandler.enable()  # a stage that crashes in native code leaves its stack in the log
     with contextlib.suppress(OSError, AttributeError):
@@ -59,7 +65,9 @@ def _run_stage(request: dict[str, Any], launcher: int) -> None:
 
         traceback.print_exc()
         code = 1
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _reap(out: Any) -> None:
@@ -89,10 +97,18 @@ def main() -> None:
     stdin = sys.stdin.buffer
     buffer = b""
     me = os.getpid()  # each stage's parent: a stage whose parent is another (init: the launcher died) exits
+    wakeup = os.pipe()  # a stage's exit (SIGCHLD) makes its read end readable: reaped and reported at once
+    for fd in wakeup:
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wakeup[1])
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
-        ready, _, _ = select.select([stdin], [], [], 0.2)
+        ready, _, _ = select.select([stdin, wakeup[0]], [], [], 0.2)
+        if wakeup[0] in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wakeup[0], 1 << 12)
         _reap(out)
-        if not ready:
+        if stdin not in ready:
             continue
         chunk = os.read(stdin.fileno(), 1 << 16)
         if not chunk:
@@ -103,7 +119,7 @@ def main() -> None:
             request = json.loads(line)
             pid = os.fork()
             if pid == 0:
-                _run_stage(request, me)
+                _run_stage(request, me, wakeup)
             out.write(json.dumps({"pid": pid}) + "\n")
             out.flush()
     _reap(out)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("homespec.worker")
 
 POLL_MS = 200
+LINGER_MS = 2000  # what ``out`` and ``report`` still hold when the stage closes is sent within this, or dropped
 START_WAIT_S = 3.0  # a wave may overtake its request's Start (two sockets); longer means the Start never comes
 PRUNE_WAIT_S = 10.0  # a wave's prunes are broadcast before it; longer means they never come: the request fails
 AHEAD = 64  # how far a wave's request id or prune seq may run ahead of what the stage has seen, else it is bogus
@@ -96,6 +97,7 @@ class StageWorker:
         self.max_bytes += 1 << 20
         ctx: zmq.Context[Any] = zmq.Context.instance()
         curve = _CurveSetup(ctx, addresses["curve"]) if "curve" in addresses else None
+        self._ctx, self._curve = ctx, curve
         self.inp = ctx.socket(zmq.PULL)
         self.inp.setsockopt(zmq.MAXMSGSIZE, self.max_bytes + (4 << 20))  # tensors + the header cap
         if curve:
@@ -111,7 +113,7 @@ class StageWorker:
                 curve.client(sock, name)
             sock.connect(addresses[name])
         for s in (self.out, self.report):
-            s.setsockopt(zmq.LINGER, 2000)
+            s.setsockopt(zmq.LINGER, LINGER_MS)
             s.setsockopt(zmq.SNDHWM, 64)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
@@ -143,6 +145,13 @@ class StageWorker:
                 msg = self._recv(self.inp)
                 if msg is not None:
                     self._on_data(msg)
+
+    def close(self) -> None:
+        """Close every socket, once what ``out`` and ``report`` still hold is sent (their linger), and the context:
+        after this the process may end without the interpreter's teardown (``launcher._run_stage``)."""
+        if self._curve is not None:
+            self._curve.gatekeeper.stop()
+        self._ctx.destroy(linger=LINGER_MS)
 
     def _orphaned(self) -> bool:
         """The process that started this stage is gone: stop (a head that died mid-request sends no Shutdown)."""
@@ -498,9 +507,13 @@ def _taps(assign: Any, source: Any) -> dict[int, Any] | None:
     """The share of an EAGLE-3 head's fc this stage adds up (``Assign.taps``; model/eagle.py), or None."""
     if not assign.taps:
         return None
+    from types import SimpleNamespace
+
     from homespec.model.eagle import tap_weights
 
-    return tap_weights(assign.taps, source.config, assign.layer_start, assign.layer_end)
+    # config.json as parsed, as the stage reads it: transformers' config would import transformers (~1.5 s a stage)
+    target = SimpleNamespace(**source.raw)
+    return tap_weights(assign.taps, target, assign.layer_start, assign.layer_end)
 
 
 def _request_cap(assign: Any, stage: Any, local: bool) -> int:
@@ -562,7 +575,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("HOMESPEC_LOG", "WARNING").upper(), format="%(levelname)s %(message)s")
     assign = Assign(**json.loads(args.assign))
     worker = StageWorker(assign, json.loads(args.addresses), args.parent)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        worker.close()
     sys.exit(0)
 
 
