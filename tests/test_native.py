@@ -152,6 +152,25 @@ def test_native_products_match_torch_and_give_a_row_its_bits_alone(kind: str) ->
         assert torch.equal(glue_product(glue, many, parts)[-1], glue_product(glue, many[-1:], parts)[0])
     else:
         assert torch.equal(glue_product(glue, many, parts), torch.cat([F.linear(many, w) for w in parts], dim=1))
+        wide = glue_product(glue, many, parts, any_rows=True)  # the glue's at any row count: a row's bits alone
+        assert torch.equal(wide[-1], glue_product(glue, many[-1:], parts, any_rows=True)[0])
+
+
+@needs_cc
+def test_an_eagle3_tap_gives_a_row_its_bits_whatever_rows_ride_with_it() -> None:
+    """A stage's share of EAGLE-3's fc (``Stage._tap``) on the glue: a row's partial sum has the same bits alone, in
+    two rows and in a wave of 33. A stage drops the rows pruned while they were in flight, which depends on timing;
+    if the survivors' sums changed with their count (torch's fp32 product does at one or two rows), the head's
+    scores, and so the step counts of a run, would depend on the machine's load."""
+    source = resolve(None)
+    h = int(source.raw["hidden_size"])
+    g = torch.Generator().manual_seed(1)
+    stage = Stage(source, 0, 2, weights="int4", taps={1: torch.randn(h, h, generator=g) / h**0.5})
+    assert stage.glue is not None
+    x = torch.randn(33, h, generator=g)
+    wave = stage._tap(1, x, None)
+    for lo, hi in ((0, 1), (0, 2), (5, 6)):
+        assert torch.equal(stage._tap(1, x[lo:hi].contiguous(), None), wave[lo:hi])
 
 
 def test_no_glue_where_turned_off_or_not_buildable(

@@ -534,7 +534,13 @@ class Stage:
         tap = self.taps.get(self.start + li)
         if tap is None:
             return acc
-        part = F.linear(h.float(), tap)
+        if self.glue is not None and _glue_weight(tap) is torch.float32:
+            # a row's bits whatever rows ride with it: a stage drops the rows pruned while in flight, which depends
+            # on timing, and torch's fp32 product of a row changes its last bits with the row count (1 or 2 rows
+            # here), which would reach the head's scores and make the step counts depend on the machine's load
+            part = glue_product(self.glue, h.float().contiguous(), [tap], any_rows=True)
+        else:
+            part = F.linear(h.float(), tap)
         return part if acc is None else acc + part
 
     def _native_layers(
@@ -760,16 +766,18 @@ def glue_io(shape: GlueShape, layers: Sequence[_Layer]) -> torch.dtype | None:
     return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
-def glue_product(glue: Any, x: torch.Tensor, parts: Sequence[Weight | None]) -> torch.Tensor:
+def glue_product(glue: Any, x: torch.Tensor, parts: Sequence[Weight | None], any_rows: bool = False) -> torch.Tensor:
     """x [n, in] (contiguous, ``glue_io``'s dtype) through ``parts`` (weights ``_glue_weight`` takes, of one input):
     their outputs side by side [n, sum of outs]. int8 weights in the glue's own products, float ones there at up to
     ``NATIVE_ROWS`` rows (each output one dot product in a fixed order: a row's bits whatever its companions), more
-    rows in torch's kernels; int4 ones in torch's (``quant.bf16_product``). int8 stays native at any row count,
-    where torch's int8 kernel costs 0.9-1.3x as much (BENCHMARKS.md §6), so that a row's bits never depend on its
-    wave (as int4's kernel gives them)."""
+    rows in torch's kernels (``any_rows``: float ones there too at any row count, for a row's bits whatever its
+    wave); int4 ones in torch's (``quant.bf16_product``). int8 stays native at any row count, where torch's int8
+    kernel costs 0.9-1.3x as much (BENCHMARKS.md §6), so that a row's bits never depend on its wave (as int4's
+    kernel gives them)."""
     n = x.shape[0]
     native = all(isinstance(w, Int8Channel) for w in parts)
-    native = native or (n <= NATIVE_ROWS and all(isinstance(w, (torch.Tensor, Int8Channel)) for w in parts))
+    few = n <= NATIVE_ROWS or any_rows
+    native = native or (few and all(isinstance(w, (torch.Tensor, Int8Channel)) for w in parts))
     if not native:
         outs = [F.linear(x, w) if isinstance(w, torch.Tensor) else bf16_product(x, w) for w in parts if w is not None]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
