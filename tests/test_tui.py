@@ -42,6 +42,15 @@ async def wait_for(pilot: Any, cond: Callable[[], bool], timeout: float = 240.0)
         await pilot.pause(0.05)
 
 
+async def error_shown(pilot: Any, app: ChatApp) -> str:
+    """The error screen's message once the screen is up and composed (a pushed screen mounts its widgets at a later
+    turn of the app's loop than the one that pushed it)."""
+    await wait_for(
+        pilot, lambda: isinstance(app.screen, ErrorScreen) and len(app.screen.query("#error-message")) > 0, 60
+    )
+    return str(app.screen.query_one("#error-message").render())
+
+
 async def ask(pilot: Any, app: ChatApp, text: str) -> None:
     prompt = app.query_one("#prompt", Input)
     prompt.focus()
@@ -82,8 +91,7 @@ def test_error_screen_instead_of_a_crash(tmp_path: Any) -> None:
         app = make_app(engine_options(str(tmp_path / "nope"), 1, None, "none", 32, True, None, 0.0, "fp32", "cpu",
                                       4096), GenerationConfig())  # fmt: skip
         async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), 60)
-            assert "nope" in str(app.screen.query_one("#error-message").render())
+            assert "nope" in await error_shown(pilot, app)
             await pilot.press("enter")
         assert app.return_code == 1
 
@@ -165,8 +173,7 @@ def test_chat_on_two_stages() -> None:
             await ask(pilot, app, "Tell me about the history of bridges.")
             await wait_for(pilot, lambda: chat.reply_text and len(chat.reply_text) != before)
             os.kill(app.bridge.engine.backend.cluster.procs[-1].pid, signal.SIGKILL)
-            await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), 60)
-            assert "stage" in str(app.screen.query_one("#error-message").render())
+            assert "stage" in await error_shown(pilot, app)
             await pilot.press("enter")
             await wait_for(pilot, lambda: app.bridge.engine is not None and not isinstance(app.screen, LoadingScreen))
             app.config = config
